@@ -309,7 +309,7 @@ pub fn run<P: Plugin>(plugin: P) -> ExitCode {
     let outcome = match read_stdin() {
         Ok(stdin) => {
             init_logging(&stdin);
-            run_on_runtime(&plugin, &stdin)
+            run_on_runtime(&plugin, |key| std::env::var(key).ok(), &stdin)
         }
         Err(error) => Outcome::failure(error),
     };
@@ -328,7 +328,11 @@ pub fn run<P: Plugin>(plugin: P) -> ExitCode {
     }
 }
 
-fn run_on_runtime<P: Plugin>(plugin: &P, stdin: &[u8]) -> Outcome {
+fn run_on_runtime<P: Plugin>(
+    plugin: &P,
+    lookup: impl Fn(&str) -> Option<String>,
+    stdin: &[u8],
+) -> Outcome {
     let version_hint = peek_version(stdin);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -342,7 +346,6 @@ fn run_on_runtime<P: Plugin>(plugin: &P, stdin: &[u8]) -> Outcome {
             );
         }
     };
-    let lookup = |key: &str| std::env::var(key).ok();
     std::panic::catch_unwind(AssertUnwindSafe(|| {
         runtime.block_on(dispatch(plugin, lookup, stdin))
     }))
@@ -359,4 +362,50 @@ fn run_on_runtime<P: Plugin>(plugin: &P, stdin: &[u8]) -> Outcome {
                 .in_version(version_hint),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Panicking;
+
+    impl Plugin for Panicking {
+        async fn add(&self, _: AttachRequest) -> Result<CniResult, CniError> {
+            panic!("boom in add")
+        }
+        async fn del(&self, _: DelRequest) -> Result<(), CniError> {
+            Ok(())
+        }
+        async fn check(&self, _: CheckRequest) -> Result<(), CniError> {
+            Ok(())
+        }
+        async fn status(&self, _: NetConf) -> Result<(), CniError> {
+            Ok(())
+        }
+        async fn gc(&self, _: GcRequest) -> Result<(), CniError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_panicking_plugin_becomes_an_internal_error_document() {
+        let env = |key: &str| {
+            let value = match key {
+                "CNI_COMMAND" => "ADD",
+                "CNI_CONTAINERID" => "c1",
+                "CNI_NETNS" => "/var/run/netns/c1",
+                "CNI_IFNAME" => "eth0",
+                _ => return None,
+            };
+            Some(value.to_owned())
+        };
+        let stdin = br#"{"cniVersion":"0.4.0","name":"n","type":"t"}"#;
+        let outcome = run_on_runtime(&Panicking, env, stdin);
+        assert!(!outcome.success);
+        let error: CniError = serde_json::from_slice(&outcome.stdout).unwrap();
+        assert_eq!(error.code, ErrorCode::Internal);
+        assert_eq!(error.details, "boom in add");
+        assert_eq!(error.cni_version, CniVersion::V0_4_0);
+    }
 }
