@@ -1,1 +1,202 @@
-//! placeholder
+//! The IPAM backend trait of hulk-vpc: pod addresses come from the cloud
+//! VPC (OpenStack Neutron ports, an UltrON-style REST service, ...) through
+//! [`IpamBackend`], as [`Lease`]s.
+//!
+//! # Example
+//!
+//! ```
+//! use hulk_ipam::{AllocationRequest, IpamBackend, MockBackend, PoolKey};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let backend = MockBackend::new("10.20.0.0/29".parse().unwrap());
+//! let key = PoolKey::new("vpc-net", "subnet-a", ["sg-web", "sg-base"], None);
+//! let request = AllocationRequest::new(key, "node-1", 2);
+//! let leases = backend.allocate(&request).await.unwrap();
+//! assert_eq!(leases[0].address.to_string(), "10.20.0.2/29");
+//! assert_eq!(leases[0].gateway, Some("10.20.0.1".parse().unwrap()));
+//! backend.release(&leases[0].id).await.unwrap();
+//! # });
+//! ```
+
+mod mac;
+mod mock;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use mac::{MacAddr, ParseMacError};
+pub use mock::MockBackend;
+
+/// What a pool is keyed by: addresses from one subnet with one set of
+/// security groups and one QoS policy are interchangeable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PoolKey {
+    /// The VPC network the subnet belongs to.
+    pub network: String,
+    /// The subnet addresses come from.
+    pub subnet: String,
+    /// Security groups, sorted and without duplicates.
+    pub security_groups: Vec<String>,
+    /// The QoS policy, if any.
+    pub qos_policy: Option<String>,
+}
+
+impl PoolKey {
+    /// A key; security groups are sorted and deduplicated so that the same
+    /// set always names the same pool.
+    pub fn new<S: Into<String>>(
+        network: impl Into<String>,
+        subnet: impl Into<String>,
+        security_groups: impl IntoIterator<Item = S>,
+        qos_policy: Option<String>,
+    ) -> Self {
+        let mut security_groups: Vec<String> =
+            security_groups.into_iter().map(Into::into).collect();
+        security_groups.sort();
+        security_groups.dedup();
+        PoolKey {
+            network: network.into(),
+            subnet: subnet.into(),
+            security_groups,
+            qos_policy,
+        }
+    }
+}
+
+/// A request for `count` addresses of one pool, owned by one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationRequest {
+    /// Which pool.
+    pub key: PoolKey,
+    /// The node that will hold the addresses (e.g. Neutron `binding:host_id`).
+    pub node: String,
+    /// Extra tags to put on the backend resources.
+    pub tags: Vec<String>,
+    /// How many addresses; backends with a bulk call make one request.
+    pub count: usize,
+}
+
+impl AllocationRequest {
+    /// A request without extra tags.
+    pub fn new(key: PoolKey, node: impl Into<String>, count: usize) -> Self {
+        AllocationRequest {
+            key,
+            node: node.into(),
+            tags: Vec::new(),
+            count,
+        }
+    }
+}
+
+/// An address handed out by a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The backend's resource id (e.g. the Neutron port id).
+    pub id: String,
+    /// The address with the subnet's prefix length.
+    pub address: IpNet,
+    /// The subnet gateway.
+    pub gateway: Option<IpAddr>,
+    /// The MAC address the backend bound to the address, if any.
+    pub mac: Option<MacAddr>,
+    /// The MTU of the VPC network, if the backend knows it.
+    pub mtu: Option<u32>,
+    /// The MAC address of the gateway, for a static neighbour entry.
+    pub gateway_mac: Option<MacAddr>,
+    /// Security groups actually applied.
+    pub security_groups: Vec<String>,
+    /// QoS policy actually applied.
+    pub qos_policy: Option<String>,
+}
+
+/// Why a backend call failed, in terms a caller can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IpamError {
+    /// The subnet has no free address.
+    #[error("subnet {subnet} has no free address")]
+    Exhausted {
+        /// The subnet.
+        subnet: String,
+    },
+    /// The project's quota is used up.
+    #[error("quota exceeded: {0}")]
+    Quota(String),
+    /// The backend asks to slow down.
+    #[error("throttled by the backend (retry after {retry_after:?})")]
+    Throttled {
+        /// How long the backend asked to wait, when it said.
+        retry_after: Option<Duration>,
+    },
+    /// The resource does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A concurrent change won (e.g. a stale revision).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Credentials were refused.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// A network or server failure that may pass.
+    #[error("transient backend failure: {0}")]
+    Transient(String),
+    /// The request itself is wrong; retrying will not help.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+impl IpamError {
+    /// Whether the same call may succeed later without any change.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            IpamError::Throttled { .. } | IpamError::Transient(_) | IpamError::Conflict(_)
+        )
+    }
+}
+
+/// A source of VPC addresses. Object-safe: use it as `Arc<dyn IpamBackend>`.
+#[async_trait::async_trait]
+pub trait IpamBackend: Send + Sync {
+    /// A short name for logs and metrics (`neutron`, `ultron`, `mock`).
+    fn name(&self) -> &str;
+
+    /// Allocates `request.count` addresses; all or none.
+    async fn allocate(&self, request: &AllocationRequest) -> Result<Vec<Lease>, IpamError>;
+
+    /// Releases a lease by its id; releasing an unknown id is `NotFound`.
+    async fn release(&self, id: &str) -> Result<(), IpamError>;
+
+    /// Checks that the backend answers.
+    async fn health(&self) -> Result<(), IpamError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_keys_ignore_security_group_order_and_duplicates() {
+        let a = PoolKey::new("n", "s", ["b", "a", "b"], None);
+        let b = PoolKey::new("n", "s", ["a", "b"], None);
+        assert_eq!(a, b);
+        assert_ne!(a, PoolKey::new("n", "s", ["a"], None));
+    }
+
+    #[test]
+    fn only_passing_failures_are_retryable() {
+        assert!(IpamError::Throttled { retry_after: None }.is_retryable());
+        assert!(IpamError::Transient("reset".into()).is_retryable());
+        assert!(!IpamError::Exhausted { subnet: "s".into() }.is_retryable());
+        assert!(!IpamError::InvalidRequest("bad".into()).is_retryable());
+    }
+
+    #[test]
+    fn the_trait_is_object_safe() {
+        let backend: std::sync::Arc<dyn IpamBackend> =
+            std::sync::Arc::new(MockBackend::new("10.0.0.0/30".parse().unwrap()));
+        assert_eq!(backend.name(), "mock");
+    }
+}

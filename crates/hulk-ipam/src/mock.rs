@@ -1,0 +1,180 @@
+//! An in-memory backend for tests, demos and benchmarks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use ipnet::IpNet;
+
+use crate::{AllocationRequest, IpamBackend, IpamError, Lease, MacAddr};
+
+/// Hands out the addresses of one subnet in order, the first host being the
+/// gateway, with MACs derived from the address (`fa:16:3e` + its last three
+/// bytes, as Neutron's prefix).
+#[derive(Debug)]
+pub struct MockBackend {
+    subnet: IpNet,
+    gateway: IpAddr,
+    mtu: u32,
+    state: Mutex<MockState>,
+}
+
+#[derive(Debug, Default)]
+struct MockState {
+    by_address: BTreeMap<IpAddr, String>,
+    by_id: HashMap<String, IpAddr>,
+    next_id: u64,
+}
+
+/// The MTU a mock lease reports unless told otherwise (an overlay VPC's).
+pub const MOCK_MTU: u32 = 1450;
+
+impl MockBackend {
+    /// A backend for `subnet`; its first host address is the gateway.
+    pub fn new(subnet: IpNet) -> Self {
+        let subnet = subnet.trunc();
+        let gateway = subnet.hosts().next().unwrap_or(subnet.addr());
+        MockBackend::with_gateway(subnet, gateway)
+    }
+
+    /// A backend for `subnet` with an explicit gateway.
+    pub fn with_gateway(subnet: IpNet, gateway: IpAddr) -> Self {
+        MockBackend {
+            subnet: subnet.trunc(),
+            gateway,
+            mtu: MOCK_MTU,
+            state: Mutex::new(MockState::default()),
+        }
+    }
+
+    /// How many addresses are handed out now.
+    pub fn allocated(&self) -> usize {
+        self.lock().by_id.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MockState> {
+        // A panic while holding the lock cannot leave the maps inconsistent
+        // (each update is a pair of inserts or removes), so keep going.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lease(&self, id: String, address: IpAddr, request: &AllocationRequest) -> Lease {
+        let octets = match address {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        let tail = &octets[octets.len() - 3..];
+        Lease {
+            id,
+            address: IpNet::new(address, self.subnet.prefix_len())
+                .unwrap_or_else(|_| IpNet::from(address)),
+            gateway: Some(self.gateway),
+            mac: Some(MacAddr([0xfa, 0x16, 0x3e, tail[0], tail[1], tail[2]])),
+            mtu: Some(self.mtu),
+            gateway_mac: None,
+            security_groups: request.key.security_groups.clone(),
+            qos_policy: request.key.qos_policy.clone(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl IpamBackend for MockBackend {
+    fn name(&self) -> &str {
+        "mock"
+    }
+
+    async fn allocate(&self, request: &AllocationRequest) -> Result<Vec<Lease>, IpamError> {
+        if request.count == 0 {
+            return Err(IpamError::InvalidRequest("count must be at least 1".into()));
+        }
+        let mut state = self.lock();
+        let free: Vec<IpAddr> = self
+            .subnet
+            .hosts()
+            .filter(|address| *address != self.gateway && !state.by_address.contains_key(address))
+            .take(request.count)
+            .collect();
+        if free.len() < request.count {
+            return Err(IpamError::Exhausted {
+                subnet: request.key.subnet.clone(),
+            });
+        }
+        let mut leases = Vec::with_capacity(free.len());
+        for address in free {
+            state.next_id += 1;
+            let id = format!("mock-{}", state.next_id);
+            state.by_address.insert(address, id.clone());
+            state.by_id.insert(id.clone(), address);
+            leases.push(self.lease(id, address, request));
+        }
+        Ok(leases)
+    }
+
+    async fn release(&self, id: &str) -> Result<(), IpamError> {
+        let mut state = self.lock();
+        let address = state
+            .by_id
+            .remove(id)
+            .ok_or_else(|| IpamError::NotFound(format!("lease {id}")))?;
+        state.by_address.remove(&address);
+        Ok(())
+    }
+
+    async fn health(&self) -> Result<(), IpamError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PoolKey;
+    use std::collections::HashSet;
+
+    fn request(count: usize) -> AllocationRequest {
+        AllocationRequest::new(PoolKey::new("net", "sub", ["sg"], Some("qos".into())), "node", count)
+    }
+
+    #[tokio::test]
+    async fn hands_out_distinct_addresses_until_exhausted() {
+        // A /29 has 6 hosts; one is the gateway.
+        let backend = MockBackend::new("10.0.0.0/29".parse().unwrap());
+        let leases = backend.allocate(&request(5)).await.unwrap();
+        let addresses: HashSet<_> = leases.iter().map(|lease| lease.address).collect();
+        assert_eq!(addresses.len(), 5);
+        assert!(leases.iter().all(|lease| lease.gateway == Some("10.0.0.1".parse().unwrap())));
+        assert_eq!(leases[0].qos_policy.as_deref(), Some("qos"));
+        assert_eq!(
+            backend.allocate(&request(1)).await,
+            Err(IpamError::Exhausted { subnet: "sub".into() })
+        );
+        assert_eq!(backend.allocated(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_partial_batch_allocates_nothing() {
+        let backend = MockBackend::new("10.0.0.0/29".parse().unwrap());
+        assert!(backend.allocate(&request(6)).await.is_err());
+        assert_eq!(backend.allocated(), 0);
+    }
+
+    #[tokio::test]
+    async fn released_addresses_come_back_and_double_release_is_not_found() {
+        let backend = MockBackend::new("10.0.0.0/30".parse().unwrap());
+        let lease = backend.allocate(&request(1)).await.unwrap().remove(0);
+        assert_eq!(lease.address.to_string(), "10.0.0.2/30");
+        assert_eq!(lease.mac.unwrap().to_string(), "fa:16:3e:00:00:02");
+        backend.release(&lease.id).await.unwrap();
+        assert!(matches!(backend.release(&lease.id).await, Err(IpamError::NotFound(_))));
+        let again = backend.allocate(&request(1)).await.unwrap().remove(0);
+        assert_eq!(again.address, lease.address);
+        assert_ne!(again.id, lease.id);
+    }
+
+    #[tokio::test]
+    async fn zero_addresses_is_an_invalid_request() {
+        let backend = MockBackend::new("10.0.0.0/30".parse().unwrap());
+        assert!(matches!(backend.allocate(&request(0)).await, Err(IpamError::InvalidRequest(_))));
+    }
+}

@@ -1,0 +1,118 @@
+//! Root tests on the host kernel: the worker really lives in its own
+//! namespace. Run in the `netns` nextest group (one at a time).
+
+use futures::TryStreamExt;
+use hulk_netns::rtnetlink::LinkVeth;
+use hulk_netns::{Netns, NetlinkWorker, NetnsError, link_by_name};
+
+async fn link_names(worker: &NetlinkWorker) -> Vec<String> {
+    worker
+        .run(|handle| async move {
+            let links: Vec<_> = handle.link().get().execute().try_collect().await?;
+            Ok::<_, hulk_netns::rtnetlink::Error>(
+                links
+                    .iter()
+                    .flat_map(|link| &link.attributes)
+                    .filter_map(|attribute| match attribute {
+                        hulk_netns::rtnetlink::packet_route::link::LinkAttribute::IfName(name) => {
+                            Some(name.clone())
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        })
+        .await
+        .expect("worker alive")
+        .expect("link dump")
+}
+
+#[tokio::test]
+async fn a_new_namespace_holds_only_loopback() {
+    let worker = NetlinkWorker::spawn_in_new_namespace().unwrap();
+    assert_eq!(link_names(&worker).await, ["lo"]);
+}
+
+#[tokio::test]
+async fn links_made_inside_stay_inside() {
+    let pod = NetlinkWorker::spawn_in_new_namespace().unwrap();
+    pod.run(|handle| async move {
+        handle
+            .link()
+            .add(LinkVeth::new("hulkt-a", "hulkt-b").build())
+            .execute()
+            .await
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mut names = link_names(&pod).await;
+    names.sort();
+    assert_eq!(names, ["hulkt-a", "hulkt-b", "lo"]);
+
+    // The process's own namespace (the host's) does not see them.
+    let host = NetlinkWorker::spawn_in(Netns::open("/proc/self/ns/net").unwrap()).unwrap();
+    let found = host
+        .run(|handle| async move { link_by_name(&handle, "hulkt-a").await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(found.is_none());
+}
+
+#[tokio::test]
+async fn a_second_worker_joins_an_existing_namespace() {
+    let first = NetlinkWorker::spawn_in_new_namespace().unwrap();
+    first
+        .run(|handle| async move {
+            handle
+                .link()
+                .add(LinkVeth::new("hulkj-a", "hulkj-b").build())
+                .execute()
+                .await
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let second = NetlinkWorker::spawn_in(first.netns().try_clone().unwrap()).unwrap();
+    let found = second
+        .run(|handle| async move { link_by_name(&handle, "hulkj-b").await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(found.is_some());
+}
+
+#[tokio::test]
+async fn a_missing_link_is_none_and_a_missing_namespace_is_an_error() {
+    let worker = NetlinkWorker::spawn_in_new_namespace().unwrap();
+    let found = worker
+        .run(|handle| async move { link_by_name(&handle, "nope0").await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(found.is_none());
+    assert!(matches!(
+        Netns::open("/var/run/netns/hulk-does-not-exist"),
+        Err(NetnsError::Open { .. })
+    ));
+}
+
+#[tokio::test]
+async fn many_jobs_run_concurrently_on_one_worker() {
+    let worker = NetlinkWorker::spawn_in_new_namespace().unwrap();
+    let jobs = (0..32).map(|index| {
+        worker.run(move |handle| async move {
+            let name = format!("hulkc{index}");
+            handle
+                .link()
+                .add(LinkVeth::new(&name, &format!("{name}p")).build())
+                .execute()
+                .await
+        })
+    });
+    for outcome in futures::future::join_all(jobs).await {
+        outcome.unwrap().unwrap();
+    }
+    assert_eq!(link_names(&worker).await.len(), 1 + 64);
+}
