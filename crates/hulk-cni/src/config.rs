@@ -128,8 +128,11 @@ impl NetConf {
     /// a field of the wrong shape is error 7, naming the field.
     pub fn plugin_config<T: DeserializeOwned>(&self) -> Result<T, CniError> {
         serde_json::from_value(Value::Object(self.plugin.clone())).map_err(|error| {
-            CniError::invalid_config(format!("invalid {} configuration: {error}", self.plugin_type))
-                .in_version(self.cni_version)
+            CniError::invalid_config(format!(
+                "invalid {} configuration: {error}",
+                self.plugin_type
+            ))
+            .in_version(self.cni_version)
         })
     }
 
@@ -169,19 +172,28 @@ pub(crate) fn decode_error(error: serde_json::Error) -> CniError {
             crate::error::ErrorCode::DecodingFailure,
             format!("network configuration is not valid JSON: {error}"),
         ),
-        Category::Data => CniError::invalid_config(format!("invalid network configuration: {error}")),
+        Category::Data => {
+            CniError::invalid_config(format!("invalid network configuration: {error}"))
+        }
     }
 }
 
 /// The `cniVersion` a document declares: 7 when missing or not a string, 1 when unsupported.
 pub(crate) fn declared_version(value: &Value) -> Result<CniVersion, CniError> {
     let Some(object) = value.as_object() else {
-        return Err(CniError::invalid_config("network configuration must be a JSON object"));
+        return Err(CniError::invalid_config(
+            "network configuration must be a JSON object",
+        ));
     };
     match object.get("cniVersion") {
-        None => Err(CniError::invalid_config("network configuration has no cniVersion")),
+        None => Err(CniError::invalid_config(
+            "network configuration has no cniVersion",
+        )),
         Some(Value::String(text)) => text.parse().map_err(|error| {
-            CniError::new(crate::error::ErrorCode::IncompatibleVersion, format!("{error}"))
+            CniError::new(
+                crate::error::ErrorCode::IncompatibleVersion,
+                format!("{error}"),
+            )
         }),
         Some(other) => Err(CniError::invalid_config(format!(
             "cniVersion must be a string, found {other}"
@@ -235,11 +247,14 @@ impl NetConfList {
     pub fn from_slice(bytes: &[u8]) -> Result<NetConfList, CniError> {
         let value: Value = serde_json::from_slice(bytes).map_err(decode_error)?;
         declared_version(&value)?;
-        let list: NetConfList = serde_json::from_value(value)
-            .map_err(|error| CniError::invalid_config(format!("invalid configuration list: {error}")))?;
+        let list: NetConfList = serde_json::from_value(value).map_err(|error| {
+            CniError::invalid_config(format!("invalid configuration list: {error}"))
+        })?;
         validate_network_name(&list.name)?;
         if list.plugins.is_empty() {
-            return Err(CniError::invalid_config("configuration list has no plugins"));
+            return Err(CniError::invalid_config(
+                "configuration list has no plugins",
+            ));
         }
         Ok(list)
     }
@@ -248,7 +263,9 @@ impl NetConfList {
     /// of `cniVersions` it supports, or `cniVersion` when that list is absent.
     pub fn negotiate_version(&self, supported: &[CniVersion]) -> Option<CniVersion> {
         if self.cni_versions.is_empty() {
-            return supported.contains(&self.cni_version).then_some(self.cni_version);
+            return supported
+                .contains(&self.cni_version)
+                .then_some(self.cni_version);
         }
         self.cni_versions
             .iter()
@@ -322,8 +339,14 @@ mod tests {
             (json!({"cniVersion": 1, "name": "n", "type": "t"}), 7),
             (json!({"cniVersion": "0.2.0", "name": "n", "type": "t"}), 1),
             (json!({"cniVersion": "1.0.0", "name": "n"}), 7),
-            (json!({"cniVersion": "1.0.0", "name": "-bad", "type": "t"}), 7),
-            (json!({"cniVersion": "1.0.0", "name": "n", "type": "t", "ipam": 3}), 7),
+            (
+                json!({"cniVersion": "1.0.0", "name": "-bad", "type": "t"}),
+                7,
+            ),
+            (
+                json!({"cniVersion": "1.0.0", "name": "n", "type": "t", "ipam": 3}),
+                7,
+            ),
             (json!(["not", "an", "object"]), 7),
         ];
         for (input, code) in cases {
@@ -349,7 +372,10 @@ mod tests {
             let conf = conf(input).unwrap();
             let found = conf.gc_attachments().unwrap();
             assert_eq!(found[0].container_id, "c1");
-            assert!(!conf.plugin.contains_key(key), "{key} leaked into plugin fields");
+            assert!(
+                !conf.plugin.contains_key(key),
+                "{key} leaked into plugin fields"
+            );
         }
     }
 
@@ -371,8 +397,8 @@ mod tests {
             #[allow(dead_code)]
             mtu: u32,
         }
-        let conf = conf(json!({"cniVersion": "1.0.0", "name": "n", "type": "t", "mtu": "big"}))
-            .unwrap();
+        let conf =
+            conf(json!({"cniVersion": "1.0.0", "name": "n", "type": "t", "mtu": "big"})).unwrap();
         let error = conf.plugin_config::<Mine>().unwrap_err();
         assert_eq!(error.code, ErrorCode::InvalidNetworkConfig);
         assert!(error.msg.contains("invalid type"), "{}", error.msg);
@@ -389,7 +415,10 @@ mod tests {
             .as_bytes(),
         )
         .unwrap();
-        assert_eq!(list.negotiate_version(&CniVersion::ALL), Some(CniVersion::V1_1_0));
+        assert_eq!(
+            list.negotiate_version(&CniVersion::ALL),
+            Some(CniVersion::V1_1_0)
+        );
         assert_eq!(
             list.negotiate_version(&[CniVersion::V0_3_1, CniVersion::V0_4_0]),
             Some(CniVersion::V0_3_1)

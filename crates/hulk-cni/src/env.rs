@@ -96,7 +96,9 @@ impl CniArgs {
 
     /// Every pair, sorted by key.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(key, value)| (key.as_str(), value.as_str()))
+        self.0
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
     }
 }
 
@@ -225,7 +227,10 @@ pub fn validate_interface_name(name: &str) -> Result<(), CniError> {
         Some("is longer than 15 bytes")
     } else if name == "." || name == ".." {
         Some("is . or ..")
-    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
         Some("contains '/', ':' or white space")
     } else {
         None
@@ -285,8 +290,12 @@ mod tests {
         assert_eq!(missing_netns.code, ErrorCode::InvalidEnvironment);
         assert!(missing_netns.msg.contains("CNI_NETNS"));
 
-        let del = env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0")])
-            .unwrap();
+        let del = env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+        ])
+        .unwrap();
         assert_eq!(del.netns, None);
 
         assert!(env(&[("CNI_COMMAND", "GC")]).is_ok());

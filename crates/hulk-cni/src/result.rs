@@ -310,7 +310,10 @@ mod tests {
             }],
             routes: vec![Route {
                 table: Some(100),
-                ..Route::new("0.0.0.0/0".parse().unwrap(), Some("10.0.0.1".parse().unwrap()))
+                ..Route::new(
+                    "0.0.0.0/0".parse().unwrap(),
+                    Some("10.0.0.1".parse().unwrap()),
+                )
             }],
             dns: Dns::default(),
         }
@@ -340,8 +343,8 @@ mod tests {
 
     #[test]
     fn converts_1_x_results_down_and_back_up() {
-        let down = CniResult::convert(sample().to_value(CniVersion::V1_1_0), CniVersion::V0_3_1)
-            .unwrap();
+        let down =
+            CniResult::convert(sample().to_value(CniVersion::V1_1_0), CniVersion::V0_3_1).unwrap();
         assert_eq!(down["ips"][0]["version"], "4");
         let (version, back) = CniResult::from_value(down).unwrap();
         assert_eq!(version, CniVersion::V0_3_1);
@@ -355,7 +358,10 @@ mod tests {
             "ips": [{"version": "6", "address": "10.0.0.5/24"}]
         }))
         .unwrap_err();
-        assert!(matches!(error, ResultError::IpVersionMismatch { .. }), "{error}");
+        assert!(
+            matches!(error, ResultError::IpVersionMismatch { .. }),
+            "{error}"
+        );
     }
 
     #[test]
@@ -366,7 +372,14 @@ mod tests {
             "ips": [{"address": "10.0.0.5/24", "interface": 1}]
         }))
         .unwrap_err();
-        assert!(matches!(error, ResultError::InterfaceOutOfRange { index: 1, count: 1, .. }));
+        assert!(matches!(
+            error,
+            ResultError::InterfaceOutOfRange {
+                index: 1,
+                count: 1,
+                ..
+            }
+        ));
     }
 
     #[test]

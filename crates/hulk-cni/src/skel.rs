@@ -273,7 +273,9 @@ fn init_logging(stdin: &[u8]) {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|error| eprintln!("hulk-cni: cannot open log file {}: {error}", path.display()))
+            .map_err(|error| {
+                eprintln!("hulk-cni: cannot open log file {}: {error}", path.display())
+            })
             .ok()
     });
     let default_level = if file.is_some() { "info" } else { "warn" };
@@ -281,7 +283,9 @@ fn init_logging(stdin: &[u8]) {
         settings.log_level.as_deref().unwrap_or(default_level),
     )
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
     // A second initialisation (tests, embedding) keeps the first subscriber.
     let _ = match file {
         Some(file) => builder.with_writer(std::sync::Mutex::new(file)).try_init(),

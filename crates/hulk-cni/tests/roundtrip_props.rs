@@ -151,13 +151,11 @@ const KNOWN_KEYS: [&str; 13] = [
 ];
 
 fn arb_plugin_fields() -> impl Strategy<Value = Map<String, Value>> {
-    proptest::collection::btree_map("[a-zA-Z][a-zA-Z0-9]{0,10}", arb_json(), 0..5).prop_map(
-        |map| {
-            map.into_iter()
-                .filter(|(key, _)| !KNOWN_KEYS.contains(&key.as_str()))
-                .collect()
-        },
-    )
+    proptest::collection::btree_map("[a-zA-Z][a-zA-Z0-9]{0,10}", arb_json(), 0..5).prop_map(|map| {
+        map.into_iter()
+            .filter(|(key, _)| !KNOWN_KEYS.contains(&key.as_str()))
+            .collect()
+    })
 }
 
 fn arb_attachments() -> impl Strategy<Value = Option<Vec<Attachment>>> {

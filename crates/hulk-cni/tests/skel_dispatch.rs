@@ -32,17 +32,23 @@ impl Plugin for Recorder {
     async fn add(&self, request: AttachRequest) -> Result<CniResult, CniError> {
         let result = CniResult {
             ips: vec![IpConfig {
-                address: "10.0.0.9/24".parse().unwrap(),
-                gateway: Some("10.0.0.1".parse().unwrap()),
+                address: "10.0.0.9/24".parse().expect("literal"),
+                gateway: Some("10.0.0.1".parse().expect("literal")),
                 interface: None,
             }],
             ..CniResult::default()
         };
-        self.answer(format!("ADD {} {}", request.container_id, request.ifname), result)
+        self.answer(
+            format!("ADD {} {}", request.container_id, request.ifname),
+            result,
+        )
     }
 
     async fn del(&self, request: DelRequest) -> Result<(), CniError> {
-        self.answer(format!("DEL {} netns={:?}", request.container_id, request.netns), ())
+        self.answer(
+            format!("DEL {} netns={:?}", request.container_id, request.netns),
+            (),
+        )
     }
 
     async fn check(&self, request: CheckRequest) -> Result<(), CniError> {
@@ -72,7 +78,9 @@ fn full_env(command: &str) -> HashMap<String, String> {
 }
 
 fn run(plugin: &Recorder, env: &HashMap<String, String>, stdin: &[u8]) -> Outcome {
-    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     runtime.block_on(dispatch(plugin, |key| env.get(key).cloned(), stdin))
 }
 
@@ -85,15 +93,24 @@ fn config(version: &str) -> Vec<u8> {
 /// Parses stdout as exactly one JSON document.
 fn single_document(outcome: &Outcome) -> Value {
     let mut documents = serde_json::Deserializer::from_slice(&outcome.stdout).into_iter::<Value>();
-    let first = documents.next().expect("no document on stdout").expect("stdout is not JSON");
-    assert!(documents.next().is_none(), "more than one document on stdout");
+    let first = documents
+        .next()
+        .expect("no document on stdout")
+        .expect("stdout is not JSON");
+    assert!(
+        documents.next().is_none(),
+        "more than one document on stdout"
+    );
     first
 }
 
 fn error_code(outcome: &Outcome) -> u64 {
     assert!(!outcome.success, "expected a failure");
     let document = single_document(outcome);
-    assert!(document["msg"].as_str().is_some_and(|msg| !msg.is_empty()), "{document}");
+    assert!(
+        document["msg"].as_str().is_some_and(|msg| !msg.is_empty()),
+        "{document}"
+    );
     document["code"].as_u64().expect("error without code")
 }
 
@@ -110,13 +127,22 @@ fn version_lists_every_supported_version_without_needing_stdin() {
 
 #[test]
 fn add_answers_in_the_request_version() {
-    for (version, carries_ip_version) in [("0.3.0", true), ("0.4.0", true), ("1.0.0", false), ("1.1.0", false)] {
+    for (version, carries_ip_version) in [
+        ("0.3.0", true),
+        ("0.4.0", true),
+        ("1.0.0", false),
+        ("1.1.0", false),
+    ] {
         let plugin = Recorder::default();
         let outcome = run(&plugin, &full_env("ADD"), &config(version));
         assert!(outcome.success, "{version}");
         let document = single_document(&outcome);
         assert_eq!(document["cniVersion"], version);
-        assert_eq!(document["ips"][0].get("version").is_some(), carries_ip_version, "{version}");
+        assert_eq!(
+            document["ips"][0].get("version").is_some(),
+            carries_ip_version,
+            "{version}"
+        );
         assert_eq!(plugin.calls.borrow().as_slice(), ["ADD c1 eth0"]);
     }
 }
@@ -127,13 +153,23 @@ fn del_check_status_and_gc_print_nothing_on_success() {
     env.remove("CNI_NETNS");
     let plugin = Recorder::default();
     let outcome = run(&plugin, &env, &config("1.1.0"));
-    assert_eq!(outcome, Outcome { stdout: Vec::new(), success: true });
+    assert_eq!(
+        outcome,
+        Outcome {
+            stdout: Vec::new(),
+            success: true
+        }
+    );
 
     let check_input = json!({
         "cniVersion": "1.0.0", "name": "vpc", "type": "t",
         "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.9/24"}]}
     });
-    let outcome = run(&plugin, &full_env("CHECK"), check_input.to_string().as_bytes());
+    let outcome = run(
+        &plugin,
+        &full_env("CHECK"),
+        check_input.to_string().as_bytes(),
+    );
     assert!(outcome.success && outcome.stdout.is_empty());
 
     let gc_input = json!({
@@ -161,26 +197,55 @@ fn each_kind_of_bad_input_gets_its_spec_code() {
     let mut no_command = full_env("ADD");
     no_command.remove("CNI_COMMAND");
 
-    let cases: Vec<(&str, HashMap<String, String>, Vec<u8>, u64)> = vec![
+    type Case = (&'static str, HashMap<String, String>, Vec<u8>, u64);
+    let cases: Vec<Case> = vec![
         ("unsupported version", full_env("ADD"), config("0.2.0"), 1),
-        ("truncated JSON", full_env("ADD"), b"{\"cniVersion\": \"1.0.0\", \"na".to_vec(), 6),
+        (
+            "truncated JSON",
+            full_env("ADD"),
+            b"{\"cniVersion\": \"1.0.0\", \"na".to_vec(),
+            6,
+        ),
         ("empty stdin", full_env("ADD"), Vec::new(), 6),
         ("binary garbage", full_env("ADD"), vec![0xff, 0xfe, 0x00], 6),
-        ("missing name", full_env("ADD"), br#"{"cniVersion":"1.0.0","type":"t"}"#.to_vec(), 7),
-        ("wrong field type", full_env("ADD"), br#"{"cniVersion":"1.0.0","name":"n","type":"t","dns":"x"}"#.to_vec(), 7),
+        (
+            "missing name",
+            full_env("ADD"),
+            br#"{"cniVersion":"1.0.0","type":"t"}"#.to_vec(),
+            7,
+        ),
+        (
+            "wrong field type",
+            full_env("ADD"),
+            br#"{"cniVersion":"1.0.0","name":"n","type":"t","dns":"x"}"#.to_vec(),
+            7,
+        ),
         ("missing CNI_IFNAME", no_ifname, config("1.0.0"), 4),
         ("invalid CNI_IFNAME", bad_ifname, config("1.0.0"), 4),
         ("missing CNI_COMMAND", no_command, config("1.0.0"), 4),
         ("CHECK before 0.4.0", full_env("CHECK"), config("0.3.1"), 1),
-        ("CHECK without prevResult", full_env("CHECK"), config("1.0.0"), 7),
-        ("STATUS before 1.1.0", full_env("STATUS"), config("1.0.0"), 1),
+        (
+            "CHECK without prevResult",
+            full_env("CHECK"),
+            config("1.0.0"),
+            7,
+        ),
+        (
+            "STATUS before 1.1.0",
+            full_env("STATUS"),
+            config("1.0.0"),
+            1,
+        ),
         ("GC before 1.1.0", full_env("GC"), config("1.0.0"), 1),
     ];
     for (what, env, stdin, code) in cases {
         let plugin = Recorder::default();
         let outcome = run(&plugin, &env, &stdin);
         assert_eq!(error_code(&outcome), code, "{what}");
-        assert!(plugin.calls.borrow().is_empty(), "{what}: the plugin was called");
+        assert!(
+            plugin.calls.borrow().is_empty(),
+            "{what}: the plugin was called"
+        );
     }
 }
 
@@ -206,11 +271,16 @@ fn plugin_errors_pass_through_with_their_code() {
         fail_with: Some(CniError::new(ErrorCode::PluginNotAvailable, "agent down")),
         ..Recorder::default()
     };
-    assert_eq!(error_code(&run(&unavailable, &full_env("STATUS"), &config("1.1.0"))), 50);
+    assert_eq!(
+        error_code(&run(&unavailable, &full_env("STATUS"), &config("1.1.0"))),
+        50
+    );
 }
 
 fn arb_command() -> impl Strategy<Value = &'static str> {
-    proptest::sample::select(vec!["ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION", "BOGUS"])
+    proptest::sample::select(vec![
+        "ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION", "BOGUS",
+    ])
 }
 
 proptest! {

@@ -11,7 +11,8 @@ fn example(name: &str) -> Value {
 }
 
 fn list() -> NetConfList {
-    NetConfList::from_slice(example("config-list.json").to_string().as_bytes()).unwrap()
+    NetConfList::from_slice(example("config-list.json").to_string().as_bytes())
+        .expect("the spec example list is valid")
 }
 
 #[test]
@@ -19,8 +20,14 @@ fn the_configuration_list_round_trips_unchanged() {
     let list = list();
     assert_eq!(list.plugins.len(), 3);
     assert_eq!(list.plugins[1].capabilities.get("mac"), Some(&true));
-    assert_eq!(serde_json::to_value(&list).unwrap(), example("config-list.json"));
-    assert_eq!(list.negotiate_version(&CniVersion::ALL), Some(CniVersion::V1_1_0));
+    assert_eq!(
+        serde_json::to_value(&list).unwrap(),
+        example("config-list.json")
+    );
+    assert_eq!(
+        list.negotiate_version(&CniVersion::ALL),
+        Some(CniVersion::V1_1_0)
+    );
 }
 
 #[test]
@@ -35,32 +42,52 @@ fn derived_plugin_configurations_match_the_spec() {
     let bridge = list
         .execution_config(0, CniVersion::V1_1_0, capability_args, None)
         .unwrap();
-    assert_eq!(serde_json::to_value(&bridge).unwrap(), example("add-bridge-input.json"));
+    assert_eq!(
+        serde_json::to_value(&bridge).unwrap(),
+        example("add-bridge-input.json")
+    );
 
     let tuning_prev = example("add-tuning-input.json")["prevResult"].clone();
     let tuning = list
         .execution_config(1, CniVersion::V1_1_0, capability_args, Some(tuning_prev))
         .unwrap();
-    assert_eq!(serde_json::to_value(&tuning).unwrap(), example("add-tuning-input.json"));
+    assert_eq!(
+        serde_json::to_value(&tuning).unwrap(),
+        example("add-tuning-input.json")
+    );
 
     let portmap_prev = example("add-portmap-input.json")["prevResult"].clone();
     let portmap = list
         .execution_config(2, CniVersion::V1_1_0, capability_args, Some(portmap_prev))
         .unwrap();
-    assert_eq!(serde_json::to_value(&portmap).unwrap(), example("add-portmap-input.json"));
-    assert!(list.execution_config(3, CniVersion::V1_1_0, capability_args, None).is_none());
+    assert_eq!(
+        serde_json::to_value(&portmap).unwrap(),
+        example("add-portmap-input.json")
+    );
+    assert!(
+        list.execution_config(3, CniVersion::V1_1_0, capability_args, None)
+            .is_none()
+    );
 }
 
 #[test]
 fn stdin_examples_parse_as_plugin_configurations() {
-    for name in ["add-bridge-input.json", "add-tuning-input.json", "add-portmap-input.json"] {
+    for name in [
+        "add-bridge-input.json",
+        "add-tuning-input.json",
+        "add-portmap-input.json",
+    ] {
         let value = example(name);
         let conf = NetConf::from_slice(value.to_string().as_bytes()).unwrap();
         assert_eq!(serde_json::to_value(&conf).unwrap(), value, "{name}");
     }
-    let tuning = NetConf::from_slice(example("add-tuning-input.json").to_string().as_bytes()).unwrap();
+    let tuning =
+        NetConf::from_slice(example("add-tuning-input.json").to_string().as_bytes()).unwrap();
     let prev = tuning.prev_result().unwrap().unwrap();
-    assert_eq!(prev.interfaces[2].sandbox.as_deref(), Some("/var/run/netns/blue"));
+    assert_eq!(
+        prev.interfaces[2].sandbox.as_deref(),
+        Some("/var/run/netns/blue")
+    );
     assert_eq!(prev.ips[0].interface, Some(2));
 }
 
@@ -92,9 +119,15 @@ fn gc_example_lists_the_valid_attachments() {
 fn version_and_error_documents_match_the_spec_shape() {
     let info: VersionInfo = serde_json::from_value(example("version-result.json")).unwrap();
     assert_eq!(info, VersionInfo::new(&CniVersion::ALL));
-    assert_eq!(serde_json::to_value(&info).unwrap(), example("version-result.json"));
+    assert_eq!(
+        serde_json::to_value(&info).unwrap(),
+        example("version-result.json")
+    );
 
     let error: CniError = serde_json::from_value(example("error-result.json")).unwrap();
     assert_eq!(error.code, ErrorCode::InvalidNetworkConfig);
-    assert_eq!(serde_json::to_value(&error).unwrap(), example("error-result.json"));
+    assert_eq!(
+        serde_json::to_value(&error).unwrap(),
+        example("error-result.json")
+    );
 }

@@ -76,7 +76,14 @@ mod tests {
 
     #[test]
     fn rejects_malformed_addresses() {
-        for text in ["", "fa:16:3e:00:00", "fa:16:3e:00:00:01:02", "fa:16:3e:00:00:1", "zz:16:3e:00:00:01", "+a:16:3e:00:00:01"] {
+        for text in [
+            "",
+            "fa:16:3e:00:00",
+            "fa:16:3e:00:00:01:02",
+            "fa:16:3e:00:00:1",
+            "zz:16:3e:00:00:01",
+            "+a:16:3e:00:00:01",
+        ] {
             assert!(text.parse::<MacAddr>().is_err(), "{text}");
         }
     }

@@ -55,7 +55,9 @@ impl MockBackend {
     fn lock(&self) -> std::sync::MutexGuard<'_, MockState> {
         // A panic while holding the lock cannot leave the maps inconsistent
         // (each update is a pair of inserts or removes), so keep going.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lease(&self, id: String, address: IpAddr, request: &AllocationRequest) -> Lease {
@@ -133,7 +135,11 @@ mod tests {
     use std::collections::HashSet;
 
     fn request(count: usize) -> AllocationRequest {
-        AllocationRequest::new(PoolKey::new("net", "sub", ["sg"], Some("qos".into())), "node", count)
+        AllocationRequest::new(
+            PoolKey::new("net", "sub", ["sg"], Some("qos".into())),
+            "node",
+            count,
+        )
     }
 
     #[tokio::test]
@@ -143,11 +149,17 @@ mod tests {
         let leases = backend.allocate(&request(5)).await.unwrap();
         let addresses: HashSet<_> = leases.iter().map(|lease| lease.address).collect();
         assert_eq!(addresses.len(), 5);
-        assert!(leases.iter().all(|lease| lease.gateway == Some("10.0.0.1".parse().unwrap())));
+        assert!(
+            leases
+                .iter()
+                .all(|lease| lease.gateway == Some("10.0.0.1".parse().unwrap()))
+        );
         assert_eq!(leases[0].qos_policy.as_deref(), Some("qos"));
         assert_eq!(
             backend.allocate(&request(1)).await,
-            Err(IpamError::Exhausted { subnet: "sub".into() })
+            Err(IpamError::Exhausted {
+                subnet: "sub".into()
+            })
         );
         assert_eq!(backend.allocated(), 5);
     }
@@ -166,7 +178,10 @@ mod tests {
         assert_eq!(lease.address.to_string(), "10.0.0.2/30");
         assert_eq!(lease.mac.unwrap().to_string(), "fa:16:3e:00:00:02");
         backend.release(&lease.id).await.unwrap();
-        assert!(matches!(backend.release(&lease.id).await, Err(IpamError::NotFound(_))));
+        assert!(matches!(
+            backend.release(&lease.id).await,
+            Err(IpamError::NotFound(_))
+        ));
         let again = backend.allocate(&request(1)).await.unwrap().remove(0);
         assert_eq!(again.address, lease.address);
         assert_ne!(again.id, lease.id);
@@ -175,6 +190,9 @@ mod tests {
     #[tokio::test]
     async fn zero_addresses_is_an_invalid_request() {
         let backend = MockBackend::new("10.0.0.0/30".parse().unwrap());
-        assert!(matches!(backend.allocate(&request(0)).await, Err(IpamError::InvalidRequest(_))));
+        assert!(matches!(
+            backend.allocate(&request(0)).await,
+            Err(IpamError::InvalidRequest(_))
+        ));
     }
 }

@@ -223,7 +223,8 @@ impl Drop for NetlinkWorker {
 fn enter(placement: Placement) -> Result<Netns, NetnsError> {
     match placement {
         Placement::Enter(netns) => {
-            nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(NetnsError::Enter)?;
+            nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
+                .map_err(NetnsError::Enter)?;
             Ok(netns)
         }
         Placement::NewNamespace => {

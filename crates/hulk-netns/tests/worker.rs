@@ -3,7 +3,7 @@
 
 use futures::TryStreamExt;
 use hulk_netns::rtnetlink::LinkVeth;
-use hulk_netns::{Netns, NetlinkWorker, NetnsError, link_by_name};
+use hulk_netns::{NetlinkWorker, Netns, NetnsError, link_by_name};
 
 async fn link_names(worker: &NetlinkWorker) -> Vec<String> {
     worker
