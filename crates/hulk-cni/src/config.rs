@@ -43,18 +43,9 @@ pub struct NetConf {
     pub cni_version: CniVersion,
     /// The network name.
     pub name: String,
-    /// The plugin type (the executable's name).
-    #[serde(rename = "type")]
-    pub plugin_type: String,
-    /// Capabilities the plugin declared in the list (rarely passed on).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub capabilities: BTreeMap<String, bool>,
-    /// The IPAM section.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ipam: Option<IpamConf>,
-    /// DNS settings.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dns: Option<Dns>,
+    /// The plugin's own object: type, capabilities, ipam, dns and its fields.
+    #[serde(flatten)]
+    pub plugin: PluginConf,
     /// Free-form arguments from the runtime (e.g. labels); plugins may ignore them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Value>,
@@ -84,9 +75,6 @@ pub struct NetConf {
         skip_serializing_if = "Option::is_none"
     )]
     pub attachments: Option<Vec<Attachment>>,
-    /// Plugin-specific fields, kept as given.
-    #[serde(flatten)]
-    pub plugin: Map<String, Value>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -127,10 +115,10 @@ impl NetConf {
     /// Deserializes the plugin-specific fields into the plugin's own type;
     /// a field of the wrong shape is error 7, naming the field.
     pub fn plugin_config<T: DeserializeOwned>(&self) -> Result<T, CniError> {
-        serde_json::from_value(Value::Object(self.plugin.clone())).map_err(|error| {
+        serde_json::from_value(Value::Object(self.plugin.fields.clone())).map_err(|error| {
             CniError::invalid_config(format!(
                 "invalid {} configuration: {error}",
-                self.plugin_type
+                self.plugin.plugin_type
             ))
             .in_version(self.cni_version)
         })
@@ -201,7 +189,8 @@ pub(crate) fn declared_version(value: &Value) -> Result<CniVersion, CniError> {
     }
 }
 
-/// One plugin entry of a configuration list.
+/// One plugin's object, as in a configuration list's `plugins` and as the
+/// plugin-specific part of [`NetConf`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PluginConf {
     /// The plugin type (the executable's name).
@@ -218,7 +207,7 @@ pub struct PluginConf {
     pub dns: Option<Dns>,
     /// Plugin-specific fields, kept as given.
     #[serde(flatten)]
-    pub plugin: Map<String, Value>,
+    pub fields: Map<String, Value>,
 }
 
 /// A network configuration list, as written in `/etc/cni/net.d/*.conflist`.
@@ -294,10 +283,10 @@ impl NetConfList {
         Some(NetConf {
             cni_version: version,
             name: self.name.clone(),
-            plugin_type: plugin.plugin_type.clone(),
-            capabilities: BTreeMap::new(),
-            ipam: plugin.ipam.clone(),
-            dns: plugin.dns.clone(),
+            plugin: PluginConf {
+                capabilities: BTreeMap::new(),
+                ..plugin.clone()
+            },
             args: None,
             runtime_config: (!runtime_config.is_empty()).then_some(runtime_config),
             prev_result,
@@ -305,7 +294,6 @@ impl NetConfList {
             disable_gc: false,
             valid_attachments: None,
             attachments: None,
-            plugin: plugin.plugin.clone(),
         })
     }
 }
@@ -327,7 +315,7 @@ mod tests {
             "master": "eth1", "mode": "l2", "serviceCidrs": ["10.96.0.0/12"]
         }))
         .unwrap();
-        assert_eq!(conf.plugin["master"], "eth1");
+        assert_eq!(conf.plugin.fields["master"], "eth1");
         let again = serde_json::to_value(&conf).unwrap();
         assert_eq!(again["serviceCidrs"][0], "10.96.0.0/12");
     }
@@ -373,7 +361,7 @@ mod tests {
             let found = conf.gc_attachments().unwrap();
             assert_eq!(found[0].container_id, "c1");
             assert!(
-                !conf.plugin.contains_key(key),
+                !conf.plugin.fields.contains_key(key),
                 "{key} leaked into plugin fields"
             );
         }

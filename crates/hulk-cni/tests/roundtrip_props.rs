@@ -4,7 +4,8 @@
 use std::net::IpAddr;
 
 use hulk_cni::{
-    Attachment, CniResult, CniVersion, Dns, Interface, IpConfig, IpamConf, NetConf, Route,
+    Attachment, CniResult, CniVersion, Dns, Interface, IpConfig, IpamConf, NetConf, PluginConf,
+    Route,
 };
 use ipnet::IpNet;
 use proptest::prelude::*;
@@ -188,13 +189,16 @@ prop_compose! {
         NetConf {
             cni_version: version,
             name,
-            plugin_type,
-            capabilities,
-            ipam: ipam.map(|(ipam_type, fields)| IpamConf {
-                ipam_type,
-                fields: fields.into_iter().filter(|(key, _)| key != "type").collect(),
-            }),
-            dns,
+            plugin: PluginConf {
+                plugin_type,
+                capabilities,
+                ipam: ipam.map(|(ipam_type, fields)| IpamConf {
+                    ipam_type,
+                    fields: fields.into_iter().filter(|(key, _)| key != "type").collect(),
+                }),
+                dns,
+                fields: plugin,
+            },
             // `args: null` reads back as absent, so never generate it.
             args: args.filter(|value| !value.is_null()),
             runtime_config,
@@ -203,7 +207,6 @@ prop_compose! {
             disable_gc,
             valid_attachments,
             attachments,
-            plugin,
         }
     }
 }

@@ -54,6 +54,7 @@ impl VpcPlugin {
 
     fn mock_ipam(config: &NetConf) -> Result<MockIpam, CniError> {
         let ipam = config
+            .plugin
             .ipam
             .as_ref()
             .ok_or_else(|| CniError::invalid_config("the ipam section is required"))?;
@@ -129,7 +130,7 @@ impl Plugin for VpcPlugin {
                 interface: Some(0),
             }],
             routes: default_route.into_iter().collect(),
-            dns: request.config.dns.clone().unwrap_or_default(),
+            dns: request.config.plugin.dns.clone().unwrap_or_default(),
         })
     }
 
