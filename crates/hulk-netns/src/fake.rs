@@ -1,0 +1,379 @@
+//! An in-memory [`Kernel`] for unit tests: namespaces, links, addresses,
+//! routes, neighbours and sysctls, with the kernel's rules that matter to
+//! the datapath (unique names, routes die with their link) and injectable
+//! failures.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ipnet::IpNet;
+
+use crate::kernel::{Kernel, KernelError, Link, LinkUpdate, Mac, Neighbour, Route, SlaveKind};
+
+/// A namespace of the fake kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FakeNs(usize);
+
+/// One link of the fake kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeLink {
+    /// The link as [`Kernel::link`] reports it.
+    pub link: Link,
+    /// Its addresses.
+    pub addresses: Vec<IpNet>,
+    /// Its neighbour entries.
+    pub neighbours: Vec<Neighbour>,
+}
+
+/// The contents of one fake namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FakeNamespace {
+    /// Links by name.
+    pub links: BTreeMap<String, FakeLink>,
+    /// Main-table routes.
+    pub routes: Vec<Route>,
+    /// Sysctls written, by key.
+    pub sysctls: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    namespaces: Vec<FakeNamespace>,
+    paths: BTreeMap<PathBuf, FakeNs>,
+    next_index: u32,
+    operations: usize,
+    fail_at: Option<usize>,
+}
+
+/// The fake kernel. Namespace 0 is the host.
+#[derive(Debug)]
+pub struct FakeKernel {
+    host: FakeNs,
+    state: Mutex<FakeState>,
+}
+
+impl Default for FakeKernel {
+    fn default() -> Self {
+        FakeKernel::new()
+    }
+}
+
+impl FakeKernel {
+    /// A kernel whose host namespace holds only `lo`.
+    pub fn new() -> FakeKernel {
+        let kernel = FakeKernel {
+            host: FakeNs(0),
+            state: Mutex::new(FakeState {
+                next_index: 1,
+                ..FakeState::default()
+            }),
+        };
+        kernel.state().namespaces.push(FakeNamespace::default());
+        kernel.add_plain_link(FakeNs(0), "lo", 65536);
+        kernel
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn add_plain_link(&self, ns: FakeNs, name: &str, mtu: u32) {
+        let mut state = self.state();
+        let index = state.next_index;
+        state.next_index += 1;
+        state.namespaces[ns.0].links.insert(
+            name.to_owned(),
+            FakeLink {
+                link: Link {
+                    index,
+                    name: name.to_owned(),
+                    slave: None,
+                    mtu,
+                    mac: Some([0x52, 0x54, 0, 0, 0, index as u8]),
+                    up: name != "lo",
+                },
+                addresses: Vec::new(),
+                neighbours: Vec::new(),
+            },
+        );
+    }
+
+    /// Adds a parent interface to the host.
+    pub fn add_parent(&self, name: &str, mtu: u32) {
+        self.add_plain_link(self.host, name, mtu);
+    }
+
+    /// Creates a namespace reachable at `path`, holding only `lo` (down).
+    pub fn add_namespace(&self, path: impl Into<PathBuf>) -> FakeNs {
+        let ns = {
+            let mut state = self.state();
+            state.namespaces.push(FakeNamespace::default());
+            let ns = FakeNs(state.namespaces.len() - 1);
+            state.paths.insert(path.into(), ns);
+            ns
+        };
+        self.add_plain_link(ns, "lo", 65536);
+        ns
+    }
+
+    /// Removes the path of a namespace, as a runtime does when a pod dies.
+    pub fn remove_namespace(&self, path: &Path) {
+        self.state().paths.remove(path);
+    }
+
+    /// A copy of a namespace's contents.
+    pub fn namespace(&self, ns: FakeNs) -> FakeNamespace {
+        self.state().namespaces[ns.0].clone()
+    }
+
+    /// The host's contents.
+    pub fn host_namespace(&self) -> FakeNamespace {
+        self.namespace(self.host)
+    }
+
+    /// Makes the `n`th state-changing operation from now (1-based) fail.
+    pub fn fail_operation(&self, n: usize) {
+        let mut state = self.state();
+        state.fail_at = Some(state.operations + n);
+    }
+
+    /// How many state-changing operations ran so far.
+    pub fn operations(&self) -> usize {
+        self.state().operations
+    }
+
+    /// Runs a state-changing operation on `ns`, counting it and failing it
+    /// when told to.
+    fn mutate<T>(
+        &self,
+        ns: &FakeNs,
+        operation: &str,
+        change: impl FnOnce(&mut FakeNamespace, &mut u32) -> Result<T, KernelError>,
+    ) -> Result<T, KernelError> {
+        let mut state = self.state();
+        state.operations += 1;
+        if state.fail_at == Some(state.operations) {
+            return Err(KernelError::failed(operation, "injected failure"));
+        }
+        let FakeState {
+            namespaces,
+            next_index,
+            ..
+        } = &mut *state;
+        change(&mut namespaces[ns.0], next_index)
+    }
+
+    fn read<T>(&self, ns: &FakeNs, view: impl FnOnce(&FakeNamespace) -> T) -> T {
+        view(&self.state().namespaces[ns.0])
+    }
+}
+
+fn link_mut<'a>(
+    namespace: &'a mut FakeNamespace,
+    name: &str,
+) -> Result<&'a mut FakeLink, KernelError> {
+    namespace
+        .links
+        .get_mut(name)
+        .ok_or_else(|| KernelError::LinkNotFound(name.to_owned()))
+}
+
+#[async_trait::async_trait]
+impl Kernel for FakeKernel {
+    type Ns = FakeNs;
+
+    fn host(&self) -> &FakeNs {
+        &self.host
+    }
+
+    async fn open(&self, path: &Path) -> Result<FakeNs, KernelError> {
+        self.state()
+            .paths
+            .get(path)
+            .copied()
+            .ok_or_else(|| KernelError::NamespaceNotFound(path.to_path_buf()))
+    }
+
+    async fn link(&self, ns: &FakeNs, name: &str) -> Result<Option<Link>, KernelError> {
+        Ok(self.read(ns, |namespace| {
+            namespace.links.get(name).map(|link| link.link.clone())
+        }))
+    }
+
+    async fn create_slave(
+        &self,
+        parent: &str,
+        name: &str,
+        kind: SlaveKind,
+        into: &FakeNs,
+    ) -> Result<(), KernelError> {
+        let parent_link = self
+            .read(&self.host, |host| {
+                host.links.get(parent).map(|link| link.link.clone())
+            })
+            .ok_or_else(|| KernelError::LinkNotFound(parent.to_owned()))?;
+        let mac = match kind {
+            SlaveKind::IpVlan { .. } => parent_link.mac,
+            SlaveKind::MacVlan { .. } => Some([0x02, 0, 0, 0, 0, 0x42]),
+        };
+        self.mutate(into, "create slave", |namespace, next_index| {
+            if namespace.links.contains_key(name) {
+                return Err(KernelError::Exists(name.to_owned()));
+            }
+            let index = *next_index;
+            *next_index += 1;
+            namespace.links.insert(
+                name.to_owned(),
+                FakeLink {
+                    link: Link {
+                        index,
+                        name: name.to_owned(),
+                        slave: Some(kind),
+                        mtu: parent_link.mtu,
+                        mac,
+                        up: false,
+                    },
+                    addresses: Vec::new(),
+                    neighbours: Vec::new(),
+                },
+            );
+            Ok(())
+        })
+    }
+
+    async fn delete_link(&self, ns: &FakeNs, name: &str) -> Result<bool, KernelError> {
+        self.mutate(ns, "delete link", |namespace, _| {
+            let existed = namespace.links.remove(name).is_some();
+            namespace.routes.retain(|route| route.link != name);
+            Ok(existed)
+        })
+    }
+
+    async fn update_link(
+        &self,
+        ns: &FakeNs,
+        name: &str,
+        update: &LinkUpdate,
+    ) -> Result<(), KernelError> {
+        self.mutate(ns, "update link", |namespace, _| {
+            if let Some(new_name) = &update.rename
+                && new_name != name
+                && namespace.links.contains_key(new_name)
+            {
+                return Err(KernelError::Exists(new_name.clone()));
+            }
+            let mut link = namespace
+                .links
+                .remove(name)
+                .ok_or_else(|| KernelError::LinkNotFound(name.to_owned()))?;
+            if let Some(mtu) = update.mtu {
+                link.link.mtu = mtu;
+            }
+            if update.mac.is_some() {
+                link.link.mac = update.mac;
+            }
+            link.link.up |= update.up;
+            let new_name = update.rename.clone().unwrap_or_else(|| name.to_owned());
+            link.link.name = new_name.clone();
+            namespace.links.insert(new_name, link);
+            Ok(())
+        })
+    }
+
+    async fn add_address(
+        &self,
+        ns: &FakeNs,
+        link: &str,
+        address: IpNet,
+    ) -> Result<(), KernelError> {
+        self.mutate(ns, "add address", |namespace, _| {
+            let link = link_mut(namespace, link)?;
+            if !link.addresses.contains(&address) {
+                link.addresses.push(address);
+            }
+            Ok(())
+        })
+    }
+
+    async fn addresses(&self, ns: &FakeNs, link: &str) -> Result<Vec<IpNet>, KernelError> {
+        self.read(ns, |namespace| {
+            namespace
+                .links
+                .get(link)
+                .map(|link| link.addresses.clone())
+                .ok_or_else(|| KernelError::LinkNotFound(link.to_owned()))
+        })
+    }
+
+    async fn replace_route(&self, ns: &FakeNs, route: &Route) -> Result<(), KernelError> {
+        self.mutate(ns, "replace route", |namespace, _| {
+            if !namespace.links.contains_key(&route.link) {
+                return Err(KernelError::LinkNotFound(route.link.clone()));
+            }
+            namespace
+                .routes
+                .retain(|existing| existing.dst != route.dst);
+            namespace.routes.push(route.clone());
+            Ok(())
+        })
+    }
+
+    async fn delete_route(&self, ns: &FakeNs, route: &Route) -> Result<bool, KernelError> {
+        self.mutate(ns, "delete route", |namespace, _| {
+            let before = namespace.routes.len();
+            namespace.routes.retain(|existing| existing != route);
+            Ok(namespace.routes.len() != before)
+        })
+    }
+
+    async fn routes(&self, ns: &FakeNs, link: &str) -> Result<Vec<Route>, KernelError> {
+        Ok(self.read(ns, |namespace| {
+            namespace
+                .routes
+                .iter()
+                .filter(|route| route.link == link)
+                .cloned()
+                .collect()
+        }))
+    }
+
+    async fn replace_neighbour(
+        &self,
+        ns: &FakeNs,
+        link: &str,
+        ip: IpAddr,
+        mac: Mac,
+    ) -> Result<(), KernelError> {
+        self.mutate(ns, "replace neighbour", |namespace, _| {
+            let link = link_mut(namespace, link)?;
+            link.neighbours.retain(|entry| entry.ip != ip);
+            link.neighbours.push(Neighbour {
+                ip,
+                mac: Some(mac),
+                permanent: true,
+            });
+            Ok(())
+        })
+    }
+
+    async fn neighbours(&self, ns: &FakeNs, link: &str) -> Result<Vec<Neighbour>, KernelError> {
+        self.read(ns, |namespace| {
+            namespace
+                .links
+                .get(link)
+                .map(|link| link.neighbours.clone())
+                .ok_or_else(|| KernelError::LinkNotFound(link.to_owned()))
+        })
+    }
+
+    async fn write_sysctl(&self, ns: &FakeNs, key: &str, value: &str) -> Result<(), KernelError> {
+        self.mutate(ns, "write sysctl", |namespace, _| {
+            namespace.sysctls.insert(key.to_owned(), value.to_owned());
+            Ok(())
+        })
+    }
+}

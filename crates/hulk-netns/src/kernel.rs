@@ -1,0 +1,293 @@
+//! The kernel operations the datapath needs, behind a trait, so the attach,
+//! detach and check logic is tested without root against an in-memory
+//! kernel, and runs against the real one through [`crate::NetlinkKernel`].
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+
+/// An Ethernet address as the kernel stores it.
+pub type Mac = [u8; 6];
+
+/// Writes a MAC the usual way, `fa:16:3e:00:00:01`.
+pub fn format_mac(mac: &Mac) -> String {
+    mac.iter()
+        .map(|octet| format!("{octet:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// ipvlan modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum IpVlanMode {
+    /// Switch on L2: slaves answer ARP; the default.
+    #[default]
+    L2,
+    /// Route on L3: no ARP, no multicast.
+    L3,
+    /// L3 with netfilter hooks (conntrack works in the slave's namespace).
+    L3s,
+}
+
+/// ipvlan isolation flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum IpVlanFlag {
+    /// Slaves talk to each other directly; the default.
+    #[default]
+    Bridge,
+    /// Slaves cannot talk to each other.
+    Private,
+    /// Slave-to-slave traffic goes out to the external switch.
+    Vepa,
+}
+
+/// macvlan modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MacVlanMode {
+    /// Slaves talk to each other directly; the default.
+    #[default]
+    Bridge,
+    /// Slaves cannot talk to each other.
+    Private,
+    /// Slave-to-slave traffic goes out to the external switch.
+    Vepa,
+    /// One slave takes over the parent.
+    Passthru,
+}
+
+/// The kind of slave interface a pod gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SlaveKind {
+    /// An ipvlan slave: shares the parent's MAC.
+    IpVlan {
+        /// The mode.
+        mode: IpVlanMode,
+        /// The isolation flag.
+        flag: IpVlanFlag,
+    },
+    /// A macvlan slave: its own MAC.
+    MacVlan {
+        /// The mode.
+        mode: MacVlanMode,
+    },
+}
+
+impl Default for SlaveKind {
+    fn default() -> Self {
+        SlaveKind::IpVlan {
+            mode: IpVlanMode::L2,
+            flag: IpVlanFlag::Bridge,
+        }
+    }
+}
+
+impl fmt::Display for SlaveKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SlaveKind::IpVlan { mode, flag } => write!(f, "ipvlan {mode:?} {flag:?}"),
+            SlaveKind::MacVlan { mode } => write!(f, "macvlan {mode:?}"),
+        }
+    }
+}
+
+/// A link as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// Interface index.
+    pub index: u32,
+    /// Interface name.
+    pub name: String,
+    /// The slave kind, when the link is an ipvlan or macvlan slave.
+    pub slave: Option<SlaveKind>,
+    /// MTU.
+    pub mtu: u32,
+    /// Hardware address.
+    pub mac: Option<Mac>,
+    /// Administratively up.
+    pub up: bool,
+}
+
+/// Changes to a link; `None` leaves a property alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkUpdate {
+    /// A new name.
+    pub rename: Option<String>,
+    /// A new MTU.
+    pub mtu: Option<u32>,
+    /// A new hardware address.
+    pub mac: Option<Mac>,
+    /// Bring the link up.
+    pub up: bool,
+}
+
+/// A route in the main table through one link.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    /// Destination prefix.
+    pub dst: IpNet,
+    /// Next hop; `None` for a directly connected destination.
+    pub gateway: Option<IpAddr>,
+    /// Output interface.
+    pub link: String,
+    /// The next hop is on the link even if no address says so.
+    pub onlink: bool,
+}
+
+impl Route {
+    /// A route to a directly reachable destination (scope link).
+    pub fn direct(dst: IpNet, link: impl Into<String>) -> Route {
+        Route {
+            dst,
+            gateway: None,
+            link: link.into(),
+            onlink: false,
+        }
+    }
+
+    /// A route via `gateway`, declared on-link so no connected prefix is needed.
+    pub fn via(dst: IpNet, gateway: IpAddr, link: impl Into<String>) -> Route {
+        Route {
+            dst,
+            gateway: Some(gateway),
+            link: link.into(),
+            onlink: true,
+        }
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.dst)?;
+        if let Some(gateway) = self.gateway {
+            write!(f, " via {gateway}")?;
+        }
+        write!(f, " dev {}", self.link)?;
+        if self.onlink {
+            write!(f, " onlink")?;
+        }
+        Ok(())
+    }
+}
+
+/// A neighbour (ARP/NDP) entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    /// The neighbour's address.
+    pub ip: IpAddr,
+    /// Its hardware address, when resolved.
+    pub mac: Option<Mac>,
+    /// Whether the entry is permanent (static).
+    pub permanent: bool,
+}
+
+/// Kernel failures, classified for callers that must tell "already gone"
+/// from real errors.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The namespace path does not exist (the runtime removed it).
+    #[error("network namespace {0} does not exist")]
+    NamespaceNotFound(PathBuf),
+    /// A named link does not exist.
+    #[error("link {0} does not exist")]
+    LinkNotFound(String),
+    /// The object already exists.
+    #[error("{0} already exists")]
+    Exists(String),
+    /// Any other refusal, with the operation that failed.
+    #[error("{operation}: {message}")]
+    Failed {
+        /// What was being done.
+        operation: String,
+        /// The kernel's (or the system's) answer.
+        message: String,
+    },
+}
+
+impl KernelError {
+    /// A failure of `operation` with `error` as the reason.
+    pub fn failed(operation: impl Into<String>, error: impl fmt::Display) -> KernelError {
+        KernelError::Failed {
+            operation: operation.into(),
+            message: error.to_string(),
+        }
+    }
+}
+
+/// The kernel, as the datapath uses it. `Ns` is a handle to one network
+/// namespace; [`Kernel::host`] is the namespace holding the parent links.
+///
+/// Adds are "replace" operations (idempotent); deletes report whether
+/// something was there.
+#[async_trait::async_trait]
+pub trait Kernel: Send + Sync {
+    /// A handle to one network namespace.
+    type Ns: Send + Sync;
+
+    /// The namespace holding the parent (VPC-facing) links.
+    fn host(&self) -> &Self::Ns;
+
+    /// Opens a namespace by path; a missing path is [`KernelError::NamespaceNotFound`].
+    async fn open(&self, path: &Path) -> Result<Self::Ns, KernelError>;
+
+    /// The link called `name`, if any.
+    async fn link(&self, ns: &Self::Ns, name: &str) -> Result<Option<Link>, KernelError>;
+
+    /// Creates a slave of the host link `parent`, called `name`, directly
+    /// inside `into`.
+    async fn create_slave(
+        &self,
+        parent: &str,
+        name: &str,
+        kind: SlaveKind,
+        into: &Self::Ns,
+    ) -> Result<(), KernelError>;
+
+    /// Deletes a link; `false` when there was none.
+    async fn delete_link(&self, ns: &Self::Ns, name: &str) -> Result<bool, KernelError>;
+
+    /// Changes a link's name, MTU, MAC or state.
+    async fn update_link(
+        &self,
+        ns: &Self::Ns,
+        name: &str,
+        update: &LinkUpdate,
+    ) -> Result<(), KernelError>;
+
+    /// Adds an address to a link (replacing an equal one).
+    async fn add_address(
+        &self,
+        ns: &Self::Ns,
+        link: &str,
+        address: IpNet,
+    ) -> Result<(), KernelError>;
+
+    /// The addresses of a link.
+    async fn addresses(&self, ns: &Self::Ns, link: &str) -> Result<Vec<IpNet>, KernelError>;
+
+    /// Adds or replaces a route of the main table.
+    async fn replace_route(&self, ns: &Self::Ns, route: &Route) -> Result<(), KernelError>;
+
+    /// Deletes a route; `false` when there was none.
+    async fn delete_route(&self, ns: &Self::Ns, route: &Route) -> Result<bool, KernelError>;
+
+    /// The main-table routes through `link`.
+    async fn routes(&self, ns: &Self::Ns, link: &str) -> Result<Vec<Route>, KernelError>;
+
+    /// Adds or replaces a permanent neighbour entry.
+    async fn replace_neighbour(
+        &self,
+        ns: &Self::Ns,
+        link: &str,
+        ip: IpAddr,
+        mac: Mac,
+    ) -> Result<(), KernelError>;
+
+    /// The neighbour entries of a link.
+    async fn neighbours(&self, ns: &Self::Ns, link: &str) -> Result<Vec<Neighbour>, KernelError>;
+
+    /// Writes `/proc/sys/{key}` inside the namespace; `key` is a path such as
+    /// `net/ipv4/conf/eth0/arp_notify` (slashes, so interface names may hold dots).
+    async fn write_sysctl(&self, ns: &Self::Ns, key: &str, value: &str) -> Result<(), KernelError>;
+}

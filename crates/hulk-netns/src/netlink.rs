@@ -1,0 +1,539 @@
+//! [`Kernel`] over rtnetlink: every namespace is a [`NetlinkWorker`].
+
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use nix::errno::Errno;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{
+    InfoData, InfoIpVlan, InfoMacVlan, IpVlanFlags, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteScope,
+};
+use rtnetlink::{Handle, LinkIpVlan, LinkMacVlan, LinkUnspec, RouteMessageBuilder};
+
+use crate::kernel::{
+    IpVlanFlag, IpVlanMode, Kernel, KernelError, Link, LinkUpdate, Mac, MacVlanMode, Neighbour,
+    Route, SlaveKind,
+};
+use crate::netns::{NetlinkWorker, Netns, NetnsError, link_by_name};
+
+/// The real kernel, reached through netlink.
+#[derive(Debug)]
+pub struct NetlinkKernel {
+    host: NetlinkWorker,
+}
+
+impl NetlinkKernel {
+    /// A kernel whose host namespace is the process's own.
+    pub fn new() -> Result<NetlinkKernel, NetnsError> {
+        NetlinkKernel::with_host(Netns::open("/proc/self/ns/net")?)
+    }
+
+    /// A kernel whose "host" is `netns` (a node namespace in tests).
+    pub fn with_host(netns: Netns) -> Result<NetlinkKernel, NetnsError> {
+        Ok(NetlinkKernel {
+            host: NetlinkWorker::spawn_in(netns)?,
+        })
+    }
+}
+
+fn errno_of(error: &rtnetlink::Error) -> Option<Errno> {
+    match error {
+        rtnetlink::Error::NetlinkError(message) => Some(Errno::from_raw(-message.raw_code())),
+        _ => None,
+    }
+}
+
+fn kernel_error(operation: &str, error: rtnetlink::Error) -> KernelError {
+    match errno_of(&error) {
+        Some(Errno::EEXIST) => KernelError::Exists(operation.to_owned()),
+        _ => KernelError::failed(operation, error),
+    }
+}
+
+fn worker_error(error: NetnsError) -> KernelError {
+    KernelError::failed("netlink worker", error)
+}
+
+/// Runs `job` on `ns`'s worker, flattening the worker's own failure.
+async fn on<F, Fut, T>(ns: &NetlinkWorker, job: F) -> Result<T, KernelError>
+where
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, KernelError>> + 'static,
+    T: Send + 'static,
+{
+    ns.run(job).await.map_err(worker_error)?
+}
+
+async fn index_of(handle: &Handle, name: &str) -> Result<u32, KernelError> {
+    match link_by_name(handle, name).await {
+        Ok(Some(link)) => Ok(link.header.index),
+        Ok(None) => Err(KernelError::LinkNotFound(name.to_owned())),
+        Err(error) => Err(KernelError::failed(format!("looking up {name}"), error)),
+    }
+}
+
+fn slave_kind(message: &LinkMessage) -> Option<SlaveKind> {
+    let infos = message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::LinkInfo(infos) => Some(infos),
+            _ => None,
+        })?;
+    infos.iter().find_map(|info| match info {
+        LinkInfo::Data(InfoData::IpVlan(data)) => {
+            let mut mode = IpVlanMode::L2;
+            let mut flag = IpVlanFlag::Bridge;
+            for item in data {
+                match item {
+                    InfoIpVlan::Mode(kernel_mode) => {
+                        mode = match u16::from(*kernel_mode) {
+                            1 => IpVlanMode::L3,
+                            2 => IpVlanMode::L3s,
+                            _ => IpVlanMode::L2,
+                        }
+                    }
+                    InfoIpVlan::Flags(flags) => {
+                        flag = if flags.contains(IpVlanFlags::Private) {
+                            IpVlanFlag::Private
+                        } else if flags.contains(IpVlanFlags::Vepa) {
+                            IpVlanFlag::Vepa
+                        } else {
+                            IpVlanFlag::Bridge
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Some(SlaveKind::IpVlan { mode, flag })
+        }
+        LinkInfo::Data(InfoData::MacVlan(data)) => {
+            let mode = data.iter().find_map(|item| match item {
+                InfoMacVlan::Mode(mode) => Some(*mode),
+                _ => None,
+            });
+            use rtnetlink::packet_route::link::MacVlanMode as Kernel;
+            let mode = match mode {
+                Some(Kernel::Private) => MacVlanMode::Private,
+                Some(Kernel::Vepa) => MacVlanMode::Vepa,
+                Some(Kernel::Passthrough) => MacVlanMode::Passthru,
+                _ => MacVlanMode::Bridge,
+            };
+            Some(SlaveKind::MacVlan { mode })
+        }
+        _ => None,
+    })
+}
+
+fn to_link(message: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: message.header.index,
+        name: String::new(),
+        slave: slave_kind(message),
+        mtu: 0,
+        mac: None,
+        up: message.header.flags.contains(LinkFlags::Up),
+    };
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => link.name = name.clone(),
+            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            LinkAttribute::Address(bytes) => link.mac = <Mac>::try_from(bytes.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    link
+}
+
+fn slave_message(name: &str, parent: u32, kind: SlaveKind) -> LinkMessage {
+    use rtnetlink::packet_route::link::{IpVlanMode as KernelIpVlan, MacVlanMode as KernelMacVlan};
+    match kind {
+        SlaveKind::IpVlan { mode, flag } => {
+            let mode = match mode {
+                IpVlanMode::L2 => KernelIpVlan::L2,
+                IpVlanMode::L3 => KernelIpVlan::L3,
+                IpVlanMode::L3s => KernelIpVlan::L3S,
+            };
+            let builder = LinkIpVlan::new(name, parent, mode);
+            // The kernel takes one flags attribute; bridge is "no flag".
+            match flag {
+                IpVlanFlag::Bridge => builder.build(),
+                IpVlanFlag::Private => builder.flag(IpVlanFlags::Private).build(),
+                IpVlanFlag::Vepa => builder.flag(IpVlanFlags::Vepa).build(),
+            }
+        }
+        SlaveKind::MacVlan { mode } => {
+            let mode = match mode {
+                MacVlanMode::Bridge => KernelMacVlan::Bridge,
+                MacVlanMode::Private => KernelMacVlan::Private,
+                MacVlanMode::Vepa => KernelMacVlan::Vepa,
+                MacVlanMode::Passthru => KernelMacVlan::Passthrough,
+            };
+            LinkMacVlan::new(name, parent, mode).build()
+        }
+    }
+}
+
+fn route_message(route: &Route, index: u32) -> Result<RouteMessage, KernelError> {
+    let invalid = |error| KernelError::failed(format!("building route {route}"), error);
+    let mut builder = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(route.dst.addr(), route.dst.prefix_len())
+        .map_err(invalid)?
+        .output_interface(index);
+    match route.gateway {
+        Some(gateway) => builder = builder.gateway(gateway).map_err(invalid)?,
+        None => builder = builder.scope(RouteScope::Link),
+    }
+    if route.onlink {
+        builder = builder.onlink();
+    }
+    Ok(builder.build())
+}
+
+fn address_of(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+fn to_route(message: &RouteMessage, link: &str) -> Option<Route> {
+    let mut dst = None;
+    let mut gateway = None;
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Destination(address) => dst = address_of(address),
+            RouteAttribute::Gateway(address) => gateway = address_of(address),
+            _ => {}
+        }
+    }
+    let dst = match dst {
+        Some(address) => address,
+        None if message.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6 => {
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        }
+        None => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    };
+    Some(Route {
+        dst: IpNet::new(dst, message.header.destination_prefix_length).ok()?,
+        gateway,
+        link: link.to_owned(),
+        onlink: message.header.flags.contains(RouteFlags::Onlink),
+    })
+}
+
+#[async_trait::async_trait]
+impl Kernel for NetlinkKernel {
+    type Ns = NetlinkWorker;
+
+    fn host(&self) -> &NetlinkWorker {
+        &self.host
+    }
+
+    async fn open(&self, path: &Path) -> Result<NetlinkWorker, KernelError> {
+        let netns = match Netns::open(path) {
+            Ok(netns) => netns,
+            Err(NetnsError::Open { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Err(KernelError::NamespaceNotFound(path.to_path_buf()));
+            }
+            Err(error) => return Err(KernelError::failed("opening namespace", error)),
+        };
+        NetlinkWorker::spawn_in(netns).map_err(worker_error)
+    }
+
+    async fn link(&self, ns: &NetlinkWorker, name: &str) -> Result<Option<Link>, KernelError> {
+        let name = name.to_owned();
+        on(ns, move |handle| async move {
+            link_by_name(&handle, &name)
+                .await
+                .map(|link| link.as_ref().map(to_link))
+                .map_err(|error| KernelError::failed(format!("looking up {name}"), error))
+        })
+        .await
+    }
+
+    async fn create_slave(
+        &self,
+        parent: &str,
+        name: &str,
+        kind: SlaveKind,
+        into: &NetlinkWorker,
+    ) -> Result<(), KernelError> {
+        let (parent, name) = (parent.to_owned(), name.to_owned());
+        // Creating the link with IFLA_NET_NS_FD puts it straight into the
+        // pod's namespace: it never exists in the host under a pod's name.
+        let target = (!std::ptr::eq(into, &self.host)).then(|| into.netns().as_fd().as_raw_fd());
+        on(&self.host, move |handle| async move {
+            let parent_index = index_of(&handle, &parent).await?;
+            let mut message = slave_message(&name, parent_index, kind);
+            if let Some(fd) = target {
+                message.attributes.push(LinkAttribute::NetNsFd(fd));
+            }
+            handle.link().add(message).execute().await.map_err(|error| {
+                kernel_error(&format!("creating {kind} {name} on {parent}"), error)
+            })
+        })
+        .await
+    }
+
+    async fn delete_link(&self, ns: &NetlinkWorker, name: &str) -> Result<bool, KernelError> {
+        let name = name.to_owned();
+        on(ns, move |handle| async move {
+            let index = match index_of(&handle, &name).await {
+                Ok(index) => index,
+                Err(KernelError::LinkNotFound(_)) => return Ok(false),
+                Err(error) => return Err(error),
+            };
+            match handle.link().del(index).execute().await {
+                Ok(()) => Ok(true),
+                Err(error) if errno_of(&error) == Some(Errno::ENODEV) => Ok(false),
+                Err(error) => Err(kernel_error(&format!("deleting {name}"), error)),
+            }
+        })
+        .await
+    }
+
+    async fn update_link(
+        &self,
+        ns: &NetlinkWorker,
+        name: &str,
+        update: &LinkUpdate,
+    ) -> Result<(), KernelError> {
+        let (name, update) = (name.to_owned(), update.clone());
+        on(ns, move |handle| async move {
+            let index = index_of(&handle, &name).await?;
+            let mut builder = LinkUnspec::new_with_index(index);
+            if let Some(new_name) = &update.rename {
+                builder = builder.name(new_name.clone());
+            }
+            if let Some(mtu) = update.mtu {
+                builder = builder.mtu(mtu);
+            }
+            if let Some(mac) = update.mac {
+                builder = builder.address(mac.to_vec());
+            }
+            if update.up {
+                builder = builder.up();
+            }
+            handle
+                .link()
+                .set(builder.build())
+                .execute()
+                .await
+                .map_err(|error| kernel_error(&format!("updating {name}"), error))
+        })
+        .await
+    }
+
+    async fn add_address(
+        &self,
+        ns: &NetlinkWorker,
+        link: &str,
+        address: IpNet,
+    ) -> Result<(), KernelError> {
+        let link = link.to_owned();
+        on(ns, move |handle| async move {
+            let index = index_of(&handle, &link).await?;
+            handle
+                .address()
+                .add(index, address.addr(), address.prefix_len())
+                .replace()
+                .execute()
+                .await
+                .map_err(|error| kernel_error(&format!("adding {address} to {link}"), error))
+        })
+        .await
+    }
+
+    async fn addresses(&self, ns: &NetlinkWorker, link: &str) -> Result<Vec<IpNet>, KernelError> {
+        let link = link.to_owned();
+        on(ns, move |handle| async move {
+            let index = index_of(&handle, &link).await?;
+            let messages: Vec<_> = handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|error| kernel_error(&format!("listing addresses of {link}"), error))?;
+            Ok(messages
+                .iter()
+                .filter(|message| message.header.index == index)
+                .filter_map(|message| {
+                    message
+                        .attributes
+                        .iter()
+                        .find_map(|attribute| match attribute {
+                            AddressAttribute::Address(ip) => {
+                                IpNet::new(*ip, message.header.prefix_len).ok()
+                            }
+                            _ => None,
+                        })
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn replace_route(&self, ns: &NetlinkWorker, route: &Route) -> Result<(), KernelError> {
+        let route = route.clone();
+        on(ns, move |handle| async move {
+            let index = index_of(&handle, &route.link).await?;
+            handle
+                .route()
+                .add(route_message(&route, index)?)
+                .replace()
+                .execute()
+                .await
+                .map_err(|error| kernel_error(&format!("adding route {route}"), error))
+        })
+        .await
+    }
+
+    async fn delete_route(&self, ns: &NetlinkWorker, route: &Route) -> Result<bool, KernelError> {
+        let route = route.clone();
+        on(ns, move |handle| async move {
+            let index = match index_of(&handle, &route.link).await {
+                Ok(index) => index,
+                Err(KernelError::LinkNotFound(_)) => return Ok(false),
+                Err(error) => return Err(error),
+            };
+            match handle
+                .route()
+                .del(route_message(&route, index)?)
+                .execute()
+                .await
+            {
+                Ok(()) => Ok(true),
+                Err(error) if errno_of(&error) == Some(Errno::ESRCH) => Ok(false),
+                Err(error) => Err(kernel_error(&format!("deleting route {route}"), error)),
+            }
+        })
+        .await
+    }
+
+    async fn routes(&self, ns: &NetlinkWorker, link: &str) -> Result<Vec<Route>, KernelError> {
+        let link = link.to_owned();
+        on(ns, move |handle| async move {
+            let index = index_of(&handle, &link).await?;
+            let mut routes = Vec::new();
+            for request in [
+                RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+                RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+            ] {
+                let messages: Vec<RouteMessage> = handle
+                    .route()
+                    .get(request)
+                    .execute()
+                    .try_collect()
+                    .await
+                    .map_err(|error| kernel_error(&format!("listing routes of {link}"), error))?;
+                routes.extend(
+                    messages
+                        .iter()
+                        .filter(|message| message.header.table == RouteHeader::RT_TABLE_MAIN)
+                        .filter(|message| message.attributes.contains(&RouteAttribute::Oif(index)))
+                        .filter_map(|message| to_route(message, &link)),
+                );
+            }
+            Ok(routes)
+        })
+        .await
+    }
+
+    async fn replace_neighbour(
+        &self,
+        ns: &NetlinkWorker,
+        link: &str,
+        ip: IpAddr,
+        mac: Mac,
+    ) -> Result<(), KernelError> {
+        let link = link.to_owned();
+        on(ns, move |handle| async move {
+            let index = index_of(&handle, &link).await?;
+            handle
+                .neighbours()
+                .add(index, ip)
+                .link_layer_address(&mac)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(|error| kernel_error(&format!("adding neighbour {ip} on {link}"), error))
+        })
+        .await
+    }
+
+    async fn neighbours(
+        &self,
+        ns: &NetlinkWorker,
+        link: &str,
+    ) -> Result<Vec<Neighbour>, KernelError> {
+        let link = link.to_owned();
+        on(ns, move |handle| async move {
+            let index = index_of(&handle, &link).await?;
+            let messages: Vec<_> = handle
+                .neighbours()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|error| kernel_error(&format!("listing neighbours of {link}"), error))?;
+            Ok(messages
+                .iter()
+                .filter(|message| message.header.ifindex == index)
+                .filter_map(|message| {
+                    let mut ip = None;
+                    let mut mac = None;
+                    for attribute in &message.attributes {
+                        match attribute {
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                                ip = Some(IpAddr::V4(*v4))
+                            }
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                                ip = Some(IpAddr::V6(*v6))
+                            }
+                            NeighbourAttribute::LinkLayerAddress(bytes) => {
+                                mac = <Mac>::try_from(bytes.as_slice()).ok()
+                            }
+                            _ => {}
+                        }
+                    }
+                    Some(Neighbour {
+                        ip: ip?,
+                        mac,
+                        permanent: message.header.state == NeighbourState::Permanent,
+                    })
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn write_sysctl(
+        &self,
+        ns: &NetlinkWorker,
+        key: &str,
+        value: &str,
+    ) -> Result<(), KernelError> {
+        let (path, value) = (format!("/proc/sys/{key}"), value.to_owned());
+        // The job runs on the worker's thread, which is inside the
+        // namespace, so /proc/sys/net shows that namespace's settings.
+        on(ns, move |_| async move {
+            std::fs::write(&path, value.as_bytes())
+                .map_err(|error| KernelError::failed(format!("writing {path}"), error))
+        })
+        .await
+    }
+}
