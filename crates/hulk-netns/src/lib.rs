@@ -32,6 +32,8 @@ pub mod fake;
 mod kernel;
 mod netlink;
 mod netns;
+mod nftables;
+mod node;
 
 pub use attach::{Attached, Datapath, DatapathError, PodNetwork, ServicePath};
 pub use kernel::{
@@ -43,6 +45,8 @@ pub use netns::{
     NETNS_RUN_DIR, NetlinkWorker, Netns, NetnsError, create_named_netns, delete_named_netns,
     link_by_name, run_blocking_in,
 };
+pub use nftables::{NftFinding, check_nftables, nftables_shadowing};
+pub use node::{NodeNetwork, RestoreReport};
 
 /// Re-exported so users build requests with the same rtnetlink version.
 pub use rtnetlink;

@@ -1,0 +1,243 @@
+//! Node-level state: the host-side slave that carries Service and
+//! host <-> pod traffic, the host routes to local pods, and restoring all
+//! of it after a reboot.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::attach::{Datapath, DatapathError, ServicePath};
+use crate::kernel::{Kernel, LinkUpdate, Route, SlaveKind};
+
+/// The node's side of the datapath.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeNetwork {
+    /// The VPC-facing parent interface.
+    pub parent: String,
+    /// The slave kind, the same as the pods' (an ipvlan L2 pod and an
+    /// ipvlan L2 host slave switch to each other inside the driver).
+    pub kind: SlaveKind,
+    /// The host-side slave's name, e.g. `hulk0`.
+    pub host_link: String,
+    /// The node address on the host-side slave. With the subnet's prefix
+    /// the host reaches the whole VPC subnet through it; with /32 only the
+    /// local pods (through the per-pod routes).
+    pub node_address: IpNet,
+    /// Service ranges routed from pods to the node.
+    pub service_cidrs: Vec<IpNet>,
+}
+
+impl NodeNetwork {
+    /// The Service path pods on this node use.
+    pub fn service_path(&self) -> ServicePath {
+        ServicePath {
+            host_link: self.host_link.clone(),
+            node_address: self.node_address.addr(),
+            service_cidrs: self.service_cidrs.clone(),
+        }
+    }
+
+    /// The sysctls the node needs: forwarding (a pod's Service traffic is
+    /// DNATed and forwarded by the host) and loose reverse-path filtering
+    /// on the host-side slave, where pod-sourced packets arrive.
+    pub fn sysctls(&self) -> Vec<(String, &'static str)> {
+        vec![
+            ("net/ipv4/ip_forward".to_owned(), "1"),
+            (format!("net/ipv4/conf/{}/rp_filter", self.host_link), "2"),
+        ]
+    }
+}
+
+/// What [`Datapath::restore_node`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Host routes (re)installed for live pods.
+    pub routes_installed: usize,
+    /// Host routes removed because their pod is gone.
+    pub stale_routes_removed: Vec<IpNet>,
+}
+
+fn is_host_prefix(net: &IpNet) -> bool {
+    net.prefix_len() == net.max_prefix_len()
+}
+
+impl<K: Kernel> Datapath<K> {
+    /// Creates (or keeps) the host-side slave with the node address, up,
+    /// with the node sysctls. Idempotent.
+    pub async fn ensure_host_slave(&self, node: &NodeNetwork) -> Result<(), DatapathError> {
+        let kernel = self.kernel();
+        let host = kernel.host();
+        match kernel.link(host, &node.host_link).await? {
+            Some(link) if link.slave == Some(node.kind) => {}
+            Some(link) => {
+                let found = link
+                    .slave
+                    .map_or_else(|| "not a slave".to_owned(), |kind| kind.to_string());
+                return Err(DatapathError::Invalid(format!(
+                    "{} exists but is {found}, expected {}; delete it or pick another host link name",
+                    node.host_link, node.kind
+                )));
+            }
+            None => match kernel
+                .create_slave(&node.parent, &node.host_link, node.kind, host)
+                .await
+            {
+                Err(crate::KernelError::LinkNotFound(name)) if name == node.parent => {
+                    return Err(DatapathError::ParentNotFound(name));
+                }
+                other => other?,
+            },
+        }
+        kernel
+            .add_address(host, &node.host_link, node.node_address)
+            .await?;
+        let up = LinkUpdate {
+            up: true,
+            ..LinkUpdate::default()
+        };
+        kernel.update_link(host, &node.host_link, &up).await?;
+        for (key, value) in node.sysctls() {
+            kernel.write_sysctl(host, &key, value).await?;
+        }
+        Ok(())
+    }
+
+    /// Re-applies all node-level state after a reboot or an agent restart:
+    /// the host-side slave, its address, the sysctls, and a host route for
+    /// each pod in `live_pods`; host routes to pods no longer live are
+    /// removed. Idempotent.
+    pub async fn restore_node(
+        &self,
+        node: &NodeNetwork,
+        live_pods: &[IpAddr],
+    ) -> Result<RestoreReport, DatapathError> {
+        self.ensure_host_slave(node).await?;
+        let kernel = self.kernel();
+        let host = kernel.host();
+        let wanted: BTreeSet<IpNet> = live_pods.iter().copied().map(IpNet::from).collect();
+        let mut report = RestoreReport::default();
+        for route in kernel.routes(host, &node.host_link).await? {
+            let stale = route.gateway.is_none()
+                && is_host_prefix(&route.dst)
+                && route.dst.addr() != node.node_address.addr()
+                && !wanted.contains(&route.dst);
+            if stale && kernel.delete_route(host, &route).await? {
+                report.stale_routes_removed.push(route.dst);
+            }
+        }
+        for pod in &wanted {
+            kernel
+                .replace_route(host, &Route::direct(*pod, &node.host_link))
+                .await?;
+            report.routes_installed += 1;
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeKernel;
+    use crate::kernel::{MacVlanMode, SlaveKind};
+
+    fn node() -> NodeNetwork {
+        NodeNetwork {
+            parent: "eth1".into(),
+            kind: SlaveKind::default(),
+            host_link: "hulk0".into(),
+            node_address: "10.20.0.250/24".parse().unwrap(),
+            service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+        }
+    }
+
+    fn datapath() -> Datapath<FakeKernel> {
+        let kernel = FakeKernel::new();
+        kernel.add_parent("eth1", 1500);
+        Datapath::new(kernel)
+    }
+
+    #[tokio::test]
+    async fn the_host_slave_is_created_once_with_address_and_sysctls() {
+        let datapath = datapath();
+        for _ in 0..2 {
+            datapath.ensure_host_slave(&node()).await.unwrap();
+        }
+        let host = datapath.kernel().host_namespace();
+        let hulk0 = &host.links["hulk0"];
+        assert_eq!(hulk0.link.slave, Some(SlaveKind::default()));
+        assert!(hulk0.link.up);
+        assert_eq!(hulk0.addresses, [node().node_address]);
+        assert_eq!(host.sysctls["net/ipv4/ip_forward"], "1");
+        assert_eq!(host.sysctls["net/ipv4/conf/hulk0/rp_filter"], "2");
+    }
+
+    #[tokio::test]
+    async fn a_foreign_link_under_the_host_name_is_reported_not_replaced() {
+        let datapath = datapath();
+        let mut macvlan = node();
+        macvlan.kind = SlaveKind::MacVlan {
+            mode: MacVlanMode::Bridge,
+        };
+        datapath.ensure_host_slave(&macvlan).await.unwrap();
+        let error = datapath.ensure_host_slave(&node()).await.unwrap_err();
+        assert!(
+            error.to_string().contains("hulk0 exists but is macvlan"),
+            "{error}"
+        );
+        let mut no_parent = node();
+        no_parent.parent = "eth7".into();
+        no_parent.host_link = "hulk1".into();
+        assert!(matches!(
+            datapath.ensure_host_slave(&no_parent).await,
+            Err(DatapathError::ParentNotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn restore_reinstalls_live_pods_and_drops_the_dead() {
+        let datapath = datapath();
+        let node = node();
+        datapath.ensure_host_slave(&node).await.unwrap();
+        let kernel = datapath.kernel();
+        let dead: IpAddr = "10.20.0.9".parse().unwrap();
+        kernel
+            .replace_route(kernel.host(), &Route::direct(IpNet::from(dead), "hulk0"))
+            .await
+            .unwrap();
+        let live: Vec<IpAddr> = vec!["10.20.0.5".parse().unwrap(), "10.20.0.6".parse().unwrap()];
+        let report = datapath.restore_node(&node, &live).await.unwrap();
+        assert_eq!(report.routes_installed, 2);
+        assert_eq!(report.stale_routes_removed, [IpNet::from(dead)]);
+        let routes: Vec<String> = kernel
+            .host_namespace()
+            .routes
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(routes, ["10.20.0.5/32 dev hulk0", "10.20.0.6/32 dev hulk0"]);
+
+        let again = datapath.restore_node(&node, &live).await.unwrap();
+        assert!(again.stale_routes_removed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn restore_after_a_reboot_rebuilds_everything() {
+        let datapath = datapath();
+        let node = node();
+        let live: Vec<IpAddr> = vec!["10.20.0.5".parse().unwrap()];
+        datapath.restore_node(&node, &live).await.unwrap();
+        let before = datapath.kernel().host_namespace();
+        // A reboot loses the host slave, its routes and the sysctls.
+        let rebooted = super::tests::datapath();
+        rebooted.restore_node(&node, &live).await.unwrap();
+        let after = rebooted.kernel().host_namespace();
+        assert_eq!(after.routes, before.routes);
+        assert_eq!(after.sysctls, before.sysctls);
+        assert_eq!(
+            after.links["hulk0"].addresses,
+            before.links["hulk0"].addresses
+        );
+    }
+}
