@@ -6,10 +6,12 @@
 #                        -- BINARY [ARGS...] [--- BINARY [ARGS...]]...
 #
 #   --module NAME   also load kernel module NAME (ipvlan, dummy, veth and
-#                   macvlan always are); dependencies are loaded first
+#                   macvlan always are); hard dependencies are loaded first,
+#                   soft ones (modinfo's softdep) must be named before it
 #   --tool PATH     copy a host executable and its libraries into the VM, at
 #                   the same path (e.g. /usr/sbin/ip, /usr/sbin/iptables)
-#   --file SRC:DEST copy a file into the VM at DEST (e.g. a CNI plugin)
+#   --file SRC:DEST copy a file (with its libraries) or a directory into the
+#                   VM at DEST (e.g. a CNI plugin, iptables' extensions)
 #
 # Each BINARY runs as root in turn, its output on the console (this
 # script's stdout). Exit status: 0 when every binary exited 0; 1 when one
@@ -131,8 +133,11 @@ done
 declare -A seen_modules=()
 : >"$root/modules/order"
 for module in "${modules[@]}"; do
+    # resolve_module runs in a subshell here, so it cannot remember what
+    # earlier modules pulled in: skip repeats when writing the load order.
     while read -r path; do
         name=$(basename "$path")
+        grep -qx "${name%.ko*}.ko" "$root/modules/order" && continue
         case $name in
             *.xz) xz -dc "$path" >"$root/modules/${name%.xz}"; name=${name%.xz} ;;
             *.zst) zstd -qdc "$path" >"$root/modules/${name%.zst}"; name=${name%.zst} ;;
@@ -146,7 +151,13 @@ for tool in "${tools[@]}"; do
     copy_with_libraries "$tool" "$tool"
 done
 for file in "${files[@]}"; do
-    copy_with_libraries "${file%%:*}" "${file#*:}"
+    source_path=${file%%:*} destination=${file#*:}
+    if [[ -d $source_path ]]; then
+        mkdir -p "$root$(dirname "$destination")"
+        cp -rL "$source_path" "$root$destination"
+    else
+        copy_with_libraries "$source_path" "$destination"
+    fi
 done
 
 # Each test becomes a line of the run list: the binary's path inside the VM
@@ -173,7 +184,7 @@ done
 
 cat >"$root/init" <<'INIT'
 #!/bin/sh
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/tmp HULK_IN_VM=1 RUST_BACKTRACE=1
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/tmp HULK_IN_VM=1 RUST_BACKTRACE=0
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
