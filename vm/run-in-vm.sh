@@ -10,6 +10,7 @@
 #                   soft ones (modinfo's softdep) must be named before it
 #   --tool PATH     copy a host executable and its libraries into the VM, at
 #                   the same path (e.g. /usr/sbin/ip, /usr/sbin/iptables)
+#   --env KEY=VALUE set an environment variable for the binaries
 #   --file SRC:DEST copy a file (with its libraries) or a directory into the
 #                   VM at DEST (e.g. a CNI plugin, iptables' extensions)
 #
@@ -32,11 +33,13 @@ die() { echo "run-in-vm: $*" >&2; exit 2; }
 modules=(ipvlan dummy veth macvlan)
 tools=()
 files=()
+environment=()
 while (($#)); do
     case $1 in
         --module) modules+=("$2"); shift 2 ;;
         --tool) tools+=("$2"); shift 2 ;;
         --file) files+=("$2"); shift 2 ;;
+        --env) environment+=("$2"); shift 2 ;;
         --) shift; break ;;
         *) die "unknown option $1 (see the usage at the top of $0)" ;;
     esac
@@ -182,6 +185,10 @@ while (($#)); do
     echo >>"$run_list"
 done
 
+for setting in "${environment[@]}"; do
+    printf 'export %q\n' "$setting"
+done >"$root/tests/environment"
+
 cat >"$root/init" <<'INIT'
 #!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/tmp HULK_IN_VM=1 RUST_BACKTRACE=0
@@ -192,6 +199,7 @@ mount -t tmpfs run /run
 mount -t tmpfs tmp /tmp
 mkdir -p /run/netns
 ip link set lo up
+. /tests/environment
 while read -r module; do
     insmod "/modules/$module" || echo "HULK-VM: insmod $module failed"
 done </modules/order

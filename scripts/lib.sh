@@ -1,0 +1,28 @@
+# Shared by scripts/vm-tests and scripts/vm-bench; source it.
+
+# Prints the executables cargo builds for the given `cargo test`/`cargo bench`
+# arguments (with --no-run), one per line.
+cargo_executables() {
+    cargo "$@" --no-run --message-format=json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("reason") == "compiler-artifact" and message.get("executable") \
+            and message["target"]["kind"] in (["test"], ["bench"]):
+        print(message["executable"])
+'
+}
+
+# Runs vm/run-in-vm.sh with what the VPC topology needs: a bridge as the
+# subnet, iptables (nft backend) standing in for kube-proxy, and the
+# reference CNI plugins for comparison. Arguments: extra options, then
+# `--` and the binaries.
+run_in_vpc_vm() {
+    vm/run-in-vm.sh \
+        --module bridge --module crc32c_generic --module nf_tables --module nft_compat \
+        --module nft_chain_nat --module xt_nat --module xt_MASQUERADE --module xt_tcpudp \
+        --tool /usr/sbin/ip --tool /usr/sbin/iptables \
+        --file /usr/lib/x86_64-linux-gnu/xtables:/usr/lib/x86_64-linux-gnu/xtables \
+        --file /usr/lib/cni:/usr/lib/cni \
+        "$@"
+}
