@@ -489,30 +489,22 @@ mod tests {
     async fn detach_is_idempotent_and_tolerates_a_missing_namespace() {
         let (datapath, pod) = node();
         let spec = spec();
-        datapath.attach(Path::new(NETNS), &spec).await.unwrap();
-        for _ in 0..2 {
-            datapath
-                .detach(
-                    Some(Path::new(NETNS)),
-                    "eth0",
-                    Some(spec.address.addr()),
-                    spec.service_path.as_ref(),
-                )
-                .await
-                .unwrap();
-            assert_clean(&datapath, pod);
-        }
-        datapath.attach(Path::new(NETNS), &spec).await.unwrap();
-        datapath.kernel().remove_namespace(Path::new(NETNS));
-        datapath
-            .detach(
+        let detach = || {
+            datapath.detach(
                 Some(Path::new(NETNS)),
                 "eth0",
                 Some(spec.address.addr()),
                 spec.service_path.as_ref(),
             )
-            .await
-            .unwrap();
+        };
+        datapath.attach(Path::new(NETNS), &spec).await.unwrap();
+        for _ in 0..2 {
+            detach().await.unwrap();
+            assert_clean(&datapath, pod);
+        }
+        datapath.attach(Path::new(NETNS), &spec).await.unwrap();
+        datapath.kernel().remove_namespace(Path::new(NETNS));
+        detach().await.unwrap();
         assert!(datapath.kernel().host_namespace().routes.is_empty());
         datapath.detach(None, "eth0", None, None).await.unwrap();
     }

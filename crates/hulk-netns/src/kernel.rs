@@ -109,6 +109,14 @@ pub struct Link {
     pub up: bool,
 }
 
+impl Link {
+    /// The slave kind for messages, or "not a slave".
+    pub fn kind_description(&self) -> String {
+        self.slave
+            .map_or_else(|| "not a slave".to_owned(), |kind| kind.to_string())
+    }
+}
+
 /// Changes to a link; `None` leaves a property alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LinkUpdate {

@@ -71,12 +71,11 @@ impl<K: Kernel> Datapath<K> {
         match kernel.link(host, &node.host_link).await? {
             Some(link) if link.slave == Some(node.kind) => {}
             Some(link) => {
-                let found = link
-                    .slave
-                    .map_or_else(|| "not a slave".to_owned(), |kind| kind.to_string());
                 return Err(DatapathError::Invalid(format!(
-                    "{} exists but is {found}, expected {}; delete it or pick another host link name",
-                    node.host_link, node.kind
+                    "{} exists but is {}, expected {}; delete it or pick another host link name",
+                    node.host_link,
+                    link.kind_description(),
+                    node.kind
                 )));
             }
             None => match kernel
