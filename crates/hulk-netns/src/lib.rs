@@ -13,15 +13,28 @@
 //! # Example
 //!
 //! ```no_run
-//! use hulk_netns::{NetlinkWorker, link_by_name};
+//! use std::path::Path;
 //!
-//! # async fn example() -> Result<(), hulk_netns::NetnsError> {
-//! // A fresh, anonymous namespace that lives as long as the worker.
-//! let worker = NetlinkWorker::spawn_in_new_namespace()?;
-//! let loopback = worker
-//!     .run(|handle| async move { link_by_name(&handle, "lo").await })
-//!     .await??;
-//! assert!(loopback.is_some());
+//! use hulk_netns::{Datapath, NetlinkKernel, PodNetwork, SlaveKind};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let datapath = Datapath::new(NetlinkKernel::new()?);
+//! let pod = PodNetwork {
+//!     parent: "eth1".into(),
+//!     kind: SlaveKind::default(), // ipvlan l2
+//!     ifname: "eth0".into(),
+//!     address: "10.20.0.5/24".parse()?,
+//!     gateway: "10.20.0.1".parse()?,
+//!     gateway_mac: Some([0xfa, 0x16, 0x3e, 0x00, 0x00, 0x01]),
+//!     mac: None,
+//!     mtu: None,
+//!     service_path: None,
+//! };
+//! let netns = Path::new("/var/run/netns/pod-1");
+//! let attached = datapath.attach(netns, &pod).await?;
+//! println!("eth0 is interface {} in the pod", attached.index);
+//! datapath.check(netns, &pod).await?;
+//! datapath.detach(Some(netns), "eth0", None, None).await?;
 //! # Ok(())
 //! # }
 //! ```
