@@ -63,10 +63,19 @@ ensure_packages() {
 # Debian's kernel, unpacked (not installed) into the cache. The package
 # name moves with Debian's ABI bumps, so ask apt which one is current and
 # fall back to whatever is cached when apt cannot tell.
+current_kernel_package() {
+    apt-cache depends linux-image-amd64 2>/dev/null \
+        | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+}
+
 kernel_tree() {
     local package tree
-    package=$(apt-cache depends linux-image-amd64 2>/dev/null \
-        | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    package=$(current_kernel_package)
+    if [[ -z $package ]] && ! compgen -G "$cache/linux-image-*" >/dev/null; then
+        # A machine whose package lists were never fetched.
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+        package=$(current_kernel_package)
+    fi
     if [[ -z $package ]]; then
         tree=$(find "$cache" -maxdepth 1 -type d -name 'linux-image-*' 2>/dev/null | sort | tail -n 1)
         [[ -n $tree ]] || die "cannot tell which Debian kernel to use (apt-get update?)"
@@ -80,8 +89,15 @@ kernel_tree() {
         download=$(mktemp -d)
         chmod a+rwx "$download" # apt-get download hands the file to the _apt user
         echo "run-in-vm: fetching $package" >&2
-        (cd "$download" && apt-get download -qq "$package") \
-            || die "apt-get download $package failed (try apt-get update)"
+        # Stale package lists name a kernel the mirror no longer has:
+        # refresh them once and ask again.
+        if ! (cd "$download" && apt-get download -qq "$package"); then
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            package=$(current_kernel_package)
+            tree=$cache/$package
+            (cd "$download" && apt-get download -qq "$package") \
+                || die "apt-get download $package failed"
+        fi
         rm -rf "$tree.partial"
         dpkg -x "$download"/*.deb "$tree.partial"
         mv "$tree.partial" "$tree"
