@@ -18,6 +18,7 @@
 //! # });
 //! ```
 
+mod faults;
 mod mac;
 mod mock;
 
@@ -27,6 +28,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use faults::{Fault, FaultPlan, Faulty, Latency};
 pub use mac::{MacAddr, ParseMacError};
 pub use mock::MockBackend;
 
@@ -91,6 +93,40 @@ impl AllocationRequest {
     }
 }
 
+/// The tag every resource hulk-vpc creates carries, so it can be found and
+/// swept even when nothing else remembers it.
+pub const MANAGED_TAG: &str = "hulk-vpc";
+
+/// The tag naming the node that holds a resource.
+pub fn node_tag(node: &str) -> String {
+    format!("hulk-node={node}")
+}
+
+/// The tag naming the cluster a resource belongs to.
+pub fn cluster_tag(cluster: &str) -> String {
+    format!("hulk-cluster={cluster}")
+}
+
+/// Which pod interface holds an address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Owner {
+    /// `CNI_CONTAINERID` (the pod sandbox).
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// `namespace/name` of the pod, when known.
+    pub pod: Option<String>,
+}
+
+/// Which resources [`IpamBackend::list`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListScope {
+    /// Those held by one node.
+    Node(String),
+    /// Everything this cluster created.
+    Cluster,
+}
+
 /// An address handed out by a backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -110,6 +146,10 @@ pub struct Lease {
     pub security_groups: Vec<String>,
     /// QoS policy actually applied.
     pub qos_policy: Option<String>,
+    /// The node holding the address.
+    pub node: String,
+    /// The pod interface holding it; `None` while it idles in a pool.
+    pub owner: Option<Owner>,
 }
 
 /// Why a backend call failed, in terms a caller can act on.
@@ -145,6 +185,9 @@ pub enum IpamError {
     /// The request itself is wrong; retrying will not help.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The backend answered something unreadable.
+    #[error("unexpected answer from the backend: {0}")]
+    Protocol(String),
 }
 
 impl IpamError {
@@ -152,12 +195,18 @@ impl IpamError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            IpamError::Throttled { .. } | IpamError::Transient(_) | IpamError::Conflict(_)
+            IpamError::Throttled { .. }
+                | IpamError::Transient(_)
+                | IpamError::Conflict(_)
+                | IpamError::Protocol(_)
         )
     }
 }
 
 /// A source of VPC addresses. Object-safe: use it as `Arc<dyn IpamBackend>`.
+///
+/// With the `mock` feature, mockall generates `MockIpamBackend`.
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait::async_trait]
 pub trait IpamBackend: Send + Sync {
     /// A short name for logs and metrics (`neutron`, `ultron`, `mock`).
@@ -168,6 +217,12 @@ pub trait IpamBackend: Send + Sync {
 
     /// Releases a lease by its id; releasing an unknown id is `NotFound`.
     async fn release(&self, id: &str) -> Result<(), IpamError>;
+
+    /// Records which pod interface holds a lease (`None`: back in the pool).
+    async fn update_owner(&self, id: &str, owner: Option<Owner>) -> Result<Lease, IpamError>;
+
+    /// Every lease this node or cluster holds, for reconciliation.
+    async fn list(&self, scope: &ListScope) -> Result<Vec<Lease>, IpamError>;
 
     /// Checks that the backend answers.
     async fn health(&self) -> Result<(), IpamError>;

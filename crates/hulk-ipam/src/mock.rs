@@ -6,11 +6,12 @@ use std::sync::Mutex;
 
 use ipnet::IpNet;
 
-use crate::{AllocationRequest, IpamBackend, IpamError, Lease, MacAddr};
+use crate::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, MacAddr, Owner};
 
 /// Hands out the addresses of one subnet in order, the first host being the
 /// gateway, with MACs derived from the address (`fa:16:3e` + its last three
-/// bytes, as Neutron's prefix).
+/// bytes, as Neutron's prefix). Wrap it in [`crate::Faulty`] for latency and
+/// failures.
 #[derive(Debug)]
 pub struct MockBackend {
     subnet: IpNet,
@@ -22,11 +23,11 @@ pub struct MockBackend {
 #[derive(Debug, Default)]
 struct MockState {
     by_address: BTreeMap<IpAddr, String>,
-    by_id: HashMap<String, IpAddr>,
+    leases: HashMap<String, Lease>,
     next_id: u64,
 }
 
-/// The MTU a mock lease reports unless told otherwise (an overlay VPC's).
+/// The MTU a mock lease reports (an overlay VPC's).
 pub const MOCK_MTU: u32 = 1450;
 
 impl MockBackend {
@@ -49,12 +50,12 @@ impl MockBackend {
 
     /// How many addresses are handed out now.
     pub fn allocated(&self) -> usize {
-        self.lock().by_id.len()
+        self.lock().leases.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MockState> {
-        // A panic while holding the lock cannot leave the maps inconsistent
-        // (each update is a pair of inserts or removes), so keep going.
+        // Every update below is a pair of inserts or removes that cannot
+        // panic half-way, so a poisoned lock still guards consistent maps.
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -76,6 +77,8 @@ impl MockBackend {
             gateway_mac: None,
             security_groups: request.key.security_groups.clone(),
             qos_policy: request.key.qos_policy.clone(),
+            node: request.node.clone(),
+            owner: None,
         }
     }
 }
@@ -106,21 +109,47 @@ impl IpamBackend for MockBackend {
         for address in free {
             state.next_id += 1;
             let id = format!("mock-{}", state.next_id);
+            let lease = self.lease(id.clone(), address, request);
             state.by_address.insert(address, id.clone());
-            state.by_id.insert(id.clone(), address);
-            leases.push(self.lease(id, address, request));
+            state.leases.insert(id, lease.clone());
+            leases.push(lease);
         }
         Ok(leases)
     }
 
     async fn release(&self, id: &str) -> Result<(), IpamError> {
         let mut state = self.lock();
-        let address = state
-            .by_id
+        let lease = state
+            .leases
             .remove(id)
             .ok_or_else(|| IpamError::NotFound(format!("lease {id}")))?;
-        state.by_address.remove(&address);
+        state.by_address.remove(&lease.address.addr());
         Ok(())
+    }
+
+    async fn update_owner(&self, id: &str, owner: Option<Owner>) -> Result<Lease, IpamError> {
+        let mut state = self.lock();
+        let lease = state
+            .leases
+            .get_mut(id)
+            .ok_or_else(|| IpamError::NotFound(format!("lease {id}")))?;
+        lease.owner = owner;
+        Ok(lease.clone())
+    }
+
+    async fn list(&self, scope: &ListScope) -> Result<Vec<Lease>, IpamError> {
+        let state = self.lock();
+        let mut leases: Vec<Lease> = state
+            .leases
+            .values()
+            .filter(|lease| match scope {
+                ListScope::Node(node) => &lease.node == node,
+                ListScope::Cluster => true,
+            })
+            .cloned()
+            .collect();
+        leases.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(leases)
     }
 
     async fn health(&self) -> Result<(), IpamError> {
@@ -185,6 +214,40 @@ mod tests {
         let again = backend.allocate(&request(1)).await.unwrap().remove(0);
         assert_eq!(again.address, lease.address);
         assert_ne!(again.id, lease.id);
+    }
+
+    #[tokio::test]
+    async fn owners_are_recorded_and_listed_per_node() {
+        let backend = MockBackend::new("10.0.0.0/28".parse().unwrap());
+        let mine = backend.allocate(&request(2)).await.unwrap();
+        let mut other = request(1);
+        other.node = "node-2".into();
+        backend.allocate(&other).await.unwrap();
+        let owner = Owner {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            pod: Some("default/web-0".into()),
+        };
+        let updated = backend
+            .update_owner(&mine[0].id, Some(owner.clone()))
+            .await
+            .unwrap();
+        assert_eq!(updated.owner.as_ref(), Some(&owner));
+        let listed = backend.list(&ListScope::Node("node".into())).await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(
+            listed
+                .iter()
+                .find(|lease| lease.id == mine[0].id)
+                .unwrap()
+                .owner,
+            Some(owner)
+        );
+        assert_eq!(backend.list(&ListScope::Cluster).await.unwrap().len(), 3);
+        assert!(matches!(
+            backend.update_owner("mock-99", None).await,
+            Err(IpamError::NotFound(_))
+        ));
     }
 
     #[tokio::test]
