@@ -1,5 +1,45 @@
-//! OpenStack Neutron (with Keystone v3 authentication) and UltrON-style
-//! REST backends implementing `hulk_ipam::IpamBackend`.
+//! IPAM backends for hulk-vpc on OpenStack: Neutron ports with Keystone v3
+//! authentication.
 //!
-//! The crate holds its place in the workspace layout and exports nothing
-//! yet; the backends are tracked in the project's issues.
+//! - [`keystone`]: password or application-credential auth, a cached token
+//!   refreshed before expiry, endpoints from the catalog;
+//! - [`neutron`]: a thin client for ports (single and bulk create, filtered
+//!   and paginated list, compare-and-swap update, tags, delete), subnets and
+//!   networks, mapping `NeutronError` types to [`hulk_ipam::IpamError`];
+//! - [`NeutronBackend`]: [`hulk_ipam::IpamBackend`] on top, every port
+//!   tagged `hulk-vpc`, `hulk-cluster=…` and `hulk-node=…`.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use hulk_ipam::{AllocationRequest, IpamBackend, PoolKey};
+//! use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
+//! use hulk_openstack::neutron::{NeutronAuth, NeutronClient};
+//! use hulk_openstack::{HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig};
+//!
+//! # async fn example() -> Result<(), hulk_ipam::IpamError> {
+//! let http = HttpClient::new(&HttpSettings::default())?;
+//! let credentials = Credentials::ApplicationCredential {
+//!     id: "3f1c…".into(),
+//!     secret: "s3cret".into(),
+//! };
+//! let keystone = Keystone::new(
+//!     KeystoneConfig::new("https://keystone.example:5000/v3", credentials),
+//!     http.clone(),
+//! );
+//! let client = NeutronClient::new(http, NeutronAuth::Keystone(Box::new(keystone)), None)?;
+//! let backend = NeutronBackend::new(client, NeutronBackendConfig::new("prod-eu1"));
+//! let key = PoolKey::new("vpc-net-id", "subnet-id", ["sg-id"], None);
+//! let leases = backend.allocate(&AllocationRequest::new(key, "node-1", 8)).await?;
+//! println!("{} addresses, first {}", leases.len(), leases[0].address);
+//! # Ok(())
+//! # }
+//! ```
+
+mod http;
+pub mod keystone;
+pub mod neutron;
+mod neutron_backend;
+
+pub use http::{HttpClient, HttpSettings};
+pub use neutron_backend::{NeutronBackend, NeutronBackendConfig};

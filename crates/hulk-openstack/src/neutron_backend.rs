@@ -1,0 +1,346 @@
+//! [`IpamBackend`] on Neutron ports: each address is a port on the VPC
+//! subnet, bound to the node, tagged so it can always be found again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use hulk_ipam::{
+    AllocationRequest, IpamBackend, IpamError, Lease, ListScope, MANAGED_TAG, MacAddr, Owner,
+    cluster_tag, node_tag,
+};
+use ipnet::IpNet;
+use serde_json::json;
+use tokio::sync::{Mutex, OnceCell};
+
+use crate::neutron::{FixedIp, NeutronClient, Port, PortRequest};
+
+/// The extension that lets a port create (single or bulk) carry tags.
+const TAGS_ON_CREATE: &str = "tag-ports-during-bulk-creation";
+
+/// Settings of the Neutron backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeutronBackendConfig {
+    /// The cluster's name, tagged on every port (`hulk-cluster=NAME`).
+    pub cluster: String,
+    /// `device_owner` of hulk-vpc's ports.
+    pub device_owner: String,
+    /// Create several ports in one bulk request.
+    pub bulk: bool,
+    /// Page size for listing.
+    pub page_size: usize,
+}
+
+impl NeutronBackendConfig {
+    /// Defaults for a cluster: device owner `compute:hulk-vpc`, bulk on,
+    /// pages of 200.
+    pub fn new(cluster: impl Into<String>) -> Self {
+        NeutronBackendConfig {
+            cluster: cluster.into(),
+            device_owner: "compute:hulk-vpc".into(),
+            bulk: true,
+            page_size: 200,
+        }
+    }
+}
+
+/// What a lease needs from the subnet and network, fetched once.
+#[derive(Debug, Clone)]
+struct SubnetFacts {
+    prefix_len: u8,
+    gateway: Option<IpAddr>,
+    gateway_mac: Option<MacAddr>,
+    mtu: Option<u32>,
+}
+
+/// The Neutron IPAM backend.
+#[derive(Debug)]
+pub struct NeutronBackend {
+    client: NeutronClient,
+    config: NeutronBackendConfig,
+    subnets: Mutex<HashMap<String, SubnetFacts>>,
+    tags_on_create: OnceCell<bool>,
+}
+
+/// A port's `name` while a pod holds it: `hulk-vpc:<ifname>:<namespace/pod>`.
+/// Neither an interface name nor a Kubernetes name can hold a `:`.
+fn owner_name(owner: &Owner) -> String {
+    format!(
+        "{MANAGED_TAG}:{}:{}",
+        owner.ifname,
+        owner.pod.as_deref().unwrap_or("")
+    )
+}
+
+fn owner_of(port: &Port) -> Option<Owner> {
+    if port.device_id.is_empty() {
+        return None;
+    }
+    let mut parts = port.name.splitn(3, ':');
+    let (_, ifname, pod) = (parts.next(), parts.next(), parts.next());
+    Some(Owner {
+        container_id: port.device_id.clone(),
+        ifname: ifname.unwrap_or_default().to_owned(),
+        pod: pod.filter(|pod| !pod.is_empty()).map(str::to_owned),
+    })
+}
+
+impl NeutronBackend {
+    /// A backend over `client`.
+    pub fn new(client: NeutronClient, config: NeutronBackendConfig) -> Self {
+        NeutronBackend {
+            client,
+            config,
+            subnets: Mutex::new(HashMap::new()),
+            tags_on_create: OnceCell::new(),
+        }
+    }
+
+    /// The raw client, for operations the trait does not cover.
+    pub fn client(&self) -> &NeutronClient {
+        &self.client
+    }
+
+    fn tags(&self, node: &str, extra: &[String]) -> Vec<String> {
+        let mut tags = vec![
+            MANAGED_TAG.to_owned(),
+            cluster_tag(&self.config.cluster),
+            node_tag(node),
+        ];
+        tags.extend(extra.iter().cloned());
+        tags
+    }
+
+    async fn takes_tags_on_create(&self) -> Result<bool, IpamError> {
+        self.tags_on_create
+            .get_or_try_init(|| async {
+                Ok(self
+                    .client
+                    .extensions()
+                    .await?
+                    .iter()
+                    .any(|alias| alias == TAGS_ON_CREATE))
+            })
+            .await
+            .copied()
+    }
+
+    async fn subnet_facts(&self, subnet_id: &str) -> Result<SubnetFacts, IpamError> {
+        let mut subnets = self.subnets.lock().await;
+        if let Some(facts) = subnets.get(subnet_id) {
+            return Ok(facts.clone());
+        }
+        let subnet = self.client.get_subnet(subnet_id).await?;
+        let cidr: IpNet = subnet.cidr.parse().map_err(|_| {
+            IpamError::Protocol(format!("subnet {subnet_id} has CIDR {:?}", subnet.cidr))
+        })?;
+        let gateway: Option<IpAddr> = subnet.gateway_ip.as_deref().and_then(|ip| ip.parse().ok());
+        let network = self.client.get_network(&subnet.network_id).await?;
+        // The router port holding the gateway address knows the gateway's MAC.
+        let gateway_mac = match gateway {
+            Some(gateway) => {
+                let filters = BTreeMap::from([
+                    ("network_id".to_owned(), subnet.network_id.clone()),
+                    ("fixed_ips".to_owned(), format!("ip_address={gateway}")),
+                ]);
+                let ports = self.client.list_ports(&filters, 1).await?;
+                ports.first().and_then(|port| port.mac_address.parse().ok())
+            }
+            None => None,
+        };
+        let facts = SubnetFacts {
+            prefix_len: cidr.prefix_len(),
+            gateway,
+            gateway_mac,
+            mtu: network.mtu,
+        };
+        subnets.insert(subnet_id.to_owned(), facts.clone());
+        Ok(facts)
+    }
+
+    async fn lease(&self, port: &Port) -> Result<Lease, IpamError> {
+        let fixed = port
+            .fixed_ips
+            .first()
+            .ok_or_else(|| IpamError::Protocol(format!("port {} has no fixed IP", port.id)))?;
+        let facts = self.subnet_facts(&fixed.subnet_id).await?;
+        let ip: IpAddr = fixed
+            .ip_address
+            .as_deref()
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| IpamError::Protocol(format!("port {} has no valid address", port.id)))?;
+        let node = port
+            .binding_host_id
+            .clone()
+            .filter(|host| !host.is_empty())
+            .or_else(|| {
+                port.tags
+                    .iter()
+                    .find_map(|tag| tag.strip_prefix("hulk-node=").map(str::to_owned))
+            })
+            .unwrap_or_default();
+        Ok(Lease {
+            id: port.id.clone(),
+            address: IpNet::new(ip, facts.prefix_len)
+                .map_err(|_| IpamError::Protocol(format!("port {} address {ip}", port.id)))?,
+            gateway: facts.gateway,
+            mac: port.mac_address.parse().ok(),
+            mtu: facts.mtu,
+            gateway_mac: facts.gateway_mac,
+            security_groups: port.security_groups.clone(),
+            qos_policy: port.qos_policy_id.clone(),
+            node,
+            owner: owner_of(port),
+        })
+    }
+
+    async fn leases(&self, ports: &[Port]) -> Result<Vec<Lease>, IpamError> {
+        let mut leases = Vec::with_capacity(ports.len());
+        for port in ports {
+            leases.push(self.lease(port).await?);
+        }
+        Ok(leases)
+    }
+
+    /// Deletes ports after a failed all-or-nothing allocation; failures are
+    /// logged (the orphan sweep finds these ports by their tags).
+    async fn discard(&self, ports: &[Port]) {
+        for port in ports {
+            if let Err(error) = self.client.delete_port(&port.id).await {
+                tracing::warn!(port = %port.id, %error, "cannot delete a port of a failed allocation");
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl IpamBackend for NeutronBackend {
+    fn name(&self) -> &str {
+        "neutron"
+    }
+
+    async fn allocate(&self, request: &AllocationRequest) -> Result<Vec<Lease>, IpamError> {
+        if request.count == 0 {
+            return Err(IpamError::InvalidRequest("count must be at least 1".into()));
+        }
+        let tags_on_create = self.takes_tags_on_create().await?;
+        let tags = self.tags(&request.node, &request.tags);
+        let port = PortRequest {
+            network_id: request.key.network.clone(),
+            fixed_ips: vec![FixedIp {
+                subnet_id: request.key.subnet.clone(),
+                ip_address: None,
+            }],
+            security_groups: request.key.security_groups.clone(),
+            qos_policy_id: request.key.qos_policy.clone(),
+            device_owner: self.config.device_owner.clone(),
+            device_id: String::new(),
+            binding_host_id: Some(request.node.clone()),
+            name: MANAGED_TAG.to_owned(),
+            description: format!("hulk-vpc address of node {}", request.node),
+            tags: if tags_on_create {
+                tags.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        let ports = if self.config.bulk && request.count > 1 {
+            self.client.create_ports(&vec![port; request.count]).await?
+        } else {
+            let mut created = Vec::with_capacity(request.count);
+            for _ in 0..request.count {
+                match self.client.create_port(&port).await {
+                    Ok(one) => created.push(one),
+                    Err(error) => {
+                        self.discard(&created).await;
+                        return Err(error);
+                    }
+                }
+            }
+            created
+        };
+        if !tags_on_create {
+            for created in &ports {
+                if let Err(error) = self.client.set_port_tags(&created.id, &tags).await {
+                    self.discard(&ports).await;
+                    return Err(error);
+                }
+            }
+        }
+        match self.leases(&ports).await {
+            Ok(leases) => Ok(leases),
+            Err(error) => {
+                self.discard(&ports).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn release(&self, id: &str) -> Result<(), IpamError> {
+        self.client.delete_port(id).await
+    }
+
+    async fn update_owner(&self, id: &str, owner: Option<Owner>) -> Result<Lease, IpamError> {
+        let changes = match &owner {
+            Some(owner) => json!({"device_id": owner.container_id, "name": owner_name(owner)}),
+            None => json!({"device_id": "", "name": MANAGED_TAG}),
+        };
+        // Compare-and-swap on the revision: a concurrent change makes the
+        // update fail instead of silently overwriting it; re-read and retry.
+        let mut last_conflict = None;
+        for _ in 0..3 {
+            let current = self.client.get_port(id).await?;
+            match self
+                .client
+                .update_port(id, &changes, Some(current.revision_number))
+                .await
+            {
+                Ok(port) => return self.lease(&port).await,
+                Err(IpamError::Conflict(message)) => last_conflict = Some(message),
+                Err(error) => return Err(error),
+            }
+        }
+        Err(IpamError::Conflict(last_conflict.unwrap_or_default()))
+    }
+
+    async fn list(&self, scope: &ListScope) -> Result<Vec<Lease>, IpamError> {
+        let mut tags = vec![MANAGED_TAG.to_owned(), cluster_tag(&self.config.cluster)];
+        if let ListScope::Node(node) = scope {
+            tags.push(node_tag(node));
+        }
+        let filters = BTreeMap::from([("tags".to_owned(), tags.join(","))]);
+        let ports = self
+            .client
+            .list_ports(&filters, self.config.page_size)
+            .await?;
+        self.leases(&ports).await
+    }
+
+    async fn health(&self) -> Result<(), IpamError> {
+        self.client.extensions().await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_survive_the_port_name_round_trip() {
+        let owner = Owner {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+            pod: Some("default/web-0".into()),
+        };
+        let port: Port = serde_json::from_value(json!({
+            "id": "p", "network_id": "n", "mac_address": "fa:16:3e:00:00:01",
+            "device_id": "abc", "name": owner_name(&owner)
+        }))
+        .unwrap();
+        assert_eq!(owner_of(&port), Some(owner));
+        let idle: Port = serde_json::from_value(json!({
+            "id": "p", "network_id": "n", "mac_address": "fa:16:3e:00:00:01", "name": "hulk-vpc"
+        }))
+        .unwrap();
+        assert_eq!(owner_of(&idle), None);
+    }
+}
