@@ -1,5 +1,5 @@
-//! IPAM backends for hulk-vpc on OpenStack: Neutron ports with Keystone v3
-//! authentication.
+//! IPAM backends for hulk-vpc: OpenStack Neutron ports with Keystone v3
+//! authentication, and an UltrON-style REST IPAM service.
 //!
 //! - [`keystone`]: password or application-credential auth, a cached token
 //!   refreshed before expiry, endpoints from the catalog;
@@ -7,7 +7,10 @@
 //!   and paginated list, compare-and-swap update, tags, delete), subnets and
 //!   networks, mapping `NeutronError` types to [`hulk_ipam::IpamError`];
 //! - [`NeutronBackend`]: [`hulk_ipam::IpamBackend`] on top, every port
-//!   tagged `hulk-vpc`, `hulk-cluster=…` and `hulk-node=…`.
+//!   tagged `hulk-vpc`, `hulk-cluster=…` and `hulk-node=…`;
+//! - [`ultron`]: the UltrON-style REST contract v1 (`docs/ultron-ipam-v1.md`),
+//!   its client [`ultron::UltronBackend`] and, with the `ultron-server`
+//!   feature, a conformant server over any backend.
 //!
 //! # Example
 //!
@@ -40,6 +43,7 @@ mod http;
 pub mod keystone;
 pub mod neutron;
 mod neutron_backend;
+pub mod ultron;
 
 pub use http::{HttpClient, HttpSettings};
 pub use neutron_backend::{NeutronBackend, NeutronBackendConfig};

@@ -1,0 +1,42 @@
+//! A conformant fake of the UltrON-style IPAM contract
+//! (docs/ultron-ipam-v1.md), handing out one subnet from memory. Teams run
+//! it to test their clients or adapters.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use clap::Parser;
+use hulk_ipam::MockBackend;
+use ipnet::IpNet;
+
+/// Serve the UltrON-style IPAM contract v1 from memory.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:18080")]
+    listen: SocketAddr,
+    /// The bearer token clients must send.
+    #[arg(long, env = "HULK_ULTRON_TOKEN")]
+    token: String,
+    /// The subnet to hand out (its first host is the gateway).
+    #[arg(long, default_value = "10.20.0.0/24")]
+    subnet: IpNet,
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let app =
+        hulk_openstack::ultron::server::router(Arc::new(MockBackend::new(args.subnet)), args.token);
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    tracing::info!(listen = %args.listen, subnet = %args.subnet, "serving the UltrON-style IPAM contract v1");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+}
