@@ -2,6 +2,9 @@
 //! `scripts/openstack-tests` (tests/openstack/up.sh), which sets
 //! NEUTRON_URL and KEYSTONE_URL and runs these ignored tests.
 
+// Test code: a panic is how a helper reports a broken test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -284,6 +287,64 @@ async fn keystone_tokens_are_cached_refreshed_and_give_the_neutron_endpoint() {
         .await
         .unwrap();
     backend.release(&lease[0].id).await.unwrap();
+}
+
+/// Creates an application credential for the admin user, as an operator
+/// would for a node agent.
+async fn application_credential() -> Credentials {
+    let keystone = env("KEYSTONE_URL");
+    let http = reqwest::Client::new();
+    let auth = json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+        "name": env("OS_USERNAME"), "domain": {"id": "default"}, "password": env("OS_PASSWORD")}}},
+        "scope": {"project": {"name": env("OS_PROJECT_NAME"), "domain": {"id": "default"}}}}});
+    let response = http
+        .post(format!("{keystone}/auth/tokens"))
+        .json(&auth)
+        .send()
+        .await
+        .unwrap();
+    let token = response.headers()["x-subject-token"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: serde_json::Value = response.json().await.unwrap();
+    let user = body["token"]["user"]["id"].as_str().unwrap().to_owned();
+    let created: serde_json::Value = http
+        .post(format!("{keystone}/users/{user}/application_credentials"))
+        .header("X-Auth-Token", token)
+        .json(&json!({"application_credential": {"name": unique("hulk-agent")}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let credential = &created["application_credential"];
+    Credentials::ApplicationCredential {
+        id: credential["id"].as_str().unwrap().to_owned(),
+        secret: credential["secret"].as_str().unwrap().to_owned(),
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a real Keystone: scripts/openstack-tests"]
+async fn application_credentials_authenticate_a_node_agent() {
+    let credentials = application_credential().await;
+    let keystone = Keystone::new(
+        KeystoneConfig::new(env("KEYSTONE_URL"), credentials.clone()),
+        http(),
+    );
+    let token = keystone.token().await.unwrap();
+    assert_eq!(token.endpoint("network"), Some(env("NEUTRON_URL").as_str()));
+    let Credentials::ApplicationCredential { id, .. } = credentials else {
+        unreachable!()
+    };
+    let forged = Credentials::ApplicationCredential {
+        id,
+        secret: "not-the-secret".into(),
+    };
+    let refused = Keystone::new(KeystoneConfig::new(env("KEYSTONE_URL"), forged), http());
+    assert!(matches!(refused.token().await, Err(IpamError::Auth(_))));
 }
 
 #[tokio::test]
