@@ -1,5 +1,59 @@
-//! The warm pool engine of hulk-vpc: pre-allocated VPC addresses per
-//! (subnet, security groups, QoS) so that a pod never waits for the cloud.
+//! The warm pool engine of hulk-vpc: VPC addresses pre-allocated per
+//! (subnet, security groups, QoS policy), so that a pod never waits for a
+//! cloud call that can take ten seconds.
 //!
-//! The crate holds its place in the workspace layout and exports nothing
-//! yet; the engine is tracked in the project's issues.
+//! - [`PoolManager::assign`] hands an idle address to a pod interface
+//!   (idempotently: a retried ADD gets the same address) and, when the pool
+//!   is empty, waits for the refiller (bounded), never calling the backend
+//!   in parallel with it;
+//! - one refiller per pool ([`PoolManager::run_refiller`]) keeps the idle
+//!   count between `min_idle` and `max_idle` with batch calls, pausing
+//!   (degraded) after exhausted/quota/throttled answers;
+//! - released addresses cool down before reuse;
+//! - every state change is written to a [`PoolStore`] (redb on disk) first,
+//!   and every backend call is covered by an intent record, so a restart
+//!   repairs what a crash left half-done;
+//! - [`PoolManager::reconcile`] releases addresses of pods that are gone
+//!   (after a grace pass), [`PoolManager::sweep_orphans`] backend resources
+//!   nobody knows.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use hulk_ipam::{MockBackend, Owner, PoolKey};
+//! use hulk_pool::{MemoryStore, PoolConfig, PoolManager, SystemClock};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+//! let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()));
+//! let pools = PoolManager::open(
+//!     backend,
+//!     Arc::new(MemoryStore::default()),
+//!     Arc::new(SystemClock),
+//!     "node-1",
+//!     PoolConfig::default(),
+//! )
+//! .await
+//! .unwrap();
+//! let key = PoolKey::new("vpc", "subnet-a", ["sg-web"], None);
+//! pools.warm_up(&key).await.unwrap();
+//! let owner = Owner { container_id: "c1".into(), ifname: "eth0".into(), pod: None };
+//! let lease = pools.assign(&key, &owner).await.unwrap();
+//! assert_eq!(pools.assign(&key, &owner).await.unwrap(), lease); // a retried ADD
+//! pools.release(&key, &owner).await.unwrap();
+//! # });
+//! ```
+
+mod config;
+mod engine;
+mod store;
+
+pub use config::PoolConfig;
+pub use engine::{
+    Clock, PoolError, PoolManager, PoolStats, ReconcileReport, RefillOutcome, SystemClock,
+    sweep_cluster, sweep_node,
+};
+pub use store::{
+    AddressRecord, AddressState, Intent, IntentKind, MemoryStore, PoolStore, RedbStore, Snapshot,
+    StoreError, StoreOp,
+};

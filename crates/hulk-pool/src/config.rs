@@ -1,0 +1,115 @@
+//! Pool knobs, with defaults and validation.
+
+use std::time::Duration;
+
+/// How one pool behaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Refill when fewer addresses than this are idle.
+    pub min_idle: usize,
+    /// Return idle addresses beyond this to the backend.
+    pub max_idle: usize,
+    /// Addresses asked for in one (bulk) backend call.
+    pub batch: usize,
+    /// Addresses allocated when the pool starts.
+    pub warm_up: usize,
+    /// The most addresses the pool holds, idle or not (the node's pod capacity).
+    pub max_total: usize,
+    /// How long a released address waits before it is handed out again,
+    /// so Service endpoints pointing at the old pod converge first.
+    pub reuse_cooldown: Duration,
+    /// Idle addresses beyond `min_idle` unused this long go back to the backend.
+    pub idle_reclaim_after: Option<Duration>,
+    /// How long an assignment waits for a refill before "try again later".
+    pub assign_timeout: Duration,
+    /// How long the pool stays degraded (no refills) after the backend says
+    /// exhausted, quota or throttled without a Retry-After.
+    pub backoff: Duration,
+    /// How often the refiller looks at the pool without being woken.
+    pub refill_interval: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            min_idle: 4,
+            max_idle: 16,
+            batch: 8,
+            warm_up: 8,
+            max_total: 110,
+            reuse_cooldown: Duration::from_secs(30),
+            idle_reclaim_after: Some(Duration::from_secs(3600)),
+            assign_timeout: Duration::from_secs(30),
+            backoff: Duration::from_secs(60),
+            refill_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Checks the knobs against each other; the message names the fields.
+    pub fn validate(&self) -> Result<(), String> {
+        let problems: Vec<String> = [
+            (self.min_idle > self.max_idle).then(|| {
+                format!(
+                    "min_idle ({}) is above max_idle ({})",
+                    self.min_idle, self.max_idle
+                )
+            }),
+            (self.max_idle > self.max_total).then(|| {
+                format!(
+                    "max_idle ({}) is above max_total ({})",
+                    self.max_idle, self.max_total
+                )
+            }),
+            (self.warm_up > self.max_total).then(|| {
+                format!(
+                    "warm_up ({}) is above max_total ({})",
+                    self.warm_up, self.max_total
+                )
+            }),
+            (self.batch == 0).then(|| "batch must be at least 1".to_owned()),
+            (self.max_total == 0).then(|| "max_total must be at least 1".to_owned()),
+            self.assign_timeout
+                .is_zero()
+                .then(|| "assign_timeout must be above zero".to_owned()),
+            self.refill_interval
+                .is_zero()
+                .then(|| "refill_interval must be above zero".to_owned()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(PoolConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn nonsense_is_refused_with_every_reason() {
+        let config = PoolConfig {
+            min_idle: 10,
+            max_idle: 5,
+            batch: 0,
+            ..PoolConfig::default()
+        };
+        let error = config.validate().unwrap_err();
+        assert!(
+            error.contains("min_idle (10) is above max_idle (5)"),
+            "{error}"
+        );
+        assert!(error.contains("batch must be at least 1"), "{error}");
+    }
+}

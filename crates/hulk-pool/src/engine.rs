@@ -1,0 +1,790 @@
+//! The pool engine: assignment from idle addresses, one refiller per pool
+//! that alone talks to the backend, cooldown, shrink, restart repair,
+//! reconciliation against live pods and orphan sweeps.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hulk_ipam::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, Owner, PoolKey};
+use tokio::sync::{Notify, RwLock, watch};
+
+use crate::config::PoolConfig;
+use crate::store::{
+    AddressRecord, AddressState, Intent, IntentKind, PoolStore, StoreError, StoreOp,
+};
+
+/// Wall-clock milliseconds; cooldowns are stored durably, so they use the
+/// wall clock, not a monotonic one.
+pub trait Clock: Send + Sync {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as u64)
+    }
+}
+
+/// Pool failures.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The configuration is inconsistent.
+    #[error("invalid pool configuration: {0}")]
+    InvalidConfig(String),
+    /// No address became free in time; the caller should retry later.
+    #[error("no idle address in pool {subnet} within {waited:?}; try again later")]
+    Empty {
+        /// The pool's subnet.
+        subnet: String,
+        /// How long the request waited.
+        waited: Duration,
+    },
+    /// The backend refuses to give more addresses for now.
+    #[error("pool {subnet} is degraded: {reason}")]
+    Degraded {
+        /// The pool's subnet.
+        subnet: String,
+        /// The backend's last error.
+        reason: String,
+    },
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A backend call failed.
+    #[error(transparent)]
+    Backend(#[from] IpamError),
+}
+
+type OwnerKey = (String, String);
+
+/// The lease of a record, with its owner when assigned.
+fn leased(record: &AddressRecord) -> Lease {
+    let mut lease = record.lease.clone();
+    if let AddressState::Assigned(owner) = &record.state {
+        lease.owner = Some(owner.clone());
+    }
+    lease
+}
+
+fn owner_key(owner: &Owner) -> OwnerKey {
+    (owner.container_id.clone(), owner.ifname.clone())
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    records: HashMap<String, AddressRecord>,
+    idle: VecDeque<String>,
+    owners: HashMap<OwnerKey, String>,
+    waiters: usize,
+    in_flight: usize,
+    degraded: Option<(u64, String)>,
+}
+
+impl PoolState {
+    fn insert(&mut self, record: AddressRecord) {
+        let id = record.lease.id.clone();
+        match &record.state {
+            AddressState::Idle => self.idle.push_back(id.clone()),
+            AddressState::Assigned(owner) => {
+                self.owners.insert(owner_key(owner), id.clone());
+            }
+            AddressState::Cooldown { .. } | AddressState::Releasing => {}
+        }
+        self.records.insert(id, record);
+    }
+
+    /// Cooled-down addresses become idle; returns the changed records.
+    fn promote_cooled(&mut self, now_ms: u64) -> Vec<AddressRecord> {
+        let mut changed = Vec::new();
+        for record in self.records.values_mut() {
+            if let AddressState::Cooldown { until_ms } = record.state
+                && until_ms <= now_ms
+            {
+                record.state = AddressState::Idle;
+                record.since_ms = now_ms;
+                self.idle.push_back(record.lease.id.clone());
+                changed.push(record.clone());
+            }
+        }
+        changed
+    }
+
+    fn degraded_at(&self, now_ms: u64) -> Option<&str> {
+        self.degraded
+            .as_ref()
+            .filter(|(until, _)| *until > now_ms)
+            .map(|(_, reason)| reason.as_str())
+    }
+}
+
+struct Pool {
+    key: PoolKey,
+    config: PoolConfig,
+    state: Mutex<PoolState>,
+    /// Bumped whenever addresses become idle or the pool's health changes.
+    changed: watch::Sender<u64>,
+    wake_refiller: Notify,
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // State updates are applied to the store first and to memory only
+        // when that succeeded, never half-way, so a poisoned lock is safe.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn announce(&self) {
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+}
+
+/// Counts of one pool, for metrics and the rescue API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Ready to hand out.
+    pub idle: usize,
+    /// Held by pods.
+    pub assigned: usize,
+    /// Waiting out the reuse cooldown.
+    pub cooldown: usize,
+    /// Being returned to the backend.
+    pub releasing: usize,
+    /// Being allocated now.
+    pub in_flight: usize,
+    /// Whether refills are paused after a backend refusal.
+    pub degraded: bool,
+}
+
+/// What one refill pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefillOutcome {
+    /// Addresses allocated.
+    pub allocated: usize,
+    /// Addresses returned to the backend.
+    pub released: usize,
+    /// The backend error, if the allocation failed.
+    pub error: Option<IpamError>,
+}
+
+/// What a reconciliation pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Assignments released because their pod was missing twice.
+    pub released: Vec<Owner>,
+    /// Assignments missing once: released on the next pass if still missing.
+    pub suspected: Vec<Owner>,
+}
+
+/// The warm pools of one node.
+pub struct PoolManager {
+    backend: Arc<dyn IpamBackend>,
+    store: Arc<dyn PoolStore>,
+    clock: Arc<dyn Clock>,
+    node: String,
+    config: PoolConfig,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    next_intent: AtomicU64,
+    /// Allocations hold it shared; an orphan sweep exclusively, so it never
+    /// mistakes a just-created, not yet recorded address for an orphan.
+    allocation_gate: RwLock<()>,
+    suspects: Mutex<HashSet<OwnerKey>>,
+}
+
+impl std::fmt::Debug for PoolManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolManager")
+            .field("node", &self.node)
+            .field("backend", &self.backend.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PoolManager {
+    /// Opens the pools of `node` from `store`, repairing what a crash left
+    /// half-done: releases in flight are finished, and when an allocation
+    /// was in flight, the backend's resources of this node that the store
+    /// does not know are released.
+    pub async fn open(
+        backend: Arc<dyn IpamBackend>,
+        store: Arc<dyn PoolStore>,
+        clock: Arc<dyn Clock>,
+        node: impl Into<String>,
+        config: PoolConfig,
+    ) -> Result<Arc<PoolManager>, PoolError> {
+        config.validate().map_err(PoolError::InvalidConfig)?;
+        let snapshot = store.load()?;
+        let manager = Arc::new(PoolManager {
+            backend,
+            store,
+            clock,
+            node: node.into(),
+            config,
+            pools: Mutex::new(HashMap::new()),
+            next_intent: AtomicU64::new(snapshot.intents.keys().max().map_or(1, |id| id + 1)),
+            allocation_gate: RwLock::new(()),
+            suspects: Mutex::new(HashSet::new()),
+        });
+        let mut allocation_interrupted = false;
+        for intent in snapshot.intents.values() {
+            match &intent.kind {
+                IntentKind::Release { lease_id } => {
+                    match manager.backend.release(lease_id).await {
+                        Ok(()) | Err(IpamError::NotFound(_)) => {}
+                        Err(error) => return Err(error.into()),
+                    }
+                    manager.store.apply(&[
+                        StoreOp::RemoveAddress(lease_id.clone()),
+                        StoreOp::RemoveIntent(intent.id),
+                    ])?;
+                }
+                IntentKind::Allocate { .. } => allocation_interrupted = true,
+            }
+        }
+        let released: BTreeSet<&String> = snapshot
+            .intents
+            .values()
+            .filter_map(|intent| match &intent.kind {
+                IntentKind::Release { lease_id } => Some(lease_id),
+                IntentKind::Allocate { .. } => None,
+            })
+            .collect();
+        for record in snapshot.addresses.values() {
+            if released.contains(&record.lease.id) {
+                continue;
+            }
+            let mut record = record.clone();
+            if record.state == AddressState::Releasing {
+                record.state = AddressState::Idle;
+            }
+            manager.pool(&record.key).lock().insert(record);
+        }
+        if allocation_interrupted {
+            let swept = manager.sweep_orphans().await?;
+            tracing::warn!(
+                swept,
+                "an allocation was interrupted; released unknown addresses"
+            );
+            let stale: Vec<StoreOp> = snapshot
+                .intents
+                .values()
+                .filter(|intent| matches!(intent.kind, IntentKind::Allocate { .. }))
+                .map(|intent| StoreOp::RemoveIntent(intent.id))
+                .collect();
+            manager.store.apply(&stale)?;
+        }
+        Ok(manager)
+    }
+
+    fn pool(&self, key: &PoolKey) -> Arc<Pool> {
+        let mut pools = self
+            .pools
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        pools
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Pool {
+                    key: key.clone(),
+                    config: self.config.clone(),
+                    state: Mutex::new(PoolState::default()),
+                    changed: watch::channel(0).0,
+                    wake_refiller: Notify::new(),
+                })
+            })
+            .clone()
+    }
+
+    fn all_pools(&self) -> Vec<Arc<Pool>> {
+        self.pools
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn intent(&self, kind: IntentKind) -> Intent {
+        Intent {
+            id: self.next_intent.fetch_add(1, Ordering::Relaxed),
+            kind,
+        }
+    }
+
+    /// Hands an idle address of `key` to `owner`. The same owner (container
+    /// and interface) always gets the same address back, so a retried ADD
+    /// is harmless. With no idle address, waits for the refiller up to
+    /// `assign_timeout`; never calls the backend itself.
+    pub async fn assign(&self, key: &PoolKey, owner: &Owner) -> Result<Lease, PoolError> {
+        let pool = self.pool(key);
+        let started = tokio::time::Instant::now();
+        let deadline = started + pool.config.assign_timeout;
+        let mut changes = pool.changed.subscribe();
+        let mut waiting = false;
+        let outcome = loop {
+            {
+                let mut state = pool.lock();
+                if let Some(id) = state.owners.get(&owner_key(owner)) {
+                    break Ok(leased(&state.records[id]));
+                }
+                let now = self.clock.now_ms();
+                if let Err(error) = self.promote_cooled_locked(&mut state, now) {
+                    break Err(error);
+                }
+                if let Some(id) = state.idle.pop_front() {
+                    let mut record = state.records[&id].clone();
+                    record.state = AddressState::Assigned(owner.clone());
+                    record.since_ms = now;
+                    if let Err(error) = self.store.apply(&[StoreOp::put(record.clone())]) {
+                        state.idle.push_front(id);
+                        break Err(error.into());
+                    }
+                    let lease = leased(&record);
+                    state.owners.insert(owner_key(owner), id.clone());
+                    state.records.insert(id, record);
+                    if state.idle.len() < pool.config.min_idle {
+                        pool.wake_refiller.notify_one();
+                    }
+                    break Ok(lease);
+                }
+                if let Some(reason) = state.degraded_at(now) {
+                    break Err(PoolError::Degraded {
+                        subnet: key.subnet.clone(),
+                        reason: reason.to_owned(),
+                    });
+                }
+                if !waiting {
+                    state.waiters += 1;
+                    waiting = true;
+                }
+                pool.wake_refiller.notify_one();
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => {
+                    break Err(PoolError::Empty {
+                        subnet: key.subnet.clone(),
+                        waited: started.elapsed(),
+                    });
+                }
+            }
+        };
+        if waiting {
+            pool.lock().waiters -= 1;
+        }
+        outcome
+    }
+
+    /// Makes cooled-down addresses idle, durably.
+    fn promote_cooled(&self, pool: &Pool) -> Result<(), PoolError> {
+        let mut state = pool.lock();
+        self.promote_cooled_locked(&mut state, self.clock.now_ms())
+    }
+
+    fn promote_cooled_locked(&self, state: &mut PoolState, now_ms: u64) -> Result<(), PoolError> {
+        let cooled = state.promote_cooled(now_ms);
+        if cooled.is_empty() {
+            return Ok(());
+        }
+        let ops: Vec<StoreOp> = cooled.iter().cloned().map(StoreOp::put).collect();
+        if let Err(error) = self.store.apply(&ops) {
+            // Undo in memory what the store did not take.
+            for record in cooled {
+                state.idle.retain(|id| *id != record.lease.id);
+                if let Some(kept) = state.records.get_mut(&record.lease.id) {
+                    kept.state = AddressState::Cooldown { until_ms: now_ms };
+                }
+            }
+            return Err(error.into());
+        }
+        Ok(())
+    }
+
+    /// Takes back `owner`'s address: it cools down, then serves again.
+    /// Releasing an owner that holds nothing succeeds.
+    pub async fn release(&self, key: &PoolKey, owner: &Owner) -> Result<(), PoolError> {
+        let pool = self.pool(key);
+        let mut state = pool.lock();
+        let Some(id) = state.owners.get(&owner_key(owner)).cloned() else {
+            return Ok(());
+        };
+        let now = self.clock.now_ms();
+        let mut record = state.records[&id].clone();
+        record.state = AddressState::Cooldown {
+            until_ms: now + pool.config.reuse_cooldown.as_millis() as u64,
+        };
+        record.since_ms = now;
+        self.store.apply(&[StoreOp::put(record.clone())])?;
+        state.owners.remove(&owner_key(owner));
+        state.records.insert(id, record);
+        pool.wake_refiller.notify_one();
+        Ok(())
+    }
+
+    /// The address `owner` holds in any pool, if any.
+    pub fn lease_of(&self, owner: &Owner) -> Option<Lease> {
+        self.all_pools().iter().find_map(|pool| {
+            let state = pool.lock();
+            let id = state.owners.get(&owner_key(owner))?;
+            Some(leased(&state.records[id]))
+        })
+    }
+
+    /// Counts of a pool.
+    pub fn stats(&self, key: &PoolKey) -> PoolStats {
+        let pool = self.pool(key);
+        let state = pool.lock();
+        let mut stats = PoolStats {
+            in_flight: state.in_flight,
+            degraded: state.degraded_at(self.clock.now_ms()).is_some(),
+            ..PoolStats::default()
+        };
+        for record in state.records.values() {
+            match record.state {
+                AddressState::Idle => stats.idle += 1,
+                AddressState::Assigned(_) => stats.assigned += 1,
+                AddressState::Cooldown { .. } => stats.cooldown += 1,
+                AddressState::Releasing => stats.releasing += 1,
+            }
+        }
+        stats
+    }
+
+    /// Every pool key known.
+    pub fn keys(&self) -> Vec<PoolKey> {
+        self.all_pools()
+            .iter()
+            .map(|pool| pool.key.clone())
+            .collect()
+    }
+
+    /// One refill pass of `key`'s pool: allocates toward `min_idle` (and
+    /// for waiting assignments) in one batch, returns idle addresses beyond
+    /// `max_idle` or unused past `idle_reclaim_after`.
+    pub async fn refill(&self, key: &PoolKey) -> Result<RefillOutcome, PoolError> {
+        let pool = self.pool(key);
+        self.promote_cooled(&pool)?;
+        let mut outcome = RefillOutcome {
+            released: self.shrink(&pool).await?,
+            ..RefillOutcome::default()
+        };
+        let want = {
+            let mut state = pool.lock();
+            let now = self.clock.now_ms();
+            let config = &pool.config;
+            let idle = state.idle.len() + state.in_flight;
+            let target = config.min_idle.max(state.waiters);
+            let room = config
+                .max_total
+                .saturating_sub(state.records.len() + state.in_flight);
+            let want = if state.degraded_at(now).is_some() || idle >= target {
+                0
+            } else {
+                config
+                    .batch
+                    .min(room)
+                    .min(config.max_idle.max(target).saturating_sub(idle))
+            };
+            state.in_flight += want;
+            want
+        };
+        if want > 0 {
+            match self.allocate_into(&pool, want).await? {
+                Ok(allocated) => outcome.allocated = allocated,
+                Err(error) => outcome.error = Some(error),
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Allocates `count` addresses (already counted in `in_flight`) behind
+    /// an intent record. The outer error is the store's; the inner one the
+    /// backend's, after which the pool may be degraded.
+    async fn allocate_into(
+        &self,
+        pool: &Pool,
+        count: usize,
+    ) -> Result<Result<usize, IpamError>, PoolError> {
+        let _gate = self.allocation_gate.read().await;
+        let intent = self.intent(IntentKind::Allocate {
+            key: pool.key.clone(),
+            count,
+        });
+        let intent_id = intent.id;
+        if let Err(error) = self.store.apply(&[StoreOp::PutIntent(intent)]) {
+            pool.lock().in_flight -= count;
+            return Err(error.into());
+        }
+        let request = AllocationRequest::new(pool.key.clone(), self.node.clone(), count);
+        let result = self.backend.allocate(&request).await;
+        let now = self.clock.now_ms();
+        match result {
+            Ok(leases) => {
+                let records: Vec<AddressRecord> = leases
+                    .into_iter()
+                    .map(|lease| AddressRecord {
+                        key: pool.key.clone(),
+                        lease,
+                        state: AddressState::Idle,
+                        since_ms: now,
+                    })
+                    .collect();
+                let mut ops: Vec<StoreOp> = records.iter().cloned().map(StoreOp::put).collect();
+                ops.push(StoreOp::RemoveIntent(intent_id));
+                let stored = self.store.apply(&ops);
+                let mut state = pool.lock();
+                state.in_flight -= count;
+                // Without a durable record the addresses would be unknown
+                // after a restart; the intent stays, so the next start
+                // sweeps them. Keep serving them meanwhile.
+                if let Err(error) = &stored {
+                    tracing::error!(%error, "cannot record allocated addresses");
+                }
+                let allocated = records.len();
+                for record in records {
+                    state.insert(record);
+                }
+                state.degraded = None;
+                drop(state);
+                pool.announce();
+                stored?;
+                Ok(Ok(allocated))
+            }
+            Err(error) => {
+                // Backends allocate all or none: nothing to undo.
+                self.store.apply(&[StoreOp::RemoveIntent(intent_id)])?;
+                let mut state = pool.lock();
+                state.in_flight -= count;
+                let pause = match &error {
+                    IpamError::Throttled { retry_after } => {
+                        Some(retry_after.unwrap_or(pool.config.backoff))
+                    }
+                    IpamError::Exhausted { .. } | IpamError::Quota(_) => Some(pool.config.backoff),
+                    _ => None,
+                };
+                if let Some(pause) = pause {
+                    state.degraded = Some((now + pause.as_millis() as u64, error.to_string()));
+                }
+                drop(state);
+                tracing::warn!(pool = %pool.key.subnet, %error, "refill failed");
+                pool.announce();
+                Ok(Err(error))
+            }
+        }
+    }
+
+    /// Returns idle addresses beyond `max_idle`, and those beyond
+    /// `min_idle` idle for longer than `idle_reclaim_after`.
+    async fn shrink(&self, pool: &Pool) -> Result<usize, PoolError> {
+        let now = self.clock.now_ms();
+        let victims: Vec<(AddressRecord, Intent)> = {
+            let mut state = pool.lock();
+            let config = &pool.config;
+            let reclaim_before = config
+                .idle_reclaim_after
+                .map(|after| now.saturating_sub(after.as_millis() as u64));
+            let mut victims = Vec::new();
+            while state.idle.len() > config.min_idle {
+                let Some(oldest) = state.idle.front().cloned() else {
+                    break;
+                };
+                let too_many = state.idle.len() > config.max_idle;
+                let stale =
+                    reclaim_before.is_some_and(|before| state.records[&oldest].since_ms < before);
+                if !(too_many || stale) {
+                    break;
+                }
+                state.idle.pop_front();
+                let mut record = state.records[&oldest].clone();
+                record.state = AddressState::Releasing;
+                let intent = self.intent(IntentKind::Release {
+                    lease_id: oldest.clone(),
+                });
+                victims.push((record, intent));
+            }
+            let ops: Vec<StoreOp> = victims
+                .iter()
+                .flat_map(|(record, intent)| {
+                    [
+                        StoreOp::put(record.clone()),
+                        StoreOp::PutIntent(intent.clone()),
+                    ]
+                })
+                .collect();
+            if let Err(error) = self.store.apply(&ops) {
+                for (record, _) in victims.iter().rev() {
+                    state.idle.push_front(record.lease.id.clone());
+                }
+                return Err(error.into());
+            }
+            for (record, _) in &victims {
+                state
+                    .records
+                    .insert(record.lease.id.clone(), record.clone());
+            }
+            victims
+        };
+        let mut released = 0;
+        for (record, intent) in victims {
+            let id = record.lease.id.clone();
+            match self.backend.release(&id).await {
+                Ok(()) | Err(IpamError::NotFound(_)) => {
+                    self.store.apply(&[
+                        StoreOp::RemoveAddress(id.clone()),
+                        StoreOp::RemoveIntent(intent.id),
+                    ])?;
+                    pool.lock().records.remove(&id);
+                    released += 1;
+                }
+                Err(error) => {
+                    // Keep it: back to idle, the intent removed; a later pass retries.
+                    tracing::warn!(lease = %id, %error, "cannot return an idle address");
+                    let mut idle = record.clone();
+                    idle.state = AddressState::Idle;
+                    self.store
+                        .apply(&[StoreOp::put(idle.clone()), StoreOp::RemoveIntent(intent.id)])?;
+                    pool.lock().insert(idle);
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    /// Allocates `warm_up` addresses for `key` (in batches) before any pod asks.
+    pub async fn warm_up(&self, key: &PoolKey) -> Result<usize, PoolError> {
+        let pool = self.pool(key);
+        let mut allocated = 0;
+        while allocated < pool.config.warm_up {
+            let count = pool.config.batch.min(pool.config.warm_up - allocated);
+            pool.lock().in_flight += count;
+            allocated += self.allocate_into(&pool, count).await??;
+        }
+        Ok(allocated)
+    }
+
+    /// Runs the refiller of `key` until `shutdown` fires: woken by
+    /// assignments and releases, and every `refill_interval`.
+    pub async fn run_refiller(self: Arc<Self>, key: PoolKey, shutdown: Arc<Notify>) {
+        let pool = self.pool(&key);
+        loop {
+            tokio::select! {
+                () = shutdown.notified() => return,
+                () = pool.wake_refiller.notified() => {}
+                () = tokio::time::sleep(pool.config.refill_interval) => {}
+            }
+            loop {
+                match self.refill(&key).await {
+                    Ok(outcome) if outcome.allocated > 0 || outcome.released > 0 => continue,
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::error!(pool = %key.subnet, %error, "refill pass failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases addresses whose pod is gone. An assignment missing from
+    /// `live` is released only when it was also missing on the previous
+    /// pass, so a pod still being created is never robbed.
+    pub async fn reconcile(
+        &self,
+        live: &HashSet<(String, String)>,
+    ) -> Result<ReconcileReport, PoolError> {
+        let mut report = ReconcileReport::default();
+        let mut missing_now = HashSet::new();
+        let mut to_release = Vec::new();
+        {
+            let suspects = self
+                .suspects
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for pool in self.all_pools() {
+                let state = pool.lock();
+                for (owner_key, id) in &state.owners {
+                    if live.contains(owner_key) {
+                        continue;
+                    }
+                    let AddressState::Assigned(owner) = &state.records[id].state else {
+                        continue;
+                    };
+                    if suspects.contains(owner_key) {
+                        to_release.push((pool.key.clone(), owner.clone()));
+                    } else {
+                        report.suspected.push(owner.clone());
+                        missing_now.insert(owner_key.clone());
+                    }
+                }
+            }
+        }
+        for (key, owner) in to_release {
+            self.release(&key, &owner).await?;
+            report.released.push(owner);
+        }
+        *self
+            .suspects
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = missing_now;
+        Ok(report)
+    }
+
+    /// Releases the backend's addresses of this node that no pool knows
+    /// (leaked by a crash or a lost store). Returns how many.
+    pub async fn sweep_orphans(&self) -> Result<usize, PoolError> {
+        let _gate = self.allocation_gate.write().await;
+        let known: HashSet<String> = self
+            .all_pools()
+            .iter()
+            .flat_map(|pool| pool.lock().records.keys().cloned().collect::<Vec<_>>())
+            .collect();
+        let mut swept = 0;
+        for lease in self
+            .backend
+            .list(&ListScope::Node(self.node.clone()))
+            .await?
+        {
+            if known.contains(&lease.id) {
+                continue;
+            }
+            match self.backend.release(&lease.id).await {
+                Ok(()) | Err(IpamError::NotFound(_)) => swept += 1,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(swept)
+    }
+}
+
+/// Releases every address the backend holds for `node`: for a node that
+/// was deleted without draining. Returns how many.
+pub async fn sweep_node(backend: &dyn IpamBackend, node: &str) -> Result<usize, IpamError> {
+    sweep(backend, &ListScope::Node(node.to_owned())).await
+}
+
+/// Releases every address the backend holds for this cluster: for a
+/// cluster that is being deleted. Returns how many.
+pub async fn sweep_cluster(backend: &dyn IpamBackend) -> Result<usize, IpamError> {
+    sweep(backend, &ListScope::Cluster).await
+}
+
+async fn sweep(backend: &dyn IpamBackend, scope: &ListScope) -> Result<usize, IpamError> {
+    let mut released = 0;
+    for lease in backend.list(scope).await? {
+        match backend.release(&lease.id).await {
+            Ok(()) | Err(IpamError::NotFound(_)) => released += 1,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(released)
+}

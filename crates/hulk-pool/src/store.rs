@@ -1,0 +1,317 @@
+//! Durable pool state: every address with its state, and the intent
+//! records written before each backend call.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use hulk_ipam::{Lease, Owner, PoolKey};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// Where an address is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AddressState {
+    /// In the pool, ready to hand out.
+    Idle,
+    /// Held by a pod interface.
+    Assigned(Owner),
+    /// Released by a pod; handed out again only after `until_ms` (Unix
+    /// milliseconds), so Service endpoints can converge first.
+    Cooldown {
+        /// When the cooldown ends.
+        until_ms: u64,
+    },
+    /// Being returned to the backend (an intent record covers it).
+    Releasing,
+}
+
+/// One address the node holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressRecord {
+    /// The pool it belongs to.
+    pub key: PoolKey,
+    /// The backend's lease.
+    pub lease: Lease,
+    /// Its state.
+    pub state: AddressState,
+    /// When it last changed state (Unix milliseconds), for idle reclaim.
+    pub since_ms: u64,
+}
+
+/// What a backend call in flight was doing, written before the call and
+/// removed after it, so a crash in between is repaired at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IntentKind {
+    /// Allocating `count` addresses for `key`.
+    Allocate {
+        /// The pool.
+        key: PoolKey,
+        /// How many.
+        count: usize,
+    },
+    /// Releasing a lease.
+    Release {
+        /// The lease id.
+        lease_id: String,
+    },
+}
+
+/// An intent record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// Its id, unique in the store.
+    pub id: u64,
+    /// What it covers.
+    pub kind: IntentKind,
+}
+
+/// One change, applied atomically with the others of its batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Insert or replace an address.
+    PutAddress(Box<AddressRecord>),
+    /// Forget an address.
+    RemoveAddress(String),
+    /// Insert an intent.
+    PutIntent(Intent),
+    /// Remove an intent.
+    RemoveIntent(u64),
+}
+
+impl StoreOp {
+    /// Insert or replace `record`.
+    pub fn put(record: AddressRecord) -> StoreOp {
+        StoreOp::PutAddress(Box::new(record))
+    }
+}
+
+/// Everything a store holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Addresses by lease id.
+    pub addresses: BTreeMap<String, AddressRecord>,
+    /// Intents by id.
+    pub intents: BTreeMap<u64, Intent>,
+}
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("pool store: {0}")]
+    Database(String),
+    /// A record could not be encoded or decoded.
+    #[error("pool store record: {0}")]
+    Record(#[from] serde_json::Error),
+}
+
+/// A transactional store of pool state.
+pub trait PoolStore: Send + Sync {
+    /// Reads everything.
+    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Applies `ops` all or none.
+    fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError>;
+}
+
+/// A store in memory (tests, benchmarks, embedding without durability).
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    snapshot: Mutex<Snapshot>,
+}
+
+fn apply_to(snapshot: &mut Snapshot, ops: &[StoreOp]) {
+    for op in ops {
+        match op {
+            StoreOp::PutAddress(record) => {
+                snapshot
+                    .addresses
+                    .insert(record.lease.id.clone(), (**record).clone());
+            }
+            StoreOp::RemoveAddress(id) => {
+                snapshot.addresses.remove(id);
+            }
+            StoreOp::PutIntent(intent) => {
+                snapshot.intents.insert(intent.id, intent.clone());
+            }
+            StoreOp::RemoveIntent(id) => {
+                snapshot.intents.remove(id);
+            }
+        }
+    }
+}
+
+impl PoolStore for MemoryStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone())
+    }
+
+    fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let mut snapshot = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        apply_to(&mut snapshot, ops);
+        Ok(())
+    }
+}
+
+const ADDRESSES: TableDefinition<&str, &[u8]> = TableDefinition::new("addresses");
+const INTENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("intents");
+
+/// A store in one redb file: ACID, crash-safe, one writer at a time.
+pub struct RedbStore {
+    database: Database,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore").finish_non_exhaustive()
+    }
+}
+
+fn database_error(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(error.to_string())
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        let database = Database::create(path).map_err(database_error)?;
+        // Create the tables once so that reads never meet a missing table.
+        let transaction = database.begin_write().map_err(database_error)?;
+        transaction.open_table(ADDRESSES).map_err(database_error)?;
+        transaction.open_table(INTENTS).map_err(database_error)?;
+        transaction.commit().map_err(database_error)?;
+        Ok(RedbStore { database })
+    }
+}
+
+impl PoolStore for RedbStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let transaction = self.database.begin_read().map_err(database_error)?;
+        let mut snapshot = Snapshot::default();
+        let addresses = transaction.open_table(ADDRESSES).map_err(database_error)?;
+        for entry in addresses.iter().map_err(database_error)? {
+            let (key, value) = entry.map_err(database_error)?;
+            let record: AddressRecord = serde_json::from_slice(value.value())?;
+            snapshot.addresses.insert(key.value().to_owned(), record);
+        }
+        let intents = transaction.open_table(INTENTS).map_err(database_error)?;
+        for entry in intents.iter().map_err(database_error)? {
+            let (key, value) = entry.map_err(database_error)?;
+            let intent: Intent = serde_json::from_slice(value.value())?;
+            snapshot.intents.insert(key.value(), intent);
+        }
+        Ok(snapshot)
+    }
+
+    fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let transaction = self.database.begin_write().map_err(database_error)?;
+        {
+            let mut addresses = transaction.open_table(ADDRESSES).map_err(database_error)?;
+            let mut intents = transaction.open_table(INTENTS).map_err(database_error)?;
+            for op in ops {
+                match op {
+                    StoreOp::PutAddress(record) => {
+                        let bytes = serde_json::to_vec(record)?;
+                        addresses
+                            .insert(record.lease.id.as_str(), bytes.as_slice())
+                            .map_err(database_error)?;
+                    }
+                    StoreOp::RemoveAddress(id) => {
+                        addresses.remove(id.as_str()).map_err(database_error)?;
+                    }
+                    StoreOp::PutIntent(intent) => {
+                        let bytes = serde_json::to_vec(intent)?;
+                        intents
+                            .insert(intent.id, bytes.as_slice())
+                            .map_err(database_error)?;
+                    }
+                    StoreOp::RemoveIntent(id) => {
+                        intents.remove(*id).map_err(database_error)?;
+                    }
+                }
+            }
+        }
+        transaction.commit().map_err(database_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, state: AddressState) -> AddressRecord {
+        AddressRecord {
+            key: PoolKey::new("net", "sub", ["sg"], None),
+            lease: Lease {
+                id: id.into(),
+                address: "10.0.0.2/24".parse().unwrap(),
+                gateway: None,
+                mac: None,
+                mtu: None,
+                gateway_mac: None,
+                security_groups: vec![],
+                qos_policy: None,
+                node: "n".into(),
+                owner: None,
+            },
+            state,
+            since_ms: 1,
+        }
+    }
+
+    fn exercise(store: &dyn PoolStore) {
+        let intent = Intent {
+            id: 7,
+            kind: IntentKind::Release {
+                lease_id: "a".into(),
+            },
+        };
+        store
+            .apply(&[
+                StoreOp::put(record("a", AddressState::Idle)),
+                StoreOp::put(record("b", AddressState::Releasing)),
+                StoreOp::PutIntent(intent.clone()),
+            ])
+            .unwrap();
+        store
+            .apply(&[
+                StoreOp::RemoveAddress("b".into()),
+                StoreOp::put(record("a", AddressState::Cooldown { until_ms: 9 })),
+            ])
+            .unwrap();
+        let snapshot = store.load().unwrap();
+        assert_eq!(snapshot.addresses.len(), 1);
+        assert_eq!(
+            snapshot.addresses["a"].state,
+            AddressState::Cooldown { until_ms: 9 }
+        );
+        assert_eq!(snapshot.intents[&7], intent);
+        store.apply(&[StoreOp::RemoveIntent(7)]).unwrap();
+        assert!(store.load().unwrap().intents.is_empty());
+    }
+
+    #[test]
+    fn the_memory_store_applies_batches() {
+        exercise(&MemoryStore::default());
+    }
+
+    #[test]
+    fn the_redb_store_applies_batches_and_survives_reopening() {
+        let directory =
+            std::env::temp_dir().join(format!("hulk-pool-store-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let path = directory.join("pool.redb");
+        let _ = std::fs::remove_file(&path);
+        exercise(&RedbStore::open(&path).unwrap());
+        let reopened = RedbStore::open(&path).unwrap();
+        assert_eq!(reopened.load().unwrap().addresses.len(), 1);
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+}

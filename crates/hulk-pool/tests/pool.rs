@@ -1,0 +1,430 @@
+//! The pool engine against the mock backend (with injected latency and
+//! failures), the memory store and the redb store.
+
+// Test code: a panic is how a helper reports a broken test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hulk_ipam::{
+    AllocationRequest, Fault, FaultPlan, Faulty, IpamBackend, IpamError, Latency, ListScope,
+    MockBackend, Owner, PoolKey,
+};
+use hulk_pool::{
+    Clock, Intent, IntentKind, MemoryStore, PoolConfig, PoolError, PoolManager, PoolStore,
+    RedbStore, StoreOp,
+};
+use tokio::sync::Notify;
+
+/// A clock the test moves by hand.
+#[derive(Default)]
+struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        1_000_000 + self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn key() -> PoolKey {
+    PoolKey::new("vpc", "subnet-a", ["sg-1"], None)
+}
+
+fn owner(n: usize) -> Owner {
+    Owner {
+        container_id: format!("c{n}"),
+        ifname: "eth0".into(),
+        pod: Some(format!("default/p{n}")),
+    }
+}
+
+fn config() -> PoolConfig {
+    PoolConfig {
+        min_idle: 2,
+        max_idle: 4,
+        batch: 3,
+        warm_up: 3,
+        max_total: 20,
+        reuse_cooldown: Duration::from_secs(30),
+        idle_reclaim_after: None,
+        assign_timeout: Duration::from_secs(2),
+        backoff: Duration::from_secs(60),
+        refill_interval: Duration::from_millis(200),
+    }
+}
+
+async fn manager(
+    backend: Arc<dyn IpamBackend>,
+    store: Arc<dyn PoolStore>,
+    clock: Arc<ManualClock>,
+    config: PoolConfig,
+) -> Arc<PoolManager> {
+    PoolManager::open(backend, store, clock, "node-1", config)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn assignment_is_idempotent_and_exclusive() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    assert_eq!(pools.warm_up(&key()).await.unwrap(), 3);
+    let a = pools.assign(&key(), &owner(1)).await.unwrap();
+    let b = pools.assign(&key(), &owner(2)).await.unwrap();
+    assert_ne!(a.address, b.address);
+    assert_eq!(
+        pools.assign(&key(), &owner(1)).await.unwrap(),
+        a,
+        "a retried ADD gets the same address"
+    );
+    assert_eq!(a.owner, Some(owner(1)));
+    assert_eq!(pools.lease_of(&owner(2)), Some(b));
+    let stats = pools.stats(&key());
+    assert_eq!((stats.idle, stats.assigned), (1, 2));
+    assert_eq!(backend.allocated(), 3, "assignments never call the backend");
+}
+
+#[tokio::test]
+async fn an_empty_pool_waits_for_the_refiller_not_the_backend() {
+    let backend = Arc::new(Faulty::new(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        FaultPlan {
+            latency: Latency::Fixed(Duration::from_millis(300)),
+            ..FaultPlan::default()
+        },
+    ));
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    let shutdown = Arc::new(Notify::new());
+    tokio::spawn(pools.clone().run_refiller(key(), shutdown.clone()));
+    let assigns = (0..5).map(|n| {
+        let pools = pools.clone();
+        tokio::spawn(async move { pools.assign(&key(), &owner(n)).await })
+    });
+    let leases: Vec<_> = futures_join(assigns).await;
+    let addresses: HashSet<_> = leases.iter().map(|lease| lease.address).collect();
+    assert_eq!(addresses.len(), 5);
+    // Five waiting ADDs were served by batches of three, not five calls.
+    assert!(backend.calls() <= 3, "{} backend calls", backend.calls());
+    shutdown.notify_waiters();
+}
+
+async fn futures_join(
+    handles: impl Iterator<Item = tokio::task::JoinHandle<Result<hulk_ipam::Lease, PoolError>>>,
+) -> Vec<hulk_ipam::Lease> {
+    let mut leases = Vec::new();
+    for handle in handles {
+        leases.push(handle.await.unwrap().unwrap());
+    }
+    leases
+}
+
+#[tokio::test]
+async fn without_a_refill_an_assignment_gives_up_in_time() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let mut quick = config();
+    quick.assign_timeout = Duration::from_millis(100);
+    let pools = manager(
+        backend,
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        quick,
+    )
+    .await;
+    let error = pools.assign(&key(), &owner(1)).await.unwrap_err();
+    assert!(matches!(error, PoolError::Empty { .. }), "{error}");
+}
+
+#[tokio::test]
+async fn exhaustion_degrades_the_pool_until_the_backoff_passes() {
+    let plan = FaultPlan {
+        on_call: BTreeMap::from([(
+            1,
+            Fault::Error(IpamError::Exhausted {
+                subnet: "subnet-a".into(),
+            }),
+        )]),
+        ..FaultPlan::default()
+    };
+    let backend = Arc::new(Faulty::new(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        plan,
+    ));
+    let clock = Arc::new(ManualClock::default());
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        clock.clone(),
+        config(),
+    )
+    .await;
+    let outcome = pools.refill(&key()).await.unwrap();
+    assert!(matches!(outcome.error, Some(IpamError::Exhausted { .. })));
+    assert!(pools.stats(&key()).degraded);
+    let error = pools.assign(&key(), &owner(1)).await.unwrap_err();
+    assert!(matches!(error, PoolError::Degraded { .. }), "{error}");
+    assert_eq!(
+        pools.refill(&key()).await.unwrap().allocated,
+        0,
+        "no calls while degraded"
+    );
+    assert_eq!(backend.calls(), 1);
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(
+        pools.refill(&key()).await.unwrap().allocated,
+        3,
+        "one batch"
+    );
+    assert!(!pools.stats(&key()).degraded);
+}
+
+#[tokio::test]
+async fn released_addresses_cool_down_before_reuse_and_extras_go_back() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let clock = Arc::new(ManualClock::default());
+    let mut one_idle = config();
+    one_idle.min_idle = 0;
+    one_idle.max_idle = 1;
+    one_idle.warm_up = 1;
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        clock.clone(),
+        one_idle,
+    )
+    .await;
+    pools.warm_up(&key()).await.unwrap();
+    let first = pools.assign(&key(), &owner(1)).await.unwrap();
+    pools.release(&key(), &owner(1)).await.unwrap();
+    pools.release(&key(), &owner(1)).await.unwrap(); // a repeated DEL
+    pools.warm_up(&key()).await.unwrap();
+    let second = pools.assign(&key(), &owner(2)).await.unwrap();
+    assert_ne!(second.address, first.address, "still cooling down");
+    clock.advance(Duration::from_secs(31));
+    pools.release(&key(), &owner(2)).await.unwrap();
+    let third = pools.assign(&key(), &owner(3)).await.unwrap();
+    assert_eq!(
+        third.address, first.address,
+        "cooled down, handed out again"
+    );
+    clock.advance(Duration::from_secs(31));
+    // Owner 2's address is now idle too: one more than max_idle goes back.
+    let outcome = pools.refill(&key()).await.unwrap();
+    assert_eq!(outcome.released, 0, "one idle is within max_idle");
+    pools.release(&key(), &owner(3)).await.unwrap();
+    clock.advance(Duration::from_secs(31));
+    let outcome = pools.refill(&key()).await.unwrap();
+    assert_eq!(outcome.released, 1);
+    assert_eq!(backend.allocated(), 1);
+}
+
+#[tokio::test]
+async fn reconciliation_spares_a_pod_seen_missing_once() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let pools = manager(
+        backend,
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    pools.warm_up(&key()).await.unwrap();
+    pools.assign(&key(), &owner(1)).await.unwrap();
+    pools.assign(&key(), &owner(2)).await.unwrap();
+    let live: HashSet<(String, String)> = [("c1".to_owned(), "eth0".to_owned())].into();
+    let first = pools.reconcile(&live).await.unwrap();
+    assert_eq!(
+        (first.released.len(), first.suspected.clone()),
+        (0, vec![owner(2)])
+    );
+    assert!(pools.lease_of(&owner(2)).is_some());
+    let second = pools.reconcile(&live).await.unwrap();
+    assert_eq!(second.released, [owner(2)]);
+    assert!(pools.lease_of(&owner(2)).is_none());
+    assert!(pools.lease_of(&owner(1)).is_some());
+}
+
+#[tokio::test]
+async fn a_pod_that_reappears_is_no_longer_suspected() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let pools = manager(
+        backend,
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    pools.warm_up(&key()).await.unwrap();
+    pools.assign(&key(), &owner(1)).await.unwrap();
+    pools.reconcile(&HashSet::new()).await.unwrap();
+    let live: HashSet<(String, String)> = [("c1".to_owned(), "eth0".to_owned())].into();
+    pools.reconcile(&live).await.unwrap();
+    let report = pools.reconcile(&HashSet::new()).await.unwrap();
+    assert!(
+        report.released.is_empty(),
+        "missing, present, missing: not twice in a row"
+    );
+}
+
+fn temp_store(name: &str) -> (std::path::PathBuf, Arc<RedbStore>) {
+    let dir = std::env::temp_dir().join(format!("hulk-pool-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pool.redb");
+    let store = Arc::new(RedbStore::open(&path).unwrap());
+    (dir, store)
+}
+
+#[tokio::test]
+async fn assignments_survive_a_restart_on_redb() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let (dir, store) = temp_store("restart");
+    let pools = manager(backend.clone(), store, Arc::default(), config()).await;
+    pools.warm_up(&key()).await.unwrap();
+    let lease = pools.assign(&key(), &owner(1)).await.unwrap();
+    drop(pools);
+    let reopened = manager(
+        backend.clone(),
+        Arc::new(RedbStore::open(&dir.join("pool.redb")).unwrap()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    assert_eq!(reopened.assign(&key(), &owner(1)).await.unwrap(), lease);
+    assert_eq!(reopened.stats(&key()).idle, 2);
+    assert_eq!(backend.allocated(), 3);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_crash_during_allocation_leaks_nothing() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let store = Arc::new(MemoryStore::default());
+    // The crash: the backend created two addresses, the store only has the intent.
+    backend
+        .allocate(&AllocationRequest::new(key(), "node-1", 2))
+        .await
+        .unwrap();
+    backend
+        .allocate(&AllocationRequest::new(key(), "node-2", 1))
+        .await
+        .unwrap();
+    store
+        .apply(&[StoreOp::PutIntent(Intent {
+            id: 1,
+            kind: IntentKind::Allocate {
+                key: key(),
+                count: 2,
+            },
+        })])
+        .unwrap();
+    let pools = manager(backend.clone(), store.clone(), Arc::default(), config()).await;
+    assert_eq!(
+        backend
+            .list(&ListScope::Node("node-1".into()))
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        backend
+            .list(&ListScope::Node("node-2".into()))
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "other nodes untouched"
+    );
+    assert!(store.load().unwrap().intents.is_empty());
+    pools.warm_up(&key()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_crash_during_release_is_finished_at_start() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let store = Arc::new(MemoryStore::default());
+    let pools = manager(backend.clone(), store.clone(), Arc::default(), config()).await;
+    pools.warm_up(&key()).await.unwrap();
+    let snapshot = store.load().unwrap();
+    let victim = snapshot.addresses.keys().next().unwrap().clone();
+    store
+        .apply(&[StoreOp::PutIntent(Intent {
+            id: 99,
+            kind: IntentKind::Release {
+                lease_id: victim.clone(),
+            },
+        })])
+        .unwrap();
+    drop(pools);
+    let pools = manager(backend.clone(), store.clone(), Arc::default(), config()).await;
+    assert_eq!(backend.allocated(), 2);
+    assert!(!store.load().unwrap().addresses.contains_key(&victim));
+    assert_eq!(pools.stats(&key()).idle, 2);
+}
+
+#[tokio::test]
+async fn orphans_are_swept_and_known_addresses_kept() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    pools.warm_up(&key()).await.unwrap();
+    backend
+        .allocate(&AllocationRequest::new(key(), "node-1", 2))
+        .await
+        .unwrap();
+    assert_eq!(pools.sweep_orphans().await.unwrap(), 2);
+    assert_eq!(backend.allocated(), 3);
+    assert_eq!(
+        hulk_pool::sweep_node(backend.as_ref(), "node-1")
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(backend.allocated(), 0);
+}
+
+#[tokio::test]
+async fn nonsense_configuration_is_refused() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let mut bad = config();
+    bad.min_idle = 9;
+    let error = PoolManager::open(
+        backend,
+        Arc::new(MemoryStore::default()),
+        Arc::new(ManualClock::default()),
+        "n",
+        bad,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(error, PoolError::InvalidConfig(ref message) if message.contains("min_idle (9)")),
+        "{error}"
+    );
+}
