@@ -386,15 +386,23 @@ impl PoolManager {
     }
 
     /// Makes cooled-down addresses idle, durably.
+    /// Waiting assignments are woken when some became idle.
     fn promote_cooled(&self, pool: &Pool) -> Result<(), PoolError> {
-        let mut state = pool.lock();
-        self.promote_cooled_locked(&mut state, self.clock.now_ms())
+        let promoted = {
+            let mut state = pool.lock();
+            self.promote_cooled_locked(&mut state, self.clock.now_ms())?
+        };
+        if promoted {
+            pool.announce();
+        }
+        Ok(())
     }
 
-    fn promote_cooled_locked(&self, state: &mut PoolState, now_ms: u64) -> Result<(), PoolError> {
+    /// Returns whether any address was promoted.
+    fn promote_cooled_locked(&self, state: &mut PoolState, now_ms: u64) -> Result<bool, PoolError> {
         let cooled = state.promote_cooled(now_ms);
         if cooled.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let ops: Vec<StoreOp> = cooled.iter().cloned().map(StoreOp::put).collect();
         if let Err(error) = self.store.apply(&ops) {
@@ -407,7 +415,7 @@ impl PoolManager {
             }
             return Err(error.into());
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Takes back `owner`'s address: it cools down, then serves again.
@@ -672,13 +680,19 @@ impl PoolManager {
         Ok(allocated)
     }
 
-    /// Runs the refiller of `key` until `shutdown` fires: woken by
-    /// assignments and releases, and every `refill_interval`.
-    pub async fn run_refiller(self: Arc<Self>, key: PoolKey, shutdown: Arc<Notify>) {
+    /// Runs the refiller of `key` until `shutdown` turns true (or its
+    /// sender is dropped): woken by assignments and releases, and every
+    /// `refill_interval`.
+    pub async fn run_refiller(self: Arc<Self>, key: PoolKey, mut shutdown: watch::Receiver<bool>) {
         let pool = self.pool(&key);
-        loop {
+        while !*shutdown.borrow_and_update() {
             tokio::select! {
-                () = shutdown.notified() => return,
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 () = pool.wake_refiller.notified() => {}
                 () = tokio::time::sleep(pool.config.refill_interval) => {}
             }

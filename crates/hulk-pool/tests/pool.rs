@@ -17,7 +17,6 @@ use hulk_pool::{
     Clock, Intent, IntentKind, MemoryStore, PoolConfig, PoolError, PoolManager, PoolStore,
     RedbStore, StoreOp,
 };
-use tokio::sync::Notify;
 
 /// A clock the test moves by hand.
 #[derive(Default)]
@@ -115,8 +114,8 @@ async fn an_empty_pool_waits_for_the_refiller_not_the_backend() {
         config(),
     )
     .await;
-    let shutdown = Arc::new(Notify::new());
-    tokio::spawn(pools.clone().run_refiller(key(), shutdown.clone()));
+    let (shutdown, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(pools.clone().run_refiller(key(), stop));
     let assigns = (0..5).map(|n| {
         let pools = pools.clone();
         tokio::spawn(async move { pools.assign(&key(), &owner(n)).await })
@@ -126,7 +125,7 @@ async fn an_empty_pool_waits_for_the_refiller_not_the_backend() {
     assert_eq!(addresses.len(), 5);
     // Five waiting ADDs were served by batches of three, not five calls.
     assert!(backend.calls() <= 3, "{} backend calls", backend.calls());
-    shutdown.notify_waiters();
+    shutdown.send(true).unwrap();
 }
 
 async fn futures_join(
