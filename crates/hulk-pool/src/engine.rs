@@ -11,6 +11,7 @@ use hulk_ipam::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, Own
 use tokio::sync::{Notify, RwLock, watch};
 
 use crate::config::PoolConfig;
+use crate::metrics::{PoolLabels, PoolMetrics};
 use crate::store::{
     AddressRecord, AddressState, Intent, IntentKind, PoolStore, StoreError, StoreOp,
 };
@@ -199,6 +200,7 @@ pub struct PoolManager {
     /// mistakes a just-created, not yet recorded address for an orphan.
     allocation_gate: RwLock<()>,
     suspects: Mutex<HashSet<OwnerKey>>,
+    metrics: PoolMetrics,
 }
 
 impl std::fmt::Debug for PoolManager {
@@ -234,12 +236,16 @@ impl PoolManager {
             next_intent: AtomicU64::new(snapshot.intents.keys().max().map_or(1, |id| id + 1)),
             allocation_gate: RwLock::new(()),
             suspects: Mutex::new(HashSet::new()),
+            metrics: PoolMetrics::default(),
         });
         let mut allocation_interrupted = false;
         for intent in snapshot.intents.values() {
             match &intent.kind {
                 IntentKind::Release { lease_id } => {
-                    match manager.backend.release(lease_id).await {
+                    match manager
+                        .timed("release", manager.backend.release(lease_id))
+                        .await
+                    {
                         Ok(()) | Err(IpamError::NotFound(_)) => {}
                         Err(error) => return Err(error.into()),
                     }
@@ -314,6 +320,45 @@ impl PoolManager {
             .collect()
     }
 
+    /// The metrics; register them with [`PoolMetrics::register`].
+    pub fn metrics(&self) -> &PoolMetrics {
+        &self.metrics
+    }
+
+    /// Sets the per-pool gauges from the pools' current counts.
+    pub fn refresh_metrics(&self) {
+        for key in self.keys() {
+            let stats = self.stats(&key);
+            let labels = PoolLabels::from(&key);
+            let total = stats.idle + stats.assigned + stats.cooldown + stats.releasing;
+            self.metrics
+                .idle
+                .get_or_create(&labels)
+                .set(stats.idle as i64);
+            self.metrics
+                .assigned
+                .get_or_create(&labels)
+                .set(stats.assigned as i64);
+            self.metrics.total.get_or_create(&labels).set(total as i64);
+            self.metrics
+                .degraded
+                .get_or_create(&labels)
+                .set(i64::from(stats.degraded));
+        }
+    }
+
+    /// Runs a backend call, recording its latency and failure kind.
+    async fn timed<T>(
+        &self,
+        operation: &str,
+        call: impl std::future::Future<Output = Result<T, IpamError>>,
+    ) -> Result<T, IpamError> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.metrics.backend_call(operation, started, &result);
+        result
+    }
+
     fn intent(&self, kind: IntentKind) -> Intent {
         Intent {
             id: self.next_intent.fetch_add(1, Ordering::Relaxed),
@@ -381,6 +426,12 @@ impl PoolManager {
         };
         if waiting {
             pool.lock().waiters -= 1;
+        }
+        if outcome.is_ok() {
+            self.metrics
+                .assign_seconds
+                .get_or_create(&PoolLabels::from(key))
+                .observe(started.elapsed().as_secs_f64());
         }
         outcome
     }
@@ -534,7 +585,9 @@ impl PoolManager {
             return Err(error.into());
         }
         let request = AllocationRequest::new(pool.key.clone(), self.node.clone(), count);
-        let result = self.backend.allocate(&request).await;
+        let result = self
+            .timed("allocate", self.backend.allocate(&request))
+            .await;
         let now = self.clock.now_ms();
         match result {
             Ok(leases) => {
@@ -564,6 +617,10 @@ impl PoolManager {
                 }
                 state.degraded = None;
                 drop(state);
+                self.metrics
+                    .refills
+                    .get_or_create(&PoolLabels::from(&pool.key))
+                    .inc();
                 pool.announce();
                 stored?;
                 Ok(Ok(allocated))
@@ -645,7 +702,7 @@ impl PoolManager {
         let mut released = 0;
         for (record, intent) in victims {
             let id = record.lease.id.clone();
-            match self.backend.release(&id).await {
+            match self.timed("release", self.backend.release(&id)).await {
                 Ok(()) | Err(IpamError::NotFound(_)) => {
                     self.store.apply(&[
                         StoreOp::RemoveAddress(id.clone()),
@@ -744,6 +801,7 @@ impl PoolManager {
         }
         for (key, owner) in to_release {
             self.release(&key, &owner).await?;
+            self.metrics.gc_releases.inc();
             report.released.push(owner);
         }
         *self
@@ -763,15 +821,12 @@ impl PoolManager {
             .flat_map(|pool| pool.lock().records.keys().cloned().collect::<Vec<_>>())
             .collect();
         let mut swept = 0;
-        for lease in self
-            .backend
-            .list(&ListScope::Node(self.node.clone()))
-            .await?
-        {
+        let scope = ListScope::Node(self.node.clone());
+        for lease in self.timed("list", self.backend.list(&scope)).await? {
             if known.contains(&lease.id) {
                 continue;
             }
-            match self.backend.release(&lease.id).await {
+            match self.timed("release", self.backend.release(&lease.id)).await {
                 Ok(()) | Err(IpamError::NotFound(_)) => swept += 1,
                 Err(error) => return Err(error.into()),
             }

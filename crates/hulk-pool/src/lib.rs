@@ -46,6 +46,7 @@
 
 mod config;
 mod engine;
+mod metrics;
 mod store;
 
 pub use config::PoolConfig;
@@ -53,6 +54,7 @@ pub use engine::{
     Clock, PoolError, PoolManager, PoolStats, ReconcileReport, RefillOutcome, SystemClock,
     sweep_cluster, sweep_node,
 };
+pub use metrics::{CallLabels, ErrorLabels, PoolLabels, PoolMetrics, error_kind};
 pub use store::{
     AddressRecord, AddressState, Intent, IntentKind, MemoryStore, PoolStore, RedbStore, Snapshot,
     StoreError, StoreOp,

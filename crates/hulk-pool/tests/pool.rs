@@ -427,3 +427,45 @@ async fn nonsense_configuration_is_refused() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn metrics_count_pools_calls_and_errors() {
+    let plan = FaultPlan {
+        on_call: BTreeMap::from([(2, Fault::Error(IpamError::Quota("ports".into())))]),
+        ..FaultPlan::default()
+    };
+    let backend = Arc::new(Faulty::new(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        plan,
+    ));
+    let pools = manager(
+        backend,
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    pools.metrics().register(&mut registry);
+    pools.warm_up(&key()).await.unwrap();
+    pools.assign(&key(), &owner(1)).await.unwrap();
+    pools.assign(&key(), &owner(2)).await.unwrap();
+    // One idle, below min_idle: the refill's call is refused (quota).
+    pools.refill(&key()).await.unwrap();
+    pools.refresh_metrics();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let labels = r#"subnet="subnet-a",security_groups="sg-1",qos_policy="""#;
+    for line in [
+        format!("hulk_pool_idle_addresses{{{labels}}} 1"),
+        format!("hulk_pool_assigned_addresses{{{labels}}} 2"),
+        format!("hulk_pool_addresses{{{labels}}} 3"),
+        format!("hulk_pool_degraded{{{labels}}} 1"),
+        format!("hulk_pool_refills_total{{{labels}}} 1"),
+        r#"hulk_pool_backend_errors_total{operation="allocate",kind="quota"} 1"#.to_owned(),
+        r#"hulk_pool_backend_call_seconds_count{operation="allocate"} 2"#.to_owned(),
+        format!("hulk_pool_assign_seconds_count{{{labels}}} 2"),
+    ] {
+        assert!(text.contains(&line), "missing {line} in\n{text}");
+    }
+}
