@@ -2,7 +2,7 @@
 //! that alone talks to the backend, cooldown, shrink, restart repair,
 //! reconciliation against live pods and orphan sweeps.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -65,79 +65,19 @@ pub enum PoolError {
     Backend(#[from] IpamError),
 }
 
-type OwnerKey = (String, String);
-
-/// The lease of a record, with its owner when assigned.
-fn leased(record: &AddressRecord) -> Lease {
-    let mut lease = record.lease.clone();
-    if let AddressState::Assigned(owner) = &record.state {
-        lease.owner = Some(owner.clone());
-    }
-    lease
-}
-
-fn owner_key(owner: &Owner) -> OwnerKey {
-    (owner.container_id.clone(), owner.ifname.clone())
-}
-
-#[derive(Debug, Default)]
-struct PoolState {
-    records: HashMap<String, AddressRecord>,
-    idle: VecDeque<String>,
-    owners: HashMap<OwnerKey, String>,
-    waiters: usize,
-    in_flight: usize,
-    degraded: Option<(u64, String)>,
-}
-
-impl PoolState {
-    fn insert(&mut self, record: AddressRecord) {
-        let id = record.lease.id.clone();
-        match &record.state {
-            AddressState::Idle => self.idle.push_back(id.clone()),
-            AddressState::Assigned(owner) => {
-                self.owners.insert(owner_key(owner), id.clone());
-            }
-            AddressState::Cooldown { .. } | AddressState::Releasing => {}
-        }
-        self.records.insert(id, record);
-    }
-
-    /// Cooled-down addresses become idle; returns the changed records.
-    fn promote_cooled(&mut self, now_ms: u64) -> Vec<AddressRecord> {
-        let mut changed = Vec::new();
-        for record in self.records.values_mut() {
-            if let AddressState::Cooldown { until_ms } = record.state
-                && until_ms <= now_ms
-            {
-                record.state = AddressState::Idle;
-                record.since_ms = now_ms;
-                self.idle.push_back(record.lease.id.clone());
-                changed.push(record.clone());
-            }
-        }
-        changed
-    }
-
-    fn degraded_at(&self, now_ms: u64) -> Option<&str> {
-        self.degraded
-            .as_ref()
-            .filter(|(until, _)| *until > now_ms)
-            .map(|(_, reason)| reason.as_str())
-    }
-}
+use crate::core::{OwnerKey, PoolCore, leased};
 
 struct Pool {
     key: PoolKey,
     config: PoolConfig,
-    state: Mutex<PoolState>,
+    state: Mutex<PoolCore>,
     /// Bumped whenever addresses become idle or the pool's health changes.
     changed: watch::Sender<u64>,
     wake_refiller: Notify,
 }
 
 impl Pool {
-    fn lock(&self) -> MutexGuard<'_, PoolState> {
+    fn lock(&self) -> MutexGuard<'_, PoolCore> {
         // State updates are applied to the store first and to memory only
         // when that succeeded, never half-way, so a poisoned lock is safe.
         self.state
@@ -303,7 +243,7 @@ impl PoolManager {
                 Arc::new(Pool {
                     key: key.clone(),
                     config: self.config.clone(),
-                    state: Mutex::new(PoolState::default()),
+                    state: Mutex::new(PoolCore::default()),
                     changed: watch::channel(0).0,
                     wake_refiller: Notify::new(),
                 })
@@ -379,24 +319,20 @@ impl PoolManager {
         let outcome = loop {
             {
                 let mut state = pool.lock();
-                if let Some(id) = state.owners.get(&owner_key(owner)) {
-                    break Ok(leased(&state.records[id]));
+                if let Some(lease) = state.assigned_lease(owner) {
+                    break Ok(lease);
                 }
                 let now = self.clock.now_ms();
                 if let Err(error) = self.promote_cooled_locked(&mut state, now) {
                     break Err(error);
                 }
-                if let Some(id) = state.idle.pop_front() {
-                    let mut record = state.records[&id].clone();
-                    record.state = AddressState::Assigned(owner.clone());
-                    record.since_ms = now;
+                if let Some(record) = state.take_idle(owner, now) {
                     if let Err(error) = self.store.apply(&[StoreOp::put(record.clone())]) {
-                        state.idle.push_front(id);
+                        state.untake(&record);
                         break Err(error.into());
                     }
                     let lease = leased(&record);
-                    state.owners.insert(owner_key(owner), id.clone());
-                    state.records.insert(id, record);
+                    state.insert(record);
                     if state.idle.len() < pool.config.min_idle {
                         pool.wake_refiller.notify_one();
                     }
@@ -450,7 +386,7 @@ impl PoolManager {
     }
 
     /// Returns whether any address was promoted.
-    fn promote_cooled_locked(&self, state: &mut PoolState, now_ms: u64) -> Result<bool, PoolError> {
+    fn promote_cooled_locked(&self, state: &mut PoolCore, now_ms: u64) -> Result<bool, PoolError> {
         let cooled = state.promote_cooled(now_ms);
         if cooled.is_empty() {
             return Ok(false);
@@ -474,48 +410,36 @@ impl PoolManager {
     pub async fn release(&self, key: &PoolKey, owner: &Owner) -> Result<(), PoolError> {
         let pool = self.pool(key);
         let mut state = pool.lock();
-        let Some(id) = state.owners.get(&owner_key(owner)).cloned() else {
+        let cooldown_ms = pool.config.reuse_cooldown.as_millis() as u64;
+        let Some(record) = state.cool_down(owner, self.clock.now_ms(), cooldown_ms) else {
             return Ok(());
         };
-        let now = self.clock.now_ms();
-        let mut record = state.records[&id].clone();
-        record.state = AddressState::Cooldown {
-            until_ms: now + pool.config.reuse_cooldown.as_millis() as u64,
-        };
-        record.since_ms = now;
         self.store.apply(&[StoreOp::put(record.clone())])?;
-        state.owners.remove(&owner_key(owner));
-        state.records.insert(id, record);
+        state.commit_cool_down(owner, record);
         pool.wake_refiller.notify_one();
         Ok(())
     }
 
     /// The address `owner` holds in any pool, if any.
     pub fn lease_of(&self, owner: &Owner) -> Option<Lease> {
-        self.all_pools().iter().find_map(|pool| {
-            let state = pool.lock();
-            let id = state.owners.get(&owner_key(owner))?;
-            Some(leased(&state.records[id]))
-        })
+        self.all_pools()
+            .iter()
+            .find_map(|pool| pool.lock().assigned_lease(owner))
     }
 
     /// Counts of a pool.
     pub fn stats(&self, key: &PoolKey) -> PoolStats {
         let pool = self.pool(key);
         let state = pool.lock();
-        let mut stats = PoolStats {
-            in_flight: state.in_flight,
+        let (idle, assigned, cooldown, releasing) = state.counts();
+        let stats = PoolStats {
+            idle,
+            assigned,
+            cooldown,
+            releasing,
+            in_flight: state.in_flight(),
             degraded: state.degraded_at(self.clock.now_ms()).is_some(),
-            ..PoolStats::default()
         };
-        for record in state.records.values() {
-            match record.state {
-                AddressState::Idle => stats.idle += 1,
-                AddressState::Assigned(_) => stats.assigned += 1,
-                AddressState::Cooldown { .. } => stats.cooldown += 1,
-                AddressState::Releasing => stats.releasing += 1,
-            }
-        }
         stats
     }
 
@@ -537,26 +461,7 @@ impl PoolManager {
             released: self.shrink(&pool).await?,
             ..RefillOutcome::default()
         };
-        let want = {
-            let mut state = pool.lock();
-            let now = self.clock.now_ms();
-            let config = &pool.config;
-            let idle = state.idle.len() + state.in_flight;
-            let target = config.min_idle.max(state.waiters);
-            let room = config
-                .max_total
-                .saturating_sub(state.records.len() + state.in_flight);
-            let want = if state.degraded_at(now).is_some() || idle >= target {
-                0
-            } else {
-                config
-                    .batch
-                    .min(room)
-                    .min(config.max_idle.max(target).saturating_sub(idle))
-            };
-            state.in_flight += want;
-            want
-        };
+        let want = pool.lock().plan_refill(&pool.config, self.clock.now_ms());
         if want > 0 {
             match self.allocate_into(&pool, want).await? {
                 Ok(allocated) => outcome.allocated = allocated,
@@ -581,7 +486,7 @@ impl PoolManager {
         });
         let intent_id = intent.id;
         if let Err(error) = self.store.apply(&[StoreOp::PutIntent(intent)]) {
-            pool.lock().in_flight -= count;
+            pool.lock().finish_refill(count, Vec::new(), None);
             return Err(error.into());
         }
         let request = AllocationRequest::new(pool.key.clone(), self.node.clone(), count);
@@ -603,8 +508,6 @@ impl PoolManager {
                 let mut ops: Vec<StoreOp> = records.iter().cloned().map(StoreOp::put).collect();
                 ops.push(StoreOp::RemoveIntent(intent_id));
                 let stored = self.store.apply(&ops);
-                let mut state = pool.lock();
-                state.in_flight -= count;
                 // Without a durable record the addresses would be unknown
                 // after a restart; the intent stays, so the next start
                 // sweeps them. Keep serving them meanwhile.
@@ -612,11 +515,7 @@ impl PoolManager {
                     tracing::error!(%error, "cannot record allocated addresses");
                 }
                 let allocated = records.len();
-                for record in records {
-                    state.insert(record);
-                }
-                state.degraded = None;
-                drop(state);
+                pool.lock().finish_refill(count, records, None);
                 self.metrics
                     .refills
                     .get_or_create(&PoolLabels::from(&pool.key))
@@ -627,9 +526,6 @@ impl PoolManager {
             }
             Err(error) => {
                 // Backends allocate all or none: nothing to undo.
-                self.store.apply(&[StoreOp::RemoveIntent(intent_id)])?;
-                let mut state = pool.lock();
-                state.in_flight -= count;
                 let pause = match &error {
                     IpamError::Throttled { retry_after } => {
                         Some(retry_after.unwrap_or(pool.config.backoff))
@@ -637,10 +533,10 @@ impl PoolManager {
                     IpamError::Exhausted { .. } | IpamError::Quota(_) => Some(pool.config.backoff),
                     _ => None,
                 };
-                if let Some(pause) = pause {
-                    state.degraded = Some((now + pause.as_millis() as u64, error.to_string()));
-                }
-                drop(state);
+                let degraded =
+                    pause.map(|pause| (now + pause.as_millis() as u64, error.to_string()));
+                pool.lock().finish_refill(count, Vec::new(), degraded);
+                self.store.apply(&[StoreOp::RemoveIntent(intent_id)])?;
                 tracing::warn!(pool = %pool.key.subnet, %error, "refill failed");
                 pool.announce();
                 Ok(Err(error))

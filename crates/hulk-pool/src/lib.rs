@@ -45,6 +45,7 @@
 //! ```
 
 mod config;
+pub mod core;
 mod engine;
 mod metrics;
 mod store;
