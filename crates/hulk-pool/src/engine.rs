@@ -432,15 +432,14 @@ impl PoolManager {
         let pool = self.pool(key);
         let state = pool.lock();
         let (idle, assigned, cooldown, releasing) = state.counts();
-        let stats = PoolStats {
+        PoolStats {
             idle,
             assigned,
             cooldown,
             releasing,
             in_flight: state.in_flight(),
             degraded: state.degraded_at(self.clock.now_ms()).is_some(),
-        };
-        stats
+        }
     }
 
     /// Every pool key known.
