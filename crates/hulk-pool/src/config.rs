@@ -27,6 +27,11 @@ pub struct PoolConfig {
     pub backoff: Duration,
     /// How often the refiller looks at the pool without being woken.
     pub refill_interval: Duration,
+    /// Backend calls per second allowed to the whole manager (a token
+    /// bucket). Taken from the manager's default configuration only.
+    pub backend_calls_per_second: f64,
+    /// Calls the token bucket lets through at once after a quiet spell.
+    pub backend_burst: u32,
 }
 
 impl Default for PoolConfig {
@@ -42,6 +47,8 @@ impl Default for PoolConfig {
             assign_timeout: Duration::from_secs(30),
             backoff: Duration::from_secs(60),
             refill_interval: Duration::from_secs(5),
+            backend_calls_per_second: 10.0,
+            backend_burst: 20,
         }
     }
 }
@@ -76,6 +83,9 @@ impl PoolConfig {
             self.refill_interval
                 .is_zero()
                 .then(|| "refill_interval must be above zero".to_owned()),
+            (self.backend_calls_per_second.is_nan() || self.backend_calls_per_second <= 0.0)
+                .then(|| "backend_calls_per_second must be above zero".to_owned()),
+            (self.backend_burst == 0).then(|| "backend_burst must be at least 1".to_owned()),
         ]
         .into_iter()
         .flatten()

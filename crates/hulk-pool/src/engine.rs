@@ -141,6 +141,43 @@ pub struct PoolManager {
     allocation_gate: RwLock<()>,
     suspects: Mutex<HashSet<OwnerKey>>,
     metrics: PoolMetrics,
+    rate: RateLimiter,
+    overrides: Mutex<HashMap<PoolKey, PoolConfig>>,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug)]
+struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    /// Tokens and when they were counted; the async lock queues callers.
+    bucket: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl RateLimiter {
+    fn new(rate: f64, burst: u32) -> Self {
+        RateLimiter {
+            rate,
+            burst: f64::from(burst),
+            bucket: tokio::sync::Mutex::new((f64::from(burst), tokio::time::Instant::now())),
+        }
+    }
+
+    async fn acquire(&self) {
+        let mut bucket = self.bucket.lock().await;
+        let now = tokio::time::Instant::now();
+        let (tokens, counted) = *bucket;
+        let mut tokens =
+            (tokens + now.duration_since(counted).as_secs_f64() * self.rate).min(self.burst);
+        let mut at = now;
+        if tokens < 1.0 {
+            let wait = Duration::from_secs_f64((1.0 - tokens) / self.rate);
+            tokio::time::sleep(wait).await;
+            at = now + wait;
+            tokens = 1.0;
+        }
+        *bucket = (tokens - 1.0, at);
+    }
 }
 
 impl std::fmt::Debug for PoolManager {
@@ -166,6 +203,7 @@ impl PoolManager {
     ) -> Result<Arc<PoolManager>, PoolError> {
         config.validate().map_err(PoolError::InvalidConfig)?;
         let snapshot = store.load()?;
+        let rate = RateLimiter::new(config.backend_calls_per_second, config.backend_burst);
         let manager = Arc::new(PoolManager {
             backend,
             store,
@@ -177,6 +215,8 @@ impl PoolManager {
             allocation_gate: RwLock::new(()),
             suspects: Mutex::new(HashSet::new()),
             metrics: PoolMetrics::default(),
+            rate,
+            overrides: Mutex::new(HashMap::new()),
         });
         let mut allocation_interrupted = false;
         for intent in snapshot.intents.values() {
@@ -232,6 +272,27 @@ impl PoolManager {
         Ok(manager)
     }
 
+    /// Gives `key`'s pool its own knobs. Set it before the pool is first
+    /// used (a pool keeps the configuration it was created with).
+    pub fn configure_pool(&self, key: &PoolKey, config: PoolConfig) -> Result<(), PoolError> {
+        config.validate().map_err(PoolError::InvalidConfig)?;
+        let pools = self
+            .pools
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if pools.contains_key(key) {
+            return Err(PoolError::InvalidConfig(format!(
+                "pool {} is already in use; configure it before its first use",
+                key.subnet
+            )));
+        }
+        self.overrides
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(key.clone(), config);
+        Ok(())
+    }
+
     fn pool(&self, key: &PoolKey) -> Arc<Pool> {
         let mut pools = self
             .pools
@@ -240,9 +301,16 @@ impl PoolManager {
         pools
             .entry(key.clone())
             .or_insert_with(|| {
+                let config = self
+                    .overrides
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .get(key)
+                    .cloned()
+                    .unwrap_or_else(|| self.config.clone());
                 Arc::new(Pool {
                     key: key.clone(),
-                    config: self.config.clone(),
+                    config,
                     state: Mutex::new(PoolCore::default()),
                     changed: watch::channel(0).0,
                     wake_refiller: Notify::new(),
@@ -287,12 +355,14 @@ impl PoolManager {
         }
     }
 
-    /// Runs a backend call, recording its latency and failure kind.
+    /// Runs a backend call once the rate limit allows, recording its
+    /// latency and failure kind.
     async fn timed<T>(
         &self,
         operation: &str,
         call: impl std::future::Future<Output = Result<T, IpamError>>,
     ) -> Result<T, IpamError> {
+        self.rate.acquire().await;
         let started = std::time::Instant::now();
         let result = call.await;
         self.metrics.backend_call(operation, started, &result);

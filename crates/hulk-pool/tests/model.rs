@@ -72,6 +72,7 @@ fn config() -> PoolConfig {
         assign_timeout: Duration::from_millis(10),
         backoff: Duration::from_secs(10),
         refill_interval: Duration::from_secs(1),
+        ..PoolConfig::default()
     }
 }
 

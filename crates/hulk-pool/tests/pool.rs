@@ -58,6 +58,7 @@ fn config() -> PoolConfig {
         assign_timeout: Duration::from_secs(2),
         backoff: Duration::from_secs(60),
         refill_interval: Duration::from_millis(200),
+        ..PoolConfig::default()
     }
 }
 
@@ -468,4 +469,90 @@ async fn metrics_count_pools_calls_and_errors() {
     ] {
         assert!(text.contains(&line), "missing {line} in\n{text}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn backend_calls_are_rate_limited() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let mut limited = config();
+    limited.backend_calls_per_second = 2.0;
+    limited.backend_burst = 1;
+    limited.batch = 1;
+    limited.warm_up = 5;
+    let pools = manager(
+        backend,
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        limited,
+    )
+    .await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(pools.warm_up(&key()).await.unwrap(), 5);
+    // One call at once, then one every half second.
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn pools_can_have_their_own_knobs_set_before_first_use() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let pools = manager(
+        backend,
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    let big = PoolKey::new("vpc", "subnet-b", ["sg-1"], None);
+    let mut knobs = config();
+    knobs.warm_up = 7;
+    knobs.batch = 7;
+    pools.configure_pool(&big, knobs.clone()).unwrap();
+    assert_eq!(pools.warm_up(&big).await.unwrap(), 7);
+    assert_eq!(
+        pools.warm_up(&key()).await.unwrap(),
+        3,
+        "other pools keep the default"
+    );
+    assert!(matches!(
+        pools.configure_pool(&big, knobs),
+        Err(PoolError::InvalidConfig(_))
+    ));
+    knobs_invalid(&pools);
+}
+
+fn knobs_invalid(pools: &PoolManager) {
+    let mut nonsense = config();
+    nonsense.max_idle = 100;
+    let error = pools
+        .configure_pool(&PoolKey::new("vpc", "subnet-c", ["sg"], None), nonsense)
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("max_idle (100) is above max_total (20)"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn long_idle_addresses_beyond_min_idle_are_reclaimed() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let clock = Arc::new(ManualClock::default());
+    let mut reclaim = config();
+    reclaim.idle_reclaim_after = Some(Duration::from_secs(600));
+    reclaim.warm_up = 4;
+    reclaim.batch = 4;
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        clock.clone(),
+        reclaim,
+    )
+    .await;
+    pools.warm_up(&key()).await.unwrap();
+    assert_eq!(pools.refill(&key()).await.unwrap().released, 0);
+    clock.advance(Duration::from_secs(601));
+    let outcome = pools.refill(&key()).await.unwrap();
+    assert_eq!(outcome.released, 2, "down to min_idle");
+    assert_eq!(backend.allocated(), 2);
 }

@@ -44,6 +44,8 @@ async fn a_hundred_thousand_operations_keep_every_invariant() {
         assign_timeout: Duration::from_secs(5),
         backoff: Duration::from_millis(50),
         refill_interval: Duration::from_millis(20),
+        backend_calls_per_second: 1000.0,
+        backend_burst: 100,
     };
     let pools = PoolManager::open(
         backend.clone(),
