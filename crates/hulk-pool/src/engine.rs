@@ -16,6 +16,9 @@ use crate::store::{
     AddressRecord, AddressState, Intent, IntentKind, PoolStore, StoreError, StoreOp,
 };
 
+/// The most batch calls one refill pass runs at once.
+const MAX_PARALLEL_BATCHES: usize = 4;
+
 /// Wall-clock milliseconds; cooldowns are stored durably, so they use the
 /// wall clock, not a monotonic one.
 pub trait Clock: Send + Sync {
@@ -521,7 +524,7 @@ impl PoolManager {
     }
 
     /// One refill pass of `key`'s pool: allocates toward `min_idle` (and
-    /// for waiting assignments) in one batch, returns idle addresses beyond
+    /// for waiting assignments) in batches (up to four in parallel), returns idle addresses beyond
     /// `max_idle` or unused past `idle_reclaim_after`.
     pub async fn refill(&self, key: &PoolKey) -> Result<RefillOutcome, PoolError> {
         let pool = self.pool(key);
@@ -530,10 +533,20 @@ impl PoolManager {
             released: self.shrink(&pool).await?,
             ..RefillOutcome::default()
         };
-        let want = pool.lock().plan_refill(&pool.config, self.clock.now_ms());
-        if want > 0 {
-            match self.allocate_into(&pool, want).await? {
-                Ok(allocated) => outcome.allocated = allocated,
+        // More waiting assignments than one batch serves get several
+        // batches in parallel: a burst then waits one backend call, not one
+        // per batch.
+        let mut batches = Vec::new();
+        while batches.len() < MAX_PARALLEL_BATCHES {
+            let want = pool.lock().plan_refill(&pool.config, self.clock.now_ms());
+            if want == 0 {
+                break;
+            }
+            batches.push(self.allocate_into(&pool, want));
+        }
+        for result in futures::future::join_all(batches).await {
+            match result? {
+                Ok(allocated) => outcome.allocated += allocated,
                 Err(error) => outcome.error = Some(error),
             }
         }
