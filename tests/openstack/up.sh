@@ -26,7 +26,12 @@ venv() { # name, packages...
         "$dir/bin/pip" install -q -c "$here/requirements-frozen.txt" "$@"
     fi
 }
-venv neutron-venv neutron==29.0.0 gunicorn "$here/noopmech"
+# pip builds a local package in its source folder: build a copy, so the
+# checkout stays clean.
+noopmech=$(mktemp -d)
+trap 'rm -rf "$noopmech"' EXIT
+cp -r "$here/noopmech" "$noopmech/"
+venv neutron-venv neutron==29.0.0 gunicorn "$noopmech/noopmech"
 venv keystone-venv keystone==30.0.0 gunicorn
 
 # Neutron: configuration, schema built from the models (migrations do not
