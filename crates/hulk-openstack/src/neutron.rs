@@ -271,17 +271,30 @@ impl NeutronClient {
         serde_json::from_str(&text).map_err(|error| IpamError::Protocol(format!("{path}: {error}")))
     }
 
+    /// A call whose answer wraps one resource as `{"<singular>": {...}}`,
+    /// as Neutron's are.
+    async fn single<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        singular: &str,
+        body: Option<&Value>,
+        if_match: Option<u64>,
+    ) -> Result<T, IpamError> {
+        let mut answer: Value = self.call(method, path, &[], body, if_match).await?;
+        let resource = answer
+            .get_mut(singular)
+            .map(Value::take)
+            .ok_or_else(|| IpamError::Protocol(format!("{path}: no {singular:?} in the answer")))?;
+        serde_json::from_value(resource)
+            .map_err(|error| IpamError::Protocol(format!("{path}: {error}")))
+    }
+
     /// Creates one port.
     pub async fn create_port(&self, port: &PortRequest) -> Result<Port, IpamError> {
-        #[derive(Deserialize)]
-        struct Created {
-            port: Port,
-        }
         let body = json!({ "port": port });
-        let created: Created = self
-            .call(Method::POST, "/v2.0/ports", &[], Some(&body), None)
-            .await?;
-        Ok(created.port)
+        self.single(Method::POST, "/v2.0/ports", "port", Some(&body), None)
+            .await
     }
 
     /// Creates ports in one bulk request; Neutron creates all or none.
@@ -347,14 +360,14 @@ impl NeutronClient {
 
     /// Reads one port.
     pub async fn get_port(&self, id: &str) -> Result<Port, IpamError> {
-        #[derive(Deserialize)]
-        struct One {
-            port: Port,
-        }
-        let one: One = self
-            .call(Method::GET, &format!("/v2.0/ports/{id}"), &[], None, None)
-            .await?;
-        Ok(one.port)
+        self.single(
+            Method::GET,
+            &format!("/v2.0/ports/{id}"),
+            "port",
+            None,
+            None,
+        )
+        .await
     }
 
     /// Updates a port; with `if_revision`, only if its revision is still
@@ -365,21 +378,10 @@ impl NeutronClient {
         changes: &Value,
         if_revision: Option<u64>,
     ) -> Result<Port, IpamError> {
-        #[derive(Deserialize)]
-        struct One {
-            port: Port,
-        }
         let body = json!({ "port": changes });
-        let one: One = self
-            .call(
-                Method::PUT,
-                &format!("/v2.0/ports/{id}"),
-                &[],
-                Some(&body),
-                if_revision,
-            )
-            .await?;
-        Ok(one.port)
+        let path = format!("/v2.0/ports/{id}");
+        self.single(Method::PUT, &path, "port", Some(&body), if_revision)
+            .await
     }
 
     /// Replaces a port's tags through the tags API.
@@ -411,32 +413,26 @@ impl NeutronClient {
 
     /// Reads a subnet.
     pub async fn get_subnet(&self, id: &str) -> Result<Subnet, IpamError> {
-        #[derive(Deserialize)]
-        struct One {
-            subnet: Subnet,
-        }
-        let one: One = self
-            .call(Method::GET, &format!("/v2.0/subnets/{id}"), &[], None, None)
-            .await?;
-        Ok(one.subnet)
+        self.single(
+            Method::GET,
+            &format!("/v2.0/subnets/{id}"),
+            "subnet",
+            None,
+            None,
+        )
+        .await
     }
 
     /// Reads a network.
     pub async fn get_network(&self, id: &str) -> Result<Network, IpamError> {
-        #[derive(Deserialize)]
-        struct One {
-            network: Network,
-        }
-        let one: One = self
-            .call(
-                Method::GET,
-                &format!("/v2.0/networks/{id}"),
-                &[],
-                None,
-                None,
-            )
-            .await?;
-        Ok(one.network)
+        self.single(
+            Method::GET,
+            &format!("/v2.0/networks/{id}"),
+            "network",
+            None,
+            None,
+        )
+        .await
     }
 
     /// The aliases of the API extensions the server has loaded.
