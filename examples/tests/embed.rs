@@ -11,7 +11,7 @@ fn functions_get_vpc_addresses_and_leave_nothing_behind() {
             "--kind",
             "macvlan",
             "--functions",
-            "3",
+            "6",
             "--subnet",
             "10.78.0.0/24",
         ])
