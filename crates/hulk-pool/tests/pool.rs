@@ -34,6 +34,19 @@ impl Clock for ManualClock {
     }
 }
 
+/// A pool manager over a /24 mock backend and a memory store, default knobs.
+async fn memory_pools() -> (Arc<MockBackend>, Arc<PoolManager>) {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    (backend, pools)
+}
+
 fn key() -> PoolKey {
     PoolKey::new("vpc", "subnet-a", ["sg-1"], None)
 }
@@ -75,14 +88,7 @@ async fn manager(
 
 #[tokio::test]
 async fn assignment_is_idempotent_and_exclusive() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
-    let pools = manager(
-        backend.clone(),
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        config(),
-    )
-    .await;
+    let (backend, pools) = memory_pools().await;
     assert_eq!(pools.warm_up(&key()).await.unwrap(), 3);
     let a = pools.assign(&key(), &owner(1)).await.unwrap();
     let b = pools.assign(&key(), &owner(2)).await.unwrap();
@@ -240,14 +246,7 @@ async fn released_addresses_cool_down_before_reuse_and_extras_go_back() {
 
 #[tokio::test]
 async fn reconciliation_spares_a_pod_seen_missing_once() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
-    let pools = manager(
-        backend,
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        config(),
-    )
-    .await;
+    let (_, pools) = memory_pools().await;
     pools.warm_up(&key()).await.unwrap();
     pools.assign(&key(), &owner(1)).await.unwrap();
     pools.assign(&key(), &owner(2)).await.unwrap();
@@ -266,14 +265,7 @@ async fn reconciliation_spares_a_pod_seen_missing_once() {
 
 #[tokio::test]
 async fn a_pod_that_reappears_is_no_longer_suspected() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
-    let pools = manager(
-        backend,
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        config(),
-    )
-    .await;
+    let (_, pools) = memory_pools().await;
     pools.warm_up(&key()).await.unwrap();
     pools.assign(&key(), &owner(1)).await.unwrap();
     pools.reconcile(&HashSet::new()).await.unwrap();
@@ -385,14 +377,7 @@ async fn a_crash_during_release_is_finished_at_start() {
 
 #[tokio::test]
 async fn orphans_are_swept_and_known_addresses_kept() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
-    let pools = manager(
-        backend.clone(),
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        config(),
-    )
-    .await;
+    let (backend, pools) = memory_pools().await;
     pools.warm_up(&key()).await.unwrap();
     backend
         .allocate(&AllocationRequest::new(key(), "node-1", 2))
@@ -494,14 +479,7 @@ async fn backend_calls_are_rate_limited() {
 
 #[tokio::test]
 async fn pools_can_have_their_own_knobs_set_before_first_use() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
-    let pools = manager(
-        backend,
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        config(),
-    )
-    .await;
+    let (_, pools) = memory_pools().await;
     let big = PoolKey::new("vpc", "subnet-b", ["sg-1"], None);
     let mut knobs = config();
     knobs.warm_up = 7;
