@@ -500,6 +500,22 @@ impl PoolManager {
             .find_map(|pool| pool.lock().assigned_lease(owner))
     }
 
+    /// The addresses held by pods, in every pool (what the node's host
+    /// routes must cover).
+    pub fn assigned_addresses(&self) -> Vec<std::net::IpAddr> {
+        self.all_pools()
+            .iter()
+            .flat_map(|pool| {
+                let state = pool.lock();
+                state
+                    .owners
+                    .values()
+                    .map(|id| state.records[id].lease.address.addr())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Counts of a pool.
     pub fn stats(&self, key: &PoolKey) -> PoolStats {
         let pool = self.pool(key);

@@ -1,0 +1,304 @@
+//! The hulk-vpc node: what the agent does for each CNI request, composing
+//! the warm pool (addresses) and the datapath (interfaces), and the one
+//! place where their failures become CNI error codes.
+//!
+//! - [`Node::add`]: an address from the pod's pool, then the interface;
+//!   if the interface cannot be built the address goes back. A retried ADD
+//!   finds the same address and the same interface and succeeds.
+//! - [`Node::del`]: tears down the interface and returns the address;
+//!   anything already gone counts as done.
+//! - [`Node::restore`]: after a reboot or an agent restart, re-applies the
+//!   node-level datapath for the pods that still hold addresses.
+//! - [`NodeError::to_cni`]: the mapping to CNI codes (11 try again later,
+//!   102 exhausted, 104 datapath, 105 namespace, ...).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::path::PathBuf;
+//! use std::sync::Arc;
+//! use hulk_ipam::{MockBackend, PoolKey};
+//! use hulk_netns::{Datapath, NetlinkKernel, NodeNetwork, SlaveKind};
+//! use hulk_node::{Node, PodRequest};
+//! use hulk_pool::{MemoryStore, PoolConfig, PoolManager, SystemClock};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let pools = PoolManager::open(
+//!     Arc::new(MockBackend::new("10.20.0.0/24".parse()?)),
+//!     Arc::new(MemoryStore::default()),
+//!     Arc::new(SystemClock),
+//!     "node-1",
+//!     PoolConfig::default(),
+//! )
+//! .await?;
+//! let network = NodeNetwork {
+//!     parent: "eth1".into(),
+//!     kind: SlaveKind::default(),
+//!     host_link: "hulk0".into(),
+//!     node_address: "10.20.0.250/24".parse()?,
+//!     service_cidrs: vec!["10.96.0.0/12".parse()?],
+//! };
+//! let key = PoolKey::new("vpc", "subnet-a", ["sg-web"], None);
+//! let node = Node::new(pools, Datapath::new(NetlinkKernel::new()?), network, key);
+//! node.restore().await?;
+//! let pod = PodRequest {
+//!     container_id: "5f2c".into(),
+//!     ifname: "eth0".into(),
+//!     netns: Some(PathBuf::from("/var/run/netns/5f2c")),
+//!     pod: Some("default/web-0".into()),
+//!     pool: None,
+//! };
+//! let attached = node.add(&pod).await?;
+//! println!("{} on interface {}", attached.lease.address, attached.index);
+//! node.del(&pod).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hulk_cni::{Attachment, CniError, ErrorCode};
+use hulk_ipam::{IpamError, Lease, Owner, PoolKey};
+use hulk_netns::{Datapath, DatapathError, Kernel, Mac, NodeNetwork, PodNetwork, RestoreReport};
+use hulk_pool::{PoolError, PoolManager};
+
+/// One pod interface, as a CNI request names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRequest {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// `CNI_NETNS`; DEL may come without it.
+    pub netns: Option<PathBuf>,
+    /// `namespace/name` from `CNI_ARGS`, when the runtime gave it.
+    pub pod: Option<String>,
+    /// The pod's own pool (per-pod subnet, security groups, QoS), if any.
+    pub pool: Option<PoolKey>,
+}
+
+impl PodRequest {
+    fn owner(&self) -> Owner {
+        Owner {
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+            pod: self.pod.clone(),
+        }
+    }
+}
+
+/// What ADD built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodAttachment {
+    /// The address and its subnet facts.
+    pub lease: Lease,
+    /// The interface's index in the pod.
+    pub index: u32,
+    /// The interface's MAC.
+    pub mac: Option<Mac>,
+    /// The interface's MTU.
+    pub mtu: u32,
+}
+
+/// Node failures.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The request is incomplete.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The pool could not give or take the address.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The interface could not be built, checked or removed.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+impl NodeError {
+    /// The CNI error for this failure: the one mapping of the project.
+    pub fn to_cni(&self) -> CniError {
+        let code = match self {
+            NodeError::InvalidRequest(_) => ErrorCode::InvalidNetworkConfig,
+            NodeError::Pool(PoolError::Empty { .. } | PoolError::Degraded { .. }) => {
+                ErrorCode::TryAgainLater
+            }
+            NodeError::Pool(PoolError::Backend(
+                IpamError::Exhausted { .. } | IpamError::Quota(_),
+            )) => ErrorCode::AddressExhausted,
+            NodeError::Pool(PoolError::Backend(error)) if error.is_retryable() => {
+                ErrorCode::TryAgainLater
+            }
+            NodeError::Pool(PoolError::Backend(_)) => ErrorCode::IpamBackend,
+            NodeError::Pool(PoolError::Store(_)) => ErrorCode::StateStore,
+            NodeError::Pool(PoolError::InvalidConfig(_)) => ErrorCode::InvalidNetworkConfig,
+            NodeError::Datapath(DatapathError::NamespaceNotFound(_)) => ErrorCode::Namespace,
+            NodeError::Datapath(DatapathError::Invalid(_)) => ErrorCode::InvalidNetworkConfig,
+            NodeError::Datapath(_) => ErrorCode::Datapath,
+        };
+        CniError::new(code, self.to_string())
+    }
+}
+
+/// The node: pools, datapath and node network.
+#[derive(Debug)]
+pub struct Node<K> {
+    pools: Arc<PoolManager>,
+    datapath: Datapath<K>,
+    network: NodeNetwork,
+    default_pool: PoolKey,
+}
+
+impl<K: Kernel> Node<K> {
+    /// A node serving pods from `default_pool` unless a request names its own.
+    pub fn new(
+        pools: Arc<PoolManager>,
+        datapath: Datapath<K>,
+        network: NodeNetwork,
+        default_pool: PoolKey,
+    ) -> Self {
+        Node {
+            pools,
+            datapath,
+            network,
+            default_pool,
+        }
+    }
+
+    /// The pools.
+    pub fn pools(&self) -> &Arc<PoolManager> {
+        &self.pools
+    }
+
+    /// The datapath.
+    pub fn datapath(&self) -> &Datapath<K> {
+        &self.datapath
+    }
+
+    fn pod_network(&self, request: &PodRequest, lease: &Lease) -> Result<PodNetwork, NodeError> {
+        let gateway = lease.gateway.ok_or_else(|| {
+            NodeError::InvalidRequest(format!("lease {} has no gateway", lease.id))
+        })?;
+        Ok(PodNetwork {
+            parent: self.network.parent.clone(),
+            kind: self.network.kind,
+            ifname: request.ifname.clone(),
+            address: lease.address,
+            gateway,
+            gateway_mac: lease.gateway_mac.map(|mac| mac.octets()),
+            mac: None,
+            mtu: lease.mtu,
+            service_path: Some(self.network.service_path()),
+        })
+    }
+
+    /// ADD: an address, then the interface. A retried ADD (same container
+    /// and interface) gets the same address, and an interface already built
+    /// as it should be counts as success.
+    pub async fn add(&self, request: &PodRequest) -> Result<PodAttachment, NodeError> {
+        let netns = request.netns.as_deref().ok_or_else(|| {
+            NodeError::InvalidRequest("ADD needs the pod's network namespace".into())
+        })?;
+        let key = request
+            .pool
+            .clone()
+            .unwrap_or_else(|| self.default_pool.clone());
+        let owner = request.owner();
+        let lease = self.pools.assign(&key, &owner).await?;
+        let spec = self.pod_network(request, &lease)?;
+        match self.datapath.attach(netns, &spec).await {
+            Ok(attached) => Ok(PodAttachment {
+                lease,
+                index: attached.index,
+                mac: attached.mac,
+                mtu: attached.mtu,
+            }),
+            Err(DatapathError::InterfaceExists(_))
+                if self.datapath.check(netns, &spec).await.is_ok() =>
+            {
+                let link = self
+                    .datapath
+                    .kernel()
+                    .open(netns)
+                    .await
+                    .map_err(DatapathError::from)?;
+                let existing = self
+                    .datapath
+                    .kernel()
+                    .link(&link, &request.ifname)
+                    .await
+                    .map_err(DatapathError::from)?
+                    .ok_or_else(|| DatapathError::InterfaceExists(request.ifname.clone()))?;
+                Ok(PodAttachment {
+                    lease,
+                    index: existing.index,
+                    mac: existing.mac,
+                    mtu: existing.mtu,
+                })
+            }
+            Err(error) => {
+                // The interface is rolled back; give the address back too.
+                if let Err(release) = self.pools.release(&key, &owner).await {
+                    tracing::error!(%release, "cannot return the address of a failed ADD");
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    /// DEL: removes the interface and the host route, and returns the
+    /// address. Whatever is already gone counts as done.
+    pub async fn del(&self, request: &PodRequest) -> Result<(), NodeError> {
+        let owner = request.owner();
+        let held = self.pools.lease_of(&owner);
+        let service_path = self.network.service_path();
+        self.datapath
+            .detach(
+                request.netns.as_deref(),
+                &request.ifname,
+                held.as_ref().map(|lease| lease.address.addr()),
+                Some(&service_path),
+            )
+            .await?;
+        for key in self.pools.keys() {
+            self.pools.release(&key, &owner).await?;
+        }
+        Ok(())
+    }
+
+    /// CHECK: the interface is as ADD built it.
+    pub async fn check(&self, request: &PodRequest) -> Result<(), NodeError> {
+        let netns = request.netns.as_deref().ok_or_else(|| {
+            NodeError::InvalidRequest("CHECK needs the pod's network namespace".into())
+        })?;
+        let lease = self.pools.lease_of(&request.owner()).ok_or_else(|| {
+            NodeError::InvalidRequest(format!(
+                "no address is assigned to {}/{}",
+                request.container_id, request.ifname
+            ))
+        })?;
+        let spec = self.pod_network(request, &lease)?;
+        self.datapath.check(netns, &spec).await?;
+        Ok(())
+    }
+
+    /// GC: releases addresses whose attachment is not in `valid`, once it
+    /// has been missing on two calls in a row (a pod being created is never
+    /// robbed). Returns the owners released.
+    pub async fn gc(&self, valid: &[Attachment]) -> Result<Vec<Owner>, NodeError> {
+        let live: HashSet<(String, String)> = valid
+            .iter()
+            .map(|attachment| (attachment.container_id.clone(), attachment.ifname.clone()))
+            .collect();
+        Ok(self.pools.reconcile(&live).await?.released)
+    }
+
+    /// Re-applies the node-level datapath (host slave, sysctls, a host
+    /// route per pod holding an address) after a reboot or restart.
+    pub async fn restore(&self) -> Result<RestoreReport, NodeError> {
+        let live: Vec<IpAddr> = self.pools.assigned_addresses();
+        Ok(self.datapath.restore_node(&self.network, &live).await?)
+    }
+}

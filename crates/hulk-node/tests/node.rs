@@ -1,0 +1,244 @@
+//! The node's ADD/DEL/CHECK/GC/restore over the mock backend and the
+//! in-memory kernel: addresses and interfaces go together, failures give
+//! the address back, repeats are harmless, errors get their CNI codes.
+
+// Test code: a panic is how a helper reports a broken test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hulk_cni::{Attachment, ErrorCode};
+use hulk_ipam::{IpamError, MockBackend, PoolKey};
+use hulk_netns::fake::{FakeKernel, FakeNs};
+use hulk_netns::{Datapath, DatapathError, Kernel, NodeNetwork, SlaveKind};
+use hulk_node::{Node, NodeError, PodRequest};
+use hulk_pool::{MemoryStore, PoolConfig, PoolError, PoolManager, SystemClock};
+
+fn key() -> PoolKey {
+    PoolKey::new("vpc", "subnet-a", ["sg"], None)
+}
+
+fn network() -> NodeNetwork {
+    NodeNetwork {
+        parent: "eth1".into(),
+        kind: SlaveKind::default(),
+        host_link: "hulk0".into(),
+        node_address: "10.20.0.250/24".parse().unwrap(),
+        service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+    }
+}
+
+fn pod(name: &str) -> PodRequest {
+    PodRequest {
+        container_id: name.into(),
+        ifname: "eth0".into(),
+        netns: Some(PathBuf::from(format!("/var/run/netns/{name}"))),
+        pod: Some(format!("default/{name}")),
+        pool: None,
+    }
+}
+
+async fn node(pods: &[&str]) -> (Node<FakeKernel>, Vec<FakeNs>) {
+    let kernel = FakeKernel::new();
+    kernel.add_parent("eth1", 1500);
+    let namespaces = pods
+        .iter()
+        .map(|name| kernel.add_namespace(format!("/var/run/netns/{name}")))
+        .collect();
+    let config = PoolConfig {
+        assign_timeout: Duration::from_millis(50),
+        ..PoolConfig::default()
+    };
+    let pools = PoolManager::open(
+        Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap())),
+        Arc::new(MemoryStore::default()),
+        Arc::new(SystemClock),
+        "node-1",
+        config,
+    )
+    .await
+    .unwrap();
+    pools.warm_up(&key()).await.unwrap();
+    let node = Node::new(pools, Datapath::new(kernel), network(), key());
+    node.restore().await.unwrap();
+    (node, namespaces)
+}
+
+#[tokio::test]
+async fn add_builds_the_interface_with_a_pool_address_and_a_retry_is_harmless() {
+    let (node, namespaces) = node(&["a"]).await;
+    let attached = node.add(&pod("a")).await.unwrap();
+    assert_eq!(attached.lease.address.to_string(), "10.20.0.2/24");
+    let inside = node.datapath().kernel().namespace(namespaces[0]);
+    assert_eq!(inside.links["eth0"].addresses, [attached.lease.address]);
+    assert_eq!(inside.links["eth0"].link.index, attached.index);
+    let host_routes: Vec<String> = node
+        .datapath()
+        .kernel()
+        .host_namespace()
+        .routes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(host_routes, ["10.20.0.2/32 dev hulk0"]);
+
+    let again = node.add(&pod("a")).await.unwrap();
+    assert_eq!(
+        again, attached,
+        "a retried ADD finds the same address and interface"
+    );
+    node.check(&pod("a")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_attach_gives_the_address_back() {
+    let (node, namespaces) = node(&["a"]).await;
+    node.datapath().kernel().fail_operation(3);
+    let error = node.add(&pod("a")).await.unwrap_err();
+    assert_eq!(error.to_cni().code, ErrorCode::Datapath);
+    assert_eq!(
+        node.pools().stats(&key()).assigned,
+        0,
+        "the address went back"
+    );
+    assert_eq!(
+        node.datapath()
+            .kernel()
+            .namespace(namespaces[0])
+            .links
+            .len(),
+        1,
+        "only lo"
+    );
+    node.add(&pod("a")).await.unwrap();
+}
+
+#[tokio::test]
+async fn del_returns_everything_and_can_repeat_even_without_the_namespace() {
+    let (node, namespaces) = node(&["a", "b"]).await;
+    node.add(&pod("a")).await.unwrap();
+    node.add(&pod("b")).await.unwrap();
+    for _ in 0..2 {
+        node.del(&pod("a")).await.unwrap();
+    }
+    assert_eq!(
+        node.datapath()
+            .kernel()
+            .namespace(namespaces[0])
+            .links
+            .len(),
+        1
+    );
+    assert_eq!(node.pools().stats(&key()).assigned, 1);
+    let mut gone = pod("b");
+    node.datapath()
+        .kernel()
+        .remove_namespace(gone.netns.as_deref().unwrap());
+    node.del(&gone).await.unwrap();
+    gone.netns = None;
+    node.del(&gone).await.unwrap();
+    assert_eq!(node.pools().stats(&key()).assigned, 0);
+    assert!(node.datapath().kernel().host_namespace().routes.is_empty());
+}
+
+#[tokio::test]
+async fn gc_releases_attachments_missing_twice() {
+    let (node, _) = node(&["a", "b"]).await;
+    node.add(&pod("a")).await.unwrap();
+    node.add(&pod("b")).await.unwrap();
+    let valid = [Attachment {
+        container_id: "a".into(),
+        ifname: "eth0".into(),
+    }];
+    assert!(node.gc(&valid).await.unwrap().is_empty());
+    let released = node.gc(&valid).await.unwrap();
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].container_id, "b");
+}
+
+#[tokio::test]
+async fn restore_brings_back_host_routes_of_pods_holding_addresses() {
+    let (node, _) = node(&["a"]).await;
+    let attached = node.add(&pod("a")).await.unwrap();
+    let kernel = node.datapath().kernel();
+    kernel.delete_link(kernel.host(), "hulk0").await.unwrap();
+    let report = node.restore().await.unwrap();
+    assert_eq!(report.routes_installed, 1);
+    let routes: Vec<String> = kernel
+        .host_namespace()
+        .routes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        routes,
+        [format!("{}/32 dev hulk0", attached.lease.address.addr())]
+    );
+}
+
+#[test]
+fn failures_map_to_their_cni_codes() {
+    let cases: Vec<(NodeError, ErrorCode)> = vec![
+        (
+            PoolError::Empty {
+                subnet: "s".into(),
+                waited: Duration::from_secs(30),
+            }
+            .into(),
+            ErrorCode::TryAgainLater,
+        ),
+        (
+            PoolError::Degraded {
+                subnet: "s".into(),
+                reason: "quota".into(),
+            }
+            .into(),
+            ErrorCode::TryAgainLater,
+        ),
+        (
+            PoolError::Backend(IpamError::Exhausted { subnet: "s".into() }).into(),
+            ErrorCode::AddressExhausted,
+        ),
+        (
+            PoolError::Backend(IpamError::Throttled { retry_after: None }).into(),
+            ErrorCode::TryAgainLater,
+        ),
+        (
+            PoolError::Backend(IpamError::Auth("no".into())).into(),
+            ErrorCode::IpamBackend,
+        ),
+        (
+            DatapathError::NamespaceNotFound("/x".into()).into(),
+            ErrorCode::Namespace,
+        ),
+        (
+            DatapathError::ParentNotFound("eth9".into()).into(),
+            ErrorCode::Datapath,
+        ),
+        (
+            DatapathError::Invalid("mac".into()).into(),
+            ErrorCode::InvalidNetworkConfig,
+        ),
+        (
+            NodeError::InvalidRequest("no netns".into()),
+            ErrorCode::InvalidNetworkConfig,
+        ),
+    ];
+    for (error, code) in cases {
+        let cni = error.to_cni();
+        assert_eq!(cni.code, code, "{error}");
+        assert_eq!(cni.msg, error.to_string());
+    }
+}
+
+#[tokio::test]
+async fn add_without_a_namespace_is_an_invalid_request() {
+    let (node, _) = node(&[]).await;
+    let mut request = pod("a");
+    request.netns = None;
+    let error = node.add(&request).await.unwrap_err();
+    assert_eq!(error.to_cni().code, ErrorCode::InvalidNetworkConfig);
+    assert_eq!(node.pools().stats(&key()).assigned, 0);
+}
