@@ -65,8 +65,10 @@ use hulk_ipam::{IpamError, Lease, Owner, PoolKey};
 use hulk_netns::{Datapath, DatapathError, Kernel, Mac, NodeNetwork, PodNetwork, RestoreReport};
 use hulk_pool::{PoolError, PoolManager};
 
+pub mod agent;
+
 /// One pod interface, as a CNI request names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PodRequest {
     /// `CNI_CONTAINERID`.
     pub container_id: String,
@@ -91,7 +93,7 @@ impl PodRequest {
 }
 
 /// What ADD built.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PodAttachment {
     /// The address and its subnet facts.
     pub lease: Lease,

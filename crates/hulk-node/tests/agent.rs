@@ -1,0 +1,166 @@
+//! The agent's socket API over the in-memory kernel and mock backend.
+
+// Test code: a panic is how a helper reports a broken test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hulk_cni::{Attachment, ErrorCode};
+use hulk_ipam::{MockBackend, PoolKey};
+use hulk_netns::fake::FakeKernel;
+use hulk_netns::{Datapath, NodeNetwork, SlaveKind};
+use hulk_node::agent::{AgentReply, AgentRequest, ClientError, ServeLimits, call, serve};
+use hulk_node::{Node, PodRequest};
+use hulk_pool::{MemoryStore, PoolConfig, PoolManager, SystemClock};
+use tokio::io::AsyncWriteExt;
+
+const PODS: usize = 20;
+
+fn pod(n: usize) -> PodRequest {
+    PodRequest {
+        container_id: format!("c{n}"),
+        ifname: "eth0".into(),
+        netns: Some(PathBuf::from(format!("/var/run/netns/p{n}"))),
+        pod: None,
+        pool: None,
+    }
+}
+
+async fn start(socket: &Path) -> tokio::sync::watch::Sender<bool> {
+    let kernel = FakeKernel::new();
+    kernel.add_parent("eth1", 1500);
+    for n in 0..PODS {
+        kernel.add_namespace(format!("/var/run/netns/p{n}"));
+    }
+    let key = PoolKey::new("vpc", "subnet-a", ["sg"], None);
+    let pools = PoolManager::open(
+        Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap())),
+        Arc::new(MemoryStore::default()),
+        Arc::new(SystemClock),
+        "node-1",
+        PoolConfig {
+            warm_up: 32,
+            batch: 32,
+            max_idle: 40,
+            ..PoolConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    pools.warm_up(&key).await.unwrap();
+    let network = NodeNetwork {
+        parent: "eth1".into(),
+        kind: SlaveKind::default(),
+        host_link: "hulk0".into(),
+        node_address: "10.20.0.250/24".parse().unwrap(),
+        service_cidrs: vec![],
+    };
+    let node = Arc::new(Node::new(pools, Datapath::new(kernel), network, key));
+    node.restore().await.unwrap();
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let limits = ServeLimits {
+        max_in_flight: 2,
+        request_timeout: Duration::from_secs(5),
+    };
+    tokio::spawn(serve(node, listener, limits, stopped));
+    stop
+}
+
+fn socket(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("hulk-agent-{name}-{}.sock", std::process::id()))
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adds_get_distinct_addresses_and_dels_return_them() {
+    let path = socket("burst");
+    let stop = start(&path).await;
+    let adds = (0..PODS).map(|n| {
+        let path = path.clone();
+        tokio::spawn(async move {
+            call(&path, &AgentRequest::Add(pod(n)), TIMEOUT)
+                .await
+                .unwrap()
+        })
+    });
+    let mut addresses = HashSet::new();
+    for add in adds {
+        match add.await.unwrap() {
+            AgentReply::Added(attached) => assert!(addresses.insert(attached.lease.address)),
+            other => panic!("ADD answered {other:?}"),
+        }
+    }
+    assert_eq!(addresses.len(), PODS);
+    for n in 0..PODS {
+        assert_eq!(
+            call(&path, &AgentRequest::Check(pod(n)), TIMEOUT)
+                .await
+                .unwrap(),
+            AgentReply::Done
+        );
+        assert_eq!(
+            call(&path, &AgentRequest::Del(pod(n)), TIMEOUT)
+                .await
+                .unwrap(),
+            AgentReply::Done
+        );
+        assert_eq!(
+            call(&path, &AgentRequest::Del(pod(n)), TIMEOUT)
+                .await
+                .unwrap(),
+            AgentReply::Done
+        );
+    }
+    let valid = vec![Attachment {
+        container_id: "c0".into(),
+        ifname: "eth0".into(),
+    }];
+    assert_eq!(
+        call(&path, &AgentRequest::Gc { valid }, TIMEOUT)
+            .await
+            .unwrap(),
+        AgentReply::Done
+    );
+    stop.send(true).unwrap();
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test]
+async fn failures_come_back_as_cni_errors() {
+    let path = socket("errors");
+    let stop = start(&path).await;
+    let mut missing_netns = pod(1);
+    missing_netns.netns = Some(PathBuf::from("/var/run/netns/nowhere"));
+    let AgentReply::Failed(error) = call(&path, &AgentRequest::Add(missing_netns), TIMEOUT)
+        .await
+        .unwrap()
+    else {
+        panic!("ADD into a missing namespace succeeded");
+    };
+    assert_eq!(error.code, ErrorCode::Namespace);
+
+    let mut raw = tokio::net::UnixStream::connect(&path).await.unwrap();
+    raw.write_all(b"{not json\n").await.unwrap();
+    let mut reply = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut reply)
+        .await
+        .unwrap();
+    let reply: AgentReply = serde_json::from_str(&reply).unwrap();
+    assert!(matches!(reply, AgentReply::Failed(error) if error.code == ErrorCode::DecodingFailure));
+    stop.send(true).unwrap();
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test]
+async fn an_absent_agent_is_a_client_error() {
+    let error = call(&socket("absent"), &AgentRequest::Del(pod(0)), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ClientError::Io { .. }), "{error}");
+}
