@@ -66,6 +66,7 @@ use hulk_netns::{Datapath, DatapathError, Kernel, Mac, NodeNetwork, PodNetwork, 
 use hulk_pool::{PoolError, PoolManager};
 
 pub mod agent;
+pub mod config;
 
 /// One pod interface, as a CNI request names it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -1,0 +1,295 @@
+//! The agent's configuration file (TOML), with defaults and validation.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hulk_ipam::PoolKey;
+use hulk_netns::{IpVlanFlag, IpVlanMode, MacVlanMode, NodeNetwork, SlaveKind};
+use hulk_pool::PoolConfig;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This node's name (Neutron `binding:host_id`, tags).
+    pub node_name: String,
+    /// The API socket the plugin connects to.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// The pool store; without it, state lives in memory only.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// The namespace holding the parent interface; default: the agent's
+    /// own (tests and demos point it at a namespace of their own).
+    #[serde(default)]
+    pub node_netns: Option<PathBuf>,
+    /// Requests handled at once.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Deadline of one request, in seconds.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_seconds: u64,
+    /// The node's datapath.
+    pub network: NetworkSection,
+    /// Where pods' addresses come from unless a pod asks otherwise.
+    pub default_pool: PoolSection,
+    /// Pool knobs.
+    #[serde(default)]
+    pub pool: PoolKnobs,
+    /// The IPAM backend.
+    pub backend: BackendSection,
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/hulk-vpc/agent.sock")
+}
+
+fn default_max_in_flight() -> usize {
+    64
+}
+
+fn default_request_timeout() -> u64 {
+    60
+}
+
+/// `[network]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// The VPC-facing parent interface.
+    pub parent: String,
+    /// `ipvlan` (default) or `macvlan`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// ipvlan `l2` (default), `l3`, `l3s`; macvlan `bridge` (default), `private`, `vepa`, `passthru`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// The host-side slave.
+    #[serde(default = "default_host_link")]
+    pub host_link: String,
+    /// The node address on the host-side slave, with its prefix.
+    pub node_address: IpNet,
+    /// Service (ClusterIP) ranges.
+    #[serde(default)]
+    pub service_cidrs: Vec<IpNet>,
+}
+
+fn default_kind() -> String {
+    "ipvlan".into()
+}
+
+fn default_host_link() -> String {
+    "hulk0".into()
+}
+
+/// `[default_pool]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    /// VPC network id.
+    pub network: String,
+    /// Subnet id.
+    pub subnet: String,
+    /// Security group ids.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    /// QoS policy id.
+    #[serde(default)]
+    pub qos_policy: Option<String>,
+}
+
+/// `[pool]`: the knobs of `hulk_pool::PoolConfig`, durations in seconds.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolKnobs {
+    /// See `PoolConfig::min_idle`.
+    pub min_idle: usize,
+    /// See `PoolConfig::max_idle`.
+    pub max_idle: usize,
+    /// See `PoolConfig::batch`.
+    pub batch: usize,
+    /// See `PoolConfig::warm_up`.
+    pub warm_up: usize,
+    /// See `PoolConfig::max_total`.
+    pub max_total: usize,
+    /// See `PoolConfig::reuse_cooldown`.
+    pub reuse_cooldown_seconds: u64,
+    /// See `PoolConfig::assign_timeout`.
+    pub assign_timeout_seconds: u64,
+}
+
+impl Default for PoolKnobs {
+    fn default() -> Self {
+        let defaults = PoolConfig::default();
+        PoolKnobs {
+            min_idle: defaults.min_idle,
+            max_idle: defaults.max_idle,
+            batch: defaults.batch,
+            warm_up: defaults.warm_up,
+            max_total: defaults.max_total,
+            reuse_cooldown_seconds: defaults.reuse_cooldown.as_secs(),
+            assign_timeout_seconds: defaults.assign_timeout.as_secs(),
+        }
+    }
+}
+
+/// `[backend]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BackendSection {
+    /// The in-memory mock (demos, tests).
+    Mock {
+        /// The subnet it hands out.
+        subnet: IpNet,
+    },
+}
+
+impl AgentConfig {
+    /// Parses and validates a configuration file's text; the message says
+    /// which field is wrong.
+    pub fn parse(text: &str) -> Result<AgentConfig, String> {
+        let config: AgentConfig = toml::from_str(text).map_err(|error| error.to_string())?;
+        config.pool_config()?;
+        config.slave_kind()?;
+        if config.node_name.is_empty() {
+            return Err("node_name must not be empty".into());
+        }
+        Ok(config)
+    }
+
+    /// The pool knobs as the engine takes them, validated.
+    pub fn pool_config(&self) -> Result<PoolConfig, String> {
+        let knobs = &self.pool;
+        let config = PoolConfig {
+            min_idle: knobs.min_idle,
+            max_idle: knobs.max_idle,
+            batch: knobs.batch,
+            warm_up: knobs.warm_up,
+            max_total: knobs.max_total,
+            reuse_cooldown: Duration::from_secs(knobs.reuse_cooldown_seconds),
+            assign_timeout: Duration::from_secs(knobs.assign_timeout_seconds),
+            ..PoolConfig::default()
+        };
+        config
+            .validate()
+            .map(|()| config)
+            .map_err(|error| format!("[pool]: {error}"))
+    }
+
+    /// The slave kind from `kind` and `mode`.
+    pub fn slave_kind(&self) -> Result<SlaveKind, String> {
+        let network = &self.network;
+        let mode = network.mode.as_deref();
+        match (network.kind.as_str(), mode) {
+            ("ipvlan", None | Some("l2")) => Ok(ipvlan(IpVlanMode::L2)),
+            ("ipvlan", Some("l3")) => Ok(ipvlan(IpVlanMode::L3)),
+            ("ipvlan", Some("l3s")) => Ok(ipvlan(IpVlanMode::L3s)),
+            ("macvlan", None | Some("bridge")) => Ok(SlaveKind::MacVlan {
+                mode: MacVlanMode::Bridge,
+            }),
+            ("macvlan", Some("private")) => Ok(SlaveKind::MacVlan {
+                mode: MacVlanMode::Private,
+            }),
+            ("macvlan", Some("vepa")) => Ok(SlaveKind::MacVlan {
+                mode: MacVlanMode::Vepa,
+            }),
+            ("macvlan", Some("passthru")) => Ok(SlaveKind::MacVlan {
+                mode: MacVlanMode::Passthru,
+            }),
+            (kind, mode) => Err(format!(
+                "[network]: kind {kind:?} with mode {mode:?} is not supported (ipvlan l2/l3/l3s, macvlan bridge/private/vepa/passthru)"
+            )),
+        }
+    }
+
+    /// The node network.
+    pub fn node_network(&self) -> Result<NodeNetwork, String> {
+        Ok(NodeNetwork {
+            parent: self.network.parent.clone(),
+            kind: self.slave_kind()?,
+            host_link: self.network.host_link.clone(),
+            node_address: self.network.node_address,
+            service_cidrs: self.network.service_cidrs.clone(),
+        })
+    }
+
+    /// The default pool key.
+    pub fn default_pool_key(&self) -> PoolKey {
+        let pool = &self.default_pool;
+        PoolKey::new(
+            pool.network.clone(),
+            pool.subnet.clone(),
+            pool.security_groups.clone(),
+            pool.qos_policy.clone(),
+        )
+    }
+}
+
+fn ipvlan(mode: IpVlanMode) -> SlaveKind {
+    SlaveKind::IpVlan {
+        mode,
+        flag: IpVlanFlag::Bridge,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        node_name = "node-1"
+        [network]
+        parent = "eth1"
+        node_address = "10.20.0.250/24"
+        service_cidrs = ["10.96.0.0/12"]
+        [default_pool]
+        network = "vpc"
+        subnet = "subnet-a"
+        security_groups = ["sg-b", "sg-a"]
+        [backend]
+        type = "mock"
+        subnet = "10.20.0.0/24"
+    "#;
+
+    #[test]
+    fn a_minimal_file_gets_the_defaults() {
+        let config = AgentConfig::parse(MINIMAL).unwrap();
+        assert_eq!(config.socket, PathBuf::from("/run/hulk-vpc/agent.sock"));
+        assert_eq!(config.slave_kind().unwrap(), SlaveKind::default());
+        assert_eq!(
+            config.pool_config().unwrap().min_idle,
+            PoolConfig::default().min_idle
+        );
+        assert_eq!(config.default_pool_key().security_groups, ["sg-a", "sg-b"]);
+        assert_eq!(config.node_network().unwrap().host_link, "hulk0");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases = [
+            (
+                MINIMAL.replace("parent = \"eth1\"", "parent = \"eth1\"\nmode = \"l4\""),
+                "mode Some(\"l4\")",
+            ),
+            (
+                format!("{MINIMAL}\n[pool]\nmin_idle = 50\nmax_idle = 5\n"),
+                "min_idle (50) is above max_idle (5)",
+            ),
+            (MINIMAL.replace("node_name", "nodename"), "nodename"),
+            (
+                MINIMAL.replace("type = \"mock\"", "type = \"carrier-pigeon\""),
+                "carrier-pigeon",
+            ),
+            (
+                MINIMAL.replace("10.20.0.250/24", "not-an-address"),
+                "node_address",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = AgentConfig::parse(&text).unwrap_err();
+            assert!(error.contains(expected), "{expected:?} not in {error}");
+        }
+    }
+}

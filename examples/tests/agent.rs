@@ -1,0 +1,164 @@
+//! The agent binary end to end on the host kernel (macvlan), in a node
+//! namespace of its own: it starts from a config file, serves ADD and DEL
+//! on its socket, builds a real interface in a real pod namespace, and
+//! stops cleanly on SIGTERM. Root; nextest group `netns`.
+
+// Test code: a panic is how a helper reports a broken test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use hulk_netns::rtnetlink::{LinkUnspec, LinkVeth};
+use hulk_netns::{Kernel, NETNS_RUN_DIR, NetlinkKernel, create_named_netns, delete_named_netns};
+use hulk_node::PodRequest;
+use hulk_node::agent::{AgentReply, AgentRequest, call};
+
+const NODE: &str = "hk-agent-test-node";
+const POD: &str = "hk-agent-test-pod";
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = delete_named_netns(NODE);
+        let _ = delete_named_netns(POD);
+    }
+}
+
+async fn node_namespace() {
+    let _ = delete_named_netns(NODE);
+    let node = create_named_netns(NODE).unwrap();
+    hulk_netns::NetlinkWorker::spawn_in(node)
+        .unwrap()
+        .run(|handle| async move {
+            handle
+                .link()
+                .add(LinkVeth::new("eth1", "eth1-peer").build())
+                .execute()
+                .await?;
+            for name in ["eth1", "eth1-peer"] {
+                let link = hulk_netns::link_by_name(&handle, name)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                handle
+                    .link()
+                    .set(LinkUnspec::new_with_index(link.header.index).up().build())
+                    .execute()
+                    .await?;
+            }
+            Ok::<_, hulk_netns::rtnetlink::Error>(())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+fn config(dir: &Path) -> PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+node_name = "test-node"
+socket = "{dir}/agent.sock"
+state_file = "{dir}/pool.redb"
+node_netns = "{NETNS_RUN_DIR}/{NODE}"
+[network]
+parent = "eth1"
+kind = "macvlan"
+node_address = "10.79.0.250/24"
+service_cidrs = ["10.96.0.0/12"]
+[default_pool]
+network = "vpc"
+subnet = "subnet-a"
+[pool]
+warm_up = 4
+reuse_cooldown_seconds = 0
+[backend]
+type = "mock"
+subnet = "10.79.0.0/24"
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn the_agent_serves_add_and_del_and_stops_cleanly() {
+    let dir = std::env::temp_dir().join(format!("hulk-agent-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    node_namespace().await;
+    let _ = delete_named_netns(POD);
+    create_named_netns(POD).unwrap();
+    let mut agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_hulk-agent"))
+            .arg("--config")
+            .arg(config(&dir))
+            .spawn()
+            .unwrap(),
+    );
+    let socket = dir.join("agent.sock");
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the agent did not come up"
+        );
+        assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let pod = PodRequest {
+        container_id: "sandbox-1".into(),
+        ifname: "eth0".into(),
+        netns: Some(Path::new(NETNS_RUN_DIR).join(POD)),
+        pod: Some("default/web-0".into()),
+        pool: None,
+    };
+    let timeout = Duration::from_secs(10);
+    let AgentReply::Added(attached) = call(&socket, &AgentRequest::Add(pod.clone()), timeout)
+        .await
+        .unwrap()
+    else {
+        panic!("ADD failed");
+    };
+    assert_eq!(attached.lease.address.to_string(), "10.79.0.2/24");
+    let kernel = NetlinkKernel::with_host(
+        hulk_netns::Netns::open(Path::new(NETNS_RUN_DIR).join(POD)).unwrap(),
+    )
+    .unwrap();
+    let eth0 = kernel.link(kernel.host(), "eth0").await.unwrap().unwrap();
+    assert_eq!(eth0.index, attached.index);
+    let addresses = kernel.addresses(kernel.host(), "eth0").await.unwrap();
+    assert!(addresses.contains(&attached.lease.address), "{addresses:?}");
+    assert_eq!(
+        call(&socket, &AgentRequest::Check(pod.clone()), timeout)
+            .await
+            .unwrap(),
+        AgentReply::Done
+    );
+    assert_eq!(
+        call(&socket, &AgentRequest::Del(pod.clone()), timeout)
+            .await
+            .unwrap(),
+        AgentReply::Done
+    );
+    assert!(kernel.link(kernel.host(), "eth0").await.unwrap().is_none());
+
+    // SIGTERM: the agent finishes and removes its socket.
+    Command::new("kill")
+        .arg(agent.0.id().to_string())
+        .status()
+        .unwrap();
+    let status = agent.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
