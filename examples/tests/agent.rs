@@ -20,6 +20,32 @@ const POD: &str = "hk-agent-test-pod";
 
 struct Agent(Child);
 
+/// Runs the plugin as a runtime does; (success, stdout).
+fn plugin(command: &str, conf: &serde_json::Value, container: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hulk-vpc-cni"))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", format!("{NETNS_RUN_DIR}/{POD}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -152,6 +178,24 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
     );
     assert!(kernel.link(kernel.host(), "eth0").await.unwrap().is_none());
 
+    // The plugin, exec'd as a runtime does, through the same agent.
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "vpc", "type": "hulk-vpc-cni",
+        "agentSocket": socket.display().to_string(),
+    });
+    let added = plugin("ADD", &conf, "sandbox-2");
+    assert!(added.0, "{}", added.1);
+    let result: serde_json::Value = serde_json::from_str(&added.1).unwrap();
+    assert_eq!(result["ips"][0]["address"], "10.79.0.3/24");
+    assert_eq!(
+        result["interfaces"][0]["sandbox"],
+        format!("{NETNS_RUN_DIR}/{POD}")
+    );
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = result;
+    assert!(plugin("CHECK", &with_prev, "sandbox-2").0);
+    assert!(plugin("STATUS", &conf, "sandbox-2").0);
+
     // SIGTERM: the agent finishes and removes its socket.
     Command::new("kill")
         .arg(agent.0.id().to_string())
@@ -160,5 +204,23 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
     let status = agent.0.wait().unwrap();
     assert!(status.success(), "{status}");
     assert!(!socket.exists());
+
+    // With the agent down, ADD fails with 103 and STATUS says 50, but DEL
+    // still removes the interface.
+    let down = plugin("ADD", &conf, "sandbox-3");
+    assert!(!down.0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&down.1).unwrap()["code"],
+        103
+    );
+    let status = plugin("STATUS", &conf, "sandbox-3");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&status.1).unwrap()["code"],
+        50
+    );
+    assert!(kernel.link(kernel.host(), "eth0").await.unwrap().is_some());
+    let deleted = plugin("DEL", &with_prev, "sandbox-2");
+    assert!(deleted.0, "{}", deleted.1);
+    assert!(kernel.link(kernel.host(), "eth0").await.unwrap().is_none());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -126,11 +126,16 @@ fn bad_settings_get_spec_error_codes() {
     bad_subnet["ipam"]["subnet"] = json!("10.20.0.0/99");
     let mut not_dry = config("1.0.0");
     not_dry["dryRun"] = json!(false);
+    not_dry["agentSocket"] = json!("/nonexistent/agent.sock");
     let cases = [
         (bad_mode, 2, "mode=l4"),
         (bad_ipam, 2, "ipam.type=dhcp"),
         (bad_subnet, 7, "invalid mock ipam section"),
-        (not_dry, 2, "dryRun=false"),
+        (
+            not_dry,
+            103,
+            "agent at /nonexistent/agent.sock is unreachable",
+        ),
     ];
     for (conf, code, message) in cases {
         let answer = invoke("ADD", &conf, &[]);

@@ -33,6 +33,8 @@ pub enum AgentRequest {
         /// Attachments to keep.
         valid: Vec<Attachment>,
     },
+    /// CNI STATUS.
+    Status,
 }
 
 /// What the agent answers.
@@ -71,6 +73,11 @@ async fn handle<K: Kernel + 'static>(node: &Node<K>, request: AgentRequest) -> A
         AgentRequest::Del(pod) => node.del(&pod).await.map(|()| AgentReply::Done),
         AgentRequest::Check(pod) => node.check(&pod).await.map(|()| AgentReply::Done),
         AgentRequest::Gc { valid } => node.gc(&valid).await.map(|_| AgentReply::Done),
+        AgentRequest::Status => {
+            return node
+                .status()
+                .map_or_else(AgentReply::Failed, |()| AgentReply::Done);
+        }
     };
     outcome.unwrap_or_else(|error| AgentReply::Failed(error.to_cni()))
 }

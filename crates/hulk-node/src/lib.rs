@@ -60,10 +60,12 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hulk_cni::{Attachment, CniError, ErrorCode};
+use hulk_cni::{Attachment, CniError, CniResult, ErrorCode, Interface, IpConfig, Route};
 use hulk_ipam::{IpamError, Lease, Owner, PoolKey};
+use hulk_netns::format_mac;
 use hulk_netns::{Datapath, DatapathError, Kernel, Mac, NodeNetwork, PodNetwork, RestoreReport};
 use hulk_pool::{PoolError, PoolManager};
+use ipnet::IpNet;
 
 pub mod agent;
 pub mod config;
@@ -104,6 +106,39 @@ pub struct PodAttachment {
     pub mac: Option<Mac>,
     /// The interface's MTU.
     pub mtu: u32,
+}
+
+impl PodAttachment {
+    /// The CNI result of this attachment for interface `ifname` in `sandbox`.
+    pub fn to_cni_result(&self, ifname: &str, sandbox: &std::path::Path) -> CniResult {
+        let lease = &self.lease;
+        let default_route = lease.gateway.map(|gateway| {
+            let any: IpAddr = match gateway {
+                IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            };
+            Route::new(
+                IpNet::new(any, 0).expect("prefix 0 is valid"),
+                Some(gateway),
+            )
+        });
+        CniResult {
+            interfaces: vec![Interface {
+                name: ifname.to_owned(),
+                mac: self.mac.as_ref().map(format_mac),
+                mtu: Some(self.mtu),
+                sandbox: Some(sandbox.display().to_string()),
+                ..Interface::default()
+            }],
+            ips: vec![IpConfig {
+                address: lease.address,
+                gateway: lease.gateway,
+                interface: Some(0),
+            }],
+            routes: default_route.into_iter().collect(),
+            dns: Default::default(),
+        }
+    }
 }
 
 /// Node failures.
@@ -296,6 +331,26 @@ impl<K: Kernel> Node<K> {
             .map(|attachment| (attachment.container_id.clone(), attachment.ifname.clone()))
             .collect();
         Ok(self.pools.reconcile(&live).await?.released)
+    }
+
+    /// STATUS: error 50 while a pool cannot serve ADDs (degraded after
+    /// the backend refused to give addresses).
+    pub fn status(&self) -> Result<(), CniError> {
+        let degraded: Vec<String> = self
+            .pools
+            .keys()
+            .into_iter()
+            .filter(|key| self.pools.stats(key).degraded)
+            .map(|key| key.subnet)
+            .collect();
+        if degraded.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                ErrorCode::PluginNotAvailable,
+                format!("address pools degraded: {}", degraded.join(", ")),
+            ))
+        }
     }
 
     /// Re-applies the node-level datapath (host slave, sysctls, a host
