@@ -267,6 +267,24 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_a_valid_configuration() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+                .expect("README next to the workspace");
+        let example = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|block| block.split("```").next())
+            .expect("a toml block in the README");
+        let config = AgentConfig::parse(example).unwrap();
+        assert_eq!(config.node_name, "node-1");
+        assert_eq!(
+            config.state_file,
+            Some(PathBuf::from("/var/lib/hulk-vpc/pool.redb"))
+        );
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let cases = [
             (
