@@ -17,8 +17,10 @@ use hulk_node::agent::{AgentReply, AgentRequest, call};
 
 const NODE: &str = "hk-agent-test-node";
 const POD: &str = "hk-agent-test-pod";
+const ULTRON_NODE: &str = "hk-agent-ultron-node";
+const ULTRON_POD: &str = "hk-agent-ultron-pod";
 
-struct Agent(Child);
+struct Agent(Child, &'static str, &'static str);
 
 /// Runs the plugin as a runtime does; (success, stdout).
 fn plugin(command: &str, conf: &serde_json::Value, container: &str) -> (bool, String) {
@@ -49,14 +51,14 @@ fn plugin(command: &str, conf: &serde_json::Value, container: &str) -> (bool, St
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.0.kill();
-        let _ = delete_named_netns(NODE);
-        let _ = delete_named_netns(POD);
+        let _ = delete_named_netns(self.1);
+        let _ = delete_named_netns(self.2);
     }
 }
 
-async fn node_namespace() {
-    let _ = delete_named_netns(NODE);
-    let node = create_named_netns(NODE).unwrap();
+async fn node_namespace(name: &str) {
+    let _ = delete_named_netns(name);
+    let node = create_named_netns(name).unwrap();
     hulk_netns::NetlinkWorker::spawn_in(node)
         .unwrap()
         .run(|handle| async move {
@@ -83,7 +85,7 @@ async fn node_namespace() {
         .unwrap();
 }
 
-fn config(dir: &Path) -> PathBuf {
+fn config(dir: &Path, node: &str, backend: &str) -> PathBuf {
     let path = dir.join("agent.toml");
     std::fs::write(
         &path,
@@ -92,7 +94,7 @@ fn config(dir: &Path) -> PathBuf {
 node_name = "test-node"
 socket = "{dir}/agent.sock"
 state_file = "{dir}/pool.redb"
-node_netns = "{NETNS_RUN_DIR}/{NODE}"
+node_netns = "{NETNS_RUN_DIR}/{node}"
 [network]
 parent = "eth1"
 kind = "macvlan"
@@ -105,8 +107,7 @@ subnet = "subnet-a"
 warm_up = 4
 reuse_cooldown_seconds = 0
 [backend]
-type = "mock"
-subnet = "10.79.0.0/24"
+{backend}
 "#,
             dir = dir.display()
         ),
@@ -115,20 +116,19 @@ subnet = "10.79.0.0/24"
     path
 }
 
-#[tokio::test]
-async fn the_agent_serves_add_and_del_and_stops_cleanly() {
-    let dir = std::env::temp_dir().join(format!("hulk-agent-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    node_namespace().await;
-    let _ = delete_named_netns(POD);
-    create_named_netns(POD).unwrap();
+/// Starts the agent in a node namespace of its own, with `backend`.
+async fn start_agent(dir: &Path, node: &'static str, pod: &'static str, backend: &str) -> Agent {
+    node_namespace(node).await;
+    let _ = delete_named_netns(pod);
+    create_named_netns(pod).unwrap();
     let mut agent = Agent(
         Command::new(env!("CARGO_BIN_EXE_hulk-agent"))
             .arg("--config")
-            .arg(config(&dir))
+            .arg(config(dir, node, backend))
             .spawn()
             .unwrap(),
+        node,
+        pod,
     );
     let socket = dir.join("agent.sock");
     let started = Instant::now();
@@ -140,6 +140,83 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
         assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    agent
+}
+
+#[tokio::test]
+async fn the_agent_takes_addresses_from_an_ultron_service() {
+    let dir = std::env::temp_dir().join(format!("hulk-agent-ultron-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut fake = Command::new(env!("CARGO_BIN_EXE_hulk-ultron-fake"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--subnet",
+            "10.79.1.0/24",
+        ])
+        .env("HULK_ULTRON_TOKEN", "s3cret")
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the fake did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(dir.join("token"), "s3cret\n").unwrap();
+    let backend = format!(
+        "type = \"ultron\"\nurl = \"http://127.0.0.1:{port}\"\ntoken_file = \"{}\"\ncluster = \"test\"",
+        dir.join("token").display()
+    );
+    let _agent = start_agent(&dir, ULTRON_NODE, ULTRON_POD, &backend).await;
+    let pod = PodRequest {
+        container_id: "sandbox-u".into(),
+        ifname: "eth0".into(),
+        netns: Some(Path::new(NETNS_RUN_DIR).join(ULTRON_POD)),
+        pod: None,
+        pool: None,
+    };
+    let reply = call(
+        &dir.join("agent.sock"),
+        &AgentRequest::Add(pod),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let AgentReply::Added(attached) = reply else {
+        panic!("ADD failed: {reply:?}");
+    };
+    assert_eq!(attached.lease.address.to_string(), "10.79.1.2/24");
+    assert!(
+        attached.lease.id.starts_with("mock-"),
+        "served by the fake service"
+    );
+    fake.kill().unwrap();
+    let _ = fake.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn the_agent_serves_add_and_del_and_stops_cleanly() {
+    let dir = std::env::temp_dir().join(format!("hulk-agent-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut agent = start_agent(
+        &dir,
+        NODE,
+        POD,
+        "type = \"mock\"\nsubnet = \"10.79.0.0/24\"",
+    )
+    .await;
+    let socket = dir.join("agent.sock");
 
     let pod = PodRequest {
         container_id: "sandbox-1".into(),

@@ -144,6 +144,38 @@ pub enum BackendSection {
         /// The subnet it hands out.
         subnet: IpNet,
     },
+    /// An UltrON-style IPAM service (docs/ultron-ipam-v1.md).
+    Ultron {
+        /// The service's base URL (without `/v1`).
+        url: String,
+        /// A file holding the bearer token (a mounted Secret).
+        token_file: PathBuf,
+        /// The cluster's name, tagged on every address.
+        cluster: String,
+        /// A PEM CA bundle to trust besides the system roots.
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
+    },
+    /// OpenStack Neutron with Keystone v3 application credentials.
+    Neutron {
+        /// Keystone's v3 URL.
+        auth_url: String,
+        /// The application credential's id.
+        application_credential_id: String,
+        /// A file holding the application credential's secret.
+        application_credential_secret_file: PathBuf,
+        /// The cluster's name, tagged on every port.
+        cluster: String,
+        /// The Neutron endpoint, when not the catalog's.
+        #[serde(default)]
+        endpoint: Option<String>,
+        /// The catalog region.
+        #[serde(default)]
+        region: Option<String>,
+        /// A PEM CA bundle to trust besides the system roots.
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
+    },
 }
 
 impl AgentConfig {
@@ -282,6 +314,27 @@ mod tests {
             config.state_file,
             Some(PathBuf::from("/var/lib/hulk-vpc/pool.redb"))
         );
+    }
+
+    #[test]
+    fn the_cloud_backends_parse() {
+        let ultron = MINIMAL.replace(
+            "type = \"mock\"\n        subnet = \"10.20.0.0/24\"",
+            "type = \"ultron\"\nurl = \"https://ipam.example\"\ntoken_file = \"/etc/hulk/token\"\ncluster = \"prod\"",
+        );
+        assert!(matches!(
+            AgentConfig::parse(&ultron).unwrap().backend,
+            BackendSection::Ultron { .. }
+        ));
+        let neutron = MINIMAL.replace(
+            "type = \"mock\"\n        subnet = \"10.20.0.0/24\"",
+            "type = \"neutron\"\nauth_url = \"https://keystone:5000/v3\"\napplication_credential_id = \"id\"\napplication_credential_secret_file = \"/etc/hulk/secret\"\ncluster = \"prod\"",
+        );
+        let BackendSection::Neutron { region, .. } = AgentConfig::parse(&neutron).unwrap().backend
+        else {
+            panic!("not neutron");
+        };
+        assert_eq!(region, None);
     }
 
     #[test]

@@ -11,6 +11,10 @@ use hulk_netns::{Datapath, NetlinkKernel, Netns};
 use hulk_node::Node;
 use hulk_node::agent::{ServeLimits, serve};
 use hulk_node::config::{AgentConfig, BackendSection};
+use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
+use hulk_openstack::neutron::{NeutronAuth, NeutronClient};
+use hulk_openstack::ultron::UltronBackend;
+use hulk_openstack::{HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig};
 use hulk_pool::{MemoryStore, PoolManager, PoolStore, RedbStore, SystemClock};
 
 /// Run the hulk-vpc node agent.
@@ -28,6 +32,62 @@ struct Args {
 
 type Failure = Box<dyn std::error::Error>;
 
+fn read_secret(path: &std::path::Path) -> Result<String, Failure> {
+    let text =
+        std::fs::read_to_string(path).map_err(|error| format!("{}: {error}", path.display()))?;
+    Ok(text.trim().to_owned())
+}
+
+fn http(ca_file: &Option<PathBuf>) -> Result<HttpClient, Failure> {
+    Ok(HttpClient::new(&HttpSettings {
+        ca_file: ca_file.clone(),
+        ..HttpSettings::default()
+    })?)
+}
+
+fn backend(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, Failure> {
+    Ok(match section {
+        BackendSection::Mock { subnet } => Arc::new(MockBackend::new(*subnet)),
+        BackendSection::Ultron {
+            url,
+            token_file,
+            cluster,
+            ca_file,
+        } => Arc::new(UltronBackend::new(
+            http(ca_file)?,
+            url.clone(),
+            read_secret(token_file)?,
+            cluster.clone(),
+        )),
+        BackendSection::Neutron {
+            auth_url,
+            application_credential_id,
+            application_credential_secret_file,
+            cluster,
+            endpoint,
+            region,
+            ca_file,
+        } => {
+            let credentials = Credentials::ApplicationCredential {
+                id: application_credential_id.clone(),
+                secret: read_secret(application_credential_secret_file)?,
+            };
+            let mut keystone = KeystoneConfig::new(auth_url.clone(), credentials);
+            keystone.region = region.clone();
+            let keystone = Keystone::new(keystone, http(ca_file)?);
+            let client = NeutronClient::new(
+                http(ca_file)?,
+                NeutronAuth::Keystone(Box::new(keystone)),
+                endpoint.clone(),
+            )?;
+            Arc::new(NeutronBackend::new(
+                client,
+                NeutronBackendConfig::new(cluster.clone()),
+            ))
+        }
+    })
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Failure> {
     tracing_subscriber::fmt()
@@ -39,9 +99,7 @@ async fn main() -> Result<(), Failure> {
     let config =
         AgentConfig::parse(&text).map_err(|error| format!("{}: {error}", args.config.display()))?;
 
-    let backend: Arc<dyn IpamBackend> = match &config.backend {
-        BackendSection::Mock { subnet } => Arc::new(MockBackend::new(*subnet)),
-    };
+    let backend = backend(&config.backend)?;
     let store: Arc<dyn PoolStore> = match &config.state_file {
         Some(path) => {
             if let Some(directory) = path.parent() {
