@@ -102,12 +102,11 @@ impl PodNetwork {
     /// with a Service path, the node and the Service ranges via the
     /// host-side slave.
     pub fn pod_routes(&self) -> Vec<Route> {
-        let default = match self.gateway {
-            IpAddr::V4(_) => IpNet::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-            IpAddr::V6(_) => IpNet::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
-        }
-        .expect("prefix 0 is valid");
-        let mut routes = vec![Route::via(default, self.gateway, &self.ifname)];
+        let mut routes = vec![Route::via(
+            default_destination(self.gateway),
+            self.gateway,
+            &self.ifname,
+        )];
         if let Some(path) = &self.service_path {
             routes.push(Route::direct(IpNet::from(path.node_address), &self.ifname));
             routes.extend(
@@ -126,6 +125,15 @@ impl PodNetwork {
             .as_ref()
             .map(|path| host_route_to(self.address.addr(), path))
     }
+}
+
+/// The default route's destination in `gateway`'s family: `0.0.0.0/0` or `::/0`.
+pub fn default_destination(gateway: IpAddr) -> IpNet {
+    let any = match gateway {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    IpNet::new(any, 0).expect("prefix 0 is valid")
 }
 
 fn host_route_to(pod: IpAddr, path: &ServicePath) -> Route {
@@ -290,7 +298,8 @@ impl<K: Kernel> Datapath<K> {
 
     /// CHECK: compares the pod's interface, address, routes, gateway
     /// neighbour and host route with `spec`, and lists every difference.
-    pub async fn check(&self, netns: &Path, spec: &PodNetwork) -> Result<(), DatapathError> {
+    /// When all matches, returns the interface as ADD reported it.
+    pub async fn check(&self, netns: &Path, spec: &PodNetwork) -> Result<Attached, DatapathError> {
         let kernel = &self.kernel;
         let pod = self.open(netns).await?;
         let Some(link) = kernel.link(&pod, &spec.ifname).await? else {
@@ -362,7 +371,11 @@ impl<K: Kernel> Datapath<K> {
             }
         }
         if differences.is_empty() {
-            Ok(())
+            Ok(Attached {
+                index: link.index,
+                mac: link.mac,
+                mtu: link.mtu,
+            })
         } else {
             Err(DatapathError::Mismatch(differences))
         }

@@ -48,7 +48,7 @@ mod netns;
 mod nftables;
 mod node;
 
-pub use attach::{Attached, Datapath, DatapathError, PodNetwork, ServicePath};
+pub use attach::{Attached, Datapath, DatapathError, PodNetwork, ServicePath, default_destination};
 pub use kernel::{
     IpVlanFlag, IpVlanMode, Kernel, KernelError, Link, LinkUpdate, Mac, MacVlanMode, Neighbour,
     Route, SlaveKind, format_mac,

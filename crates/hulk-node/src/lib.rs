@@ -62,10 +62,9 @@ use std::sync::Arc;
 
 use hulk_cni::{Attachment, CniError, CniResult, ErrorCode, Interface, IpConfig, Route};
 use hulk_ipam::{IpamError, Lease, Owner, PoolKey};
-use hulk_netns::format_mac;
 use hulk_netns::{Datapath, DatapathError, Kernel, Mac, NodeNetwork, PodNetwork, RestoreReport};
+use hulk_netns::{default_destination, format_mac};
 use hulk_pool::{PoolError, PoolManager};
-use ipnet::IpNet;
 
 pub mod agent;
 pub mod config;
@@ -112,16 +111,9 @@ impl PodAttachment {
     /// The CNI result of this attachment for interface `ifname` in `sandbox`.
     pub fn to_cni_result(&self, ifname: &str, sandbox: &std::path::Path) -> CniResult {
         let lease = &self.lease;
-        let default_route = lease.gateway.map(|gateway| {
-            let any: IpAddr = match gateway {
-                IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-                IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-            };
-            Route::new(
-                IpNet::new(any, 0).expect("prefix 0 is valid"),
-                Some(gateway),
-            )
-        });
+        let default_route = lease
+            .gateway
+            .map(|gateway| Route::new(default_destination(gateway), Some(gateway)));
         CniResult {
             interfaces: vec![Interface {
                 name: ifname.to_owned(),
@@ -253,36 +245,34 @@ impl<K: Kernel> Node<K> {
                 mac: attached.mac,
                 mtu: attached.mtu,
             }),
-            Err(DatapathError::InterfaceExists(_))
-                if self.datapath.check(netns, &spec).await.is_ok() =>
-            {
-                let link = self
-                    .datapath
-                    .kernel()
-                    .open(netns)
-                    .await
-                    .map_err(DatapathError::from)?;
-                let existing = self
-                    .datapath
-                    .kernel()
-                    .link(&link, &request.ifname)
-                    .await
-                    .map_err(DatapathError::from)?
-                    .ok_or_else(|| DatapathError::InterfaceExists(request.ifname.clone()))?;
-                Ok(PodAttachment {
-                    lease,
-                    index: existing.index,
-                    mac: existing.mac,
-                    mtu: existing.mtu,
-                })
+            // A retried ADD: the interface is already there as it should be.
+            Err(DatapathError::InterfaceExists(ifname)) => {
+                match self.datapath.check(netns, &spec).await {
+                    Ok(attached) => Ok(PodAttachment {
+                        lease,
+                        index: attached.index,
+                        mac: attached.mac,
+                        mtu: attached.mtu,
+                    }),
+                    Err(_) => {
+                        self.give_back(&key, &owner).await;
+                        Err(DatapathError::InterfaceExists(ifname).into())
+                    }
+                }
             }
             Err(error) => {
                 // The interface is rolled back; give the address back too.
-                if let Err(release) = self.pools.release(&key, &owner).await {
-                    tracing::error!(%release, "cannot return the address of a failed ADD");
-                }
+                self.give_back(&key, &owner).await;
                 Err(error.into())
             }
+        }
+    }
+
+    /// Returns a failed ADD's address to the pool (logged if that fails:
+    /// reconciliation returns it later).
+    async fn give_back(&self, key: &PoolKey, owner: &Owner) {
+        if let Err(error) = self.pools.release(key, owner).await {
+            tracing::error!(%error, "cannot return the address of a failed ADD");
         }
     }
 

@@ -74,9 +74,10 @@ fn backend(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, Failure> {
             };
             let mut keystone = KeystoneConfig::new(auth_url.clone(), credentials);
             keystone.region = region.clone();
-            let keystone = Keystone::new(keystone, http(ca_file)?);
+            let http = http(ca_file)?;
+            let keystone = Keystone::new(keystone, http.clone());
             let client = NeutronClient::new(
-                http(ca_file)?,
+                http,
                 NeutronAuth::Keystone(Box::new(keystone)),
                 endpoint.clone(),
             )?;
