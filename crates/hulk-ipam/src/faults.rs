@@ -62,6 +62,16 @@ impl Default for FaultPlan {
     }
 }
 
+impl FaultPlan {
+    /// Only a fixed latency on every call: a stand-in for a slow cloud.
+    pub fn fixed_latency(delay: Duration) -> Self {
+        FaultPlan {
+            latency: Latency::Fixed(delay),
+            ..FaultPlan::default()
+        }
+    }
+}
+
 /// A backend wrapped with a [`FaultPlan`].
 #[derive(Debug)]
 pub struct Faulty<B> {

@@ -143,6 +143,12 @@ pub enum BackendSection {
     Mock {
         /// The subnet it hands out.
         subnet: IpNet,
+        /// The gateway; default: the subnet's first host.
+        #[serde(default)]
+        gateway: Option<std::net::IpAddr>,
+        /// Added to every call, to behave like a slow cloud (demos, e2e).
+        #[serde(default)]
+        latency_ms: u64,
     },
     /// An UltrON-style IPAM service (docs/ultron-ipam-v1.md).
     Ultron {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use hulk_ipam::{IpamBackend, MockBackend};
+use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MockBackend};
 use hulk_netns::{Datapath, NetlinkKernel, Netns};
 use hulk_node::Node;
 use hulk_node::agent::{ServeLimits, serve};
@@ -47,7 +47,18 @@ fn http(ca_file: &Option<PathBuf>) -> Result<HttpClient, Failure> {
 
 fn backend(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, Failure> {
     Ok(match section {
-        BackendSection::Mock { subnet } => Arc::new(MockBackend::new(*subnet)),
+        BackendSection::Mock {
+            subnet,
+            gateway,
+            latency_ms,
+        } => {
+            let mock = match gateway {
+                Some(gateway) => MockBackend::with_gateway(*subnet, *gateway),
+                None => MockBackend::new(*subnet),
+            };
+            let latency = Duration::from_millis(*latency_ms);
+            Arc::new(Faulty::new(mock, FaultPlan::fixed_latency(latency)))
+        }
         BackendSection::Ultron {
             url,
             token_file,

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::Parser;
-use hulk_ipam::MockBackend;
+use std::time::Duration;
+
+use hulk_ipam::{FaultPlan, Faulty, MockBackend};
 use ipnet::IpNet;
 
 /// Serve the UltrON-style IPAM contract v1 from memory.
@@ -22,6 +24,9 @@ struct Args {
     /// The subnet to hand out (its first host is the gateway).
     #[arg(long, default_value = "10.20.0.0/24")]
     subnet: IpNet,
+    /// Added to every call, to behave like a slow cloud.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
 }
 
 #[tokio::main]
@@ -30,8 +35,12 @@ async fn main() -> std::io::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let app =
-        hulk_openstack::ultron::server::router(Arc::new(MockBackend::new(args.subnet)), args.token);
+    let latency = Duration::from_millis(args.latency_ms);
+    let backend = Faulty::new(
+        MockBackend::new(args.subnet),
+        FaultPlan::fixed_latency(latency),
+    );
+    let app = hulk_openstack::ultron::server::router(Arc::new(backend), args.token);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, subnet = %args.subnet, "serving the UltrON-style IPAM contract v1");
     axum::serve(listener, app)
