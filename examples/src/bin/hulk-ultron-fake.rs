@@ -4,10 +4,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-
-use clap::Parser;
 use std::time::Duration;
 
+use clap::Parser;
 use hulk_ipam::{FaultPlan, Faulty, MockBackend};
 use ipnet::IpNet;
 
