@@ -59,7 +59,7 @@ pub use netns::{
     link_by_name, run_blocking_in,
 };
 pub use nftables::{NftFinding, check_nftables, nftables_shadowing};
-pub use node::{NodeNetwork, RestoreReport};
+pub use node::{NodeNetwork, NodeState, RestoreReport};
 
 /// Re-exported so users build requests with the same rtnetlink version.
 pub use rtnetlink;

@@ -58,8 +58,49 @@ pub struct RestoreReport {
     pub stale_routes_removed: Vec<IpNet>,
 }
 
+/// The node-level datapath as found, against what it should be: what
+/// [`Datapath::restore_node`] would repair.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeState {
+    /// The host-side slave exists as the configured kind.
+    pub host_link_present: bool,
+    /// The host-side slave is up.
+    pub host_link_up: bool,
+    /// The node address is on the host-side slave.
+    pub node_address_present: bool,
+    /// Pods holding an address with no host route.
+    pub missing_routes: Vec<IpNet>,
+    /// Host routes to pods that hold no address any more.
+    pub stale_routes: Vec<IpNet>,
+}
+
+impl NodeState {
+    /// Whether nothing needs repair.
+    pub fn is_healthy(&self) -> bool {
+        self.host_link_present
+            && self.host_link_up
+            && self.node_address_present
+            && self.missing_routes.is_empty()
+            && self.stale_routes.is_empty()
+    }
+}
+
 fn is_host_prefix(net: &IpNet) -> bool {
     net.prefix_len() == net.max_prefix_len()
+}
+
+/// The host routes on the host-side slave to pods not in `wanted`.
+fn stale_pod_routes<'a>(
+    routes: &'a [Route],
+    node: &'a NodeNetwork,
+    wanted: &'a BTreeSet<IpNet>,
+) -> impl Iterator<Item = &'a Route> {
+    routes.iter().filter(move |route| {
+        route.gateway.is_none()
+            && is_host_prefix(&route.dst)
+            && route.dst.addr() != node.node_address.addr()
+            && !wanted.contains(&route.dst)
+    })
 }
 
 impl<K: Kernel> Datapath<K> {
@@ -116,12 +157,9 @@ impl<K: Kernel> Datapath<K> {
         let host = kernel.host();
         let wanted: BTreeSet<IpNet> = live_pods.iter().copied().map(IpNet::from).collect();
         let mut report = RestoreReport::default();
-        for route in kernel.routes(host, &node.host_link).await? {
-            let stale = route.gateway.is_none()
-                && is_host_prefix(&route.dst)
-                && route.dst.addr() != node.node_address.addr()
-                && !wanted.contains(&route.dst);
-            if stale && kernel.delete_route(host, &route).await? {
+        let routes = kernel.routes(host, &node.host_link).await?;
+        for route in stale_pod_routes(&routes, node, &wanted) {
+            if kernel.delete_route(host, route).await? {
                 report.stale_routes_removed.push(route.dst);
             }
         }
@@ -132,6 +170,40 @@ impl<K: Kernel> Datapath<K> {
             report.routes_installed += 1;
         }
         Ok(report)
+    }
+
+    /// Observes the node-level datapath and compares it with what `node`
+    /// and the pods holding `live_pods` need. Changes nothing.
+    pub async fn inspect_node(
+        &self,
+        node: &NodeNetwork,
+        live_pods: &[IpAddr],
+    ) -> Result<NodeState, DatapathError> {
+        let kernel = self.kernel();
+        let host = kernel.host();
+        let Some(link) = kernel.link(host, &node.host_link).await? else {
+            return Ok(NodeState {
+                missing_routes: live_pods.iter().copied().map(IpNet::from).collect(),
+                ..NodeState::default()
+            });
+        };
+        let wanted: BTreeSet<IpNet> = live_pods.iter().copied().map(IpNet::from).collect();
+        let routes = kernel.routes(host, &node.host_link).await?;
+        let routed: BTreeSet<IpNet> = routes
+            .iter()
+            .filter(|route| route.gateway.is_none())
+            .map(|route| route.dst)
+            .collect();
+        let addresses = kernel.addresses(host, &node.host_link).await?;
+        Ok(NodeState {
+            host_link_present: link.slave == Some(node.kind),
+            host_link_up: link.up,
+            node_address_present: addresses.contains(&node.node_address),
+            missing_routes: wanted.difference(&routed).copied().collect(),
+            stale_routes: stale_pod_routes(&routes, node, &wanted)
+                .map(|route| route.dst)
+                .collect(),
+        })
     }
 }
 
@@ -192,6 +264,31 @@ mod tests {
             datapath.ensure_host_slave(&no_parent).await,
             Err(DatapathError::ParentNotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn inspection_sees_what_a_reboot_lost_and_restore_repairs_it() {
+        let datapath = datapath();
+        let node = node();
+        let pods: Vec<IpAddr> = vec!["10.20.0.5".parse().unwrap()];
+        let lost = datapath.inspect_node(&node, &pods).await.unwrap();
+        assert!(!lost.is_healthy());
+        assert!(!lost.host_link_present);
+        assert_eq!(
+            lost.missing_routes,
+            ["10.20.0.5/32".parse::<IpNet>().unwrap()]
+        );
+
+        datapath.restore_node(&node, &pods).await.unwrap();
+        let restored = datapath.inspect_node(&node, &pods).await.unwrap();
+        assert!(restored.is_healthy(), "{restored:?}");
+
+        let stale = datapath.inspect_node(&node, &[]).await.unwrap();
+        assert_eq!(
+            stale.stale_routes,
+            ["10.20.0.5/32".parse::<IpNet>().unwrap()]
+        );
+        assert!(stale.missing_routes.is_empty());
     }
 
     #[tokio::test]

@@ -37,6 +37,8 @@ pub struct PoolCore {
     pub(crate) waiters: usize,
     pub(crate) in_flight: usize,
     pub(crate) degraded: Option<(u64, String)>,
+    /// Set by an operator's drain: no refills, idle addresses go back.
+    pub(crate) draining: bool,
 }
 
 impl PoolCore {
@@ -125,14 +127,15 @@ impl PoolCore {
     /// How many addresses a refill should allocate now, counted as in
     /// flight until [`PoolCore::finish_refill`]: toward `min_idle` (or the
     /// number of waiting assignments), in one batch, never past `max_idle`
-    /// or `max_total`, and nothing while degraded.
+    /// or `max_total`, and nothing while degraded or draining.
     pub fn plan_refill(&mut self, config: &PoolConfig, now_ms: u64) -> usize {
         let idle = self.idle.len() + self.in_flight;
         let target = config.min_idle.max(self.waiters);
         let room = config
             .max_total
             .saturating_sub(self.records.len() + self.in_flight);
-        let want = if self.degraded_at(now_ms).is_some() || idle >= target {
+        let paused = self.draining || self.degraded_at(now_ms).is_some();
+        let want = if paused || idle >= target {
             0
         } else {
             config

@@ -16,6 +16,9 @@ use crate::store::{
     AddressRecord, AddressState, Intent, IntentKind, PoolStore, StoreError, StoreOp,
 };
 
+/// Why a drained pool refuses assignments.
+const DRAINED: &str = "drained by an operator; a refill resumes it";
+
 /// The most batch calls one refill pass runs at once.
 const MAX_PARALLEL_BATCHES: usize = 4;
 
@@ -108,6 +111,10 @@ pub struct PoolStats {
     pub in_flight: usize,
     /// Whether refills are paused after a backend refusal.
     pub degraded: bool,
+    /// The backend's refusal, while degraded.
+    pub degraded_reason: Option<String>,
+    /// Whether an operator drained the pool.
+    pub draining: bool,
 }
 
 /// What one refill pass did.
@@ -411,6 +418,12 @@ impl PoolManager {
                     }
                     break Ok(lease);
                 }
+                if state.draining {
+                    break Err(PoolError::Degraded {
+                        subnet: key.subnet.clone(),
+                        reason: DRAINED.to_owned(),
+                    });
+                }
                 if let Some(reason) = state.degraded_at(now) {
                     break Err(PoolError::Degraded {
                         subnet: key.subnet.clone(),
@@ -521,13 +534,16 @@ impl PoolManager {
         let pool = self.pool(key);
         let state = pool.lock();
         let (idle, assigned, cooldown, releasing) = state.counts();
+        let degraded_reason = state.degraded_at(self.clock.now_ms()).map(str::to_owned);
         PoolStats {
             idle,
             assigned,
             cooldown,
             releasing,
             in_flight: state.in_flight(),
-            degraded: state.degraded_at(self.clock.now_ms()).is_some(),
+            degraded: degraded_reason.is_some(),
+            degraded_reason,
+            draining: state.draining,
         }
     }
 
@@ -537,6 +553,47 @@ impl PoolManager {
             .iter()
             .map(|pool| pool.key.clone())
             .collect()
+    }
+
+    /// Every address of every pool, ordered by address.
+    pub fn records(&self) -> Vec<AddressRecord> {
+        let mut records: Vec<AddressRecord> = self
+            .all_pools()
+            .iter()
+            .flat_map(|pool| pool.lock().records.values().cloned().collect::<Vec<_>>())
+            .collect();
+        records.sort_by_key(|record| record.lease.address.addr());
+        records
+    }
+
+    /// The pool and owner holding `address`, if a pod holds it.
+    pub fn holder_of(&self, address: std::net::IpAddr) -> Option<(PoolKey, Owner)> {
+        self.records()
+            .into_iter()
+            .find_map(|record| match record.state {
+                AddressState::Assigned(owner) if record.lease.address.addr() == address => {
+                    Some((record.key, owner))
+                }
+                _ => None,
+            })
+    }
+
+    /// Drains `key`'s pool for an operator: refills stop, assignments
+    /// without an idle address fail, and every idle address goes back to
+    /// the backend now (cooling ones once cooled). Addresses held by pods
+    /// stay. Returns how many went back. Not durable: a restarted agent
+    /// refills again.
+    pub async fn drain(&self, key: &PoolKey) -> Result<usize, PoolError> {
+        let pool = self.pool(key);
+        pool.lock().draining = true;
+        pool.announce();
+        self.shrink(&pool).await
+    }
+
+    /// Ends a drain of `key`'s pool and runs a refill pass.
+    pub async fn resume(&self, key: &PoolKey) -> Result<RefillOutcome, PoolError> {
+        self.pool(key).lock().draining = false;
+        self.refill(key).await
     }
 
     /// One refill pass of `key`'s pool: allocates toward `min_idle` (and
@@ -643,7 +700,8 @@ impl PoolManager {
     }
 
     /// Returns idle addresses beyond `max_idle`, and those beyond
-    /// `min_idle` idle for longer than `idle_reclaim_after`.
+    /// `min_idle` idle for longer than `idle_reclaim_after`; every idle
+    /// address of a draining pool.
     async fn shrink(&self, pool: &Pool) -> Result<usize, PoolError> {
         let now = self.clock.now_ms();
         let victims: Vec<(AddressRecord, Intent)> = {
@@ -652,12 +710,17 @@ impl PoolManager {
             let reclaim_before = config
                 .idle_reclaim_after
                 .map(|after| now.saturating_sub(after.as_millis() as u64));
+            let (floor, ceiling) = if state.draining {
+                (0, 0)
+            } else {
+                (config.min_idle, config.max_idle)
+            };
             let mut victims = Vec::new();
-            while state.idle.len() > config.min_idle {
+            while state.idle.len() > floor {
                 let Some(oldest) = state.idle.front().cloned() else {
                     break;
                 };
-                let too_many = state.idle.len() > config.max_idle;
+                let too_many = state.idle.len() > ceiling;
                 let stale =
                     reclaim_before.is_some_and(|before| state.records[&oldest].since_ms < before);
                 if !(too_many || stale) {

@@ -534,3 +534,47 @@ async fn long_idle_addresses_beyond_min_idle_are_reclaimed() {
     assert_eq!(outcome.released, 2, "down to min_idle");
     assert_eq!(backend.allocated(), 2);
 }
+
+#[tokio::test]
+async fn a_drained_pool_gives_back_its_idle_addresses_until_resumed() {
+    let (backend, pools) = memory_pools().await;
+    pools.warm_up(&key()).await.unwrap();
+    let held = pools.assign(&key(), &owner(1)).await.unwrap();
+    assert_eq!(backend.allocated(), 3);
+
+    let returned = pools.drain(&key()).await.unwrap();
+    assert_eq!(returned, 2, "the two idle addresses go back");
+    assert_eq!(backend.allocated(), 1, "the pod's address stays");
+    let stats = pools.stats(&key());
+    assert!(stats.draining);
+    assert_eq!((stats.idle, stats.assigned), (0, 1));
+    assert_eq!(pools.refill(&key()).await.unwrap().allocated, 0);
+    assert!(matches!(
+        pools.assign(&key(), &owner(2)).await,
+        Err(PoolError::Degraded { .. })
+    ));
+    assert_eq!(pools.assign(&key(), &owner(1)).await.unwrap(), held);
+
+    let resumed = pools.resume(&key()).await.unwrap();
+    assert_eq!(resumed.allocated, config().batch);
+    assert!(!pools.stats(&key()).draining);
+    pools.assign(&key(), &owner(2)).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_address_names_its_holder() {
+    let (_, pools) = memory_pools().await;
+    pools.warm_up(&key()).await.unwrap();
+    let lease = pools.assign(&key(), &owner(7)).await.unwrap();
+    assert_eq!(
+        pools.holder_of(lease.address.addr()),
+        Some((key(), owner(7)))
+    );
+    let idle = pools
+        .records()
+        .into_iter()
+        .find(|record| record.lease.id != lease.id)
+        .unwrap();
+    assert_eq!(pools.holder_of(idle.lease.address.addr()), None);
+    assert_eq!(pools.records().len(), 3);
+}
