@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 /// One chain that can override kube-proxy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct NftFinding {
     /// `family table chain`, e.g. `inet firewalld filter_FORWARD`.
     pub chain: String,

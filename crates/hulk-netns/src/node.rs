@@ -50,7 +50,7 @@ impl NodeNetwork {
 }
 
 /// What [`Datapath::restore_node`] changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RestoreReport {
     /// Host routes (re)installed for live pods.
     pub routes_installed: usize,
@@ -60,7 +60,7 @@ pub struct RestoreReport {
 
 /// The node-level datapath as found, against what it should be: what
 /// [`Datapath::restore_node`] would repair.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeState {
     /// The host-side slave exists as the configured kind.
     pub host_link_present: bool,

@@ -1,22 +1,25 @@
-//! The agent's API on a Unix socket: one JSON request line, one JSON reply
-//! line per connection. Bounded: requests past `max_in_flight` wait for a
-//! slot, each request has a deadline, a request line has a size limit.
+//! The agent's API for the CNI plugin on a Unix socket (framing in
+//! [`crate::lines`]): ADD, DEL, CHECK, GC and STATUS, each counted and
+//! timed in [`AgentMetrics`].
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hulk_cni::{Attachment, CniError, ErrorCode};
 use hulk_netns::Kernel;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
 
+pub use crate::lines::{ClientError, ServeLimits};
+use crate::lines::{LineService, Peer};
 use crate::{Node, PodAttachment, PodRequest};
-
-/// The longest request line the agent reads.
-pub const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
 
 /// What the plugin asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +40,18 @@ pub enum AgentRequest {
     Status,
 }
 
+impl AgentRequest {
+    fn operation(&self) -> &'static str {
+        match self {
+            AgentRequest::Add(_) => "add",
+            AgentRequest::Del(_) => "del",
+            AgentRequest::Check(_) => "check",
+            AgentRequest::Gc { .. } => "gc",
+            AgentRequest::Status => "status",
+        }
+    }
+}
+
 /// What the agent answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -49,128 +64,143 @@ pub enum AgentReply {
     Failed(CniError),
 }
 
-/// Limits of the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServeLimits {
-    /// Requests handled at once; more wait for a slot.
-    pub max_in_flight: usize,
-    /// Deadline of one request, waiting for a slot included.
-    pub request_timeout: Duration,
+/// Labels of a plugin request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `add`, `del`, `check`, `gc` or `status`.
+    pub op: String,
+    /// `ok`, or the CNI error code.
+    pub outcome: String,
 }
 
-impl Default for ServeLimits {
+/// Labels of a plugin request's duration.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// `add`, `del`, `check`, `gc` or `status`.
+    pub op: String,
+}
+
+/// Metrics of the plugin API. Handles are shared: clone freely.
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    /// Requests by operation and outcome.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Seconds per request by operation.
+    pub seconds: Family<OperationLabels, Histogram>,
+}
+
+impl Default for AgentMetrics {
     fn default() -> Self {
-        ServeLimits {
-            max_in_flight: 64,
-            request_timeout: Duration::from_secs(60),
+        AgentMetrics {
+            requests: Family::default(),
+            // 1 ms to about 65 s.
+            seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 17))
+            }),
         }
     }
 }
 
-async fn handle<K: Kernel + 'static>(node: &Node<K>, request: AgentRequest) -> AgentReply {
-    let outcome = match request {
-        AgentRequest::Add(pod) => node.add(&pod).await.map(AgentReply::Added),
-        AgentRequest::Del(pod) => node.del(&pod).await.map(|()| AgentReply::Done),
-        AgentRequest::Check(pod) => node.check(&pod).await.map(|()| AgentReply::Done),
-        AgentRequest::Gc { valid } => node.gc(&valid).await.map(|_| AgentReply::Done),
-        AgentRequest::Status => {
-            return node
-                .status()
-                .map_or_else(AgentReply::Failed, |()| AgentReply::Done);
-        }
-    };
-    outcome.unwrap_or_else(|error| AgentReply::Failed(error.to_cni()))
+impl AgentMetrics {
+    /// Registers the metrics under the prefix `hulk_agent`.
+    pub fn register(&self, registry: &mut Registry) {
+        let registry = registry.sub_registry_with_prefix("hulk_agent");
+        registry.register(
+            "requests",
+            "Plugin requests by operation and outcome (ok or the CNI error code)",
+            self.requests.clone(),
+        );
+        registry.register(
+            "request_seconds",
+            "Time to serve a plugin request",
+            self.seconds.clone(),
+        );
+    }
+
+    fn record(&self, operation: &str, started: Instant, reply: &AgentReply) {
+        let outcome = match reply {
+            AgentReply::Failed(error) => error.code.as_u32().to_string(),
+            AgentReply::Added(_) | AgentReply::Done => "ok".to_owned(),
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                op: operation.to_owned(),
+                outcome,
+            })
+            .inc();
+        self.seconds
+            .get_or_create(&OperationLabels {
+                op: operation.to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
 }
 
-async fn serve_connection<K: Kernel + 'static>(
+/// The plugin API of a node.
+#[derive(Debug)]
+pub struct PluginApi<K> {
     node: Arc<Node<K>>,
-    slots: Arc<Semaphore>,
-    limits: ServeLimits,
-    stream: UnixStream,
-) -> std::io::Result<()> {
-    let (reader, mut writer) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(reader)
-        .take(MAX_REQUEST_BYTES)
-        .read_line(&mut line)
-        .await?;
-    let reply = match serde_json::from_str::<AgentRequest>(&line) {
-        Err(error) => AgentReply::Failed(CniError::new(
+    metrics: AgentMetrics,
+}
+
+impl<K: Kernel + 'static> PluginApi<K> {
+    /// The API of `node`, recording into `metrics`.
+    pub fn new(node: Arc<Node<K>>, metrics: AgentMetrics) -> Self {
+        PluginApi { node, metrics }
+    }
+
+    async fn answer(&self, request: AgentRequest) -> AgentReply {
+        let node = &self.node;
+        let outcome = match request {
+            AgentRequest::Add(pod) => node.add(&pod).await.map(AgentReply::Added),
+            AgentRequest::Del(pod) => node.del(&pod).await.map(|()| AgentReply::Done),
+            AgentRequest::Check(pod) => node.check(&pod).await.map(|()| AgentReply::Done),
+            AgentRequest::Gc { valid } => node.gc(&valid).await.map(|_| AgentReply::Done),
+            AgentRequest::Status => {
+                return node
+                    .status()
+                    .map_or_else(AgentReply::Failed, |()| AgentReply::Done);
+            }
+        };
+        outcome.unwrap_or_else(|error| AgentReply::Failed(error.to_cni()))
+    }
+}
+
+impl<K: Kernel + 'static> LineService for PluginApi<K> {
+    type Request = AgentRequest;
+    type Reply = AgentReply;
+
+    async fn handle(&self, request: AgentRequest, _peer: Peer) -> AgentReply {
+        let started = Instant::now();
+        let operation = request.operation();
+        let reply = self.answer(request).await;
+        self.metrics.record(operation, started, &reply);
+        reply
+    }
+
+    fn unreadable(&self, error: serde_json::Error) -> AgentReply {
+        AgentReply::Failed(CniError::new(
             ErrorCode::DecodingFailure,
             format!("unreadable agent request: {error}"),
-        )),
-        Ok(request) => {
-            let work = async {
-                let _slot = slots.acquire().await;
-                handle(&node, request).await
-            };
-            tokio::time::timeout(limits.request_timeout, work)
-                .await
-                .unwrap_or_else(|_| {
-                    AgentReply::Failed(CniError::try_again_later(format!(
-                        "the agent did not finish within {:?}",
-                        limits.request_timeout
-                    )))
-                })
-        }
-    };
-    let mut bytes = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
-    bytes.push(b'\n');
-    writer.write_all(&bytes).await?;
-    writer.shutdown().await
+        ))
+    }
+
+    fn timed_out(&self, after: Duration) -> AgentReply {
+        AgentReply::Failed(CniError::try_again_later(format!(
+            "the agent did not finish within {after:?}"
+        )))
+    }
 }
 
-/// Serves `node` on `listener` until `shutdown` turns true; requests in
+/// Serves `api` on `listener` until `shutdown` turns true; requests in
 /// progress then finish before this returns.
 pub async fn serve<K: Kernel + 'static>(
-    node: Arc<Node<K>>,
+    api: Arc<PluginApi<K>>,
     listener: UnixListener,
     limits: ServeLimits,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
-    let mut connections = tokio::task::JoinSet::new();
-    while !*shutdown.borrow_and_update() {
-        tokio::select! {
-            changed = shutdown.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let (node, slots) = (node.clone(), slots.clone());
-                    connections.spawn(async move {
-                        if let Err(error) = serve_connection(node, slots, limits, stream).await {
-                            tracing::warn!(%error, "agent connection failed");
-                        }
-                    });
-                }
-                Err(error) => tracing::error!(%error, "cannot accept an agent connection"),
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-    while connections.join_next().await.is_some() {}
-}
-
-/// Failures to reach the agent (the plugin falls back or reports 103).
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Connecting, writing or reading failed.
-    #[error("agent socket {socket}: {source}")]
-    Io {
-        /// The socket path.
-        socket: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// No answer in time.
-    #[error("the agent did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The answer is not an agent reply.
-    #[error("unreadable agent reply: {0}")]
-    Reply(#[from] serde_json::Error),
+    crate::lines::serve(api, listener, limits, shutdown).await;
 }
 
 /// Sends one request to the agent at `socket` and waits up to `timeout`.
@@ -179,23 +209,5 @@ pub async fn call(
     request: &AgentRequest,
     timeout: Duration,
 ) -> Result<AgentReply, ClientError> {
-    let io = |source| ClientError::Io {
-        socket: socket.display().to_string(),
-        source,
-    };
-    let exchange = async {
-        let mut stream = UnixStream::connect(socket).await.map_err(io)?;
-        let mut bytes = serde_json::to_vec(request)?;
-        bytes.push(b'\n');
-        stream.write_all(&bytes).await.map_err(io)?;
-        let mut line = String::new();
-        BufReader::new(stream)
-            .read_line(&mut line)
-            .await
-            .map_err(io)?;
-        Ok(serde_json::from_str(&line)?)
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| ClientError::Timeout(timeout))?
+    crate::lines::call(socket, request, timeout).await
 }

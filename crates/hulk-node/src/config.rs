@@ -1,5 +1,6 @@
 //! The agent's configuration file (TOML), with defaults and validation.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,6 +32,18 @@ pub struct AgentConfig {
     /// Deadline of one request, in seconds.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_seconds: u64,
+    /// The rescue API's socket (`hulkctl`), root only.
+    #[serde(default = "default_rescue_socket")]
+    pub rescue_socket: PathBuf,
+    /// Where to serve `/metrics` and `/healthz`; none without it.
+    #[serde(default)]
+    pub metrics_address: Option<SocketAddr>,
+    /// Seconds between GC passes (dead pods, orphans).
+    #[serde(default = "default_gc_interval")]
+    pub gc_interval_seconds: u64,
+    /// The Kubernetes API, for pod annotations and the GC's live pods.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSection>,
     /// The node's datapath.
     pub network: NetworkSection,
     /// Where pods' addresses come from unless a pod asks otherwise.
@@ -45,6 +58,68 @@ pub struct AgentConfig {
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/hulk-vpc/agent.sock")
 }
+
+fn default_rescue_socket() -> PathBuf {
+    PathBuf::from("/run/hulk-vpc/rescue.sock")
+}
+
+fn default_gc_interval() -> u64 {
+    60
+}
+
+/// `[kubernetes]`: in a pod, the defaults are the service account's.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSection {
+    /// The API server's URL; default from `KUBERNETES_SERVICE_HOST` and
+    /// `KUBERNETES_SERVICE_PORT`.
+    #[serde(default)]
+    pub api_server: Option<String>,
+    /// The bearer token, read on each call (projected tokens rotate).
+    #[serde(default = "default_token_file")]
+    pub token_file: PathBuf,
+    /// The API server's CA bundle.
+    #[serde(default = "default_kube_ca_file")]
+    pub ca_file: PathBuf,
+}
+
+const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+fn default_token_file() -> PathBuf {
+    PathBuf::from(SERVICE_ACCOUNT).join("token")
+}
+
+fn default_kube_ca_file() -> PathBuf {
+    PathBuf::from(SERVICE_ACCOUNT).join("ca.crt")
+}
+
+impl KubernetesSection {
+    /// The API server's URL: the configured one, or the in-cluster one
+    /// from `host` and `port` (`KUBERNETES_SERVICE_HOST`/`_PORT`).
+    pub fn api_server(&self, host: Option<&str>, port: Option<&str>) -> Result<String, String> {
+        if let Some(url) = &self.api_server {
+            return Ok(url.clone());
+        }
+        match (host, port) {
+            (Some(host), port) => {
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host.to_owned()
+                };
+                Ok(format!("https://{host}:{}", port.unwrap_or("443")))
+            }
+            (None, _) => Err(
+                "[kubernetes]: api_server is not set and KUBERNETES_SERVICE_HOST is not in the environment"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// The prefix of environment overrides: `HULK_AGENT__NETWORK__PARENT=eth1`
+/// sets `[network] parent`.
+pub const ENV_PREFIX: &str = "HULK_AGENT__";
 
 fn default_max_in_flight() -> usize {
     64
@@ -188,13 +263,41 @@ impl AgentConfig {
     /// Parses and validates a configuration file's text; the message says
     /// which field is wrong.
     pub fn parse(text: &str) -> Result<AgentConfig, String> {
-        let config: AgentConfig = toml::from_str(text).map_err(|error| error.to_string())?;
-        config.pool_config()?;
-        config.slave_kind()?;
-        if config.node_name.is_empty() {
+        Self::parse_with_overrides(text, std::iter::empty())
+    }
+
+    /// Parses `text` with the overrides among `variables` (those starting
+    /// with [`ENV_PREFIX`]; pass `std::env::vars()`) applied, then
+    /// validates. A value is read as TOML when it parses as a TOML value
+    /// (numbers, booleans, arrays), else as a string.
+    pub fn parse_with_overrides(
+        text: &str,
+        variables: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<AgentConfig, String> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|error| error.to_string())?;
+        for (name, value) in variables {
+            if let Some(path) = name.strip_prefix(ENV_PREFIX) {
+                override_field(&mut table, path, &value)
+                    .map_err(|error| format!("{name}: {error}"))?;
+            }
+        }
+        let config: AgentConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|error: toml::de::Error| error.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.gc_interval_seconds == 0 {
+            return Err("gc_interval_seconds must be at least 1".into());
+        }
+        self.pool_config()?;
+        self.slave_kind()?;
+        if self.node_name.is_empty() {
             return Err("node_name must not be empty".into());
         }
-        Ok(config)
+        Ok(())
     }
 
     /// The pool knobs as the engine takes them, validated.
@@ -263,6 +366,32 @@ impl AgentConfig {
             pool.qos_policy.clone(),
         )
     }
+}
+
+/// Sets the field at `path` (`NETWORK__PARENT`) in `table`.
+fn override_field(table: &mut toml::Table, path: &str, raw: &str) -> Result<(), String> {
+    let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    let Some((field, sections)) = keys.split_last() else {
+        return Err("no field named".into());
+    };
+    if keys.iter().any(String::is_empty) {
+        return Err("an empty name between `__`".into());
+    }
+    let mut current = table;
+    for section in sections {
+        let entry = current
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{section} is not a section"))?;
+    }
+    let value = toml::from_str::<toml::Table>(&format!("value = {raw}"))
+        .ok()
+        .and_then(|mut parsed| parsed.remove("value"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    current.insert(field.clone(), value);
+    Ok(())
 }
 
 fn ipvlan(mode: IpVlanMode) -> SlaveKind {
@@ -341,6 +470,60 @@ mod tests {
             panic!("not neutron");
         };
         assert_eq!(region, None);
+    }
+
+    #[test]
+    fn environment_overrides_any_field() {
+        let variables = [
+            ("HULK_AGENT__NODE_NAME", "node-7"),
+            ("HULK_AGENT__NETWORK__PARENT", "ens5"),
+            ("HULK_AGENT__NETWORK__SERVICE_CIDRS", r#"["10.100.0.0/16"]"#),
+            ("HULK_AGENT__POOL__MIN_IDLE", "3"),
+            ("HULK_AGENT__METRICS_ADDRESS", "0.0.0.0:9464"),
+            ("HULK_AGENT__KUBERNETES__API_SERVER", "https://10.96.0.1"),
+            ("UNRELATED", "x"),
+        ]
+        .map(|(name, value)| (name.to_owned(), value.to_owned()));
+        let config = AgentConfig::parse_with_overrides(MINIMAL, variables).unwrap();
+        assert_eq!(config.node_name, "node-7");
+        assert_eq!(config.network.parent, "ens5");
+        assert_eq!(
+            config.network.service_cidrs,
+            ["10.100.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(config.pool.min_idle, 3);
+        assert_eq!(
+            config.metrics_address,
+            Some("0.0.0.0:9464".parse().unwrap())
+        );
+        let kubernetes = config.kubernetes.unwrap();
+        assert_eq!(kubernetes.token_file, default_token_file());
+        assert_eq!(
+            kubernetes.api_server(None, None).unwrap(),
+            "https://10.96.0.1"
+        );
+
+        let typo = [("HULK_AGENT__NETWORK__PARNET".to_owned(), "eth1".to_owned())];
+        let error = AgentConfig::parse_with_overrides(MINIMAL, typo).unwrap_err();
+        assert!(error.contains("parnet"), "{error}");
+    }
+
+    #[test]
+    fn the_in_cluster_api_server_comes_from_the_service_environment() {
+        let section = KubernetesSection {
+            api_server: None,
+            token_file: default_token_file(),
+            ca_file: default_kube_ca_file(),
+        };
+        assert_eq!(
+            section.api_server(Some("10.96.0.1"), Some("443")).unwrap(),
+            "https://10.96.0.1:443"
+        );
+        assert_eq!(
+            section.api_server(Some("fd00::1"), None).unwrap(),
+            "https://[fd00::1]:443"
+        );
+        assert!(section.api_server(None, None).is_err());
     }
 
     #[test]

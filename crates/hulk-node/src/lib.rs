@@ -62,12 +62,19 @@ use std::sync::Arc;
 
 use hulk_cni::{Attachment, CniError, CniResult, ErrorCode, Interface, IpConfig, Route};
 use hulk_ipam::{IpamError, Lease, Owner, PoolKey};
-use hulk_netns::{Datapath, DatapathError, Kernel, Mac, NodeNetwork, PodNetwork, RestoreReport};
+use hulk_netns::{
+    Datapath, DatapathError, Kernel, Mac, NodeNetwork, NodeState, PodNetwork, RestoreReport,
+};
 use hulk_netns::{default_destination, format_mac};
-use hulk_pool::{PoolError, PoolManager};
+use hulk_pool::{AddressState, PoolError, PoolManager, ReconcileReport};
+
+use crate::kube::{KubeClient, KubeError};
 
 pub mod agent;
 pub mod config;
+pub mod kube;
+pub mod lines;
+pub mod rescue;
 
 /// One pod interface, as a CNI request names it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -145,6 +152,10 @@ pub enum NodeError {
     /// The interface could not be built, checked or removed.
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    /// The Kubernetes API could not say which pool a pod wants or which
+    /// pods live.
+    #[error(transparent)]
+    Kubernetes(#[from] KubeError),
 }
 
 impl NodeError {
@@ -167,6 +178,9 @@ impl NodeError {
             NodeError::Datapath(DatapathError::NamespaceNotFound(_)) => ErrorCode::Namespace,
             NodeError::Datapath(DatapathError::Invalid(_)) => ErrorCode::InvalidNetworkConfig,
             NodeError::Datapath(_) => ErrorCode::Datapath,
+            // Guessing the pool would risk the wrong subnet or security
+            // groups; the runtime retries.
+            NodeError::Kubernetes(_) => ErrorCode::TryAgainLater,
         };
         CniError::new(code, self.to_string())
     }
@@ -179,6 +193,7 @@ pub struct Node<K> {
     datapath: Datapath<K>,
     network: NodeNetwork,
     default_pool: PoolKey,
+    kubernetes: Option<KubeClient>,
 }
 
 impl<K: Kernel> Node<K> {
@@ -194,7 +209,25 @@ impl<K: Kernel> Node<K> {
             datapath,
             network,
             default_pool,
+            kubernetes: None,
         }
+    }
+
+    /// Reads pods' pool annotations at ADD and the node's pods for
+    /// [`Node::collect_dead_pods`] from `kubernetes`.
+    pub fn with_kubernetes(mut self, kubernetes: KubeClient) -> Self {
+        self.kubernetes = Some(kubernetes);
+        self
+    }
+
+    /// Whether pods are read from the Kubernetes API.
+    pub fn has_kubernetes(&self) -> bool {
+        self.kubernetes.is_some()
+    }
+
+    /// The node network.
+    pub fn network(&self) -> &NodeNetwork {
+        &self.network
     }
 
     /// The pools.
@@ -231,10 +264,7 @@ impl<K: Kernel> Node<K> {
         let netns = request.netns.as_deref().ok_or_else(|| {
             NodeError::InvalidRequest("ADD needs the pod's network namespace".into())
         })?;
-        let key = request
-            .pool
-            .clone()
-            .unwrap_or_else(|| self.default_pool.clone());
+        let key = self.pool_of(request).await?;
         let owner = request.owner();
         let lease = self.pools.assign(&key, &owner).await?;
         let spec = self.pod_network(request, &lease)?;
@@ -266,6 +296,25 @@ impl<K: Kernel> Node<K> {
                 Err(error.into())
             }
         }
+    }
+
+    /// The pool a pod's address comes from: the request's, its
+    /// annotations', or the default.
+    async fn pool_of(&self, request: &PodRequest) -> Result<PoolKey, NodeError> {
+        if let Some(key) = &request.pool {
+            return Ok(key.clone());
+        }
+        let (Some(kubernetes), Some(name)) = (&self.kubernetes, &request.pod) else {
+            return Ok(self.default_pool.clone());
+        };
+        let Some(pod) = kubernetes.pod(name).await? else {
+            tracing::warn!(pod = %name, "the Kubernetes API does not know the pod; default pool");
+            return Ok(self.default_pool.clone());
+        };
+        Ok(pod
+            .pool(&self.default_pool)
+            .map_err(NodeError::InvalidRequest)?
+            .unwrap_or_else(|| self.default_pool.clone()))
     }
 
     /// Returns a failed ADD's address to the pool (logged if that fails:
@@ -321,6 +370,99 @@ impl<K: Kernel> Node<K> {
             .map(|attachment| (attachment.container_id.clone(), attachment.ifname.clone()))
             .collect();
         Ok(self.pools.reconcile(&live).await?.released)
+    }
+
+    /// The periodic GC: releases addresses of pods the Kubernetes API no
+    /// longer shows on this node (or shows finished), once missing on two
+    /// passes in a row. Assignments without a pod name are kept: only the
+    /// runtime's CNI GC can judge those. Without a Kubernetes client this
+    /// does nothing.
+    pub async fn collect_dead_pods(&self) -> Result<ReconcileReport, NodeError> {
+        let Some(kubernetes) = &self.kubernetes else {
+            return Ok(ReconcileReport::default());
+        };
+        let pods = kubernetes.live_pods_on(self.pools.node_name()).await?;
+        let live: HashSet<(String, String)> = self
+            .pools
+            .records()
+            .into_iter()
+            .filter_map(|record| match record.state {
+                AddressState::Assigned(owner)
+                    if owner.pod.as_ref().is_none_or(|pod| pods.contains(pod)) =>
+                {
+                    Some((owner.container_id, owner.ifname))
+                }
+                _ => None,
+            })
+            .collect();
+        Ok(self.pools.reconcile(&live).await?)
+    }
+
+    /// Runs the periodic GC until `shutdown` turns true: every `interval`
+    /// a pass of [`Node::collect_dead_pods`], and every tenth pass an
+    /// orphan sweep of the backend (a list call, kept rare for large
+    /// clusters).
+    pub async fn run_collector(
+        self: Arc<Self>,
+        interval: std::time::Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut passes: u64 = 0;
+        while !*shutdown.borrow_and_update() {
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                () = tokio::time::sleep(interval) => {}
+            }
+            passes += 1;
+            match self.collect_dead_pods().await {
+                Ok(report) if !report.released.is_empty() || !report.suspected.is_empty() => {
+                    tracing::info!(
+                        released = report.released.len(),
+                        suspected = report.suspected.len(),
+                        "GC pass"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "GC pass failed"),
+            }
+            if passes % 10 == 0 {
+                match self.pools.sweep_orphans().await {
+                    Ok(0) => {}
+                    Ok(swept) => tracing::warn!(swept, "released backend addresses nobody knew"),
+                    Err(error) => tracing::warn!(%error, "orphan sweep failed"),
+                }
+            }
+        }
+    }
+
+    /// Releases the address `address` whatever pod holds it, and removes
+    /// its host route: for a pod that vanished without DEL. Returns the
+    /// owner, or `None` when no pod holds it.
+    pub async fn release_address(&self, address: IpAddr) -> Result<Option<Owner>, NodeError> {
+        let Some((_, owner)) = self.pools.holder_of(address) else {
+            return Ok(None);
+        };
+        let request = PodRequest {
+            container_id: owner.container_id.clone(),
+            ifname: owner.ifname.clone(),
+            netns: None,
+            pod: owner.pod.clone(),
+            pool: None,
+        };
+        self.del(&request).await?;
+        Ok(Some(owner))
+    }
+
+    /// The node-level datapath compared with what the pods holding
+    /// addresses need.
+    pub async fn inspect(&self) -> Result<NodeState, NodeError> {
+        let live: Vec<IpAddr> = self.pools.assigned_addresses();
+        Ok(self.datapath.inspect_node(&self.network, &live).await?)
     }
 
     /// STATUS: error 50 while a pool cannot serve ADDs (degraded after

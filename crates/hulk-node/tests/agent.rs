@@ -12,7 +12,9 @@ use hulk_cni::{Attachment, ErrorCode};
 use hulk_ipam::{MockBackend, PoolKey};
 use hulk_netns::fake::FakeKernel;
 use hulk_netns::{Datapath, NodeNetwork, SlaveKind};
-use hulk_node::agent::{AgentReply, AgentRequest, ClientError, ServeLimits, call, serve};
+use hulk_node::agent::{
+    AgentMetrics, AgentReply, AgentRequest, ClientError, PluginApi, ServeLimits, call, serve,
+};
 use hulk_node::{Node, PodRequest};
 use hulk_pool::{MemoryStore, PoolConfig, PoolManager, SystemClock};
 use tokio::io::AsyncWriteExt;
@@ -67,7 +69,8 @@ async fn start(socket: &Path) -> tokio::sync::watch::Sender<bool> {
         max_in_flight: 2,
         request_timeout: Duration::from_secs(5),
     };
-    tokio::spawn(serve(node, listener, limits, stopped));
+    let api = Arc::new(PluginApi::new(node, AgentMetrics::default()));
+    tokio::spawn(serve(api, listener, limits, stopped));
     stop
 }
 

@@ -97,7 +97,7 @@ impl Pool {
 }
 
 /// Counts of one pool, for metrics and the rescue API.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolStats {
     /// Ready to hand out.
     pub idle: usize,
@@ -336,6 +336,16 @@ impl PoolManager {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// The node this manager serves.
+    pub fn node_name(&self) -> &str {
+        &self.node
+    }
+
+    /// The backend's name.
+    pub fn backend_name(&self) -> &str {
+        self.backend.name()
     }
 
     /// The metrics; register them with [`PoolMetrics::register`].

@@ -1,0 +1,392 @@
+//! The rescue API: what an operator (through `hulkctl`) uses to inspect
+//! and repair a node. It has its own socket, so it answers while the
+//! plugin's request slots are all taken, and every request that changes
+//! something writes one audit line (target `hulk_audit`) naming the peer.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hulk_ipam::{Owner, PoolKey};
+use hulk_netns::{Kernel, NftFinding, NodeState, RestoreReport};
+use hulk_pool::{AddressRecord, PoolStats};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+
+use crate::lines::{ClientError, LineService, Peer, ServeLimits};
+use crate::{Node, NodeError};
+
+/// What an operator asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RescueRequest {
+    /// A summary of the agent.
+    Status,
+    /// Every pool with its counts.
+    Pools,
+    /// Every address the node holds, or those of one subnet.
+    Leases {
+        /// Only this subnet's.
+        subnet: Option<String>,
+    },
+    /// The node-level datapath against what it should be.
+    Node,
+    /// Releases the address a pod holds (a pod gone without DEL).
+    Release {
+        /// The address.
+        address: IpAddr,
+    },
+    /// Returns a subnet's idle addresses and stops refilling it.
+    Drain {
+        /// The subnet.
+        subnet: String,
+    },
+    /// Resumes a drained subnet and refills it now.
+    Refill {
+        /// The subnet.
+        subnet: String,
+    },
+    /// Re-applies the node-level network configuration.
+    Reapply,
+    /// A GC pass now, and an orphan sweep.
+    Gc,
+}
+
+impl RescueRequest {
+    /// Whether the request changes anything (and is audited).
+    pub fn changes_state(&self) -> bool {
+        matches!(
+            self,
+            RescueRequest::Release { .. }
+                | RescueRequest::Drain { .. }
+                | RescueRequest::Refill { .. }
+                | RescueRequest::Reapply
+                | RescueRequest::Gc
+        )
+    }
+}
+
+/// A summary of the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The node's name.
+    pub node: String,
+    /// The IPAM backend's name.
+    pub backend: String,
+    /// Addresses held by pods.
+    pub assigned: usize,
+    /// Subnets whose pool is degraded.
+    pub degraded: Vec<String>,
+    /// Subnets an operator drained.
+    pub draining: Vec<String>,
+    /// Whether the node-level datapath needs no repair.
+    pub datapath_healthy: bool,
+}
+
+/// One pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolView {
+    /// Its key.
+    pub key: PoolKey,
+    /// Its counts.
+    pub stats: PoolStats,
+}
+
+/// The node-level datapath.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// The VPC-facing parent interface.
+    pub parent: String,
+    /// The host-side slave.
+    pub host_link: String,
+    /// The node address on it.
+    pub node_address: IpNet,
+    /// Service ranges routed from pods to the node.
+    pub service_cidrs: Vec<IpNet>,
+    /// What was found.
+    pub state: NodeState,
+    /// nftables chains that can shadow kube-proxy's rules; `None` when
+    /// `nft` is not installed.
+    pub nftables: Option<Vec<NftFinding>>,
+    /// Why nftables could not be read, if so.
+    pub nftables_error: Option<String>,
+}
+
+/// What the agent answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum RescueReply {
+    /// For [`RescueRequest::Status`].
+    Status(AgentStatus),
+    /// For [`RescueRequest::Pools`].
+    Pools {
+        /// The pools.
+        pools: Vec<PoolView>,
+    },
+    /// For [`RescueRequest::Leases`].
+    Leases {
+        /// The addresses, ordered.
+        leases: Vec<AddressRecord>,
+    },
+    /// For [`RescueRequest::Node`].
+    Node(NodeView),
+    /// For [`RescueRequest::Release`].
+    Released {
+        /// Who held the address.
+        owner: Owner,
+    },
+    /// For [`RescueRequest::Drain`].
+    Drained {
+        /// Addresses returned to the backend.
+        returned: usize,
+    },
+    /// For [`RescueRequest::Refill`].
+    Refilled {
+        /// Addresses allocated.
+        allocated: usize,
+        /// The backend's refusal, if it refused.
+        error: Option<String>,
+    },
+    /// For [`RescueRequest::Reapply`].
+    Reapplied(RestoreReport),
+    /// For [`RescueRequest::Gc`].
+    Collected {
+        /// Assignments released (their pod missing on two passes).
+        released: Vec<Owner>,
+        /// Assignments whose pod is missing now: released on the next
+        /// pass if still missing.
+        suspected: Vec<Owner>,
+        /// Backend addresses of this node the agent did not know, released.
+        orphans_swept: usize,
+        /// Whether pods were checked (needs the Kubernetes API).
+        pods_checked: bool,
+    },
+    /// The request failed.
+    Failed {
+        /// Why.
+        message: String,
+    },
+}
+
+/// The rescue API of a node.
+#[derive(Debug)]
+pub struct RescueApi<K> {
+    node: Arc<Node<K>>,
+}
+
+fn failed(message: impl std::fmt::Display) -> RescueReply {
+    RescueReply::Failed {
+        message: message.to_string(),
+    }
+}
+
+impl<K: Kernel + 'static> RescueApi<K> {
+    /// The rescue API of `node`.
+    pub fn new(node: Arc<Node<K>>) -> Self {
+        RescueApi { node }
+    }
+
+    /// The pools of `subnet`, or a failure naming the known subnets.
+    fn pools_of(&self, subnet: &str) -> Result<Vec<PoolKey>, RescueReply> {
+        let keys = self.node.pools().keys();
+        let matching: Vec<PoolKey> = keys
+            .iter()
+            .filter(|key| key.subnet == subnet)
+            .cloned()
+            .collect();
+        if matching.is_empty() {
+            let mut known: Vec<&str> = keys.iter().map(|key| key.subnet.as_str()).collect();
+            known.sort_unstable();
+            known.dedup();
+            return Err(failed(format!(
+                "no pool for subnet {subnet:?}; known: {}",
+                known.join(", ")
+            )));
+        }
+        Ok(matching)
+    }
+
+    async fn status(&self) -> RescueReply {
+        let pools = self.node.pools();
+        let (mut degraded, mut draining, mut assigned) = (Vec::new(), Vec::new(), 0);
+        for key in pools.keys() {
+            let stats = pools.stats(&key);
+            assigned += stats.assigned;
+            if stats.degraded {
+                degraded.push(key.subnet.clone());
+            }
+            if stats.draining {
+                draining.push(key.subnet);
+            }
+        }
+        let datapath_healthy = match self.node.inspect().await {
+            Ok(state) => state.is_healthy(),
+            Err(error) => return failed(error),
+        };
+        RescueReply::Status(AgentStatus {
+            node: pools.node_name().to_owned(),
+            backend: pools.backend_name().to_owned(),
+            assigned,
+            degraded,
+            draining,
+            datapath_healthy,
+        })
+    }
+
+    async fn node_view(&self) -> RescueReply {
+        let state = match self.node.inspect().await {
+            Ok(state) => state,
+            Err(error) => return failed(error),
+        };
+        let (nftables, nftables_error) =
+            match tokio::task::spawn_blocking(hulk_netns::check_nftables).await {
+                Ok(Ok(findings)) => (findings, None),
+                Ok(Err(error)) => (None, Some(error.to_string())),
+                Err(error) => (None, Some(error.to_string())),
+            };
+        let network = self.node.network();
+        RescueReply::Node(NodeView {
+            parent: network.parent.clone(),
+            host_link: network.host_link.clone(),
+            node_address: network.node_address,
+            service_cidrs: network.service_cidrs.clone(),
+            state,
+            nftables,
+            nftables_error,
+        })
+    }
+
+    async fn gc(&self) -> Result<RescueReply, NodeError> {
+        let report = self.node.collect_dead_pods().await?;
+        let orphans_swept = self.node.pools().sweep_orphans().await?;
+        Ok(RescueReply::Collected {
+            released: report.released,
+            suspected: report.suspected,
+            orphans_swept,
+            pods_checked: self.node.has_kubernetes(),
+        })
+    }
+
+    async fn answer(&self, request: RescueRequest) -> RescueReply {
+        let pools = self.node.pools();
+        let outcome: Result<RescueReply, NodeError> = match request {
+            RescueRequest::Status => return self.status().await,
+            RescueRequest::Pools => {
+                let mut views: Vec<PoolView> = pools
+                    .keys()
+                    .into_iter()
+                    .map(|key| PoolView {
+                        stats: pools.stats(&key),
+                        key,
+                    })
+                    .collect();
+                views.sort_by(|a, b| a.key.subnet.cmp(&b.key.subnet));
+                return RescueReply::Pools { pools: views };
+            }
+            RescueRequest::Leases { subnet } => {
+                let leases = pools
+                    .records()
+                    .into_iter()
+                    .filter(|record| subnet.as_ref().is_none_or(|s| record.key.subnet == *s))
+                    .collect();
+                return RescueReply::Leases { leases };
+            }
+            RescueRequest::Node => return self.node_view().await,
+            RescueRequest::Release { address } => match self.node.release_address(address).await {
+                Ok(Some(owner)) => Ok(RescueReply::Released { owner }),
+                Ok(None) => return failed(format!("no pod holds {address}")),
+                Err(error) => Err(error),
+            },
+            RescueRequest::Drain { subnet } => {
+                let keys = match self.pools_of(&subnet) {
+                    Ok(keys) => keys,
+                    Err(reply) => return reply,
+                };
+                let mut returned = 0;
+                for key in keys {
+                    match pools.drain(&key).await {
+                        Ok(count) => returned += count,
+                        Err(error) => return failed(error),
+                    }
+                }
+                Ok(RescueReply::Drained { returned })
+            }
+            RescueRequest::Refill { subnet } => {
+                let keys = match self.pools_of(&subnet) {
+                    Ok(keys) => keys,
+                    Err(reply) => return reply,
+                };
+                let (mut allocated, mut refused) = (0, None);
+                for key in keys {
+                    match pools.resume(&key).await {
+                        Ok(outcome) => {
+                            allocated += outcome.allocated;
+                            refused = refused.or(outcome.error.map(|error| error.to_string()));
+                        }
+                        Err(error) => return failed(error),
+                    }
+                }
+                Ok(RescueReply::Refilled {
+                    allocated,
+                    error: refused,
+                })
+            }
+            RescueRequest::Reapply => self.node.restore().await.map(RescueReply::Reapplied),
+            RescueRequest::Gc => self.gc().await,
+        };
+        outcome.unwrap_or_else(failed)
+    }
+}
+
+impl<K: Kernel + 'static> LineService for RescueApi<K> {
+    type Request = RescueRequest;
+    type Reply = RescueReply;
+
+    async fn handle(&self, request: RescueRequest, peer: Peer) -> RescueReply {
+        let audited = request.changes_state().then(|| request.clone());
+        let reply = self.answer(request).await;
+        if let Some(request) = audited {
+            let outcome = serde_json::to_string(&reply).unwrap_or_default();
+            let request = serde_json::to_string(&request).unwrap_or_default();
+            tracing::info!(
+                target: "hulk_audit",
+                uid = ?peer.uid,
+                pid = ?peer.pid,
+                %request,
+                %outcome,
+                "rescue request"
+            );
+        }
+        reply
+    }
+
+    fn unreadable(&self, error: serde_json::Error) -> RescueReply {
+        failed(format!("unreadable rescue request: {error}"))
+    }
+
+    fn timed_out(&self, after: Duration) -> RescueReply {
+        failed(format!("the agent did not finish within {after:?}"))
+    }
+}
+
+/// Serves `api` on `listener` until `shutdown` turns true.
+pub async fn serve<K: Kernel + 'static>(
+    api: Arc<RescueApi<K>>,
+    listener: UnixListener,
+    limits: ServeLimits,
+    shutdown: watch::Receiver<bool>,
+) {
+    crate::lines::serve(api, listener, limits, shutdown).await;
+}
+
+/// Sends one rescue request to the agent at `socket`.
+pub async fn call(
+    socket: &Path,
+    request: &RescueRequest,
+    timeout: Duration,
+) -> Result<RescueReply, ClientError> {
+    crate::lines::call(socket, request, timeout).await
+}
