@@ -19,6 +19,8 @@ const NODE: &str = "hk-agent-test-node";
 const POD: &str = "hk-agent-test-pod";
 const ULTRON_NODE: &str = "hk-agent-ultron-node";
 const ULTRON_POD: &str = "hk-agent-ultron-pod";
+const RESCUE_NODE: &str = "hk-agent-rescue-node";
+const RESCUE_POD: &str = "hk-agent-rescue-pod";
 
 struct Agent(Child, &'static str, &'static str);
 
@@ -85,7 +87,7 @@ async fn node_namespace(name: &str) {
         .unwrap();
 }
 
-fn config(dir: &Path, node: &str, backend: &str) -> PathBuf {
+fn config(dir: &Path, node: &str, extra: &str, backend: &str) -> PathBuf {
     let path = dir.join("agent.toml");
     std::fs::write(
         &path,
@@ -93,8 +95,10 @@ fn config(dir: &Path, node: &str, backend: &str) -> PathBuf {
             r#"
 node_name = "test-node"
 socket = "{dir}/agent.sock"
+rescue_socket = "{dir}/rescue.sock"
 state_file = "{dir}/pool.redb"
 node_netns = "{NETNS_RUN_DIR}/{node}"
+{extra}
 [network]
 parent = "eth1"
 kind = "macvlan"
@@ -116,15 +120,24 @@ reuse_cooldown_seconds = 0
     path
 }
 
-/// Starts the agent in a node namespace of its own, with `backend`.
-async fn start_agent(dir: &Path, node: &'static str, pod: &'static str, backend: &str) -> Agent {
+/// Starts the agent in a node namespace of its own, with `backend` and
+/// `extra` top-level settings; its log goes to `dir/agent.log`.
+async fn start_agent(
+    dir: &Path,
+    node: &'static str,
+    pod: &'static str,
+    extra: &str,
+    backend: &str,
+) -> Agent {
     node_namespace(node).await;
     let _ = delete_named_netns(pod);
     create_named_netns(pod).unwrap();
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
     let mut agent = Agent(
         Command::new(env!("CARGO_BIN_EXE_hulk-agent"))
             .arg("--config")
-            .arg(config(dir, node, backend))
+            .arg(config(dir, node, extra, backend))
+            .stderr(log)
             .spawn()
             .unwrap(),
         node,
@@ -176,7 +189,7 @@ async fn the_agent_takes_addresses_from_an_ultron_service() {
         "type = \"ultron\"\nurl = \"http://127.0.0.1:{port}\"\ntoken_file = \"{}\"\ncluster = \"test\"",
         dir.join("token").display()
     );
-    let _agent = start_agent(&dir, ULTRON_NODE, ULTRON_POD, &backend).await;
+    let _agent = start_agent(&dir, ULTRON_NODE, ULTRON_POD, "", &backend).await;
     let pod = PodRequest {
         container_id: "sandbox-u".into(),
         ifname: "eth0".into(),
@@ -213,6 +226,7 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
         &dir,
         NODE,
         POD,
+        "",
         "type = \"mock\"\nsubnet = \"10.79.0.0/24\"",
     )
     .await;
@@ -299,5 +313,202 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
     let deleted = plugin("DEL", &with_prev, "sandbox-2");
     assert!(deleted.0, "{}", deleted.1);
     assert!(kernel.link(kernel.host(), "eth0").await.unwrap().is_none());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs hulkctl against the agent in `dir`: (exit code, JSON answer).
+fn hulkctl(dir: &Path, args: &[&str]) -> (i32, serde_json::Value) {
+    let output = Command::new(env!("CARGO_BIN_EXE_hulkctl"))
+        .arg("--socket")
+        .arg(dir.join("rescue.sock"))
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    let answer = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "hulkctl {args:?}: {error}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.code().unwrap(), answer)
+}
+
+/// One HTTP/1.0 GET on loopback: the body.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_rescue_api_inspects_and_repairs_the_node() {
+    let dir = std::env::temp_dir().join(format!("hulk-agent-rescue-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let extra = format!("metrics_address = \"127.0.0.1:{port}\"");
+    let _agent = start_agent(
+        &dir,
+        RESCUE_NODE,
+        RESCUE_POD,
+        &extra,
+        "type = \"mock\"\nsubnet = \"10.79.2.0/24\"",
+    )
+    .await;
+    let pod = PodRequest {
+        container_id: "sandbox-r".into(),
+        ifname: "eth0".into(),
+        netns: Some(Path::new(NETNS_RUN_DIR).join(RESCUE_POD)),
+        pod: Some("default/web-r".into()),
+        pool: None,
+    };
+    let timeout = Duration::from_secs(10);
+    let socket = dir.join("agent.sock");
+    let AgentReply::Added(attached) = call(&socket, &AgentRequest::Add(pod.clone()), timeout)
+        .await
+        .unwrap()
+    else {
+        panic!("ADD failed");
+    };
+    let address = attached.lease.address.addr().to_string();
+
+    let (code, status) = hulkctl(&dir, &["status"]);
+    assert_eq!(code, 0, "{status}");
+    assert_eq!(status["node"], "test-node");
+    assert_eq!(status["assigned"], 1);
+    assert_eq!(status["datapath_healthy"], true);
+    let (_, pools) = hulkctl(&dir, &["pools"]);
+    assert_eq!(pools["pools"][0]["key"]["subnet"], "subnet-a");
+    assert_eq!(pools["pools"][0]["stats"]["assigned"], 1);
+    let (_, leases) = hulkctl(&dir, &["leases", "--subnet", "subnet-a"]);
+    let held: Vec<&serde_json::Value> = leases["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|record| record["state"]["Assigned"]["container_id"] == "sandbox-r")
+        .collect();
+    assert_eq!(held.len(), 1, "{leases}");
+    assert_eq!(
+        held[0]["lease"]["address"],
+        attached.lease.address.to_string()
+    );
+
+    // A reboot-like loss of the host slave is seen, then repaired.
+    let node = NetlinkKernel::with_host(
+        hulk_netns::Netns::open(Path::new(NETNS_RUN_DIR).join(RESCUE_NODE)).unwrap(),
+    )
+    .unwrap();
+    assert!(node.delete_link(node.host(), "hulk0").await.unwrap());
+    let (_, broken) = hulkctl(&dir, &["node"]);
+    assert_eq!(broken["state"]["host_link_present"], false, "{broken}");
+    assert_eq!(
+        broken["state"]["missing_routes"][0],
+        format!("{address}/32")
+    );
+    let (code, reapplied) = hulkctl(&dir, &["reapply"]);
+    assert_eq!((code, &reapplied["routes_installed"]), (0, &1.into()));
+    let (_, repaired) = hulkctl(&dir, &["node"]);
+    assert_eq!(repaired["state"]["host_link_present"], true, "{repaired}");
+    assert_eq!(repaired["state"]["missing_routes"], serde_json::json!([]));
+
+    // A pod gone without DEL: its address is released by hand.
+    let (code, released) = hulkctl(&dir, &["release", &address]);
+    assert_eq!(code, 0, "{released}");
+    assert_eq!(released["owner"]["container_id"], "sandbox-r");
+    let (code, again) = hulkctl(&dir, &["release", &address]);
+    assert_eq!(code, 1, "{again}");
+    let routes = node.routes(node.host(), "hulk0").await.unwrap();
+    assert!(
+        routes
+            .iter()
+            .all(|route| route.dst.addr().to_string() != address),
+        "{routes:?}"
+    );
+
+    // Drained: idle addresses go back, ADD says try again later; refill resumes.
+    let (code, drained) = hulkctl(&dir, &["drain", "subnet-a"]);
+    assert_eq!(code, 0, "{drained}");
+    assert!(drained["returned"].as_u64().unwrap() > 0, "{drained}");
+    let (_, pools) = hulkctl(&dir, &["pools"]);
+    assert_eq!(pools["pools"][0]["stats"]["draining"], true);
+    assert_eq!(pools["pools"][0]["stats"]["idle"], 0);
+    let reply = call(&socket, &AgentRequest::Add(pod.clone()), timeout)
+        .await
+        .unwrap();
+    let AgentReply::Failed(error) = reply else {
+        panic!("ADD on a drained pool: {reply:?}");
+    };
+    assert_eq!(error.code.as_u32(), 11);
+    let (code, unknown) = hulkctl(&dir, &["drain", "subnet-z"]);
+    assert_eq!(code, 1);
+    assert!(
+        unknown["message"]
+            .as_str()
+            .unwrap()
+            .contains("known: subnet-a"),
+        "{unknown}"
+    );
+    let (code, refilled) = hulkctl(&dir, &["refill", "subnet-a"]);
+    assert_eq!(code, 0, "{refilled}");
+    assert!(refilled["allocated"].as_u64().unwrap() > 0, "{refilled}");
+    let second = PodRequest {
+        container_id: "sandbox-r2".into(),
+        ifname: "eth1".into(),
+        ..pod.clone()
+    };
+    let reply = call(&socket, &AgentRequest::Add(second), timeout)
+        .await
+        .unwrap();
+    assert!(matches!(reply, AgentReply::Added(_)), "{reply:?}");
+
+    let (code, collected) = hulkctl(&dir, &["gc"]);
+    assert_eq!(code, 0, "{collected}");
+    assert_eq!(collected["pods_checked"], false);
+    assert_eq!(collected["orphans_swept"], 0);
+
+    let metrics = http_get(port, "/metrics");
+    assert!(
+        metrics.contains("hulk_agent_requests_total{op=\"add\",outcome=\"ok\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("hulk_agent_requests_total{op=\"add\",outcome=\"11\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("hulk_pool_assigned_addresses{subnet=\"subnet-a\""),
+        "{metrics}"
+    );
+    assert_eq!(http_get(port, "/healthz"), "ok\n");
+
+    let log = std::fs::read_to_string(dir.join("agent.log")).unwrap();
+    let audit: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("hulk_audit"))
+        .collect();
+    for op in ["reapply", "release", "drain", "refill", "gc"] {
+        assert!(
+            audit
+                .iter()
+                .any(|line| line.contains(&format!(r#""op":"{op}""#))),
+            "no audit line for {op}: {audit:#?}"
+        );
+    }
+    assert!(
+        audit.iter().all(|line| line.contains("peer=uid 0 pid ")),
+        "{audit:#?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -74,6 +74,7 @@ pub mod agent;
 pub mod config;
 pub mod kube;
 pub mod lines;
+pub mod metrics;
 pub mod rescue;
 
 /// One pod interface, as a CNI request names it.
@@ -430,7 +431,7 @@ impl<K: Kernel> Node<K> {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "GC pass failed"),
             }
-            if passes % 10 == 0 {
+            if passes.is_multiple_of(10) {
                 match self.pools.sweep_orphans().await {
                     Ok(0) => {}
                     Ok(swept) => tracing::warn!(swept, "released backend addresses nobody knew"),

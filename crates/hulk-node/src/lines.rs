@@ -44,6 +44,16 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.uid, self.pid) {
+            (Some(uid), Some(pid)) => write!(f, "uid {uid} pid {pid}"),
+            (Some(uid), None) => write!(f, "uid {uid}"),
+            _ => f.write_str("unknown"),
+        }
+    }
+}
+
 impl Peer {
     fn of(stream: &UnixStream) -> Peer {
         stream.peer_cred().map_or_else(

@@ -189,8 +189,8 @@ impl<K: Kernel + 'static> RescueApi<K> {
         RescueApi { node }
     }
 
-    /// The pools of `subnet`, or a failure naming the known subnets.
-    fn pools_of(&self, subnet: &str) -> Result<Vec<PoolKey>, RescueReply> {
+    /// The pools of `subnet`, or why there are none (naming the known subnets).
+    fn pools_of(&self, subnet: &str) -> Result<Vec<PoolKey>, String> {
         let keys = self.node.pools().keys();
         let matching: Vec<PoolKey> = keys
             .iter()
@@ -201,10 +201,10 @@ impl<K: Kernel + 'static> RescueApi<K> {
             let mut known: Vec<&str> = keys.iter().map(|key| key.subnet.as_str()).collect();
             known.sort_unstable();
             known.dedup();
-            return Err(failed(format!(
+            return Err(format!(
                 "no pool for subnet {subnet:?}; known: {}",
                 known.join(", ")
-            )));
+            ));
         }
         Ok(matching)
     }
@@ -303,7 +303,7 @@ impl<K: Kernel + 'static> RescueApi<K> {
             RescueRequest::Drain { subnet } => {
                 let keys = match self.pools_of(&subnet) {
                     Ok(keys) => keys,
-                    Err(reply) => return reply,
+                    Err(message) => return failed(message),
                 };
                 let mut returned = 0;
                 for key in keys {
@@ -317,7 +317,7 @@ impl<K: Kernel + 'static> RescueApi<K> {
             RescueRequest::Refill { subnet } => {
                 let keys = match self.pools_of(&subnet) {
                     Ok(keys) => keys,
-                    Err(reply) => return reply,
+                    Err(message) => return failed(message),
                 };
                 let (mut allocated, mut refused) = (0, None);
                 for key in keys {
@@ -353,8 +353,7 @@ impl<K: Kernel + 'static> LineService for RescueApi<K> {
             let request = serde_json::to_string(&request).unwrap_or_default();
             tracing::info!(
                 target: "hulk_audit",
-                uid = ?peer.uid,
-                pid = ?peer.pid,
+                %peer,
                 %request,
                 %outcome,
                 "rescue request"

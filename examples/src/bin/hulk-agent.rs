@@ -1,7 +1,9 @@
 //! The hulk-vpc node agent: holds the pools and the datapath and serves the
 //! CNI plugin on a Unix socket. Wiring only; the work is in hulk-node.
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,13 +11,16 @@ use clap::Parser;
 use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MockBackend};
 use hulk_netns::{Datapath, NetlinkKernel, Netns};
 use hulk_node::Node;
-use hulk_node::agent::{ServeLimits, serve};
-use hulk_node::config::{AgentConfig, BackendSection};
+use hulk_node::agent::{AgentMetrics, PluginApi, ServeLimits, serve};
+use hulk_node::config::{AgentConfig, BackendSection, KubernetesSection};
+use hulk_node::kube::KubeClient;
+use hulk_node::rescue::{self, RescueApi};
 use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
 use hulk_openstack::neutron::{NeutronAuth, NeutronClient};
 use hulk_openstack::ultron::UltronBackend;
 use hulk_openstack::{HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig};
 use hulk_pool::{MemoryStore, PoolManager, PoolStore, RedbStore, SystemClock};
+use prometheus_client::registry::Registry;
 
 /// Run the hulk-vpc node agent.
 #[derive(Parser)]
@@ -28,6 +33,10 @@ struct Args {
         default_value = "/etc/hulk-vpc/agent.toml"
     )]
     config: PathBuf,
+    /// Only validate the configuration (environment overrides applied)
+    /// and exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
 type Failure = Box<dyn std::error::Error>;
@@ -104,12 +113,17 @@ fn backend(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, Failure> {
 async fn main() -> Result<(), Failure> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.config)
         .map_err(|error| format!("{}: {error}", args.config.display()))?;
-    let config =
-        AgentConfig::parse(&text).map_err(|error| format!("{}: {error}", args.config.display()))?;
+    let config = AgentConfig::parse_with_overrides(&text, std::env::vars())
+        .map_err(|error| format!("{}: {error}", args.config.display()))?;
+    if args.check_config {
+        println!("{}: valid", args.config.display());
+        return Ok(());
+    }
 
     let backend = backend(&config.backend)?;
     let store: Arc<dyn PoolStore> = match &config.state_file {
@@ -134,12 +148,16 @@ async fn main() -> Result<(), Failure> {
         None => NetlinkKernel::new()?,
     };
     let key = config.default_pool_key();
-    let node = Arc::new(Node::new(
+    let mut node = Node::new(
         pools.clone(),
         Datapath::new(kernel),
         config.node_network()?,
         key.clone(),
-    ));
+    );
+    if let Some(section) = &config.kubernetes {
+        node = node.with_kubernetes(kubernetes(section)?);
+    }
+    let node = Arc::new(node);
     // After a reboot or restart: node-level state back first, then serve.
     let restored = node.restore().await?;
     tracing::info!(
@@ -150,12 +168,26 @@ async fn main() -> Result<(), Failure> {
     pools.warm_up(&key).await?;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let refiller = tokio::spawn(pools.clone().run_refiller(key, stopped.clone()));
-    if let Some(directory) = config.socket.parent() {
-        std::fs::create_dir_all(directory)?;
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(pools.clone().run_refiller(key, stopped.clone()));
+    let gc_interval = Duration::from_secs(config.gc_interval_seconds);
+    background.spawn(node.clone().run_collector(gc_interval, stopped.clone()));
+    let metrics = AgentMetrics::default();
+    if let Some(address) = config.metrics_address {
+        let mut registry = Registry::default();
+        pools.metrics().register(&mut registry);
+        metrics.register(&mut registry);
+        let listener = tokio::net::TcpListener::bind(address).await?;
+        tracing::info!(%address, "serving /metrics and /healthz");
+        background.spawn(hulk_node::metrics::serve(
+            listener,
+            pools.clone(),
+            registry,
+            stopped.clone(),
+        ));
     }
-    let _ = std::fs::remove_file(&config.socket);
-    let listener = tokio::net::UnixListener::bind(&config.socket)?;
+    let listener = bind(&config.socket, 0o660)?;
+    let rescue_listener = bind(&config.rescue_socket, 0o600)?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::spawn(async move {
         tokio::select! {
@@ -170,8 +202,55 @@ async fn main() -> Result<(), Failure> {
         max_in_flight: config.max_in_flight,
         request_timeout: Duration::from_secs(config.request_timeout_seconds),
     };
-    serve(node, listener, limits, stopped).await;
-    refiller.await?;
-    let _ = std::fs::remove_file(&config.socket);
+    let rescue_limits = ServeLimits {
+        max_in_flight: 4,
+        ..limits
+    };
+    background.spawn(rescue::serve(
+        Arc::new(RescueApi::new(node.clone())),
+        rescue_listener,
+        rescue_limits,
+        stopped.clone(),
+    ));
+    serve(
+        Arc::new(PluginApi::new(node, metrics)),
+        listener,
+        limits,
+        stopped,
+    )
+    .await;
+    while background.join_next().await.transpose()?.is_some() {}
+    for socket in [&config.socket, &config.rescue_socket] {
+        let _ = std::fs::remove_file(socket);
+    }
     Ok(())
+}
+
+/// Binds a Unix socket with `mode`, replacing a stale one.
+fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, Failure> {
+    if let Some(directory) = path.parent() {
+        std::fs::create_dir_all(directory)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|error| format!("{}: {error}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+fn kubernetes(section: &KubernetesSection) -> Result<KubeClient, Failure> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").ok();
+    let api_server = section.api_server(host.as_deref(), port.as_deref())?;
+    let ca_file = section.ca_file.exists().then(|| section.ca_file.clone());
+    let http = http(&ca_file)?;
+    let token_file = section
+        .token_file
+        .exists()
+        .then(|| section.token_file.clone());
+    Ok(KubeClient::new(
+        http.client().clone(),
+        &api_server,
+        token_file,
+    ))
 }

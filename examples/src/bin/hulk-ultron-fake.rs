@@ -2,6 +2,7 @@
 //! (docs/ultron-ipam-v1.md), handing out one subnet from memory. Teams run
 //! it to test their clients or adapters.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,7 @@ struct Args {
 async fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
     let latency = Duration::from_millis(args.latency_ms);

@@ -1,0 +1,312 @@
+//! hulkctl: inspect and repair a node through the agent's rescue API.
+//! Parsing and printing only; the agent does the work.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hulk_ipam::Owner;
+use hulk_node::rescue::{RescueReply, RescueRequest, call};
+use hulk_pool::AddressState;
+
+/// Inspect and repair a hulk-vpc node.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// The agent's rescue socket.
+    #[arg(
+        long,
+        env = "HULK_RESCUE_SOCKET",
+        default_value = "/run/hulk-vpc/rescue.sock"
+    )]
+    socket: PathBuf,
+    /// Print the agent's answer as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for the agent.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A summary: node, backend, degraded or drained pools, datapath health.
+    Status,
+    /// Every pool with its counts.
+    Pools,
+    /// Every address the node holds.
+    Leases {
+        /// Only this subnet's.
+        #[arg(long)]
+        subnet: Option<String>,
+    },
+    /// The node-level datapath against what it should be, and nftables
+    /// chains that can shadow kube-proxy.
+    Node,
+    /// Release the address a pod holds (a pod gone without CNI DEL).
+    Release {
+        /// The address.
+        address: IpAddr,
+    },
+    /// Return a subnet's idle addresses to the cloud and stop refilling.
+    Drain {
+        /// The subnet.
+        subnet: String,
+    },
+    /// Resume a drained subnet and refill it now.
+    Refill {
+        /// The subnet.
+        subnet: String,
+    },
+    /// Re-apply the node-level network configuration.
+    Reapply,
+    /// Run a GC pass and an orphan sweep now.
+    Gc,
+}
+
+impl Command {
+    fn request(self) -> RescueRequest {
+        match self {
+            Command::Status => RescueRequest::Status,
+            Command::Pools => RescueRequest::Pools,
+            Command::Leases { subnet } => RescueRequest::Leases { subnet },
+            Command::Node => RescueRequest::Node,
+            Command::Release { address } => RescueRequest::Release { address },
+            Command::Drain { subnet } => RescueRequest::Drain { subnet },
+            Command::Refill { subnet } => RescueRequest::Refill { subnet },
+            Command::Reapply => RescueRequest::Reapply,
+            Command::Gc => RescueRequest::Gc,
+        }
+    }
+}
+
+fn owner_text(owner: &Owner) -> String {
+    format!(
+        "{}/{} ({})",
+        owner.container_id,
+        owner.ifname,
+        owner.pod.as_deref().unwrap_or("no pod name")
+    )
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// The human form of a reply. Writing to a String cannot fail.
+fn render(reply: &RescueReply) -> String {
+    let mut out = String::new();
+    match reply {
+        RescueReply::Status(status) => {
+            let _ = writeln!(out, "node      {}", status.node);
+            let _ = writeln!(out, "backend   {}", status.backend);
+            let _ = writeln!(out, "assigned  {}", status.assigned);
+            let _ = writeln!(out, "degraded  {}", list(&status.degraded));
+            let _ = writeln!(out, "draining  {}", list(&status.draining));
+            let health = if status.datapath_healthy {
+                "healthy"
+            } else {
+                "needs repair (hulkctl node; hulkctl reapply)"
+            };
+            let _ = writeln!(out, "datapath  {health}");
+        }
+        RescueReply::Pools { pools } => {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<16} {:<24} {:<10} {:>5} {:>8} {:>8} {:>9} {:>9}  state",
+                "SUBNET",
+                "NETWORK",
+                "SECURITY GROUPS",
+                "QOS",
+                "IDLE",
+                "ASSIGNED",
+                "COOLDOWN",
+                "RELEASING",
+                "IN-FLIGHT"
+            );
+            for pool in pools {
+                let (key, stats) = (&pool.key, &pool.stats);
+                let state = match (&stats.degraded_reason, stats.draining) {
+                    (_, true) => "draining".to_owned(),
+                    (Some(reason), false) => format!("degraded: {reason}"),
+                    (None, false) => "ok".to_owned(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<20} {:<16} {:<24} {:<10} {:>5} {:>8} {:>8} {:>9} {:>9}  {state}",
+                    key.subnet,
+                    key.network,
+                    key.security_groups.join(","),
+                    key.qos_policy.as_deref().unwrap_or("-"),
+                    stats.idle,
+                    stats.assigned,
+                    stats.cooldown,
+                    stats.releasing,
+                    stats.in_flight
+                );
+            }
+        }
+        RescueReply::Leases { leases } => {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<20} {:<38} state",
+                "ADDRESS", "SUBNET", "LEASE"
+            );
+            for record in leases {
+                let state = match &record.state {
+                    AddressState::Idle => "idle".to_owned(),
+                    AddressState::Assigned(owner) => format!("assigned to {}", owner_text(owner)),
+                    AddressState::Cooldown { until_ms } => format!("cooldown until {until_ms}"),
+                    AddressState::Releasing => "releasing".to_owned(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<20} {:<20} {:<38} {state}",
+                    record.lease.address.to_string(),
+                    record.key.subnet,
+                    record.lease.id
+                );
+            }
+        }
+        RescueReply::Node(view) => {
+            let state = &view.state;
+            let yes_no = |ok: bool| if ok { "yes" } else { "NO" };
+            let _ = writeln!(out, "parent               {}", view.parent);
+            let _ = writeln!(
+                out,
+                "host slave           {} present: {}, up: {}",
+                view.host_link,
+                yes_no(state.host_link_present),
+                yes_no(state.host_link_up)
+            );
+            let _ = writeln!(
+                out,
+                "node address         {} present: {}",
+                view.node_address,
+                yes_no(state.node_address_present)
+            );
+            let cidrs: Vec<String> = view.service_cidrs.iter().map(ToString::to_string).collect();
+            let _ = writeln!(out, "service CIDRs        {}", list(&cidrs));
+            let missing: Vec<String> = state
+                .missing_routes
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let stale: Vec<String> = state.stale_routes.iter().map(ToString::to_string).collect();
+            let _ = writeln!(out, "pod routes missing   {}", list(&missing));
+            let _ = writeln!(out, "pod routes stale     {}", list(&stale));
+            match (&view.nftables, &view.nftables_error) {
+                (_, Some(error)) => {
+                    let _ = writeln!(out, "nftables             cannot read: {error}");
+                }
+                (None, None) => {
+                    let _ = writeln!(out, "nftables             nft not installed");
+                }
+                (Some(findings), None) if findings.is_empty() => {
+                    let _ = writeln!(out, "nftables             nothing shadows kube-proxy");
+                }
+                (Some(findings), None) => {
+                    for finding in findings {
+                        let _ = writeln!(out, "nftables             WARNING {finding}");
+                    }
+                }
+            }
+            if !state.is_healthy() {
+                let _ = writeln!(out, "-> run `hulkctl reapply` to repair the node");
+            }
+        }
+        RescueReply::Released { owner } => {
+            let _ = writeln!(out, "released the address of {}", owner_text(owner));
+        }
+        RescueReply::Drained { returned } => {
+            let _ = writeln!(
+                out,
+                "drained: {returned} idle addresses returned; refills stopped until `hulkctl refill`"
+            );
+        }
+        RescueReply::Refilled { allocated, error } => {
+            let _ = writeln!(out, "refill resumed: {allocated} addresses allocated");
+            if let Some(error) = error {
+                let _ = writeln!(out, "the backend refused: {error}");
+            }
+        }
+        RescueReply::Reapplied(report) => {
+            let _ = writeln!(
+                out,
+                "node configuration re-applied: {} pod routes installed, {} stale removed",
+                report.routes_installed,
+                report.stale_routes_removed.len()
+            );
+        }
+        RescueReply::Collected {
+            released,
+            suspected,
+            orphans_swept,
+            pods_checked,
+        } => {
+            if !pods_checked {
+                let _ = writeln!(
+                    out,
+                    "pods not checked: the agent has no [kubernetes] section (the runtime's CNI GC still works)"
+                );
+            }
+            for owner in released {
+                let _ = writeln!(out, "released  {}", owner_text(owner));
+            }
+            for owner in suspected {
+                let _ = writeln!(
+                    out,
+                    "suspected {} (released on the next pass if still missing)",
+                    owner_text(owner)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{} released, {} suspected, {orphans_swept} orphaned backend addresses released",
+                released.len(),
+                suspected.len()
+            );
+        }
+        RescueReply::Failed { message } => {
+            let _ = writeln!(out, "error: {message}");
+        }
+    }
+    out
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let request = args.command.request();
+    let reply = match call(&args.socket, &request, Duration::from_secs(args.timeout)).await {
+        Ok(reply) => reply,
+        Err(error) => {
+            eprintln!("hulkctl: {error} (is hulk-agent running? see --socket)");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&reply) {
+            Ok(text) => println!("{text}"),
+            Err(error) => {
+                eprintln!("hulkctl: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{}", render(&reply));
+    }
+    match reply {
+        RescueReply::Failed { .. } => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    }
+}
