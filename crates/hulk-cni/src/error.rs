@@ -8,7 +8,7 @@
 //! | 101  | the IPAM backend refused or failed the request | read `details`; see the backend's logs |
 //! | 102  | the subnet or quota is exhausted | grow the subnet or quota, or move pods |
 //! | 103  | the node agent could not be reached | check the agent DaemonSet and its socket |
-//! | 104  | netlink / datapath configuration failed | `hulkctl node show`, kernel log |
+//! | 104  | netlink / datapath configuration failed | `hulkctl node`, kernel log |
 //! | 105  | the pod's network namespace could not be entered | the runtime removed it; retry the pod |
 //! | 106  | the node state store failed | check the agent's state directory and disk |
 

@@ -16,6 +16,7 @@ use crate::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, MacAddr
 pub struct MockBackend {
     subnet: IpNet,
     gateway: IpAddr,
+    gateway_mac: Option<MacAddr>,
     mtu: u32,
     state: Mutex<MockState>,
 }
@@ -43,9 +44,17 @@ impl MockBackend {
         MockBackend {
             subnet: subnet.trunc(),
             gateway,
+            gateway_mac: None,
             mtu: MOCK_MTU,
             state: Mutex::new(MockState::default()),
         }
+    }
+
+    /// Leases that also carry the gateway's MAC, so that the datapath
+    /// installs its permanent neighbour entry as with a real cloud.
+    pub fn with_gateway_mac(mut self, mac: MacAddr) -> Self {
+        self.gateway_mac = Some(mac);
+        self
     }
 
     /// How many addresses are handed out now.
@@ -74,7 +83,7 @@ impl MockBackend {
             gateway: Some(self.gateway),
             mac: Some(MacAddr([0xfa, 0x16, 0x3e, tail[0], tail[1], tail[2]])),
             mtu: Some(self.mtu),
-            gateway_mac: None,
+            gateway_mac: self.gateway_mac,
             security_groups: request.key.security_groups.clone(),
             qos_policy: request.key.qos_policy.clone(),
             node: request.node.clone(),

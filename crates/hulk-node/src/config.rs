@@ -221,6 +221,9 @@ pub enum BackendSection {
         /// The gateway; default: the subnet's first host.
         #[serde(default)]
         gateway: Option<std::net::IpAddr>,
+        /// The gateway's MAC: with it pods get a permanent neighbour entry.
+        #[serde(default)]
+        gateway_mac: Option<hulk_ipam::MacAddr>,
         /// Added to every call, to behave like a slow cloud (demos, e2e).
         #[serde(default)]
         latency_ms: u64,

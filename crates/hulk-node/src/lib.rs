@@ -164,6 +164,9 @@ impl NodeError {
     pub fn to_cni(&self) -> CniError {
         let code = match self {
             NodeError::InvalidRequest(_) => ErrorCode::InvalidNetworkConfig,
+            NodeError::Pool(PoolError::Degraded {
+                exhausted: true, ..
+            }) => ErrorCode::AddressExhausted,
             NodeError::Pool(PoolError::Empty { .. } | PoolError::Degraded { .. }) => {
                 ErrorCode::TryAgainLater
             }
@@ -184,6 +187,16 @@ impl NodeError {
             NodeError::Kubernetes(_) => ErrorCode::TryAgainLater,
         };
         CniError::new(code, self.to_string())
+    }
+}
+
+/// The nftables chains of this namespace that can shadow kube-proxy's
+/// iptables rules (`None` without `nft`), or why they could not be read.
+pub async fn nftables_shadowing() -> Result<Option<Vec<hulk_netns::NftFinding>>, String> {
+    match tokio::task::spawn_blocking(hulk_netns::check_nftables).await {
+        Ok(Ok(findings)) => Ok(findings),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(error) => Err(error.to_string()),
     }
 }
 

@@ -241,12 +241,10 @@ impl<K: Kernel + 'static> RescueApi<K> {
             Ok(state) => state,
             Err(error) => return failed(error),
         };
-        let (nftables, nftables_error) =
-            match tokio::task::spawn_blocking(hulk_netns::check_nftables).await {
-                Ok(Ok(findings)) => (findings, None),
-                Ok(Err(error)) => (None, Some(error.to_string())),
-                Err(error) => (None, Some(error.to_string())),
-            };
+        let (nftables, nftables_error) = match crate::nftables_shadowing().await {
+            Ok(findings) => (findings, None),
+            Err(error) => (None, Some(error)),
+        };
         let network = self.node.network();
         RescueReply::Node(NodeView {
             parent: network.parent.clone(),

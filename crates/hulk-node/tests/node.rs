@@ -192,10 +192,20 @@ fn failures_map_to_their_cni_codes() {
         (
             PoolError::Degraded {
                 subnet: "s".into(),
-                reason: "quota".into(),
+                reason: "throttled".into(),
+                exhausted: false,
             }
             .into(),
             ErrorCode::TryAgainLater,
+        ),
+        (
+            PoolError::Degraded {
+                subnet: "s".into(),
+                reason: "quota".into(),
+                exhausted: true,
+            }
+            .into(),
+            ErrorCode::AddressExhausted,
         ),
         (
             PoolError::Backend(IpamError::Exhausted { subnet: "s".into() }).into(),

@@ -28,6 +28,17 @@ pub fn owner_key(owner: &Owner) -> OwnerKey {
     (owner.container_id.clone(), owner.ifname.clone())
 }
 
+/// A backend's refusal to give more addresses, which pauses refills.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Until when (Unix milliseconds).
+    pub until_ms: u64,
+    /// The backend's error, for people.
+    pub reason: String,
+    /// The subnet or quota is used up (rather than the backend throttling).
+    pub exhausted: bool,
+}
+
 /// One pool's addresses and bookkeeping.
 #[derive(Debug, Default)]
 pub struct PoolCore {
@@ -36,7 +47,7 @@ pub struct PoolCore {
     pub(crate) owners: HashMap<OwnerKey, String>,
     pub(crate) waiters: usize,
     pub(crate) in_flight: usize,
-    pub(crate) degraded: Option<(u64, String)>,
+    pub(crate) degraded: Option<Refusal>,
     /// Set by an operator's drain: no refills, idle addresses go back.
     pub(crate) draining: bool,
 }
@@ -71,12 +82,11 @@ impl PoolCore {
         changed
     }
 
-    /// The reason refills are paused, while they are.
-    pub fn degraded_at(&self, now_ms: u64) -> Option<&str> {
+    /// Why refills are paused, while they are.
+    pub fn degraded_at(&self, now_ms: u64) -> Option<&Refusal> {
         self.degraded
             .as_ref()
-            .filter(|(until, _)| *until > now_ms)
-            .map(|(_, reason)| reason.as_str())
+            .filter(|refusal| refusal.until_ms > now_ms)
     }
 
     /// The lease `owner` holds here, if any.
@@ -153,7 +163,7 @@ impl PoolCore {
         &mut self,
         planned: usize,
         records: Vec<AddressRecord>,
-        degraded: Option<(u64, String)>,
+        degraded: Option<Refusal>,
     ) {
         self.in_flight -= planned;
         let succeeded = !records.is_empty();

@@ -55,13 +55,16 @@ pub enum PoolError {
         /// How long the request waited.
         waited: Duration,
     },
-    /// The backend refuses to give more addresses for now.
+    /// The backend refuses to give more addresses for now, or the pool is
+    /// drained.
     #[error("pool {subnet} is degraded: {reason}")]
     Degraded {
         /// The pool's subnet.
         subnet: String,
-        /// The backend's last error.
+        /// The backend's last error, or why the pool is drained.
         reason: String,
+        /// The subnet or quota is used up: retrying soon will not help.
+        exhausted: bool,
     },
     /// The state store failed.
     #[error(transparent)]
@@ -71,7 +74,7 @@ pub enum PoolError {
     Backend(#[from] IpamError),
 }
 
-use crate::core::{OwnerKey, PoolCore, leased};
+use crate::core::{OwnerKey, PoolCore, Refusal, leased};
 
 struct Pool {
     key: PoolKey,
@@ -153,6 +156,8 @@ pub struct PoolManager {
     metrics: PoolMetrics,
     rate: RateLimiter,
     overrides: Mutex<HashMap<PoolKey, PoolConfig>>,
+    /// Wakes [`PoolManager::run_refillers`] when a pool appears.
+    pool_added: Notify,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
@@ -227,6 +232,7 @@ impl PoolManager {
             metrics: PoolMetrics::default(),
             rate,
             overrides: Mutex::new(HashMap::new()),
+            pool_added: Notify::new(),
         });
         let mut allocation_interrupted = false;
         for intent in snapshot.intents.values() {
@@ -311,6 +317,7 @@ impl PoolManager {
         pools
             .entry(key.clone())
             .or_insert_with(|| {
+                self.pool_added.notify_one();
                 let config = self
                     .overrides
                     .lock()
@@ -432,12 +439,14 @@ impl PoolManager {
                     break Err(PoolError::Degraded {
                         subnet: key.subnet.clone(),
                         reason: DRAINED.to_owned(),
+                        exhausted: false,
                     });
                 }
-                if let Some(reason) = state.degraded_at(now) {
+                if let Some(refusal) = state.degraded_at(now) {
                     break Err(PoolError::Degraded {
                         subnet: key.subnet.clone(),
-                        reason: reason.to_owned(),
+                        reason: refusal.reason.clone(),
+                        exhausted: refusal.exhausted,
                     });
                 }
                 if !waiting {
@@ -544,7 +553,9 @@ impl PoolManager {
         let pool = self.pool(key);
         let state = pool.lock();
         let (idle, assigned, cooldown, releasing) = state.counts();
-        let degraded_reason = state.degraded_at(self.clock.now_ms()).map(str::to_owned);
+        let degraded_reason = state
+            .degraded_at(self.clock.now_ms())
+            .map(|refusal| refusal.reason.clone());
         PoolStats {
             idle,
             assigned,
@@ -698,8 +709,11 @@ impl PoolManager {
                     IpamError::Exhausted { .. } | IpamError::Quota(_) => Some(pool.config.backoff),
                     _ => None,
                 };
-                let degraded =
-                    pause.map(|pause| (now + pause.as_millis() as u64, error.to_string()));
+                let degraded = pause.map(|pause| Refusal {
+                    until_ms: now + pause.as_millis() as u64,
+                    reason: error.to_string(),
+                    exhausted: matches!(error, IpamError::Exhausted { .. } | IpamError::Quota(_)),
+                });
                 pool.lock().finish_refill(count, Vec::new(), degraded);
                 self.store.apply(&[StoreOp::RemoveIntent(intent_id)])?;
                 tracing::warn!(pool = %pool.key.subnet, %error, "refill failed");
@@ -792,16 +806,52 @@ impl PoolManager {
         Ok(released)
     }
 
-    /// Allocates `warm_up` addresses for `key` (in batches) before any pod asks.
+    /// Tops the idle addresses of `key` up to `warm_up` (in batches)
+    /// before any pod asks; what a restart finds idle counts. Returns how
+    /// many it allocated.
     pub async fn warm_up(&self, key: &PoolKey) -> Result<usize, PoolError> {
         let pool = self.pool(key);
         let mut allocated = 0;
-        while allocated < pool.config.warm_up {
-            let count = pool.config.batch.min(pool.config.warm_up - allocated);
-            pool.lock().in_flight += count;
+        loop {
+            let count = {
+                let mut state = pool.lock();
+                let have = state.idle.len() + state.in_flight();
+                let count = pool
+                    .config
+                    .batch
+                    .min(pool.config.warm_up.saturating_sub(have));
+                state.in_flight += count;
+                count
+            };
+            if count == 0 {
+                return Ok(allocated);
+            }
             allocated += self.allocate_into(&pool, count).await??;
         }
-        Ok(allocated)
+    }
+
+    /// Runs a refiller for every pool, those known now and those that
+    /// appear later (a pod's annotations can name a pool first seen at its
+    /// ADD), until `shutdown` turns true or its sender is dropped.
+    pub async fn run_refillers(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut running = HashSet::new();
+        let mut refillers = tokio::task::JoinSet::new();
+        while !*shutdown.borrow_and_update() {
+            for key in self.keys() {
+                if running.insert(key.clone()) {
+                    refillers.spawn(self.clone().run_refiller(key, shutdown.clone()));
+                }
+            }
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                () = self.pool_added.notified() => {}
+            }
+        }
+        while refillers.join_next().await.is_some() {}
     }
 
     /// Runs the refiller of `key` until `shutdown` turns true (or its

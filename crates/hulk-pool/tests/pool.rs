@@ -188,7 +188,16 @@ async fn exhaustion_degrades_the_pool_until_the_backoff_passes() {
     assert!(matches!(outcome.error, Some(IpamError::Exhausted { .. })));
     assert!(pools.stats(&key()).degraded);
     let error = pools.assign(&key(), &owner(1)).await.unwrap_err();
-    assert!(matches!(error, PoolError::Degraded { .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            PoolError::Degraded {
+                exhausted: true,
+                ..
+            }
+        ),
+        "{error}"
+    );
     assert_eq!(
         pools.refill(&key()).await.unwrap().allocated,
         0,
@@ -551,7 +560,10 @@ async fn a_drained_pool_gives_back_its_idle_addresses_until_resumed() {
     assert_eq!(pools.refill(&key()).await.unwrap().allocated, 0);
     assert!(matches!(
         pools.assign(&key(), &owner(2)).await,
-        Err(PoolError::Degraded { .. })
+        Err(PoolError::Degraded {
+            exhausted: false,
+            ..
+        })
     ));
     assert_eq!(pools.assign(&key(), &owner(1)).await.unwrap(), held);
 

@@ -59,12 +59,16 @@ fn backend(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, Failure> {
         BackendSection::Mock {
             subnet,
             gateway,
+            gateway_mac,
             latency_ms,
         } => {
-            let mock = match gateway {
+            let mut mock = match gateway {
                 Some(gateway) => MockBackend::with_gateway(*subnet, *gateway),
                 None => MockBackend::new(*subnet),
             };
+            if let Some(mac) = gateway_mac {
+                mock = mock.with_gateway_mac(*mac);
+            }
             let latency = Duration::from_millis(*latency_ms);
             Arc::new(Faulty::new(mock, FaultPlan::fixed_latency(latency)))
         }
@@ -111,7 +115,11 @@ fn backend(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, Failure> {
 
 #[tokio::main]
 async fn main() -> Result<(), Failure> {
+    // RUST_LOG (e.g. `hulk_pool=debug`) overrides the default level, info.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -165,11 +173,31 @@ async fn main() -> Result<(), Failure> {
         stale = restored.stale_routes_removed.len(),
         "node state restored"
     );
-    pools.warm_up(&key).await?;
+    // Said once at start: Service traffic can fail silently otherwise.
+    match hulk_node::nftables_shadowing().await {
+        Ok(findings) => {
+            for finding in findings.unwrap_or_default() {
+                tracing::warn!(%finding, "nftables can take precedence over kube-proxy's iptables rules");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "could not read the nftables ruleset"),
+    }
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut background = tokio::task::JoinSet::new();
-    background.spawn(pools.clone().run_refiller(key, stopped.clone()));
+    // Serving does not wait for the warm-up: after a restart the pool may
+    // hold idle addresses already, and a cloud outage must not keep the
+    // node from releasing addresses or answering STATUS.
+    let warming = pools.clone();
+    background.spawn(async move {
+        match warming.warm_up(&key).await {
+            Ok(allocated) => tracing::info!(pool = %key.subnet, allocated, "pool warmed up"),
+            Err(error) => {
+                tracing::warn!(pool = %key.subnet, %error, "warm-up failed; the refiller retries")
+            }
+        }
+    });
+    background.spawn(pools.clone().run_refillers(stopped.clone()));
     let gc_interval = Duration::from_secs(config.gc_interval_seconds);
     background.spawn(node.clone().run_collector(gc_interval, stopped.clone()));
     let metrics = AgentMetrics::default();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use hulk_ipam::{FaultPlan, Faulty, MockBackend};
+use hulk_ipam::{FaultPlan, Faulty, MacAddr, MockBackend};
 use ipnet::IpNet;
 
 /// Serve the UltrON-style IPAM contract v1 from memory.
@@ -24,6 +24,10 @@ struct Args {
     /// The subnet to hand out (its first host is the gateway).
     #[arg(long, default_value = "10.20.0.0/24")]
     subnet: IpNet,
+    /// The gateway's MAC, reported with every address (pods then get a
+    /// permanent neighbour entry for it).
+    #[arg(long)]
+    gateway_mac: Option<MacAddr>,
     /// Added to every call, to behave like a slow cloud.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -37,10 +41,11 @@ async fn main() -> std::io::Result<()> {
         .init();
     let args = Args::parse();
     let latency = Duration::from_millis(args.latency_ms);
-    let backend = Faulty::new(
-        MockBackend::new(args.subnet),
-        FaultPlan::fixed_latency(latency),
-    );
+    let mut mock = MockBackend::new(args.subnet);
+    if let Some(mac) = args.gateway_mac {
+        mock = mock.with_gateway_mac(mac);
+    }
+    let backend = Faulty::new(mock, FaultPlan::fixed_latency(latency));
     let app = hulk_openstack::ultron::server::router(Arc::new(backend), args.token);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, subnet = %args.subnet, "serving the UltrON-style IPAM contract v1");
