@@ -24,6 +24,7 @@ run_in_vpc_vm() {
         --tool /usr/sbin/ip --tool /usr/sbin/iptables \
         --file /usr/lib/x86_64-linux-gnu/xtables:/usr/lib/x86_64-linux-gnu/xtables \
         --file /usr/lib/cni:/usr/lib/cni \
+        --file /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt \
         "$@"
 }
 

@@ -52,9 +52,17 @@ impl HttpClient {
             })?;
             builder = builder.add_root_certificate(certificate);
         }
-        let client = builder
-            .build()
-            .map_err(|error| IpamError::InvalidRequest(format!("HTTP client: {error}")))?;
+        // reqwest's "builder error" alone hides the cause (such as a host
+        // without CA certificates): name the whole chain.
+        let client = builder.build().map_err(|error| {
+            let mut message = format!("HTTP client: {error}");
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            IpamError::InvalidRequest(message)
+        })?;
         Ok(HttpClient { client })
     }
 
