@@ -6,6 +6,8 @@
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -24,30 +26,10 @@ const RESCUE_POD: &str = "hk-agent-rescue-pod";
 
 struct Agent(Child, &'static str, &'static str);
 
-/// Runs the plugin as a runtime does; (success, stdout).
-fn plugin(command: &str, conf: &serde_json::Value, container: &str) -> (bool, String) {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hulk-vpc-cni"))
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_NETNS", format!("{NETNS_RUN_DIR}/{POD}"))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-1")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
+/// Runs the plugin as a runtime does, in the pod namespace.
+fn plugin(command: &str, conf: &serde_json::Value, container: &str) -> support::Outcome {
+    let netns = Path::new(NETNS_RUN_DIR).join(POD);
+    support::exec_plugin(command, container, &netns, "web-1", conf)
 }
 
 impl Drop for Agent {
@@ -158,14 +140,8 @@ async fn start_agent(
 
 #[tokio::test]
 async fn the_agent_takes_addresses_from_an_ultron_service() {
-    let dir = std::env::temp_dir().join(format!("hulk-agent-ultron-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dir = support::scratch_dir("agent-ultron");
+    let port = support::free_port();
     let mut fake = Command::new(env!("CARGO_BIN_EXE_hulk-ultron-fake"))
         .args([
             "--listen",
@@ -219,9 +195,7 @@ async fn the_agent_takes_addresses_from_an_ultron_service() {
 
 #[tokio::test]
 async fn the_agent_serves_add_and_del_and_stops_cleanly() {
-    let dir = std::env::temp_dir().join(format!("hulk-agent-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::scratch_dir("agent-test");
     let mut agent = start_agent(
         &dir,
         NODE,
@@ -274,9 +248,7 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
         "cniVersion": "1.1.0", "name": "vpc", "type": "hulk-vpc-cni",
         "agentSocket": socket.display().to_string(),
     });
-    let added = plugin("ADD", &conf, "sandbox-2");
-    assert!(added.0, "{}", added.1);
-    let result: serde_json::Value = serde_json::from_str(&added.1).unwrap();
+    let result = plugin("ADD", &conf, "sandbox-2").unwrap();
     assert_eq!(result["ips"][0]["address"], "10.79.0.3/24");
     assert_eq!(
         result["interfaces"][0]["sandbox"],
@@ -284,8 +256,8 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
     );
     let mut with_prev = conf.clone();
     with_prev["prevResult"] = result;
-    assert!(plugin("CHECK", &with_prev, "sandbox-2").0);
-    assert!(plugin("STATUS", &conf, "sandbox-2").0);
+    plugin("CHECK", &with_prev, "sandbox-2").unwrap();
+    plugin("STATUS", &conf, "sandbox-2").unwrap();
 
     // SIGTERM: the agent finishes and removes its socket.
     Command::new("kill")
@@ -298,20 +270,12 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
 
     // With the agent down, ADD fails with 103 and STATUS says 50, but DEL
     // still removes the interface.
-    let down = plugin("ADD", &conf, "sandbox-3");
-    assert!(!down.0);
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&down.1).unwrap()["code"],
-        103
-    );
-    let status = plugin("STATUS", &conf, "sandbox-3");
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&status.1).unwrap()["code"],
-        50
-    );
+    let down = plugin("ADD", &conf, "sandbox-3").unwrap_err();
+    assert_eq!(down["code"], 103);
+    let status = plugin("STATUS", &conf, "sandbox-3").unwrap_err();
+    assert_eq!(status["code"], 50);
     assert!(kernel.link(kernel.host(), "eth0").await.unwrap().is_some());
-    let deleted = plugin("DEL", &with_prev, "sandbox-2");
-    assert!(deleted.0, "{}", deleted.1);
+    plugin("DEL", &with_prev, "sandbox-2").unwrap();
     assert!(kernel.link(kernel.host(), "eth0").await.unwrap().is_none());
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -350,14 +314,8 @@ fn http_get(port: u16, path: &str) -> String {
 
 #[tokio::test]
 async fn the_rescue_api_inspects_and_repairs_the_node() {
-    let dir = std::env::temp_dir().join(format!("hulk-agent-rescue-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dir = support::scratch_dir("agent-rescue");
+    let port = support::free_port();
     let extra = format!("metrics_address = \"127.0.0.1:{port}\"");
     let _agent = start_agent(
         &dir,

@@ -11,6 +11,8 @@
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -241,6 +243,14 @@ cluster = "e2e"
         pod
     }
 
+    /// `count` sandboxes `sandbox-N`, each in its namespace `pN`:
+    /// (container id, namespace).
+    fn sandboxes(&mut self, count: usize) -> Vec<(String, String)> {
+        (0..count)
+            .map(|index| (format!("sandbox-{index}"), self.pod(&format!("p{index}"))))
+            .collect()
+    }
+
     fn conf(&self) -> Value {
         json!({
             "cniVersion": "1.1.0",
@@ -254,39 +264,7 @@ cluster = "e2e"
     /// Runs the plugin as a runtime does, for sandbox `container` in
     /// namespace `pod`: the result or the error document.
     fn plugin(&self, command: &str, container: &str, pod: &str, conf: &Value) -> Outcome {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hulk-vpc-cni"))
-            .env_clear()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container)
-            .env("CNI_NETNS", netns_path(pod))
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!("K8S_POD_NAMESPACE=e2e;K8S_POD_NAME={pod}"),
-            )
-            .env("CNI_PATH", "/usr/lib/cni")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        let output = child.wait_with_output().unwrap();
-        let document = if output.stdout.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&output.stdout).unwrap()
-        };
-        if output.status.success() {
-            Ok(document)
-        } else {
-            Err(document)
-        }
+        support::exec_plugin(command, container, &netns_path(pod), pod, conf)
     }
 
     /// ADD, which must succeed: the pod's address.
@@ -405,17 +383,13 @@ impl Drop for Vpc {
     }
 }
 
-type Outcome = Result<Value, Value>;
+use support::Outcome;
 
 const CLOUD_TOKEN: &str = "e2e-token";
 
 /// Starts the cloud's IPAM service on a free loopback port.
 fn start_cloud() -> (Child, u16) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let cloud = Command::new(env!("CARGO_BIN_EXE_hulk-ultron-fake"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--subnet", "10.50.0.0/24", "--gateway-mac", GATEWAY_MAC])
@@ -484,15 +458,12 @@ fn fetch(namespace: &str, address: &str, port: u16) -> Result<String, String> {
     .unwrap()
 }
 
-/// Runs `command` for every sandbox at once: the outcomes, in order.
-fn all_at_once<T: Send>(
-    sandboxes: &[(String, String)],
-    command: impl Fn(&str, &str) -> T + Sync,
-) -> Vec<T> {
+/// Runs `command` for every item at once: the outcomes, in order.
+fn all_at_once<I: Sync, T: Send>(items: &[I], command: impl Fn(&I) -> T + Sync) -> Vec<T> {
     std::thread::scope(|scope| {
-        let handles: Vec<_> = sandboxes
+        let handles: Vec<_> = items
             .iter()
-            .map(|(container, pod)| scope.spawn(|| command(container, pod)))
+            .map(|item| scope.spawn(|| command(item)))
             .collect();
         handles
             .into_iter()
@@ -597,11 +568,9 @@ fn pods_reach_the_gateway_each_other_their_node_and_services_then_leave_nothing(
 fn a_hundred_concurrent_adds_then_dels_hand_out_distinct_addresses_and_leak_nothing() {
     let mut vpc = Vpc::new("e2c");
     vpc.start_agent();
-    let sandboxes: Vec<(String, String)> = (0..100)
-        .map(|index| (format!("sandbox-{index}"), vpc.pod(&format!("p{index}"))))
-        .collect();
+    let sandboxes = vpc.sandboxes(100);
     let started = Instant::now();
-    let results = all_at_once(&sandboxes, |container, pod| vpc.add(container, pod));
+    let results = all_at_once(&sandboxes, |(container, pod)| vpc.add(container, pod));
     println!(
         "100 concurrent ADDs took {:?} (pool warm-up 32, backend latency {BACKEND_LATENCY_MS} ms)",
         started.elapsed()
@@ -615,9 +584,9 @@ fn a_hundred_concurrent_adds_then_dels_hand_out_distinct_addresses_and_leak_noth
     }
     vpc.assert_node_healthy();
 
-    let deleted = all_at_once(&sandboxes, |container, pod| {
-        let index = sandboxes.iter().position(|(c, _)| c == container).unwrap();
-        vpc.del(container, pod, Some(&results[index]))
+    let added: Vec<_> = sandboxes.iter().zip(&results).collect();
+    let deleted = all_at_once(&added, |((container, pod), result)| {
+        vpc.del(container, pod, Some(result))
     });
     assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
     assert_eq!(vpc.assigned(), vec![]);
@@ -634,15 +603,13 @@ fn a_hundred_concurrent_adds_then_dels_hand_out_distinct_addresses_and_leak_noth
 fn an_agent_killed_mid_burst_restarts_and_the_runtime_retries_without_a_leak() {
     let mut vpc = Vpc::new("e2k");
     vpc.start_agent();
-    let sandboxes: Vec<(String, String)> = (0..40)
-        .map(|index| (format!("sandbox-{index}"), vpc.pod(&format!("p{index}"))))
-        .collect();
+    let sandboxes = vpc.sandboxes(40);
     // The burst outlasts the warm pool, so some ADDs wait on the slow
     // backend when the agent dies.
     let answered = AtomicUsize::new(0);
     let outcomes = std::thread::scope(|scope| {
         let burst = scope.spawn(|| {
-            all_at_once(&sandboxes, |container, pod| {
+            all_at_once(&sandboxes, |(container, pod)| {
                 let outcome = vpc.plugin("ADD", container, pod, &vpc.conf());
                 answered.fetch_add(1, Ordering::SeqCst);
                 outcome

@@ -19,39 +19,43 @@ use tokio::sync::watch;
 use crate::lines::{ClientError, LineService, Peer, ServeLimits};
 use crate::{Node, NodeError};
 
-/// What an operator asks.
+/// What an operator asks. With the `clap` feature it is also the
+/// subcommand of a CLI: these comments are its help.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Subcommand))]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum RescueRequest {
-    /// A summary of the agent.
+    /// A summary: node, backend, degraded or drained pools, datapath health.
     Status,
     /// Every pool with its counts.
     Pools,
     /// Every address the node holds, or those of one subnet.
     Leases {
         /// Only this subnet's.
+        #[cfg_attr(feature = "clap", arg(long))]
         subnet: Option<String>,
     },
-    /// The node-level datapath against what it should be.
+    /// The node-level datapath against what it should be, and nftables
+    /// chains that can shadow kube-proxy.
     Node,
-    /// Releases the address a pod holds (a pod gone without DEL).
+    /// Release the address a pod holds (a pod gone without CNI DEL).
     Release {
         /// The address.
         address: IpAddr,
     },
-    /// Returns a subnet's idle addresses and stops refilling it.
+    /// Return a subnet's idle addresses to the cloud and stop refilling it.
     Drain {
         /// The subnet.
         subnet: String,
     },
-    /// Resumes a drained subnet and refills it now.
+    /// Resume a drained subnet and refill it now.
     Refill {
         /// The subnet.
         subnet: String,
     },
-    /// Re-applies the node-level network configuration.
+    /// Re-apply the node-level network configuration.
     Reapply,
-    /// A GC pass now, and an orphan sweep.
+    /// Run a GC pass and an orphan sweep now.
     Gc,
 }
 

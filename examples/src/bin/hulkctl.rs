@@ -2,12 +2,11 @@
 //! Parsing and printing only; the agent does the work.
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use hulk_ipam::Owner;
 use hulk_node::rescue::{RescueReply, RescueRequest, call};
 use hulk_pool::AddressState;
@@ -30,59 +29,7 @@ struct Args {
     #[arg(long, default_value_t = 120)]
     timeout: u64,
     #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// A summary: node, backend, degraded or drained pools, datapath health.
-    Status,
-    /// Every pool with its counts.
-    Pools,
-    /// Every address the node holds.
-    Leases {
-        /// Only this subnet's.
-        #[arg(long)]
-        subnet: Option<String>,
-    },
-    /// The node-level datapath against what it should be, and nftables
-    /// chains that can shadow kube-proxy.
-    Node,
-    /// Release the address a pod holds (a pod gone without CNI DEL).
-    Release {
-        /// The address.
-        address: IpAddr,
-    },
-    /// Return a subnet's idle addresses to the cloud and stop refilling.
-    Drain {
-        /// The subnet.
-        subnet: String,
-    },
-    /// Resume a drained subnet and refill it now.
-    Refill {
-        /// The subnet.
-        subnet: String,
-    },
-    /// Re-apply the node-level network configuration.
-    Reapply,
-    /// Run a GC pass and an orphan sweep now.
-    Gc,
-}
-
-impl Command {
-    fn request(self) -> RescueRequest {
-        match self {
-            Command::Status => RescueRequest::Status,
-            Command::Pools => RescueRequest::Pools,
-            Command::Leases { subnet } => RescueRequest::Leases { subnet },
-            Command::Node => RescueRequest::Node,
-            Command::Release { address } => RescueRequest::Release { address },
-            Command::Drain { subnet } => RescueRequest::Drain { subnet },
-            Command::Refill { subnet } => RescueRequest::Refill { subnet },
-            Command::Reapply => RescueRequest::Reapply,
-            Command::Gc => RescueRequest::Gc,
-        }
-    }
+    request: RescueRequest,
 }
 
 fn owner_text(owner: &Owner) -> String {
@@ -286,7 +233,7 @@ fn render(reply: &RescueReply) -> String {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let request = args.command.request();
+    let request = args.request;
     let reply = match call(&args.socket, &request, Duration::from_secs(args.timeout)).await {
         Ok(reply) => reply,
         Err(error) => {
