@@ -93,6 +93,18 @@ pub struct PodRequest {
 }
 
 impl PodRequest {
+    /// The DEL of an assignment's owner, as a GC or an operator issues it:
+    /// no namespace (the pod may be gone) and whichever pool holds it.
+    fn teardown_of(owner: &Owner) -> Self {
+        Self {
+            container_id: owner.container_id.clone(),
+            ifname: owner.ifname.clone(),
+            netns: None,
+            pod: owner.pod.clone(),
+            pool: None,
+        }
+    }
+
     fn owner(&self) -> Owner {
         Owner {
             container_id: self.container_id.clone(),
@@ -375,20 +387,35 @@ impl<K: Kernel> Node<K> {
         Ok(())
     }
 
-    /// GC: releases addresses whose attachment is not in `valid`, once it
-    /// has been missing on two calls in a row (a pod being created is never
-    /// robbed). Returns the owners released.
+    /// GC: tears down every attachment holding an address that is not in
+    /// `valid`, at once: the runtime is the authority on its attachments
+    /// and never lists one whose ADD is still running as invalid.
+    /// Returns the owners released.
     pub async fn gc(&self, valid: &[Attachment]) -> Result<Vec<Owner>, NodeError> {
-        let live: HashSet<(String, String)> = valid
+        let valid: HashSet<(&str, &str)> = valid
             .iter()
-            .map(|attachment| (attachment.container_id.clone(), attachment.ifname.clone()))
+            .map(|attachment| (attachment.container_id.as_str(), attachment.ifname.as_str()))
             .collect();
-        Ok(self.pools.reconcile(&live).await?.released)
+        let gone: Vec<Owner> = self
+            .pools
+            .records()
+            .into_iter()
+            .filter_map(|record| match record.state {
+                AddressState::Assigned(owner)
+                    if !valid.contains(&(owner.container_id.as_str(), owner.ifname.as_str())) =>
+                {
+                    Some(owner)
+                }
+                _ => None,
+            })
+            .collect();
+        self.collect_all(gone).await
     }
 
-    /// The periodic GC: releases addresses of pods the Kubernetes API no
-    /// longer shows on this node (or shows finished), once missing on two
-    /// passes in a row. Assignments without a pod name are kept: only the
+    /// The periodic GC: tears down the attachments of pods the Kubernetes
+    /// API no longer shows on this node (or shows finished), once missing
+    /// on two passes in a row, since the API may lag behind a pod being
+    /// created. Assignments without a pod name are kept: only the
     /// runtime's CNI GC can judge those. Without a Kubernetes client this
     /// does nothing.
     pub async fn collect_dead_pods(&self) -> Result<ReconcileReport, NodeError> {
@@ -409,7 +436,42 @@ impl<K: Kernel> Node<K> {
                 _ => None,
             })
             .collect();
-        Ok(self.pools.reconcile(&live).await?)
+        let missing = self.pools.find_missing(&live);
+        let gone = missing.gone.into_iter().map(|(_, owner)| owner).collect();
+        Ok(ReconcileReport {
+            released: self.collect_all(gone).await?,
+            suspected: missing.suspected,
+        })
+    }
+
+    /// Tears down each owner's attachment as a DEL would (host route
+    /// first, then the address, so the address is never reused while its
+    /// old route stands). One failure does not stop the others; the first
+    /// is returned after all were tried, and the next GC retries it.
+    async fn collect_all(&self, owners: Vec<Owner>) -> Result<Vec<Owner>, NodeError> {
+        let mut released = Vec::with_capacity(owners.len());
+        let mut first_error = None;
+        for owner in owners {
+            match self.del(&PodRequest::teardown_of(&owner)).await {
+                Ok(()) => {
+                    self.pools.metrics().gc_releases.inc();
+                    tracing::info!(
+                        container = %owner.container_id,
+                        ifname = %owner.ifname,
+                        "garbage-collected a gone pod's attachment"
+                    );
+                    released.push(owner);
+                }
+                Err(error) => {
+                    tracing::warn!(container = %owner.container_id, %error, "GC cannot tear down an attachment");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(released),
+        }
     }
 
     /// Runs the periodic GC until `shutdown` turns true: every `interval`
@@ -461,14 +523,7 @@ impl<K: Kernel> Node<K> {
         let Some((_, owner)) = self.pools.holder_of(address) else {
             return Ok(None);
         };
-        let request = PodRequest {
-            container_id: owner.container_id.clone(),
-            ifname: owner.ifname.clone(),
-            netns: None,
-            pod: owner.pod.clone(),
-            pool: None,
-        };
-        self.del(&request).await?;
+        self.del(&PodRequest::teardown_of(&owner)).await?;
         Ok(Some(owner))
     }
 

@@ -603,6 +603,20 @@ async fn a_pod_gone_from_the_api_is_released_on_the_second_pass_only() {
     assert!(matches!(state_of(&node, b), AddressState::Assigned(_)));
     expect_pass(&node, &["b"], &[]).await;
     assert!(matches!(state_of(&node, b), AddressState::Cooldown { .. }));
+    let mut host_routes: Vec<String> = node
+        .datapath()
+        .kernel()
+        .host_namespace()
+        .routes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    host_routes.sort();
+    assert_eq!(
+        host_routes,
+        [format!("{a}/32 dev hulk0"), format!("{c}/32 dev hulk0")],
+        "b's host route leaves with its address"
+    );
     assert_eq!(
         assignments(&node),
         [

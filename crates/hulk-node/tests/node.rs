@@ -74,15 +74,7 @@ async fn add_builds_the_interface_with_a_pool_address_and_a_retry_is_harmless() 
     let inside = node.datapath().kernel().namespace(namespaces[0]);
     assert_eq!(inside.links["eth0"].addresses, [attached.lease.address]);
     assert_eq!(inside.links["eth0"].link.index, attached.index);
-    let host_routes: Vec<String> = node
-        .datapath()
-        .kernel()
-        .host_namespace()
-        .routes
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    assert_eq!(host_routes, ["10.20.0.2/32 dev hulk0"]);
+    assert_eq!(host_routes(&node), ["10.20.0.2/32 dev hulk0"]);
 
     let again = node.add(&pod("a")).await.unwrap();
     assert_eq!(
@@ -143,19 +135,45 @@ async fn del_returns_everything_and_can_repeat_even_without_the_namespace() {
     assert!(node.datapath().kernel().host_namespace().routes.is_empty());
 }
 
+fn host_routes(node: &Node<FakeKernel>) -> Vec<String> {
+    node.datapath()
+        .kernel()
+        .host_namespace()
+        .routes
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
 #[tokio::test]
-async fn gc_releases_attachments_missing_twice() {
-    let (node, _) = node(&["a", "b"]).await;
-    node.add(&pod("a")).await.unwrap();
+async fn gc_tears_down_every_attachment_not_valid_in_one_call() {
+    let (node, _) = node(&["a", "b", "c"]).await;
+    let a = node.add(&pod("a")).await.unwrap();
     node.add(&pod("b")).await.unwrap();
+    node.add(&pod("c")).await.unwrap();
     let valid = [Attachment {
         container_id: "a".into(),
         ifname: "eth0".into(),
     }];
-    assert!(node.gc(&valid).await.unwrap().is_empty());
-    let released = node.gc(&valid).await.unwrap();
-    assert_eq!(released.len(), 1);
-    assert_eq!(released[0].container_id, "b");
+    let mut released: Vec<String> = node
+        .gc(&valid)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|owner| owner.container_id)
+        .collect();
+    released.sort();
+    assert_eq!(released, ["b", "c"]);
+    assert_eq!(
+        host_routes(&node),
+        [format!("{}/32 dev hulk0", a.lease.address.addr())],
+        "the gone pods' host routes leave with their addresses"
+    );
+    assert_eq!(node.pools().assigned_addresses(), [a.lease.address.addr()]);
+    assert!(
+        node.gc(&valid).await.unwrap().is_empty(),
+        "a second GC has nothing left to do"
+    );
 }
 
 #[tokio::test]
@@ -166,14 +184,8 @@ async fn restore_brings_back_host_routes_of_pods_holding_addresses() {
     kernel.delete_link(kernel.host(), "hulk0").await.unwrap();
     let report = node.restore().await.unwrap();
     assert_eq!(report.routes_installed, 1);
-    let routes: Vec<String> = kernel
-        .host_namespace()
-        .routes
-        .iter()
-        .map(ToString::to_string)
-        .collect();
     assert_eq!(
-        routes,
+        host_routes(&node),
         [format!("{}/32 dev hulk0", attached.lease.address.addr())]
     );
 }

@@ -131,6 +131,15 @@ pub struct RefillOutcome {
     pub error: Option<IpamError>,
 }
 
+/// Assignments whose pod is missing, as one reconciliation pass sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MissingAssignments {
+    /// Missing on this pass and the previous one: to be released.
+    pub gone: Vec<(PoolKey, Owner)>,
+    /// Missing on this pass only: gone on the next pass if still missing.
+    pub suspected: Vec<Owner>,
+}
+
 /// What a reconciliation pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReconcileReport {
@@ -883,48 +892,55 @@ impl PoolManager {
         }
     }
 
-    /// Releases addresses whose pod is gone. An assignment missing from
-    /// `live` is released only when it was also missing on the previous
-    /// pass, so a pod still being created is never robbed.
+    /// Judges which assignments are gone without releasing them, for a
+    /// caller that must tear down more than the address (a pod's host
+    /// route) before handing it back. An assignment missing from `live` is
+    /// gone only when it was also missing on the previous pass, so a pod
+    /// still being created is never robbed.
+    pub fn find_missing(&self, live: &HashSet<(String, String)>) -> MissingAssignments {
+        let mut missing = MissingAssignments::default();
+        let mut suspects = self
+            .suspects
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut missing_now = HashSet::new();
+        for pool in self.all_pools() {
+            let state = pool.lock();
+            for (owner_key, id) in &state.owners {
+                if live.contains(owner_key) {
+                    continue;
+                }
+                let AddressState::Assigned(owner) = &state.records[id].state else {
+                    continue;
+                };
+                if suspects.contains(owner_key) {
+                    missing.gone.push((pool.key.clone(), owner.clone()));
+                } else {
+                    missing.suspected.push(owner.clone());
+                    missing_now.insert(owner_key.clone());
+                }
+            }
+        }
+        *suspects = missing_now;
+        missing
+    }
+
+    /// Releases addresses whose pod is gone, as [`PoolManager::find_missing`]
+    /// judges it.
     pub async fn reconcile(
         &self,
         live: &HashSet<(String, String)>,
     ) -> Result<ReconcileReport, PoolError> {
-        let mut report = ReconcileReport::default();
-        let mut missing_now = HashSet::new();
-        let mut to_release = Vec::new();
-        {
-            let suspects = self
-                .suspects
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for pool in self.all_pools() {
-                let state = pool.lock();
-                for (owner_key, id) in &state.owners {
-                    if live.contains(owner_key) {
-                        continue;
-                    }
-                    let AddressState::Assigned(owner) = &state.records[id].state else {
-                        continue;
-                    };
-                    if suspects.contains(owner_key) {
-                        to_release.push((pool.key.clone(), owner.clone()));
-                    } else {
-                        report.suspected.push(owner.clone());
-                        missing_now.insert(owner_key.clone());
-                    }
-                }
-            }
-        }
-        for (key, owner) in to_release {
+        let missing = self.find_missing(live);
+        let mut report = ReconcileReport {
+            released: Vec::with_capacity(missing.gone.len()),
+            suspected: missing.suspected,
+        };
+        for (key, owner) in missing.gone {
             self.release(&key, &owner).await?;
             self.metrics.gc_releases.inc();
             report.released.push(owner);
         }
-        *self
-            .suspects
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = missing_now;
         Ok(report)
     }
 
