@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use hulk_ipam::Owner;
 use hulk_node::rescue::{RescueReply, RescueRequest, call};
-use hulk_pool::AddressState;
+use hulk_pool::{AddressState, Clock, SystemClock};
 
 /// Inspect and repair a hulk-vpc node.
 #[derive(Parser)]
@@ -112,7 +112,11 @@ fn render(reply: &RescueReply) -> String {
                 let state = match &record.state {
                     AddressState::Idle => "idle".to_owned(),
                     AddressState::Assigned(owner) => format!("assigned to {}", owner_text(owner)),
-                    AddressState::Cooldown { until_ms } => format!("cooldown until {until_ms}"),
+                    // The agent's clock is this node's clock.
+                    AddressState::Cooldown { until_ms } => format!(
+                        "cooldown, {} s left",
+                        until_ms.saturating_sub(SystemClock.now_ms()).div_ceil(1000)
+                    ),
                     AddressState::Releasing => "releasing".to_owned(),
                 };
                 let _ = writeln!(
