@@ -28,6 +28,16 @@ run_in_vpc_vm() {
         "$@"
 }
 
+# Prints the --file options (one per line) that put the node's programs,
+# stripped, into the VM at their host paths under PROFILE_DIR (target/debug
+# or target/release): the e2e tests exec them there (CARGO_BIN_EXE_*).
+node_program_files() {
+    local program profile_dir=$1
+    for program in hulk-agent hulk-vpc-cni hulkctl hulk-ultron-fake; do
+        printf '%s\n' --file "$PWD/$(stripped "$profile_dir/$program"):$PWD/$profile_dir/"
+    done
+}
+
 # Copies each binary without its debug info (a tenth of the size, so the
 # VM's initramfs stays small) to target/vm/ and prints the copies' paths.
 stripped() {

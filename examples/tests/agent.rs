@@ -29,7 +29,14 @@ struct Agent(Child, &'static str, &'static str);
 /// Runs the plugin as a runtime does, in the pod namespace.
 fn plugin(command: &str, conf: &serde_json::Value, container: &str) -> support::Outcome {
     let netns = Path::new(NETNS_RUN_DIR).join(POD);
-    support::exec_plugin(command, container, &netns, "web-1", conf)
+    support::exec_cni(
+        Path::new(support::PLUGIN),
+        command,
+        container,
+        &netns,
+        "web-1",
+        conf,
+    )
 }
 
 impl Drop for Agent {

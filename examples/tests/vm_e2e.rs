@@ -264,7 +264,14 @@ cluster = "e2e"
     /// Runs the plugin as a runtime does, for sandbox `container` in
     /// namespace `pod`: the result or the error document.
     fn plugin(&self, command: &str, container: &str, pod: &str, conf: &Value) -> Outcome {
-        support::exec_plugin(command, container, &netns_path(pod), pod, conf)
+        support::exec_cni(
+            Path::new(support::PLUGIN),
+            command,
+            container,
+            &netns_path(pod),
+            pod,
+            conf,
+        )
     }
 
     /// ADD, which must succeed: the pod's address.
@@ -755,6 +762,71 @@ fn a_del_while_the_agent_is_down_tears_down_locally_and_gc_reclaims_the_address(
     vpc.stop_agent();
 }
 
+/// A conflist of hulk-vpc-cni then Debian's reference `tuning` plugin, run
+/// as libcni runs a chain: each plugin gets the previous one's result,
+/// DEL goes in reverse. Tuning's sysctl and MTU land on our interface.
+/// Debian's plugins speak up to spec 1.0.0, so the whole list does.
+#[test]
+#[ignore = "needs ipvlan: runs in the VM via scripts/vm-tests"]
+fn the_result_chains_into_the_reference_tuning_plugin() {
+    let mut vpc = Vpc::new("e2c");
+    vpc.start_agent();
+    let pod = vpc.pod("a");
+    let tuning = |command: &str, prev_result: &Value| {
+        let conf = json!({
+            "cniVersion": "1.0.0",
+            "name": "vpc",
+            "type": "tuning",
+            "mtu": 1400,
+            "sysctl": {"net.ipv4.conf.eth0.arp_notify": "1"},
+            "prevResult": prev_result,
+        });
+        support::exec_cni(
+            Path::new("/usr/lib/cni/tuning"),
+            command,
+            "sandbox-a",
+            &netns_path(&pod),
+            &pod,
+            &conf,
+        )
+        .unwrap_or_else(|error| panic!("tuning {command}: {error}"))
+    };
+    let mut conf = vpc.conf();
+    conf["cniVersion"] = json!("1.0.0");
+    let ours = vpc.plugin("ADD", "sandbox-a", &pod, &conf).unwrap();
+    let chained = tuning("ADD", &ours);
+    assert_eq!(
+        chained["ips"], ours["ips"],
+        "tuning passes our addresses on"
+    );
+    assert_eq!(chained["interfaces"][0]["name"], "eth0");
+    let sysctl = Command::new("ip")
+        .args(["netns", "exec", &pod, "cat"])
+        .arg("/proc/sys/net/ipv4/conf/eth0/arp_notify")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&sysctl.stdout).trim(), "1");
+    let link = Command::new("ip")
+        .args(["-n", &pod, "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("mtu 1400"),
+        "{}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+    // CHECK down the chain with the chain's final result.
+    conf["prevResult"] = chained.clone();
+    vpc.plugin("CHECK", "sandbox-a", &pod, &conf).unwrap();
+    tuning("CHECK", &chained);
+
+    tuning("DEL", &chained);
+    vpc.plugin("DEL", "sandbox-a", &pod, &conf).unwrap();
+    assert_eq!(link_names(&pod), "");
+    assert_eq!(vpc.assigned(), vec![]);
+    vpc.stop_agent();
+}
+
 /// The `p`th percentile (0-100) of `samples`, in milliseconds.
 fn percentile(samples: &[Duration], p: usize) -> f64 {
     let mut sorted = samples.to_vec();
@@ -817,30 +889,21 @@ fn add_latency_next_to_the_reference_ipvlan_and_host_local_plugins() {
             "ranges": [[{"subnet": "10.50.0.0/24", "rangeStart": "10.50.0.100", "gateway": GATEWAY}]],
             "routes": [{"dst": "0.0.0.0/0"}]
         }
-    })
-    .to_string();
+    });
     let reference = |command: &'static str, index: usize| {
         let (pod, conf) = (pods[index].clone(), conf.clone());
-        let output = run_blocking_in(&node, move || {
-            let mut child = Command::new("/usr/lib/cni/ipvlan")
-                .env("CNI_COMMAND", command)
-                .env("CNI_CONTAINERID", format!("reference-{index}"))
-                .env("CNI_NETNS", netns_path(&pod))
-                .env("CNI_IFNAME", "eth0")
-                .env("CNI_PATH", "/usr/lib/cni")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()?;
-            child.stdin.take().unwrap().write_all(conf.as_bytes())?;
-            child.wait_with_output()
+        run_blocking_in(&node, move || {
+            support::exec_cni(
+                Path::new("/usr/lib/cni/ipvlan"),
+                command,
+                &format!("reference-{index}"),
+                &netns_path(&pod),
+                &pod,
+                &conf,
+            )
         })
         .unwrap()
-        .unwrap();
-        assert!(
-            output.status.success(),
-            "reference {command}: {}",
-            String::from_utf8_lossy(&output.stdout)
-        );
+        .unwrap_or_else(|error| panic!("reference {command}: {error}"));
     };
     let theirs = timed(PODS, reference);
     for pod in &pods {

@@ -297,7 +297,8 @@ impl<K: Kernel> Datapath<K> {
     }
 
     /// CHECK: compares the pod's interface, address, routes, gateway
-    /// neighbour and host route with `spec`, and lists every difference.
+    /// neighbour and host route with `spec`, and lists every difference
+    /// (an MTU below `spec`'s is none: a chained plugin may lower it).
     /// When all matches, returns the interface as ADD reported it.
     pub async fn check(&self, netns: &Path, spec: &PodNetwork) -> Result<Attached, DatapathError> {
         let kernel = &self.kernel;
@@ -318,11 +319,13 @@ impl<K: Kernel> Datapath<K> {
                 spec.ifname, spec.kind
             ));
         }
+        // Only above the subnet's MTU is wrong: a plugin later in the chain
+        // (tuning) may lower it.
         if let Some(mtu) = spec.mtu
-            && link.mtu != mtu
+            && link.mtu > mtu
         {
             differences.push(format!(
-                "{} has MTU {}, expected {mtu}",
+                "{} has MTU {}, above the subnet's {mtu}",
                 spec.ifname, link.mtu
             ));
         }
@@ -523,6 +526,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn check_accepts_an_mtu_lowered_by_a_chained_plugin() {
+        let (datapath, pod) = node();
+        let spec = spec();
+        datapath.attach(Path::new(NETNS), &spec).await.unwrap();
+        let lowered = LinkUpdate {
+            mtu: Some(1400),
+            ..LinkUpdate::default()
+        };
+        datapath
+            .kernel()
+            .update_link(&pod, "eth0", &lowered)
+            .await
+            .unwrap();
+        let attached = datapath.check(Path::new(NETNS), &spec).await.unwrap();
+        assert_eq!(attached.mtu, 1400);
+    }
+
+    #[tokio::test]
     async fn check_lists_every_difference() {
         let (datapath, pod) = node();
         let spec = spec();
@@ -562,7 +583,7 @@ mod tests {
             differences,
             [
                 "eth0 is ipvlan L2 Bridge, expected macvlan Bridge",
-                "eth0 has MTU 9000, expected 1450",
+                "eth0 has MTU 9000, above the subnet's 1450",
                 "route 0.0.0.0/0 via 10.20.0.1 dev eth0 onlink is missing",
                 "host route 10.20.0.5/32 dev hulk0 is missing",
             ]

@@ -13,16 +13,21 @@ use serde_json::Value;
 /// The plugin's answer: its result, or its error document.
 pub type Outcome = Result<Value, Value>;
 
-/// Runs the plugin as a runtime does: `command` for sandbox `container`
-/// in namespace `netns` (pod `pod` of namespace `e2e`), `conf` on stdin.
-pub fn exec_plugin(
+/// hulk-vpc's CNI plugin, as cargo built it for these tests.
+pub const PLUGIN: &str = env!("CARGO_BIN_EXE_hulk-vpc-cni");
+
+/// Runs CNI plugin `plugin` as containerd does: `command` for sandbox
+/// `container` in namespace `netns` (pod `pod` of namespace `e2e`),
+/// `conf` on stdin.
+pub fn exec_cni(
+    plugin: &Path,
     command: &str,
     container: &str,
     netns: &Path,
     pod: &str,
     conf: &Value,
 ) -> Outcome {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hulk-vpc-cni"))
+    let mut child = Command::new(plugin)
         .env_clear()
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container)
@@ -30,7 +35,7 @@ pub fn exec_plugin(
         .env("CNI_IFNAME", "eth0")
         .env(
             "CNI_ARGS",
-            format!("K8S_POD_NAMESPACE=e2e;K8S_POD_NAME={pod}"),
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME={pod}"),
         )
         .env("CNI_PATH", "/usr/lib/cni")
         .stdin(Stdio::piped())
