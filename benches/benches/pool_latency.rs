@@ -23,6 +23,7 @@ fn owner(n: usize) -> Owner {
         container_id: format!("pod-{n}"),
         ifname: "eth0".into(),
         pod: None,
+        cni_network: None,
     }
 }
 

@@ -61,6 +61,7 @@ fn run(
                             container_id: format!("r{round}-t{task}-{cycle}"),
                             ifname: "eth0".into(),
                             pod: None,
+                            cni_network: None,
                         };
                         pools.assign(&key(), &owner).await.expect("assign");
                         pools.release(&key(), &owner).await.expect("release");

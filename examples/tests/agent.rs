@@ -179,6 +179,7 @@ async fn the_agent_takes_addresses_from_an_ultron_service() {
         netns: Some(Path::new(NETNS_RUN_DIR).join(ULTRON_POD)),
         pod: None,
         pool: None,
+        cni_network: Some("vpc".into()),
     };
     let reply = call(
         &dir.join("agent.sock"),
@@ -219,6 +220,7 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
         netns: Some(Path::new(NETNS_RUN_DIR).join(POD)),
         pod: Some("default/web-0".into()),
         pool: None,
+        cni_network: Some("vpc".into()),
     };
     let timeout = Duration::from_secs(10);
     let AgentReply::Added(attached) = call(&socket, &AgentRequest::Add(pod.clone()), timeout)
@@ -338,6 +340,7 @@ async fn the_rescue_api_inspects_and_repairs_the_node() {
         netns: Some(Path::new(NETNS_RUN_DIR).join(RESCUE_POD)),
         pod: Some("default/web-r".into()),
         pool: None,
+        cni_network: Some("vpc".into()),
     };
     let timeout = Duration::from_secs(10);
     let socket = dir.join("agent.sock");

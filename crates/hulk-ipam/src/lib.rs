@@ -116,6 +116,11 @@ pub struct Owner {
     pub ifname: String,
     /// `namespace/name` of the pod, when known.
     pub pod: Option<String>,
+    /// The CNI network (configuration `name`) of the attachment, when
+    /// known. CNI GC is per network: one network's GC must not judge
+    /// another's attachments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni_network: Option<String>,
 }
 
 /// Which resources [`IpamBackend::list`] returns.

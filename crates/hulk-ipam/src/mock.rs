@@ -236,6 +236,7 @@ mod tests {
             container_id: "c1".into(),
             ifname: "eth0".into(),
             pod: Some("default/web-0".into()),
+            cni_network: None,
         };
         let updated = backend
             .update_owner(&mine[0].id, Some(owner.clone()))

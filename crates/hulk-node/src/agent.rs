@@ -31,8 +31,11 @@ pub enum AgentRequest {
     Del(PodRequest),
     /// CNI CHECK.
     Check(PodRequest),
-    /// CNI GC with the runtime's valid attachments.
+    /// CNI GC of one network with the runtime's valid attachments.
     Gc {
+        /// The CNI network (configuration `name`) collected.
+        #[serde(default)]
+        cni_network: Option<String>,
         /// Attachments to keep.
         valid: Vec<Attachment>,
     },
@@ -56,8 +59,8 @@ impl AgentRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum AgentReply {
-    /// ADD succeeded.
-    Added(PodAttachment),
+    /// ADD succeeded (boxed: the other replies are small).
+    Added(Box<PodAttachment>),
     /// DEL, CHECK or GC succeeded.
     Done,
     /// The request failed, with its CNI error.
@@ -152,10 +155,16 @@ impl<K: Kernel + 'static> PluginApi<K> {
     async fn answer(&self, request: AgentRequest) -> AgentReply {
         let node = &self.node;
         let outcome = match request {
-            AgentRequest::Add(pod) => node.add(&pod).await.map(AgentReply::Added),
+            AgentRequest::Add(pod) => node
+                .add(&pod)
+                .await
+                .map(|added| AgentReply::Added(Box::new(added))),
             AgentRequest::Del(pod) => node.del(&pod).await.map(|()| AgentReply::Done),
             AgentRequest::Check(pod) => node.check(&pod).await.map(|()| AgentReply::Done),
-            AgentRequest::Gc { valid } => node.gc(&valid).await.map(|_| AgentReply::Done),
+            AgentRequest::Gc { cni_network, valid } => node
+                .gc(cni_network.as_deref(), &valid)
+                .await
+                .map(|_| AgentReply::Done),
             AgentRequest::Status => {
                 return node
                     .status()

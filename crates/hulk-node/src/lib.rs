@@ -47,6 +47,7 @@
 //!     netns: Some(PathBuf::from("/var/run/netns/5f2c")),
 //!     pod: Some("default/web-0".into()),
 //!     pool: None,
+//!     cni_network: Some("vpc".into()),
 //! };
 //! let attached = node.add(&pod).await?;
 //! println!("{} on interface {}", attached.lease.address, attached.index);
@@ -90,6 +91,9 @@ pub struct PodRequest {
     pub pod: Option<String>,
     /// The pod's own pool (per-pod subnet, security groups, QoS), if any.
     pub pool: Option<PoolKey>,
+    /// The CNI network (configuration `name`), when the plugin gave it.
+    #[serde(default)]
+    pub cni_network: Option<String>,
 }
 
 impl PodRequest {
@@ -102,6 +106,7 @@ impl PodRequest {
             netns: None,
             pod: owner.pod.clone(),
             pool: None,
+            cni_network: owner.cni_network.clone(),
         }
     }
 
@@ -110,6 +115,7 @@ impl PodRequest {
             container_id: self.container_id.clone(),
             ifname: self.ifname.clone(),
             pod: self.pod.clone(),
+            cni_network: self.cni_network.clone(),
         }
     }
 }
@@ -387,11 +393,16 @@ impl<K: Kernel> Node<K> {
         Ok(())
     }
 
-    /// GC: tears down every attachment holding an address that is not in
-    /// `valid`, at once: the runtime is the authority on its attachments
-    /// and never lists one whose ADD is still running as invalid.
-    /// Returns the owners released.
-    pub async fn gc(&self, valid: &[Attachment]) -> Result<Vec<Owner>, NodeError> {
+    /// GC of CNI network `cni_network`: tears down, at once, every attachment
+    /// of that network holding an address that is not in `valid` (the
+    /// runtime is the authority on its attachments). Attachments of other
+    /// networks are not judged: GC is per network (CNI 1.1), and one node
+    /// may serve several. Returns the owners released.
+    pub async fn gc(
+        &self,
+        cni_network: Option<&str>,
+        valid: &[Attachment],
+    ) -> Result<Vec<Owner>, NodeError> {
         let valid: HashSet<(&str, &str)> = valid
             .iter()
             .map(|attachment| (attachment.container_id.as_str(), attachment.ifname.as_str()))
@@ -402,7 +413,9 @@ impl<K: Kernel> Node<K> {
             .into_iter()
             .filter_map(|record| match record.state {
                 AddressState::Assigned(owner)
-                    if !valid.contains(&(owner.container_id.as_str(), owner.ifname.as_str())) =>
+                    if owner.cni_network.as_deref() == cni_network
+                        && !valid
+                            .contains(&(owner.container_id.as_str(), owner.ifname.as_str())) =>
                 {
                     Some(owner)
                 }

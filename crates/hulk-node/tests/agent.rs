@@ -28,6 +28,7 @@ fn pod(n: usize) -> PodRequest {
         netns: Some(PathBuf::from(format!("/var/run/netns/p{n}"))),
         pod: None,
         pool: None,
+        cni_network: Some("vpc".into()),
     }
 }
 
@@ -125,9 +126,16 @@ async fn concurrent_adds_get_distinct_addresses_and_dels_return_them() {
         ifname: "eth0".into(),
     }];
     assert_eq!(
-        call(&path, &AgentRequest::Gc { valid }, TIMEOUT)
-            .await
-            .unwrap(),
+        call(
+            &path,
+            &AgentRequest::Gc {
+                cni_network: Some("vpc".into()),
+                valid
+            },
+            TIMEOUT
+        )
+        .await
+        .unwrap(),
         AgentReply::Done
     );
     stop.send(true).unwrap();

@@ -324,6 +324,7 @@ fn request(name: &str) -> PodRequest {
         netns: Some(PathBuf::from(format!("/var/run/netns/{name}"))),
         pod: Some(format!("default/{name}")),
         pool: None,
+        cni_network: Some("vpc".into()),
     }
 }
 
@@ -332,6 +333,7 @@ fn owner(name: &str) -> Owner {
         container_id: name.into(),
         ifname: "eth0".into(),
         pod: Some(format!("default/{name}")),
+        cni_network: Some("vpc".into()),
     }
 }
 

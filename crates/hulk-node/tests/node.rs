@@ -37,6 +37,7 @@ fn pod(name: &str) -> PodRequest {
         netns: Some(PathBuf::from(format!("/var/run/netns/{name}"))),
         pod: Some(format!("default/{name}")),
         pool: None,
+        cni_network: Some("vpc".into()),
     }
 }
 
@@ -146,17 +147,24 @@ fn host_routes(node: &Node<FakeKernel>) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn gc_tears_down_every_attachment_not_valid_in_one_call() {
-    let (node, _) = node(&["a", "b", "c"]).await;
+async fn gc_tears_down_every_attachment_of_its_network_not_valid_in_one_call() {
+    let (node, _) = node(&["a", "b", "c", "d"]).await;
     let a = node.add(&pod("a")).await.unwrap();
     node.add(&pod("b")).await.unwrap();
     node.add(&pod("c")).await.unwrap();
+    // A second network (a secondary interface through Multus, say).
+    let other_network = PodRequest {
+        cni_network: Some("storage".into()),
+        ifname: "net1".into(),
+        ..pod("d")
+    };
+    let d = node.add(&other_network).await.unwrap();
     let valid = [Attachment {
         container_id: "a".into(),
         ifname: "eth0".into(),
     }];
     let mut released: Vec<String> = node
-        .gc(&valid)
+        .gc(Some("vpc"), &valid)
         .await
         .unwrap()
         .into_iter()
@@ -164,14 +172,17 @@ async fn gc_tears_down_every_attachment_not_valid_in_one_call() {
         .collect();
     released.sort();
     assert_eq!(released, ["b", "c"]);
+    let kept = [a.lease.address.addr(), d.lease.address.addr()];
     assert_eq!(
         host_routes(&node),
-        [format!("{}/32 dev hulk0", a.lease.address.addr())],
+        kept.map(|address| format!("{address}/32 dev hulk0")),
         "the gone pods' host routes leave with their addresses"
     );
-    assert_eq!(node.pools().assigned_addresses(), [a.lease.address.addr()]);
+    let mut assigned = node.pools().assigned_addresses();
+    assigned.sort();
+    assert_eq!(assigned, kept);
     assert!(
-        node.gc(&valid).await.unwrap().is_empty(),
+        node.gc(Some("vpc"), &valid).await.unwrap().is_empty(),
         "a second GC has nothing left to do"
     );
 }

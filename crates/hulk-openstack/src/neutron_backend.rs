@@ -81,6 +81,7 @@ fn owner_of(port: &Port) -> Option<Owner> {
         container_id: port.device_id.clone(),
         ifname: ifname.unwrap_or_default().to_owned(),
         pod: pod.filter(|pod| !pod.is_empty()).map(str::to_owned),
+        cni_network: None,
     })
 }
 
@@ -330,6 +331,7 @@ mod tests {
             container_id: "abc".into(),
             ifname: "eth0".into(),
             pod: Some("default/web-0".into()),
+            cni_network: None,
         };
         let port: Port = serde_json::from_value(json!({
             "id": "p", "network_id": "n", "mac_address": "fa:16:3e:00:00:01",

@@ -145,6 +145,7 @@ async fn ownership_updates_are_compare_and_swap() {
         container_id: "sandbox-1".into(),
         ifname: "eth0".into(),
         pod: Some("default/web-0".into()),
+        cni_network: None,
     };
     let updated = backend
         .update_owner(&lease.id, Some(owner.clone()))

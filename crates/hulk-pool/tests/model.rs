@@ -53,6 +53,7 @@ fn owner(n: usize) -> Owner {
         container_id: format!("c{n}"),
         ifname: "eth0".into(),
         pod: None,
+        cni_network: None,
     }
 }
 

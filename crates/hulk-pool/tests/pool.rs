@@ -56,6 +56,7 @@ fn owner(n: usize) -> Owner {
         container_id: format!("c{n}"),
         ifname: "eth0".into(),
         pod: Some(format!("default/p{n}")),
+        cni_network: None,
     }
 }
 

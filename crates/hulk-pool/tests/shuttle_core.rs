@@ -54,6 +54,7 @@ fn owner(name: &str) -> Owner {
         container_id: name.into(),
         ifname: "eth0".into(),
         pod: None,
+        cni_network: None,
     }
 }
 

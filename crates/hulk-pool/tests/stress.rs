@@ -72,6 +72,7 @@ async fn a_hundred_thousand_operations_keep_every_invariant() {
                         container_id: format!("t{task}-c{}", cycle % 3),
                         ifname: "eth0".into(),
                         pod: None,
+                        cni_network: None,
                     };
                     let lease = match pools.assign(&key, &owner).await {
                         Ok(lease) => lease,

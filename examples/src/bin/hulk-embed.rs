@@ -122,6 +122,7 @@ async fn main() -> Result<(), Failure> {
             container_id: name.clone(),
             ifname: "eth0".into(),
             pod: None,
+            cni_network: None,
         };
 
         let started = Instant::now();

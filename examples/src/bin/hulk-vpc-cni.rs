@@ -81,12 +81,14 @@ fn mock_ipam(config: &NetConf) -> Result<MockIpam, CniError> {
 }
 
 fn pod_request(
+    config: &NetConf,
     container_id: &str,
     ifname: &str,
     netns: Option<&Path>,
     args: &CniArgs,
 ) -> PodRequest {
     PodRequest {
+        cni_network: Some(config.name.clone()),
         container_id: container_id.to_owned(),
         ifname: ifname.to_owned(),
         netns: netns.map(Path::to_path_buf),
@@ -163,6 +165,7 @@ impl Plugin for VpcPlugin {
             dry_add(&request).await?
         } else {
             let pod = pod_request(
+                &request.config,
                 &request.container_id,
                 &request.ifname,
                 Some(&request.netns),
@@ -190,6 +193,7 @@ impl Plugin for VpcPlugin {
             return Ok(());
         }
         let pod = pod_request(
+            &request.config,
             &request.container_id,
             &request.ifname,
             request.netns.as_deref(),
@@ -226,6 +230,7 @@ impl Plugin for VpcPlugin {
             };
         }
         let pod = pod_request(
+            &attachment.config,
             &attachment.container_id,
             &attachment.ifname,
             Some(&attachment.netns),
@@ -260,6 +265,7 @@ impl Plugin for VpcPlugin {
         ask(
             &fields,
             AgentRequest::Gc {
+                cni_network: Some(request.config.name.clone()),
                 valid: request.valid_attachments,
             },
         )

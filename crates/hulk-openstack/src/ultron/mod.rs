@@ -88,6 +88,7 @@ impl From<WireOwner> for Owner {
             container_id: owner.container_id,
             ifname: owner.ifname,
             pod: owner.pod,
+            cni_network: None,
         }
     }
 }
