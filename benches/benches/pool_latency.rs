@@ -24,6 +24,7 @@ fn owner(n: usize) -> Owner {
         ifname: "eth0".into(),
         pod: None,
         cni_network: None,
+        pod_uid: None,
     }
 }
 

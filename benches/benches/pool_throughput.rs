@@ -62,6 +62,7 @@ fn run(
                             ifname: "eth0".into(),
                             pod: None,
                             cni_network: None,
+                            pod_uid: None,
                         };
                         pools.assign(&key(), &owner).await.expect("assign");
                         pools.release(&key(), &owner).await.expect("release");

@@ -180,6 +180,7 @@ async fn the_agent_takes_addresses_from_an_ultron_service() {
         pod: None,
         pool: None,
         cni_network: Some("vpc".into()),
+        pod_uid: None,
     };
     let reply = call(
         &dir.join("agent.sock"),
@@ -221,6 +222,7 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
         pod: Some("default/web-0".into()),
         pool: None,
         cni_network: Some("vpc".into()),
+        pod_uid: None,
     };
     let timeout = Duration::from_secs(10);
     let AgentReply::Added(attached) = call(&socket, &AgentRequest::Add(pod.clone()), timeout)
@@ -341,6 +343,7 @@ async fn the_rescue_api_inspects_and_repairs_the_node() {
         pod: Some("default/web-r".into()),
         pool: None,
         cni_network: Some("vpc".into()),
+        pod_uid: None,
     };
     let timeout = Duration::from_secs(10);
     let socket = dir.join("agent.sock");

@@ -121,6 +121,11 @@ pub struct Owner {
     /// another's attachments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cni_network: Option<String>,
+    /// The pod's UID, when known: a pod recreated under the same name (a
+    /// StatefulSet's) is another pod, and does not keep the old one's
+    /// addresses alive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 /// Which resources [`IpamBackend::list`] returns.

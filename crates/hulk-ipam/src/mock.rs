@@ -237,6 +237,7 @@ mod tests {
             ifname: "eth0".into(),
             pod: Some("default/web-0".into()),
             cni_network: None,
+            pod_uid: None,
         };
         let updated = backend
             .update_owner(&mine[0].id, Some(owner.clone()))

@@ -3,7 +3,7 @@
 //! for the periodic GC. Plain HTTPS GETs with the service account's token;
 //! a full client library would be most of the agent's size for two calls.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use hulk_ipam::PoolKey;
@@ -57,6 +57,8 @@ pub enum KubeError {
 pub struct PodInfo {
     /// `namespace/name`.
     pub name: String,
+    /// `metadata.uid`.
+    pub uid: Option<String>,
     /// Its annotations.
     pub annotations: BTreeMap<String, String>,
     /// `Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`.
@@ -125,6 +127,8 @@ struct WireMetadata {
     name: String,
     namespace: String,
     #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
     annotations: Option<BTreeMap<String, String>>,
 }
 
@@ -151,9 +155,37 @@ impl From<WirePod> for PodInfo {
     fn from(pod: WirePod) -> Self {
         PodInfo {
             name: format!("{}/{}", pod.metadata.namespace, pod.metadata.name),
+            uid: pod.metadata.uid,
             annotations: pod.metadata.annotations.unwrap_or_default(),
             phase: pod.status.and_then(|status| status.phase),
         }
+    }
+}
+
+/// The pods the API shows on a node that may hold addresses, by
+/// `namespace/name`, with their UIDs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LivePods(HashMap<String, Option<String>>);
+
+impl LivePods {
+    /// Whether pod `name` is live and, when both UIDs are known, the same
+    /// pod: one recreated under the same name (a StatefulSet's) is not.
+    pub fn shows(&self, name: &str, uid: Option<&str>) -> bool {
+        match (self.0.get(name), uid) {
+            (None, _) => false,
+            (Some(Some(live_uid)), Some(uid)) => live_uid == uid,
+            (Some(_), _) => true,
+        }
+    }
+
+    /// How many pods.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -242,10 +274,10 @@ impl KubeClient {
 
     /// The names (`namespace/name`) of the pods scheduled on `node` that
     /// may still hold addresses.
-    pub async fn live_pods_on(&self, node: &str) -> Result<HashSet<String>, KubeError> {
+    pub async fn live_pods_on(&self, node: &str) -> Result<LivePods, KubeError> {
         let selector = format!("spec.nodeName={node}");
         let limit = PAGE.to_string();
-        let mut live = HashSet::new();
+        let mut live = LivePods::default();
         let mut continue_token: Option<String> = None;
         loop {
             let mut query = vec![("fieldSelector", selector.as_str()), ("limit", &limit)];
@@ -260,12 +292,12 @@ impl KubeClient {
                         path: path.to_owned(),
                         message: "the pod list is not found".into(),
                     })?;
-            live.extend(
+            live.0.extend(
                 page.items
                     .into_iter()
                     .map(PodInfo::from)
                     .filter(PodInfo::may_hold_addresses)
-                    .map(|pod| pod.name),
+                    .map(|pod| (pod.name, pod.uid)),
             );
             continue_token = page
                 .metadata
@@ -285,6 +317,7 @@ mod tests {
     fn pod(annotations: &[(&str, &str)]) -> PodInfo {
         PodInfo {
             name: "default/web-0".into(),
+            uid: Some("uid-web-0".into()),
             annotations: annotations
                 .iter()
                 .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))

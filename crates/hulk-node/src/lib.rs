@@ -48,6 +48,7 @@
 //!     pod: Some("default/web-0".into()),
 //!     pool: None,
 //!     cni_network: Some("vpc".into()),
+//!     pod_uid: None,
 //! };
 //! let attached = node.add(&pod).await?;
 //! println!("{} on interface {}", attached.lease.address, attached.index);
@@ -94,6 +95,9 @@ pub struct PodRequest {
     /// The CNI network (configuration `name`), when the plugin gave it.
     #[serde(default)]
     pub cni_network: Option<String>,
+    /// `K8S_POD_UID` from `CNI_ARGS`, when the runtime gave it.
+    #[serde(default)]
+    pub pod_uid: Option<String>,
 }
 
 impl PodRequest {
@@ -107,6 +111,7 @@ impl PodRequest {
             pod: owner.pod.clone(),
             pool: None,
             cni_network: owner.cni_network.clone(),
+            pod_uid: owner.pod_uid.clone(),
         }
     }
 
@@ -116,6 +121,7 @@ impl PodRequest {
             ifname: self.ifname.clone(),
             pod: self.pod.clone(),
             cni_network: self.cni_network.clone(),
+            pod_uid: self.pod_uid.clone(),
         }
     }
 }
@@ -442,7 +448,10 @@ impl<K: Kernel> Node<K> {
             .into_iter()
             .filter_map(|record| match record.state {
                 AddressState::Assigned(owner)
-                    if owner.pod.as_ref().is_none_or(|pod| pods.contains(pod)) =>
+                    if owner
+                        .pod
+                        .as_ref()
+                        .is_none_or(|pod| pods.shows(pod, owner.pod_uid.as_deref())) =>
                 {
                     Some((owner.container_id, owner.ifname))
                 }

@@ -29,6 +29,7 @@ fn pod(n: usize) -> PodRequest {
         pod: None,
         pool: None,
         cni_network: Some("vpc".into()),
+        pod_uid: None,
     }
 }
 

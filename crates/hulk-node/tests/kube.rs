@@ -6,7 +6,7 @@
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -228,6 +228,16 @@ impl FakeApi {
             .retain(|pod| pod["metadata"]["name"] != name);
     }
 
+    fn set_uid(&self, name: &str, uid: &str) {
+        let mut state = self.state.lock().unwrap();
+        let pod = state
+            .pods
+            .iter_mut()
+            .find(|pod| pod["metadata"]["name"] == name)
+            .unwrap();
+        pod["metadata"]["uid"] = json!(uid);
+    }
+
     fn set_phase(&self, name: &str, phase: &str) {
         let mut state = self.state.lock().unwrap();
         let pod = state
@@ -325,6 +335,7 @@ fn request(name: &str) -> PodRequest {
         pod: Some(format!("default/{name}")),
         pool: None,
         cni_network: Some("vpc".into()),
+        pod_uid: Some(format!("uid-{name}")),
     }
 }
 
@@ -334,6 +345,7 @@ fn owner(name: &str) -> Owner {
         ifname: "eth0".into(),
         pod: Some(format!("default/{name}")),
         cni_network: Some("vpc".into()),
+        pod_uid: Some(format!("uid-{name}")),
     }
 }
 
@@ -506,10 +518,12 @@ async fn pod_lists_are_read_page_by_page() {
     ])
     .await;
     let live = api.client().live_pods_on(NODE).await.unwrap();
-    assert_eq!(
-        live,
-        HashSet::from(["default/a", "default/b", "default/c"].map(String::from))
-    );
+    assert_eq!(live.len(), 3);
+    for name in ["a", "b", "c"] {
+        assert!(live.shows(&format!("default/{name}"), Some(&format!("uid-{name}"))));
+    }
+    assert!(!live.shows("default/elsewhere", None));
+    assert!(!live.shows("default/a", Some("uid-of-an-older-a")));
     let lists = api.lists();
     let continues: Vec<Option<&str>> = lists
         .iter()
@@ -626,6 +640,20 @@ async fn a_pod_gone_from_the_api_is_released_on_the_second_pass_only() {
             ("c".into(), c, default_key()),
         ]
     );
+}
+
+#[tokio::test]
+async fn a_pod_recreated_under_its_name_does_not_keep_the_old_sandbox_address() {
+    let api = FakeApi::start(vec![pod("a", &[]), pod("b", &[])]).await;
+    let node = node(api.client(), &["a", "b"]).await;
+    add(&node, "a").await;
+    let b = add(&node, "b").await;
+    // a's node crashed its sandbox away without a DEL; a StatefulSet
+    // recreated a pod under the same name, which has not started here yet.
+    api.set_uid("a", "uid-a-recreated");
+    expect_pass(&node, &[], &["a"]).await;
+    expect_pass(&node, &["a"], &[]).await;
+    assert_eq!(assignments(&node), [("b".into(), b, default_key())]);
 }
 
 #[tokio::test]

@@ -38,6 +38,7 @@ fn pod(name: &str) -> PodRequest {
         pod: Some(format!("default/{name}")),
         pool: None,
         cni_network: Some("vpc".into()),
+        pod_uid: None,
     }
 }
 
@@ -155,6 +156,7 @@ async fn gc_tears_down_every_attachment_of_its_network_not_valid_in_one_call() {
     // A second network (a secondary interface through Multus, say).
     let other_network = PodRequest {
         cni_network: Some("storage".into()),
+        pod_uid: None,
         ifname: "net1".into(),
         ..pod("d")
     };

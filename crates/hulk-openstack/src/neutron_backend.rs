@@ -82,6 +82,7 @@ fn owner_of(port: &Port) -> Option<Owner> {
         ifname: ifname.unwrap_or_default().to_owned(),
         pod: pod.filter(|pod| !pod.is_empty()).map(str::to_owned),
         cni_network: None,
+        pod_uid: None,
     })
 }
 
@@ -332,6 +333,7 @@ mod tests {
             ifname: "eth0".into(),
             pod: Some("default/web-0".into()),
             cni_network: None,
+            pod_uid: None,
         };
         let port: Port = serde_json::from_value(json!({
             "id": "p", "network_id": "n", "mac_address": "fa:16:3e:00:00:01",

@@ -146,6 +146,7 @@ async fn ownership_updates_are_compare_and_swap() {
         ifname: "eth0".into(),
         pod: Some("default/web-0".into()),
         cni_network: None,
+        pod_uid: None,
     };
     let updated = backend
         .update_owner(&lease.id, Some(owner.clone()))

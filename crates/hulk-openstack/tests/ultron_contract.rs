@@ -74,6 +74,7 @@ async fn allocate_list_own_and_release_round_trip() {
         ifname: "eth0".into(),
         pod: Some("default/web-0".into()),
         cni_network: None,
+        pod_uid: None,
     };
     let owned = ultron
         .update_owner(&leases[1].id, Some(owner.clone()))

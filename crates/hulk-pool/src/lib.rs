@@ -37,7 +37,7 @@
 //! .unwrap();
 //! let key = PoolKey::new("vpc", "subnet-a", ["sg-web"], None);
 //! pools.warm_up(&key).await.unwrap();
-//! let owner = Owner { container_id: "c1".into(), ifname: "eth0".into(), pod: None, cni_network: None };
+//! let owner = Owner { container_id: "c1".into(), ifname: "eth0".into(), pod: None, cni_network: None, pod_uid: None };
 //! let lease = pools.assign(&key, &owner).await.unwrap();
 //! assert_eq!(pools.assign(&key, &owner).await.unwrap(), lease); // a retried ADD
 //! pools.release(&key, &owner).await.unwrap();

@@ -54,6 +54,7 @@ fn owner(n: usize) -> Owner {
         ifname: "eth0".into(),
         pod: None,
         cni_network: None,
+        pod_uid: None,
     }
 }
 

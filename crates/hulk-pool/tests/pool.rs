@@ -57,6 +57,7 @@ fn owner(n: usize) -> Owner {
         ifname: "eth0".into(),
         pod: Some(format!("default/p{n}")),
         cni_network: None,
+        pod_uid: None,
     }
 }
 

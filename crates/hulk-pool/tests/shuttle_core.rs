@@ -55,6 +55,7 @@ fn owner(name: &str) -> Owner {
         ifname: "eth0".into(),
         pod: None,
         cni_network: None,
+        pod_uid: None,
     }
 }
 

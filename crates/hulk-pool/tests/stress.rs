@@ -73,6 +73,7 @@ async fn a_hundred_thousand_operations_keep_every_invariant() {
                         ifname: "eth0".into(),
                         pod: None,
                         cni_network: None,
+                        pod_uid: None,
                     };
                     let lease = match pools.assign(&key, &owner).await {
                         Ok(lease) => lease,

@@ -123,6 +123,7 @@ async fn main() -> Result<(), Failure> {
             ifname: "eth0".into(),
             pod: None,
             cni_network: None,
+            pod_uid: None,
         };
 
         let started = Instant::now();

@@ -89,6 +89,7 @@ fn pod_request(
 ) -> PodRequest {
     PodRequest {
         cni_network: Some(config.name.clone()),
+        pod_uid: args.pod_uid().map(str::to_owned),
         container_id: container_id.to_owned(),
         ifname: ifname.to_owned(),
         netns: netns.map(Path::to_path_buf),

@@ -89,6 +89,7 @@ impl From<WireOwner> for Owner {
             ifname: owner.ifname,
             pod: owner.pod,
             cni_network: None,
+            pod_uid: None,
         }
     }
 }
