@@ -228,24 +228,15 @@ impl FakeApi {
             .retain(|pod| pod["metadata"]["name"] != name);
     }
 
-    fn set_uid(&self, name: &str, uid: &str) {
+    /// Sets the field at `pointer` (a JSON pointer) of pod `name`.
+    fn set(&self, name: &str, pointer: &str, value: &str) {
         let mut state = self.state.lock().unwrap();
         let pod = state
             .pods
             .iter_mut()
             .find(|pod| pod["metadata"]["name"] == name)
             .unwrap();
-        pod["metadata"]["uid"] = json!(uid);
-    }
-
-    fn set_phase(&self, name: &str, phase: &str) {
-        let mut state = self.state.lock().unwrap();
-        let pod = state
-            .pods
-            .iter_mut()
-            .find(|pod| pod["metadata"]["name"] == name)
-            .unwrap();
-        pod["status"]["phase"] = json!(phase);
+        *pod.pointer_mut(pointer).unwrap() = json!(value);
     }
 
     /// The queries of the list requests served so far.
@@ -650,7 +641,7 @@ async fn a_pod_recreated_under_its_name_does_not_keep_the_old_sandbox_address() 
     let b = add(&node, "b").await;
     // a's node crashed its sandbox away without a DEL; a StatefulSet
     // recreated a pod under the same name, which has not started here yet.
-    api.set_uid("a", "uid-a-recreated");
+    api.set("a", "/metadata/uid", "uid-a-recreated");
     expect_pass(&node, &[], &["a"]).await;
     expect_pass(&node, &["a"], &[]).await;
     assert_eq!(assignments(&node), [("b".into(), b, default_key())]);
@@ -663,9 +654,9 @@ async fn finished_pods_count_as_dead() {
     let a = add(&node, "a").await;
     add(&node, "b").await;
     add(&node, "c").await;
-    api.set_phase("a", "Pending");
-    api.set_phase("b", "Succeeded");
-    api.set_phase("c", "Failed");
+    api.set("a", "/status/phase", "Pending");
+    api.set("b", "/status/phase", "Succeeded");
+    api.set("c", "/status/phase", "Failed");
     expect_pass(&node, &[], &["b", "c"]).await;
     expect_pass(&node, &["b", "c"], &[]).await;
     assert_eq!(assignments(&node), [("a".into(), a, default_key())]);
