@@ -168,6 +168,7 @@ impl<K: Kernel + 'static> PluginApi<K> {
             AgentRequest::Status => {
                 return node
                     .status()
+                    .await
                     .map_or_else(AgentReply::Failed, |()| AgentReply::Done);
             }
         };

@@ -556,9 +556,13 @@ impl<K: Kernel> Node<K> {
         Ok(self.datapath.inspect_node(&self.network, &live).await?)
     }
 
-    /// STATUS: error 50 while a pool cannot serve ADDs (degraded after
-    /// the backend refused to give addresses).
-    pub fn status(&self) -> Result<(), CniError> {
+    /// STATUS: error 51 when the node-level datapath is broken (host-side
+    /// slave missing or down, node address gone: existing pods lose node
+    /// and Service traffic), else 50 while a pool cannot serve ADDs
+    /// (degraded after the backend refused to give addresses). Per-pod
+    /// host routes are left out: they are in flux while ADDs run, and a
+    /// flapping STATUS would mark the node's network not ready.
+    pub async fn status(&self) -> Result<(), CniError> {
         let degraded: Vec<String> = self
             .pools
             .keys()
@@ -566,13 +570,35 @@ impl<K: Kernel> Node<K> {
             .filter(|key| self.pools.stats(key).degraded)
             .map(|key| key.subnet)
             .collect();
-        if degraded.is_empty() {
-            Ok(())
-        } else {
-            Err(CniError::new(
-                ErrorCode::PluginNotAvailable,
-                format!("address pools degraded: {}", degraded.join(", ")),
-            ))
+        let pools_degraded = (!degraded.is_empty())
+            .then(|| format!("address pools degraded: {}", degraded.join(", ")));
+        let broken = match self.inspect().await {
+            Ok(state) if !state.host_link_present => {
+                Some(format!("{} is missing", self.network.host_link))
+            }
+            Ok(state) if !state.host_link_up => Some(format!("{} is down", self.network.host_link)),
+            Ok(state) if !state.node_address_present => Some(format!(
+                "the node address {} is not on {}",
+                self.network.node_address, self.network.host_link
+            )),
+            Ok(_) => None,
+            Err(error) => Some(format!("cannot inspect it: {error}")),
+        };
+        match (broken, pools_degraded) {
+            (Some(problem), degraded) => {
+                let mut message = format!(
+                    "the node's datapath is broken ({problem}); `hulkctl reapply` repairs it"
+                );
+                if let Some(degraded) = degraded {
+                    message = format!("{message}; {degraded}");
+                }
+                Err(CniError::new(
+                    ErrorCode::PluginNotAvailableLimitedConnectivity,
+                    message,
+                ))
+            }
+            (None, Some(degraded)) => Err(CniError::new(ErrorCode::PluginNotAvailable, degraded)),
+            (None, None) => Ok(()),
         }
     }
 

@@ -190,6 +190,23 @@ async fn gc_tears_down_every_attachment_of_its_network_not_valid_in_one_call() {
 }
 
 #[tokio::test]
+async fn status_is_51_while_the_node_datapath_is_broken_until_restored() {
+    let (node, _) = node(&["a"]).await;
+    node.status().await.unwrap();
+    let kernel = node.datapath().kernel();
+    kernel.delete_link(kernel.host(), "hulk0").await.unwrap();
+    let error = node.status().await.unwrap_err();
+    assert_eq!(
+        error.code,
+        ErrorCode::PluginNotAvailableLimitedConnectivity,
+        "{error:?}"
+    );
+    assert!(error.msg.contains("hulk0 is missing"), "{}", error.msg);
+    node.restore().await.unwrap();
+    node.status().await.unwrap();
+}
+
+#[tokio::test]
 async fn restore_brings_back_host_routes_of_pods_holding_addresses() {
     let (node, _) = node(&["a"]).await;
     let attached = node.add(&pod("a")).await.unwrap();
