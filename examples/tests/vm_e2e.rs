@@ -762,44 +762,67 @@ fn a_del_while_the_agent_is_down_tears_down_locally_and_gc_reclaims_the_address(
     vpc.stop_agent();
 }
 
-/// A conflist of hulk-vpc-cni then Debian's reference `tuning` plugin, run
-/// as libcni runs a chain: each plugin gets the previous one's result,
-/// DEL goes in reverse. Tuning's sysctl and MTU land on our interface.
+/// A conflist of hulk-vpc-cni, then Debian's reference `tuning` and
+/// `bandwidth` plugins, run as libcni runs a chain: each plugin gets the
+/// previous one's result, CHECK gets the final one, DEL goes in reverse.
 /// Debian's plugins speak up to spec 1.0.0, so the whole list does.
+/// Tuning's sysctl and MTU land on our interface. Bandwidth passes ADD and
+/// DEL of pods without limits through; it shapes through a host-side veth
+/// peer, which an ipvlan pod lacks, so its CHECK fails, a pod with limits
+/// fails its ADD cleanly, and the runtime's DEL of the chain leaves nothing
+/// behind.
 #[test]
 #[ignore = "needs ipvlan: runs in the VM via scripts/vm-tests"]
-fn the_result_chains_into_the_reference_tuning_plugin() {
+fn the_result_chains_into_the_reference_tuning_and_bandwidth_plugins() {
     let mut vpc = Vpc::new("e2c");
     vpc.start_agent();
-    let pod = vpc.pod("a");
-    let tuning = |command: &str, prev_result: &Value| {
-        let conf = json!({
-            "cniVersion": "1.0.0",
-            "name": "vpc",
+    let mut conf = vpc.conf();
+    conf["cniVersion"] = json!("1.0.0");
+    let plugins = [
+        json!({
             "type": "tuning",
             "mtu": 1400,
             "sysctl": {"net.ipv4.conf.eth0.arp_notify": "1"},
-            "prevResult": prev_result,
-        });
+        }),
+        json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}),
+    ];
+    // One plugin of the list after ours, as libcni execs it.
+    let reference = |plugin: &Value, command: &str, container: &str, pod: &str, extra: Value| {
+        let mut conf = plugin.clone();
+        conf["cniVersion"] = json!("1.0.0");
+        conf["name"] = json!("vpc");
+        for (key, value) in extra.as_object().unwrap() {
+            conf[key] = value.clone();
+        }
+        let binary = format!("/usr/lib/cni/{}", plugin["type"].as_str().unwrap());
         support::exec_cni(
-            Path::new("/usr/lib/cni/tuning"),
+            Path::new(&binary),
             command,
-            "sandbox-a",
-            &netns_path(&pod),
-            &pod,
+            container,
+            &netns_path(pod),
+            pod,
             &conf,
         )
-        .unwrap_or_else(|error| panic!("tuning {command}: {error}"))
     };
-    let mut conf = vpc.conf();
-    conf["cniVersion"] = json!("1.0.0");
+
+    let pod = vpc.pod("a");
     let ours = vpc.plugin("ADD", "sandbox-a", &pod, &conf).unwrap();
-    let chained = tuning("ADD", &ours);
+    let mut result = ours.clone();
+    for plugin in &plugins {
+        result = reference(
+            plugin,
+            "ADD",
+            "sandbox-a",
+            &pod,
+            json!({"prevResult": result}),
+        )
+        .unwrap_or_else(|error| panic!("{} ADD: {error}", plugin["type"]));
+    }
     assert_eq!(
-        chained["ips"], ours["ips"],
-        "tuning passes our addresses on"
+        result["ips"], ours["ips"],
+        "the chain passes our addresses on"
     );
-    assert_eq!(chained["interfaces"][0]["name"], "eth0");
+    assert_eq!(result["interfaces"][0]["name"], "eth0");
     let sysctl = Command::new("ip")
         .args(["netns", "exec", &pod, "cat"])
         .arg("/proc/sys/net/ipv4/conf/eth0/arp_notify")
@@ -815,14 +838,65 @@ fn the_result_chains_into_the_reference_tuning_plugin() {
         "{}",
         String::from_utf8_lossy(&link.stdout)
     );
-    // CHECK down the chain with the chain's final result.
-    conf["prevResult"] = chained.clone();
+    conf["prevResult"] = result.clone();
     vpc.plugin("CHECK", "sandbox-a", &pod, &conf).unwrap();
-    tuning("CHECK", &chained);
-
-    tuning("DEL", &chained);
+    let check = |plugin| {
+        reference(
+            plugin,
+            "CHECK",
+            "sandbox-a",
+            &pod,
+            json!({"prevResult": result}),
+        )
+    };
+    check(&plugins[0]).unwrap();
+    // Bandwidth's CHECK looks for the veth peer even without limits.
+    let refused = check(&plugins[1]).expect_err("bandwidth CHECK needs a veth");
+    assert!(
+        refused["msg"].as_str().unwrap().contains("veth"),
+        "{refused}"
+    );
+    for plugin in plugins.iter().rev() {
+        reference(
+            plugin,
+            "DEL",
+            "sandbox-a",
+            &pod,
+            json!({"prevResult": result}),
+        )
+        .unwrap_or_else(|error| panic!("{} DEL: {error}", plugin["type"]));
+    }
     vpc.plugin("DEL", "sandbox-a", &pod, &conf).unwrap();
     assert_eq!(link_names(&pod), "");
+
+    // A pod with bandwidth limits (kubernetes.io/ingress-bandwidth).
+    let shaped = vpc.pod("b");
+    conf.as_object_mut().unwrap().remove("prevResult");
+    let ours = vpc.plugin("ADD", "sandbox-b", &shaped, &conf).unwrap();
+    let tuned = reference(
+        &plugins[0],
+        "ADD",
+        "sandbox-b",
+        &shaped,
+        json!({"prevResult": ours}),
+    )
+    .unwrap();
+    let limits = json!({
+        "prevResult": tuned,
+        "runtimeConfig": {"bandwidth": {
+            "ingressRate": 1_000_000, "ingressBurst": 100_000,
+            "egressRate": 1_000_000, "egressBurst": 100_000,
+        }},
+    });
+    let refused = reference(&plugins[1], "ADD", "sandbox-b", &shaped, limits.clone())
+        .expect_err("bandwidth cannot shape an ipvlan pod");
+    println!("bandwidth with limits on an ipvlan pod: {refused}");
+    for plugin in plugins.iter().rev() {
+        reference(plugin, "DEL", "sandbox-b", &shaped, limits.clone())
+            .unwrap_or_else(|error| panic!("{} DEL: {error}", plugin["type"]));
+    }
+    vpc.plugin("DEL", "sandbox-b", &shaped, &conf).unwrap();
+    assert_eq!(link_names(&shaped), "");
     assert_eq!(vpc.assigned(), vec![]);
     vpc.stop_agent();
 }
