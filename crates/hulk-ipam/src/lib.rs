@@ -79,17 +79,50 @@ pub struct AllocationRequest {
     pub tags: Vec<String>,
     /// How many addresses; backends with a bulk call make one request.
     pub count: usize,
+    /// One specific address (a pod's fixed IP), with `count` 1. Held by
+    /// someone else: [`IpamError::Conflict`]; outside the subnet:
+    /// [`IpamError::InvalidRequest`].
+    pub address: Option<IpAddr>,
 }
 
 impl AllocationRequest {
-    /// A request without extra tags.
+    /// A request for any `count` free addresses, without extra tags.
     pub fn new(key: PoolKey, node: impl Into<String>, count: usize) -> Self {
         AllocationRequest {
             key,
             node: node.into(),
             tags: Vec::new(),
             count,
+            address: None,
         }
+    }
+
+    /// A request for exactly `address`, without extra tags.
+    pub fn for_address(key: PoolKey, node: impl Into<String>, address: IpAddr) -> Self {
+        AllocationRequest {
+            address: Some(address),
+            ..Self::new(key, node, 1)
+        }
+    }
+
+    /// Refuses a request no backend can serve: no address, or a specific
+    /// address with a count other than 1. `most` caps the count.
+    pub fn validate(&self, most: usize) -> Result<(), IpamError> {
+        if self.count == 0 || self.count > most {
+            return Err(IpamError::InvalidRequest(format!(
+                "count must be 1 to {most}, not {}",
+                self.count
+            )));
+        }
+        if let Some(address) = self.address
+            && self.count != 1
+        {
+            return Err(IpamError::InvalidRequest(format!(
+                "a request for {address} must have count 1, not {}",
+                self.count
+            )));
+        }
+        Ok(())
     }
 }
 

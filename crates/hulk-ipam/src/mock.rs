@@ -99,16 +99,28 @@ impl IpamBackend for MockBackend {
     }
 
     async fn allocate(&self, request: &AllocationRequest) -> Result<Vec<Lease>, IpamError> {
-        if request.count == 0 {
-            return Err(IpamError::InvalidRequest("count must be at least 1".into()));
-        }
+        request.validate(usize::MAX)?;
         let mut state = self.lock();
-        let free: Vec<IpAddr> = self
-            .subnet
-            .hosts()
-            .filter(|address| *address != self.gateway && !state.by_address.contains_key(address))
-            .take(request.count)
-            .collect();
+        let free: Vec<IpAddr> = match request.address {
+            Some(address) if !self.subnet.contains(&address) || address == self.gateway => {
+                return Err(IpamError::InvalidRequest(format!(
+                    "{address} is not a host address of {}",
+                    self.subnet
+                )));
+            }
+            Some(address) if state.by_address.contains_key(&address) => {
+                return Err(IpamError::Conflict(format!("{address} is in use")));
+            }
+            Some(address) => vec![address],
+            None => self
+                .subnet
+                .hosts()
+                .filter(|address| {
+                    *address != self.gateway && !state.by_address.contains_key(address)
+                })
+                .take(request.count)
+                .collect(),
+        };
         if free.len() < request.count {
             return Err(IpamError::Exhausted {
                 subnet: request.key.subnet.clone(),
@@ -200,6 +212,37 @@ mod tests {
             })
         );
         assert_eq!(backend.allocated(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_specific_address_is_given_once_and_only_inside_the_subnet() {
+        let backend = MockBackend::new("10.0.0.0/29".parse().unwrap());
+        let key = PoolKey::new("net", "sub", ["sg"], None);
+        let wanted: IpAddr = "10.0.0.5".parse().unwrap();
+        let fixed = AllocationRequest::for_address(key.clone(), "node", wanted);
+        let lease = backend.allocate(&fixed).await.unwrap().remove(0);
+        assert_eq!(lease.address.addr(), wanted);
+        assert!(matches!(
+            backend.allocate(&fixed).await,
+            Err(IpamError::Conflict(_))
+        ));
+        // The next free address skips the one taken.
+        let leases = backend.allocate(&request(4)).await.unwrap();
+        assert!(leases.iter().all(|other| other.address.addr() != wanted));
+        for outside in ["10.0.0.1", "10.0.1.2"] {
+            let request =
+                AllocationRequest::for_address(key.clone(), "node", outside.parse().unwrap());
+            assert!(matches!(
+                backend.allocate(&request).await,
+                Err(IpamError::InvalidRequest(_))
+            ));
+        }
+        let mut two = fixed.clone();
+        two.count = 2;
+        assert!(matches!(
+            backend.allocate(&two).await,
+            Err(IpamError::InvalidRequest(_))
+        ));
     }
 
     #[tokio::test]

@@ -221,16 +221,14 @@ impl IpamBackend for NeutronBackend {
     }
 
     async fn allocate(&self, request: &AllocationRequest) -> Result<Vec<Lease>, IpamError> {
-        if request.count == 0 {
-            return Err(IpamError::InvalidRequest("count must be at least 1".into()));
-        }
+        request.validate(usize::MAX)?;
         let tags_on_create = self.takes_tags_on_create().await?;
         let tags = self.tags(&request.node, &request.tags);
         let port = PortRequest {
             network_id: request.key.network.clone(),
             fixed_ips: vec![FixedIp {
                 subnet_id: request.key.subnet.clone(),
-                ip_address: None,
+                ip_address: request.address.map(|address| address.to_string()),
             }],
             security_groups: request.key.security_groups.clone(),
             qos_policy_id: request.key.qos_policy.clone(),

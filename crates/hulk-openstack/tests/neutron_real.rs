@@ -204,6 +204,30 @@ async fn release_deletes_and_a_second_release_is_not_found() {
 
 #[tokio::test]
 #[ignore = "needs a real Neutron: scripts/openstack-tests"]
+async fn a_fixed_address_is_allocated_once_and_only_inside_the_subnet() {
+    let vpc = vpc("fixed", "10.65.0.0/24").await;
+    let backend = neutron_backend(&unique("fixed"));
+    let wanted = "10.65.0.42".parse().unwrap();
+    let fixed = AllocationRequest::for_address(key(&vpc), "node-a", wanted);
+    let lease = backend.allocate(&fixed).await.unwrap().remove(0);
+    assert_eq!(lease.address.addr(), wanted);
+    let again = backend.allocate(&fixed).await;
+    assert!(matches!(again, Err(IpamError::Conflict(_))), "{again:?}");
+    let outside = AllocationRequest::for_address(key(&vpc), "node-a", "10.66.0.9".parse().unwrap());
+    let refused = backend.allocate(&outside).await;
+    assert!(
+        matches!(refused, Err(IpamError::InvalidRequest(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        backend.list(&ListScope::Cluster).await.unwrap().len(),
+        1,
+        "refusals leave no port behind"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a real Neutron: scripts/openstack-tests"]
 async fn a_full_subnet_is_exhausted_and_a_failed_bulk_leaves_nothing() {
     // A /29 holds 8 addresses: network, gateway and broadcast leave 5.
     let vpc = vpc("exhaust", "10.64.0.0/29").await;

@@ -131,6 +131,26 @@ async fn listing_follows_the_cursor_across_pages() {
 }
 
 #[tokio::test]
+async fn a_specific_address_is_allocated_once() {
+    let base = serve(mock("10.34.0.0/24")).await;
+    let ultron = client(&base, "s3cret", "prod");
+    let key = request("node-1", 1).key;
+    let fixed =
+        AllocationRequest::for_address(key.clone(), "node-1", "10.34.0.42".parse().unwrap());
+    let lease = ultron.allocate(&fixed).await.unwrap().remove(0);
+    assert_eq!(lease.address.to_string(), "10.34.0.42/24");
+    assert!(matches!(
+        ultron.allocate(&fixed).await,
+        Err(IpamError::Conflict(_))
+    ));
+    let outside = AllocationRequest::for_address(key, "node-1", "10.35.0.1".parse().unwrap());
+    assert!(matches!(
+        ultron.allocate(&outside).await,
+        Err(IpamError::InvalidRequest(_))
+    ));
+}
+
+#[tokio::test]
 async fn errors_carry_their_contract_codes() {
     let base = serve(mock("10.32.0.0/29")).await;
     let wrong = client(&base, "guess", "prod");

@@ -157,6 +157,9 @@ pub struct AllocationBody {
     pub tags: Vec<String>,
     /// How many addresses.
     pub count: usize,
+    /// One specific address (count 1); absent means any free ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
 }
 
 /// `PUT /v1/addresses/{id}/owner`.
@@ -315,12 +318,7 @@ impl IpamBackend for UltronBackend {
     }
 
     async fn allocate(&self, request: &AllocationRequest) -> Result<Vec<Lease>, IpamError> {
-        if request.count == 0 || request.count > MAX_ALLOCATION {
-            return Err(IpamError::InvalidRequest(format!(
-                "count must be 1 to {MAX_ALLOCATION}, not {}",
-                request.count
-            )));
-        }
+        request.validate(MAX_ALLOCATION)?;
         let mut tags = vec![
             MANAGED_TAG.to_owned(),
             cluster_tag(&self.cluster),
@@ -335,6 +333,7 @@ impl IpamBackend for UltronBackend {
             node: request.node.clone(),
             tags,
             count: request.count,
+            address: request.address,
         };
         let page: AddressPage = self
             .call_expecting(Method::POST, "/allocations", &[], Some(&to_json(&body)))

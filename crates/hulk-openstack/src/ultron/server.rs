@@ -95,11 +95,6 @@ async fn allocate(
         Ok(body) => body,
         Err(rejection) => return failure(&IpamError::InvalidRequest(rejection.body_text())),
     };
-    if body.count == 0 || body.count > MAX_ALLOCATION {
-        return failure(&IpamError::InvalidRequest(format!(
-            "count must be 1 to {MAX_ALLOCATION}"
-        )));
-    }
     let request = AllocationRequest {
         key: PoolKey::new(
             body.network,
@@ -110,7 +105,11 @@ async fn allocate(
         node: body.node,
         tags: Vec::new(),
         count: body.count,
+        address: body.address,
     };
+    if let Err(error) = request.validate(MAX_ALLOCATION) {
+        return failure(&error);
+    }
     match state.backend.allocate(&request).await {
         Ok(leases) => {
             let mut tags = state.tags.lock().await;
