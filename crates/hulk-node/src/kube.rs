@@ -4,6 +4,7 @@
 //! a full client library would be most of the agent's size for two calls.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use hulk_ipam::PoolKey;
@@ -17,6 +18,8 @@ pub const NETWORK_ANNOTATION: &str = "hulk-vpc.io/network";
 pub const SECURITY_GROUPS_ANNOTATION: &str = "hulk-vpc.io/security-groups";
 /// The annotation naming a pod's QoS policy.
 pub const QOS_POLICY_ANNOTATION: &str = "hulk-vpc.io/qos-policy";
+/// The annotation asking for one fixed address of the pod's subnet.
+pub const IP_ADDRESS_ANNOTATION: &str = "hulk-vpc.io/ip-address";
 
 /// Kubernetes API failures.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,20 @@ impl PodInfo {
     /// sandboxes are torn down.
     pub fn may_hold_addresses(&self) -> bool {
         !matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+
+    /// The fixed address the annotations ask for, if any. A malformed one
+    /// is an error naming it.
+    pub fn fixed_address(&self) -> Result<Option<IpAddr>, String> {
+        let Some(value) = self.annotations.get(IP_ADDRESS_ANNOTATION) else {
+            return Ok(None);
+        };
+        value.trim().parse().map(Some).map_err(|_| {
+            format!(
+                "pod {}: annotation {IP_ADDRESS_ANNOTATION} is not an IP address: {value:?}",
+                self.name
+            )
+        })
     }
 
     /// The pool the annotations ask for: `default`'s fields where they say

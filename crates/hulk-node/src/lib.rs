@@ -191,8 +191,14 @@ impl NodeError {
             NodeError::Pool(PoolError::Degraded {
                 exhausted: true, ..
             }) => ErrorCode::AddressExhausted,
-            NodeError::Pool(PoolError::Empty { .. } | PoolError::Degraded { .. }) => {
-                ErrorCode::TryAgainLater
+            NodeError::Pool(
+                PoolError::Empty { .. }
+                | PoolError::Degraded { .. }
+                | PoolError::AddressUnavailable { .. },
+            ) => ErrorCode::TryAgainLater,
+            // The one request a pod shapes: its fixed address.
+            NodeError::Pool(PoolError::Backend(IpamError::InvalidRequest(_))) => {
+                ErrorCode::InvalidNetworkConfig
             }
             NodeError::Pool(PoolError::Backend(
                 IpamError::Exhausted { .. } | IpamError::Quota(_),
@@ -302,9 +308,12 @@ impl<K: Kernel> Node<K> {
         let netns = request.netns.as_deref().ok_or_else(|| {
             NodeError::InvalidRequest("ADD needs the pod's network namespace".into())
         })?;
-        let key = self.pool_of(request).await?;
+        let (key, fixed_address) = self.placement_of(request).await?;
         let owner = request.owner();
-        let lease = self.pools.assign(&key, &owner).await?;
+        let lease = match fixed_address {
+            Some(address) => self.pools.assign_address(&key, &owner, address).await?,
+            None => self.pools.assign(&key, &owner).await?,
+        };
         let spec = self.pod_network(request, &lease)?;
         match self.datapath.attach(netns, &spec).await {
             Ok(attached) => Ok(PodAttachment {
@@ -336,23 +345,29 @@ impl<K: Kernel> Node<K> {
         }
     }
 
-    /// The pool a pod's address comes from: the request's, its
-    /// annotations', or the default.
-    async fn pool_of(&self, request: &PodRequest) -> Result<PoolKey, NodeError> {
+    /// The pool a pod's address comes from (the request's, its
+    /// annotations', or the default) and the fixed address its annotations
+    /// ask for, if any.
+    async fn placement_of(
+        &self,
+        request: &PodRequest,
+    ) -> Result<(PoolKey, Option<IpAddr>), NodeError> {
         if let Some(key) = &request.pool {
-            return Ok(key.clone());
+            return Ok((key.clone(), None));
         }
         let (Some(kubernetes), Some(name)) = (&self.kubernetes, &request.pod) else {
-            return Ok(self.default_pool.clone());
+            return Ok((self.default_pool.clone(), None));
         };
         let Some(pod) = kubernetes.pod(name).await? else {
             tracing::warn!(pod = %name, "the Kubernetes API does not know the pod; default pool");
-            return Ok(self.default_pool.clone());
+            return Ok((self.default_pool.clone(), None));
         };
-        Ok(pod
+        let key = pod
             .pool(&self.default_pool)
             .map_err(NodeError::InvalidRequest)?
-            .unwrap_or_else(|| self.default_pool.clone()))
+            .unwrap_or_else(|| self.default_pool.clone());
+        let fixed_address = pod.fixed_address().map_err(NodeError::InvalidRequest)?;
+        Ok((key, fixed_address))
     }
 
     /// Returns a failed ADD's address to the pool (logged if that fails:

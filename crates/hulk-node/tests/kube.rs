@@ -24,8 +24,8 @@ use hulk_ipam::{MockBackend, Owner, PoolKey};
 use hulk_netns::fake::FakeKernel;
 use hulk_netns::{Datapath, NodeNetwork, SlaveKind};
 use hulk_node::kube::{
-    KubeClient, KubeError, NETWORK_ANNOTATION, QOS_POLICY_ANNOTATION, SECURITY_GROUPS_ANNOTATION,
-    SUBNET_ANNOTATION,
+    IP_ADDRESS_ANNOTATION, KubeClient, KubeError, NETWORK_ANNOTATION, QOS_POLICY_ANNOTATION,
+    SECURITY_GROUPS_ANNOTATION, SUBNET_ANNOTATION,
 };
 use hulk_node::{Node, NodeError, PodRequest};
 use hulk_pool::{AddressState, MemoryStore, PoolConfig, PoolManager, SystemClock};
@@ -450,11 +450,41 @@ async fn annotations_pick_the_pool_and_plain_pods_get_the_default() {
 }
 
 #[tokio::test]
+async fn a_fixed_ip_annotation_gets_the_pod_that_address_and_keeps_others_off_it() {
+    let api = FakeApi::start(vec![
+        pod("db-0", &[(IP_ADDRESS_ANNOTATION, "10.20.0.77")]),
+        pod("db-1", &[(IP_ADDRESS_ANNOTATION, "10.20.0.77")]),
+        pod("odd", &[(IP_ADDRESS_ANNOTATION, "10.99.0.1")]),
+    ])
+    .await;
+    let node = node(api.client(), &["db-0", "db-1", "odd"]).await;
+    let fixed: IpAddr = "10.20.0.77".parse().unwrap();
+    assert_eq!(add(&node, "db-0").await, fixed);
+    let taken = node.add(&request("db-1")).await.unwrap_err();
+    assert_eq!(taken.to_cni().code, ErrorCode::TryAgainLater, "{taken}");
+    assert!(taken.to_string().contains("10.20.0.77"), "{taken}");
+    let outside = node.add(&request("odd")).await.unwrap_err();
+    assert_eq!(
+        outside.to_cni().code,
+        ErrorCode::InvalidNetworkConfig,
+        "{outside}"
+    );
+    // db-0 leaves; db-1 (its successor) now gets the address.
+    node.del(&request("db-0")).await.unwrap();
+    assert_eq!(add(&node, "db-1").await, fixed);
+    assert_eq!(
+        node.pools().holder_of(fixed),
+        Some((default_key(), owner("db-1")))
+    );
+}
+
+#[tokio::test]
 async fn a_malformed_annotation_is_an_invalid_config_naming_it() {
     for (annotation, value) in [
         (SECURITY_GROUPS_ANNOTATION, "sg-a,,sg-b"),
         (SUBNET_ANNOTATION, "  "),
         (QOS_POLICY_ANNOTATION, ""),
+        (IP_ADDRESS_ANNOTATION, "10.20.0.300"),
     ] {
         let api = FakeApi::start(vec![pod("a", &[(annotation, value)])]).await;
         let node = node(api.client(), &["a"]).await;

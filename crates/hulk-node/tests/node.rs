@@ -262,6 +262,18 @@ fn failures_map_to_their_cni_codes() {
             ErrorCode::IpamBackend,
         ),
         (
+            PoolError::AddressUnavailable {
+                address: "10.0.0.9".parse().unwrap(),
+                reason: "held by c1/eth0".into(),
+            }
+            .into(),
+            ErrorCode::TryAgainLater,
+        ),
+        (
+            PoolError::Backend(IpamError::InvalidRequest("not in the subnet".into())).into(),
+            ErrorCode::InvalidNetworkConfig,
+        ),
+        (
             DatapathError::NamespaceNotFound("/x".into()).into(),
             ErrorCode::Namespace,
         ),

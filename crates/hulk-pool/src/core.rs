@@ -4,7 +4,8 @@
 //! keeping it free of I/O lets concurrency tests (shuttle) explore every
 //! interleaving of its steps.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
 
 use hulk_ipam::{Lease, Owner};
 
@@ -50,6 +51,8 @@ pub struct PoolCore {
     pub(crate) degraded: Option<Refusal>,
     /// Set by an operator's drain: no refills, idle addresses go back.
     pub(crate) draining: bool,
+    /// Specific addresses being allocated from the backend for an owner.
+    pub(crate) pending_addresses: HashSet<IpAddr>,
 }
 
 impl PoolCore {
@@ -66,12 +69,14 @@ impl PoolCore {
         self.records.insert(id, record);
     }
 
-    /// Cooled-down addresses become idle; returns the changed records.
+    /// Cooled-down addresses become idle (fixed ones go back to the backend
+    /// instead: [`PoolCore::cooled_fixed`]); returns the changed records.
     pub fn promote_cooled(&mut self, now_ms: u64) -> Vec<AddressRecord> {
         let mut changed = Vec::new();
         for record in self.records.values_mut() {
             if let AddressState::Cooldown { until_ms } = record.state
                 && until_ms <= now_ms
+                && !record.fixed
             {
                 record.state = AddressState::Idle;
                 record.since_ms = now_ms;
@@ -80,6 +85,18 @@ impl PoolCore {
             }
         }
         changed
+    }
+
+    /// Fixed addresses released and cooled down: to return to the backend.
+    pub fn cooled_fixed(&self, now_ms: u64) -> Vec<String> {
+        self.records
+            .values()
+            .filter(|record| {
+                record.fixed
+                    && matches!(record.state, AddressState::Cooldown { until_ms } if until_ms <= now_ms)
+            })
+            .map(|record| record.lease.id.clone())
+            .collect()
     }
 
     /// Why refills are paused, while they are.
@@ -104,6 +121,36 @@ impl PoolCore {
         record.state = AddressState::Assigned(owner.clone());
         record.since_ms = now_ms;
         Some(record)
+    }
+
+    /// Takes `address` for `owner` when this pool holds it idle or cooling
+    /// down (the cooldown protects strangers, not a pod asking for its own
+    /// fixed address back): the record as it should be stored, committed
+    /// by [`PoolCore::insert`]; [`PoolCore::untake`] puts an idle one back.
+    /// `Ok(None)`: the pool does not hold it. `Err`: it is held otherwise.
+    pub fn take_address(
+        &mut self,
+        owner: &Owner,
+        address: IpAddr,
+        now_ms: u64,
+    ) -> Result<Option<AddressRecord>, AddressState> {
+        let Some(record) = self
+            .records
+            .values()
+            .find(|record| record.lease.address.addr() == address)
+        else {
+            return Ok(None);
+        };
+        match &record.state {
+            AddressState::Idle | AddressState::Cooldown { .. } => {}
+            held => return Err(held.clone()),
+        }
+        let mut taken = record.clone();
+        self.idle.retain(|id| *id != taken.lease.id);
+        taken.state = AddressState::Assigned(owner.clone());
+        taken.since_ms = now_ms;
+        taken.fixed = true;
+        Ok(Some(taken))
     }
 
     /// Undoes [`PoolCore::take_idle`].

@@ -3,6 +3,7 @@
 //! reconciliation against live pods and orphan sweeps.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -66,6 +67,15 @@ pub enum PoolError {
         /// The subnet or quota is used up: retrying soon will not help.
         exhausted: bool,
     },
+    /// A specific address cannot be assigned now: another pod holds it, it
+    /// is being released or allocated, or another pool has it.
+    #[error("address {address} is unavailable: {reason}")]
+    AddressUnavailable {
+        /// The address asked for.
+        address: IpAddr,
+        /// Why, for people.
+        reason: String,
+    },
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -75,6 +85,19 @@ pub enum PoolError {
 }
 
 use crate::core::{OwnerKey, PoolCore, Refusal, leased};
+
+/// Marks a specific address as being allocated until dropped, also when
+/// the ADD waiting for it is cancelled mid-call.
+struct PendingAddress<'a> {
+    pool: &'a Pool,
+    address: IpAddr,
+}
+
+impl Drop for PendingAddress<'_> {
+    fn drop(&mut self) {
+        self.pool.lock().pending_addresses.remove(&self.address);
+    }
+}
 
 struct Pool {
     key: PoolKey,
@@ -486,6 +509,139 @@ impl PoolManager {
         outcome
     }
 
+    /// Hands exactly `address` of `key` to `owner` (a pod's fixed IP): the
+    /// pool's own record of it when idle or cooling down, else one backend
+    /// allocation of that address, which the ADD waits for. The same owner
+    /// gets it back on a retry. Held by another pod, being released or
+    /// allocated, or in another pool: [`PoolError::AddressUnavailable`]
+    /// (the other pod may be on its way out: retry later).
+    pub async fn assign_address(
+        &self,
+        key: &PoolKey,
+        owner: &Owner,
+        address: IpAddr,
+    ) -> Result<Lease, PoolError> {
+        let unavailable = |reason: String| PoolError::AddressUnavailable { address, reason };
+        let pool = self.pool(key);
+        {
+            let mut state = pool.lock();
+            if let Some(lease) = state.assigned_lease(owner) {
+                return if lease.address.addr() == address {
+                    Ok(lease)
+                } else {
+                    Err(unavailable(format!(
+                        "{}/{} already holds {}",
+                        owner.container_id, owner.ifname, lease.address
+                    )))
+                };
+            }
+            match state.take_address(owner, address, self.clock.now_ms()) {
+                Ok(Some(record)) => {
+                    if let Err(error) = self.store.apply(&[StoreOp::put(record.clone())]) {
+                        if state.records[&record.lease.id].state == AddressState::Idle {
+                            state.untake(&record);
+                        }
+                        return Err(error.into());
+                    }
+                    let lease = leased(&record);
+                    state.insert(record);
+                    return Ok(lease);
+                }
+                Ok(None) => {}
+                Err(AddressState::Assigned(holder)) => {
+                    return Err(unavailable(format!(
+                        "held by {}/{}",
+                        holder.container_id, holder.ifname
+                    )));
+                }
+                Err(_) => return Err(unavailable("it is being released".into())),
+            }
+            if !state.pending_addresses.insert(address) {
+                return Err(unavailable("it is being allocated".into()));
+            }
+        }
+        let _pending = PendingAddress {
+            pool: &pool,
+            address,
+        };
+        if let Some(elsewhere) = self
+            .records()
+            .into_iter()
+            .find(|record| record.lease.address.addr() == address)
+        {
+            return Err(unavailable(if elsewhere.key == *key {
+                "a refill just brought it into this pool; retry".to_owned()
+            } else {
+                format!(
+                    "the pool of subnet {} with security groups {:?} and QoS {:?} holds it",
+                    elsewhere.key.subnet, elsewhere.key.security_groups, elsewhere.key.qos_policy
+                )
+            }));
+        }
+        self.allocate_for(&pool, owner, address).await
+    }
+
+    /// One backend allocation of `address`, recorded as `owner`'s, behind
+    /// an intent record as every allocation is.
+    async fn allocate_for(
+        &self,
+        pool: &Pool,
+        owner: &Owner,
+        address: IpAddr,
+    ) -> Result<Lease, PoolError> {
+        let _gate = self.allocation_gate.read().await;
+        let intent = self.intent(IntentKind::Allocate {
+            key: pool.key.clone(),
+            count: 1,
+        });
+        let intent_id = intent.id;
+        self.store.apply(&[StoreOp::PutIntent(intent)])?;
+        let request = AllocationRequest::for_address(pool.key.clone(), self.node.clone(), address);
+        let result = self
+            .timed("allocate", self.backend.allocate(&request))
+            .await;
+        let lease = match result.map(|mut leases| leases.pop()) {
+            Ok(Some(lease)) if lease.address.addr() == address => lease,
+            Ok(other) => {
+                // The intent stays: the next start sweeps what came back.
+                return Err(IpamError::Protocol(format!(
+                    "asked for {address}, got {:?}",
+                    other.map(|lease| lease.address)
+                ))
+                .into());
+            }
+            Err(error) => {
+                self.store.apply(&[StoreOp::RemoveIntent(intent_id)])?;
+                return Err(match error {
+                    IpamError::Conflict(reason) => {
+                        PoolError::AddressUnavailable { address, reason }
+                    }
+                    other => other.into(),
+                });
+            }
+        };
+        let record = AddressRecord {
+            key: pool.key.clone(),
+            lease,
+            state: AddressState::Assigned(owner.clone()),
+            since_ms: self.clock.now_ms(),
+            fixed: true,
+        };
+        let stored = self.store.apply(&[
+            StoreOp::put(record.clone()),
+            StoreOp::RemoveIntent(intent_id),
+        ]);
+        // As for refills: without a durable record the intent stays and the
+        // next start sweeps the address; serve it meanwhile.
+        if let Err(error) = &stored {
+            tracing::error!(%error, "cannot record an allocated address");
+        }
+        let lease = leased(&record);
+        pool.lock().insert(record);
+        stored?;
+        Ok(lease)
+    }
+
     /// Makes cooled-down addresses idle, durably.
     /// Waiting assignments are woken when some became idle.
     fn promote_cooled(&self, pool: &Pool) -> Result<(), PoolError> {
@@ -688,6 +844,7 @@ impl PoolManager {
                         lease,
                         state: AddressState::Idle,
                         since_ms: now,
+                        fixed: false,
                     })
                     .collect();
                 let mut ops: Vec<StoreOp> = records.iter().cloned().map(StoreOp::put).collect();
@@ -732,6 +889,17 @@ impl PoolManager {
         }
     }
 
+    /// `id`'s record as it is while being returned to the backend, and the
+    /// intent that covers the call.
+    fn release_victim(&self, state: &PoolCore, id: &str) -> (AddressRecord, Intent) {
+        let mut record = state.records[id].clone();
+        record.state = AddressState::Releasing;
+        let intent = self.intent(IntentKind::Release {
+            lease_id: id.to_owned(),
+        });
+        (record, intent)
+    }
+
     /// Returns idle addresses beyond `max_idle`, and those beyond
     /// `min_idle` idle for longer than `idle_reclaim_after`; every idle
     /// address of a draining pool.
@@ -760,12 +928,10 @@ impl PoolManager {
                     break;
                 }
                 state.idle.pop_front();
-                let mut record = state.records[&oldest].clone();
-                record.state = AddressState::Releasing;
-                let intent = self.intent(IntentKind::Release {
-                    lease_id: oldest.clone(),
-                });
-                victims.push((record, intent));
+                victims.push(self.release_victim(&state, &oldest));
+            }
+            for id in state.cooled_fixed(now) {
+                victims.push(self.release_victim(&state, &id));
             }
             let ops: Vec<StoreOp> = victims
                 .iter()
@@ -777,7 +943,8 @@ impl PoolManager {
                 })
                 .collect();
             if let Err(error) = self.store.apply(&ops) {
-                for (record, _) in victims.iter().rev() {
+                // Fixed addresses were never idle.
+                for (record, _) in victims.iter().rev().filter(|(record, _)| !record.fixed) {
                     state.idle.push_front(record.lease.id.clone());
                 }
                 return Err(error.into());
@@ -802,13 +969,18 @@ impl PoolManager {
                     released += 1;
                 }
                 Err(error) => {
-                    // Keep it: back to idle, the intent removed; a later pass retries.
-                    tracing::warn!(lease = %id, %error, "cannot return an idle address");
-                    let mut idle = record.clone();
-                    idle.state = AddressState::Idle;
+                    // Keep it as it was (a fixed address cooled down, others
+                    // idle), the intent removed; a later pass retries.
+                    tracing::warn!(lease = %id, %error, "cannot return an address");
+                    let mut kept = record.clone();
+                    kept.state = if record.fixed {
+                        AddressState::Cooldown { until_ms: now }
+                    } else {
+                        AddressState::Idle
+                    };
                     self.store
-                        .apply(&[StoreOp::put(idle.clone()), StoreOp::RemoveIntent(intent.id)])?;
-                    pool.lock().insert(idle);
+                        .apply(&[StoreOp::put(kept.clone()), StoreOp::RemoveIntent(intent.id)])?;
+                    pool.lock().insert(kept);
                 }
             }
         }

@@ -37,6 +37,11 @@ pub struct AddressRecord {
     pub state: AddressState,
     /// When it last changed state (Unix milliseconds), for idle reclaim.
     pub since_ms: u64,
+    /// Taken by a pod asking for this address by name (a fixed IP): it
+    /// never serves other pods from the idle list; released and cooled
+    /// down, it goes back to the backend.
+    #[serde(default)]
+    pub fixed: bool,
 }
 
 /// What a backend call in flight was doing, written before the call and
@@ -263,6 +268,7 @@ mod tests {
             },
             state,
             since_ms: 1,
+            fixed: false,
         }
     }
 

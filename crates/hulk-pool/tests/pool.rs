@@ -592,3 +592,151 @@ async fn an_address_names_its_holder() {
     assert_eq!(pools.holder_of(idle.lease.address.addr()), None);
     assert_eq!(pools.records().len(), 3);
 }
+
+fn address(text: &str) -> std::net::IpAddr {
+    text.parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_fixed_address_comes_from_the_backend_once_then_from_the_pool() {
+    let (backend, pools) = memory_pools().await;
+    pools.warm_up(&key()).await.unwrap();
+    let fixed = address("10.0.0.50");
+    let lease = pools
+        .assign_address(&key(), &owner(1), fixed)
+        .await
+        .unwrap();
+    assert_eq!(lease.address.addr(), fixed);
+    assert_eq!(lease.owner, Some(owner(1)));
+    assert_eq!(backend.allocated(), 4, "one call for the fixed address");
+    assert_eq!(
+        pools
+            .assign_address(&key(), &owner(1), fixed)
+            .await
+            .unwrap(),
+        lease,
+        "a retried ADD gets the same address"
+    );
+    for (who, wanted) in [(owner(2), fixed), (owner(1), address("10.0.0.51"))] {
+        let refused = pools.assign_address(&key(), &who, wanted).await;
+        assert!(
+            matches!(refused, Err(PoolError::AddressUnavailable { address, .. }) if address == wanted),
+            "{refused:?}"
+        );
+    }
+    // An idle address of the pool is taken without a backend call.
+    let idle = pools.records()[0].lease.address.addr();
+    pools.assign_address(&key(), &owner(2), idle).await.unwrap();
+    assert_eq!(pools.stats(&key()).idle, 2);
+    // The pod comes back (a new sandbox): its address is still cooling
+    // down, which protects strangers, not the pod that asks for it.
+    pools.release(&key(), &owner(1)).await.unwrap();
+    let again = pools
+        .assign_address(&key(), &owner(3), fixed)
+        .await
+        .unwrap();
+    assert_eq!(again.address.addr(), fixed);
+    assert_eq!(backend.allocated(), 4);
+    assert_eq!(pools.stats(&key()).assigned, 2);
+}
+
+#[tokio::test]
+async fn two_pods_racing_for_one_fixed_address_get_it_once() {
+    let backend = Arc::new(Faulty::new(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        FaultPlan {
+            latency: Latency::Fixed(Duration::from_millis(200)),
+            ..FaultPlan::default()
+        },
+    ));
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    let fixed = address("10.0.0.60");
+    let racing = (1..=2).map(|n| {
+        let pools = pools.clone();
+        tokio::spawn(async move { pools.assign_address(&key(), &owner(n), fixed).await })
+    });
+    let mut outcomes = Vec::new();
+    for handle in racing {
+        outcomes.push(handle.await.unwrap());
+    }
+    let won = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+    assert_eq!(won, 1, "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .any(|outcome| matches!(outcome, Err(PoolError::AddressUnavailable { .. }))),
+        "{outcomes:?}"
+    );
+    assert_eq!(backend.inner().allocated(), 1);
+}
+
+#[tokio::test]
+async fn a_fixed_address_asked_for_by_a_cancelled_add_can_be_asked_for_again() {
+    let backend = Arc::new(Faulty::new(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        FaultPlan {
+            latency: Latency::Fixed(Duration::from_millis(300)),
+            ..FaultPlan::default()
+        },
+    ));
+    let pools = manager(
+        backend,
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    let fixed = address("10.0.0.70");
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        pools.assign_address(&key(), &owner(1), fixed),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the ADD gave up first");
+    let lease = pools
+        .assign_address(&key(), &owner(1), fixed)
+        .await
+        .unwrap();
+    assert_eq!(lease.address.addr(), fixed);
+}
+
+#[tokio::test]
+async fn a_released_fixed_address_goes_back_to_the_backend_after_its_cooldown() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let clock = Arc::new(ManualClock::default());
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        clock.clone(),
+        config(),
+    )
+    .await;
+    let fixed = address("10.0.0.50");
+    pools
+        .assign_address(&key(), &owner(1), fixed)
+        .await
+        .unwrap();
+    pools.release(&key(), &owner(1)).await.unwrap();
+    pools.refill(&key()).await.unwrap();
+    assert_eq!(
+        pools.stats(&key()).cooldown,
+        1,
+        "kept for the pod's return while cooling down"
+    );
+    clock.advance(Duration::from_secs(31));
+    let outcome = pools.refill(&key()).await.unwrap();
+    assert_eq!(outcome.released, 1);
+    let addresses: Vec<_> = pools
+        .records()
+        .iter()
+        .map(|record| record.lease.address.addr())
+        .collect();
+    assert!(!addresses.contains(&fixed), "{addresses:?}");
+    assert_eq!(backend.allocated(), addresses.len());
+}
