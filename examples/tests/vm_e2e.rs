@@ -806,17 +806,21 @@ fn the_result_chains_into_the_reference_tuning_and_bandwidth_plugins() {
     };
 
     let pod = vpc.pod("a");
+    // Pod a's step of the list after ours, given the result so far.
+    let step = |plugin: &Value, command: &str, prev_result: &Value| {
+        reference(
+            plugin,
+            command,
+            "sandbox-a",
+            &pod,
+            json!({"prevResult": prev_result}),
+        )
+    };
     let ours = vpc.plugin("ADD", "sandbox-a", &pod, &conf).unwrap();
     let mut result = ours.clone();
     for plugin in &plugins {
-        result = reference(
-            plugin,
-            "ADD",
-            "sandbox-a",
-            &pod,
-            json!({"prevResult": result}),
-        )
-        .unwrap_or_else(|error| panic!("{} ADD: {error}", plugin["type"]));
+        result = step(plugin, "ADD", &result)
+            .unwrap_or_else(|error| panic!("{} ADD: {error}", plugin["type"]));
     }
     assert_eq!(
         result["ips"], ours["ips"],
@@ -840,31 +844,16 @@ fn the_result_chains_into_the_reference_tuning_and_bandwidth_plugins() {
     );
     conf["prevResult"] = result.clone();
     vpc.plugin("CHECK", "sandbox-a", &pod, &conf).unwrap();
-    let check = |plugin| {
-        reference(
-            plugin,
-            "CHECK",
-            "sandbox-a",
-            &pod,
-            json!({"prevResult": result}),
-        )
-    };
-    check(&plugins[0]).unwrap();
+    step(&plugins[0], "CHECK", &result).unwrap();
     // Bandwidth's CHECK looks for the veth peer even without limits.
-    let refused = check(&plugins[1]).expect_err("bandwidth CHECK needs a veth");
+    let refused = step(&plugins[1], "CHECK", &result).expect_err("bandwidth CHECK needs a veth");
     assert!(
         refused["msg"].as_str().unwrap().contains("veth"),
         "{refused}"
     );
     for plugin in plugins.iter().rev() {
-        reference(
-            plugin,
-            "DEL",
-            "sandbox-a",
-            &pod,
-            json!({"prevResult": result}),
-        )
-        .unwrap_or_else(|error| panic!("{} DEL: {error}", plugin["type"]));
+        step(plugin, "DEL", &result)
+            .unwrap_or_else(|error| panic!("{} DEL: {error}", plugin["type"]));
     }
     vpc.plugin("DEL", "sandbox-a", &pod, &conf).unwrap();
     assert_eq!(link_names(&pod), "");

@@ -467,14 +467,10 @@ mod tests {
                 "10.96.0.0/12 via 10.20.0.250 dev eth0 onlink",
             ]
         );
-        let host_routes: Vec<String> = datapath
-            .kernel()
-            .host_namespace()
-            .routes
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(host_routes, ["10.20.0.5/32 dev hulk0"]);
+        assert_eq!(
+            datapath.kernel().host_namespace().route_lines(),
+            ["10.20.0.5/32 dev hulk0"]
+        );
         datapath.check(Path::new(NETNS), &spec()).await.unwrap();
     }
 

@@ -38,6 +38,14 @@ pub struct FakeNamespace {
     pub sysctls: BTreeMap<String, String>,
 }
 
+impl FakeNamespace {
+    /// Its routes, one line each as [`Route`]'s `Display` writes them, in
+    /// the order they were added.
+    pub fn route_lines(&self) -> Vec<String> {
+        self.routes.iter().map(ToString::to_string).collect()
+    }
+}
+
 #[derive(Debug, Default)]
 struct FakeState {
     namespaces: Vec<FakeNamespace>,

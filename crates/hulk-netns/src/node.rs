@@ -306,13 +306,10 @@ mod tests {
         let report = datapath.restore_node(&node, &live).await.unwrap();
         assert_eq!(report.routes_installed, 2);
         assert_eq!(report.stale_routes_removed, [IpNet::from(dead)]);
-        let routes: Vec<String> = kernel
-            .host_namespace()
-            .routes
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(routes, ["10.20.0.5/32 dev hulk0", "10.20.0.6/32 dev hulk0"]);
+        assert_eq!(
+            kernel.host_namespace().route_lines(),
+            ["10.20.0.5/32 dev hulk0", "10.20.0.6/32 dev hulk0"]
+        );
 
         let again = datapath.restore_node(&node, &live).await.unwrap();
         assert!(again.stale_routes_removed.is_empty());

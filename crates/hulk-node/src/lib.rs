@@ -429,21 +429,24 @@ impl<K: Kernel> Node<K> {
             .map(|attachment| (attachment.container_id.as_str(), attachment.ifname.as_str()))
             .collect();
         let gone: Vec<Owner> = self
-            .pools
-            .records()
-            .into_iter()
-            .filter_map(|record| match record.state {
-                AddressState::Assigned(owner)
-                    if owner.cni_network.as_deref() == cni_network
-                        && !valid
-                            .contains(&(owner.container_id.as_str(), owner.ifname.as_str())) =>
-                {
-                    Some(owner)
-                }
-                _ => None,
+            .assigned_owners()
+            .filter(|owner| {
+                owner.cni_network.as_deref() == cni_network
+                    && !valid.contains(&(owner.container_id.as_str(), owner.ifname.as_str()))
             })
             .collect();
         self.collect_all(gone).await
+    }
+
+    /// The owners of every address a pod holds, in every pool.
+    fn assigned_owners(&self) -> impl Iterator<Item = Owner> {
+        self.pools
+            .records()
+            .into_iter()
+            .filter_map(|record| match record.state {
+                AddressState::Assigned(owner) => Some(owner),
+                _ => None,
+            })
     }
 
     /// The periodic GC: tears down the attachments of pods the Kubernetes
@@ -458,20 +461,14 @@ impl<K: Kernel> Node<K> {
         };
         let pods = kubernetes.live_pods_on(self.pools.node_name()).await?;
         let live: HashSet<(String, String)> = self
-            .pools
-            .records()
-            .into_iter()
-            .filter_map(|record| match record.state {
-                AddressState::Assigned(owner)
-                    if owner
-                        .pod
-                        .as_ref()
-                        .is_none_or(|pod| pods.shows(pod, owner.pod_uid.as_deref())) =>
-                {
-                    Some((owner.container_id, owner.ifname))
-                }
-                _ => None,
+            .assigned_owners()
+            .filter(|owner| {
+                owner
+                    .pod
+                    .as_ref()
+                    .is_none_or(|pod| pods.shows(pod, owner.pod_uid.as_deref()))
             })
+            .map(|owner| (owner.container_id, owner.ifname))
             .collect();
         let missing = self.pools.find_missing(&live);
         let gone = missing.gone.into_iter().map(|(_, owner)| owner).collect();

@@ -640,14 +640,7 @@ async fn a_pod_gone_from_the_api_is_released_on_the_second_pass_only() {
     assert!(matches!(state_of(&node, b), AddressState::Assigned(_)));
     expect_pass(&node, &["b"], &[]).await;
     assert!(matches!(state_of(&node, b), AddressState::Cooldown { .. }));
-    let mut host_routes: Vec<String> = node
-        .datapath()
-        .kernel()
-        .host_namespace()
-        .routes
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let mut host_routes = node.datapath().kernel().host_namespace().route_lines();
     host_routes.sort();
     assert_eq!(
         host_routes,

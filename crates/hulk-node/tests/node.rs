@@ -138,13 +138,7 @@ async fn del_returns_everything_and_can_repeat_even_without_the_namespace() {
 }
 
 fn host_routes(node: &Node<FakeKernel>) -> Vec<String> {
-    node.datapath()
-        .kernel()
-        .host_namespace()
-        .routes
-        .iter()
-        .map(ToString::to_string)
-        .collect()
+    node.datapath().kernel().host_namespace().route_lines()
 }
 
 #[tokio::test]

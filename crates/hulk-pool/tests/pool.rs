@@ -36,7 +36,25 @@ impl Clock for ManualClock {
 
 /// A pool manager over a /24 mock backend and a memory store, default knobs.
 async fn memory_pools() -> (Arc<MockBackend>, Arc<PoolManager>) {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    in_memory(MockBackend::new("10.0.0.0/24".parse().unwrap())).await
+}
+
+/// A pool manager like [`memory_pools`]'s whose backend answers after
+/// `latency`.
+async fn slow_pools(latency: Duration) -> (Arc<Faulty<MockBackend>>, Arc<PoolManager>) {
+    in_memory(Faulty::new(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        FaultPlan {
+            latency: Latency::Fixed(latency),
+            ..FaultPlan::default()
+        },
+    ))
+    .await
+}
+
+/// A pool manager over `backend` and a memory store, default knobs.
+async fn in_memory<B: IpamBackend + 'static>(backend: B) -> (Arc<B>, Arc<PoolManager>) {
+    let backend = Arc::new(backend);
     let pools = manager(
         backend.clone(),
         Arc::new(MemoryStore::default()),
@@ -109,20 +127,7 @@ async fn assignment_is_idempotent_and_exclusive() {
 
 #[tokio::test]
 async fn an_empty_pool_waits_for_the_refiller_not_the_backend() {
-    let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
-        FaultPlan {
-            latency: Latency::Fixed(Duration::from_millis(300)),
-            ..FaultPlan::default()
-        },
-    ));
-    let pools = manager(
-        backend.clone(),
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        config(),
-    )
-    .await;
+    let (backend, pools) = slow_pools(Duration::from_millis(300)).await;
     let (shutdown, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(pools.clone().run_refiller(key(), stop));
     let assigns = (0..5).map(|n| {
@@ -642,20 +647,7 @@ async fn a_fixed_address_comes_from_the_backend_once_then_from_the_pool() {
 
 #[tokio::test]
 async fn two_pods_racing_for_one_fixed_address_get_it_once() {
-    let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
-        FaultPlan {
-            latency: Latency::Fixed(Duration::from_millis(200)),
-            ..FaultPlan::default()
-        },
-    ));
-    let pools = manager(
-        backend.clone(),
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        config(),
-    )
-    .await;
+    let (backend, pools) = slow_pools(Duration::from_millis(200)).await;
     let fixed = address("10.0.0.60");
     let racing = (1..=2).map(|n| {
         let pools = pools.clone();
@@ -678,20 +670,7 @@ async fn two_pods_racing_for_one_fixed_address_get_it_once() {
 
 #[tokio::test]
 async fn a_fixed_address_asked_for_by_a_cancelled_add_can_be_asked_for_again() {
-    let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
-        FaultPlan {
-            latency: Latency::Fixed(Duration::from_millis(300)),
-            ..FaultPlan::default()
-        },
-    ));
-    let pools = manager(
-        backend,
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        config(),
-    )
-    .await;
+    let (_, pools) = slow_pools(Duration::from_millis(300)).await;
     let fixed = address("10.0.0.70");
     let cancelled = tokio::time::timeout(
         Duration::from_millis(50),
