@@ -303,6 +303,9 @@ impl PoolManager {
             }
             manager.pool(&record.key).lock().insert(record);
         }
+        for key in &snapshot.drained {
+            manager.pool(key).lock().draining = true;
+        }
         if allocation_interrupted {
             let swept = manager.sweep_orphans().await?;
             tracing::warn!(
@@ -767,9 +770,11 @@ impl PoolManager {
     /// Drains `key`'s pool for an operator: refills stop, assignments
     /// without an idle address fail, and every idle address goes back to
     /// the backend now (cooling ones once cooled). Addresses held by pods
-    /// stay. Returns how many went back. Not durable: a restarted agent
-    /// refills again.
+    /// stay. Returns how many went back. The drain is stored: a restarted
+    /// manager keeps the pool drained until `resume`.
     pub async fn drain(&self, key: &PoolKey) -> Result<usize, PoolError> {
+        self.store
+            .apply(&[StoreOp::SetDrained(key.clone(), true)])?;
         let pool = self.pool(key);
         pool.lock().draining = true;
         pool.announce();
@@ -778,6 +783,8 @@ impl PoolManager {
 
     /// Ends a drain of `key`'s pool and runs a refill pass.
     pub async fn resume(&self, key: &PoolKey) -> Result<RefillOutcome, PoolError> {
+        self.store
+            .apply(&[StoreOp::SetDrained(key.clone(), false)])?;
         self.pool(key).lock().draining = false;
         self.refill(key).await
     }
@@ -988,14 +995,17 @@ impl PoolManager {
     }
 
     /// Tops the idle addresses of `key` up to `warm_up` (in batches)
-    /// before any pod asks; what a restart finds idle counts. Returns how
-    /// many it allocated.
+    /// before any pod asks; what a restart finds idle counts, and a
+    /// drained pool gets nothing. Returns how many it allocated.
     pub async fn warm_up(&self, key: &PoolKey) -> Result<usize, PoolError> {
         let pool = self.pool(key);
         let mut allocated = 0;
         loop {
             let count = {
                 let mut state = pool.lock();
+                if state.draining {
+                    return Ok(allocated);
+                }
                 let have = state.idle.len() + state.in_flight();
                 let count = pool
                     .config

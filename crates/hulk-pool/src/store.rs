@@ -1,7 +1,7 @@
 //! Durable pool state: every address with its state, and the intent
 //! records written before each backend call.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -82,6 +82,9 @@ pub enum StoreOp {
     PutIntent(Intent),
     /// Remove an intent.
     RemoveIntent(u64),
+    /// Mark a pool drained by an operator (`true`) or resumed (`false`),
+    /// so that a restarted agent does not refill what was drained.
+    SetDrained(PoolKey, bool),
 }
 
 impl StoreOp {
@@ -98,6 +101,8 @@ pub struct Snapshot {
     pub addresses: BTreeMap<String, AddressRecord>,
     /// Intents by id.
     pub intents: BTreeMap<u64, Intent>,
+    /// Pools an operator drained and has not resumed.
+    pub drained: BTreeSet<PoolKey>,
 }
 
 /// Store failures.
@@ -142,6 +147,12 @@ fn apply_to(snapshot: &mut Snapshot, ops: &[StoreOp]) {
             StoreOp::RemoveIntent(id) => {
                 snapshot.intents.remove(id);
             }
+            StoreOp::SetDrained(key, true) => {
+                snapshot.drained.insert(key.clone());
+            }
+            StoreOp::SetDrained(key, false) => {
+                snapshot.drained.remove(key);
+            }
         }
     }
 }
@@ -167,6 +178,8 @@ impl PoolStore for MemoryStore {
 
 const ADDRESSES: TableDefinition<&str, &[u8]> = TableDefinition::new("addresses");
 const INTENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("intents");
+/// Drained pools, keyed by the JSON of their `PoolKey`.
+const DRAINED: TableDefinition<&str, ()> = TableDefinition::new("drained");
 
 /// A store in one redb file: ACID, crash-safe, one writer at a time.
 pub struct RedbStore {
@@ -191,6 +204,7 @@ impl RedbStore {
         let transaction = database.begin_write().map_err(database_error)?;
         transaction.open_table(ADDRESSES).map_err(database_error)?;
         transaction.open_table(INTENTS).map_err(database_error)?;
+        transaction.open_table(DRAINED).map_err(database_error)?;
         transaction.commit().map_err(database_error)?;
         Ok(RedbStore { database })
     }
@@ -212,6 +226,11 @@ impl PoolStore for RedbStore {
             let intent: Intent = serde_json::from_slice(value.value())?;
             snapshot.intents.insert(key.value(), intent);
         }
+        let drained = transaction.open_table(DRAINED).map_err(database_error)?;
+        for entry in drained.iter().map_err(database_error)? {
+            let (key, _) = entry.map_err(database_error)?;
+            snapshot.drained.insert(serde_json::from_str(key.value())?);
+        }
         Ok(snapshot)
     }
 
@@ -220,6 +239,7 @@ impl PoolStore for RedbStore {
         {
             let mut addresses = transaction.open_table(ADDRESSES).map_err(database_error)?;
             let mut intents = transaction.open_table(INTENTS).map_err(database_error)?;
+            let mut drained = transaction.open_table(DRAINED).map_err(database_error)?;
             for op in ops {
                 match op {
                     StoreOp::PutAddress(record) => {
@@ -239,6 +259,14 @@ impl PoolStore for RedbStore {
                     }
                     StoreOp::RemoveIntent(id) => {
                         intents.remove(*id).map_err(database_error)?;
+                    }
+                    StoreOp::SetDrained(key, true) => {
+                        let key = serde_json::to_string(key)?;
+                        drained.insert(key.as_str(), ()).map_err(database_error)?;
+                    }
+                    StoreOp::SetDrained(key, false) => {
+                        let key = serde_json::to_string(key)?;
+                        drained.remove(key.as_str()).map_err(database_error)?;
                     }
                 }
             }
@@ -301,6 +329,15 @@ mod tests {
         assert_eq!(snapshot.intents[&7], intent);
         store.apply(&[StoreOp::RemoveIntent(7)]).unwrap();
         assert!(store.load().unwrap().intents.is_empty());
+
+        let drained = PoolKey::new("net", "retired", ["sg"], Some("qos".into()));
+        store
+            .apply(&[StoreOp::SetDrained(drained.clone(), true)])
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap().drained,
+            BTreeSet::from([drained.clone()])
+        );
     }
 
     #[test]
@@ -317,7 +354,14 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         exercise(&RedbStore::open(&path).unwrap());
         let reopened = RedbStore::open(&path).unwrap();
-        assert_eq!(reopened.load().unwrap().addresses.len(), 1);
+        let snapshot = reopened.load().unwrap();
+        assert_eq!(snapshot.addresses.len(), 1);
+        let drained = snapshot.drained.into_iter().next().unwrap();
+        assert_eq!(drained.subnet, "retired");
+        reopened
+            .apply(&[StoreOp::SetDrained(drained, false)])
+            .unwrap();
+        assert!(reopened.load().unwrap().drained.is_empty());
         std::fs::remove_dir_all(&directory).unwrap();
     }
 }

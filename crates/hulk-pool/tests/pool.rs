@@ -325,6 +325,40 @@ async fn assignments_survive_a_restart_on_redb() {
 }
 
 #[tokio::test]
+async fn a_drain_outlives_a_restart_until_resumed() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let (dir, store) = temp_store("drain");
+    let pools = manager(backend.clone(), store, Arc::default(), config()).await;
+    pools.warm_up(&key()).await.unwrap();
+    pools.assign(&key(), &owner(1)).await.unwrap();
+    pools.drain(&key()).await.unwrap();
+    drop(pools);
+
+    let reopen = || async {
+        manager(
+            backend.clone(),
+            Arc::new(RedbStore::open(&dir.join("pool.redb")).unwrap()),
+            Arc::default(),
+            config(),
+        )
+        .await
+    };
+    let reopened = reopen().await;
+    assert!(reopened.stats(&key()).draining);
+    assert_eq!(reopened.warm_up(&key()).await.unwrap(), 0);
+    assert_eq!(reopened.refill(&key()).await.unwrap().allocated, 0);
+    assert_eq!(backend.allocated(), 1, "only the pod's address");
+
+    reopened.resume(&key()).await.unwrap();
+    drop(reopened);
+    let resumed = reopen().await;
+    assert!(!resumed.stats(&key()).draining);
+    assert_eq!(resumed.warm_up(&key()).await.unwrap(), 0, "resume refilled");
+    assert_eq!(resumed.stats(&key()).idle, config().batch);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn a_crash_during_allocation_leaks_nothing() {
     let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
     let store = Arc::new(MemoryStore::default());
