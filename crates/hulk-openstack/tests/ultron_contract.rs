@@ -73,8 +73,8 @@ async fn allocate_list_own_and_release_round_trip() {
         container_id: "c-1".into(),
         ifname: "eth0".into(),
         pod: Some("default/web-0".into()),
-        cni_network: None,
-        pod_uid: None,
+        cni_network: Some("hulk-vpc".into()),
+        pod_uid: Some("0b3e2f8a-6f1c-4d1e-9a57-3c1f0d9e2b11".into()),
     };
     let owned = ultron
         .update_owner(&leases[1].id, Some(owner.clone()))
@@ -237,7 +237,10 @@ fn the_documented_examples_are_what_the_code_reads_and_writes() {
     assert_eq!(serde_json::to_value(&address).unwrap(), examples[0]);
     let lease = address.into_lease().unwrap();
     assert_eq!(lease.address.to_string(), "10.20.0.5/24");
-    assert_eq!(lease.owner.unwrap().pod.as_deref(), Some("default/web-0"));
+    let owner = lease.owner.unwrap();
+    assert_eq!(owner.pod.as_deref(), Some("default/web-0"));
+    assert_eq!(owner.cni_network.as_deref(), Some("hulk-vpc"));
+    assert!(owner.pod_uid.is_some());
     let error: ErrorBody = serde_json::from_value(examples[1].clone()).unwrap();
     assert_eq!(error.error.code, "exhausted");
 }

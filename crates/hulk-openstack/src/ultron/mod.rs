@@ -70,6 +70,12 @@ pub struct WireOwner {
     /// `namespace/name`.
     #[serde(default)]
     pub pod: Option<String>,
+    /// The pod's UID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// The CNI network (configuration `name`) of the attachment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni_network: Option<String>,
 }
 
 impl From<Owner> for WireOwner {
@@ -78,6 +84,8 @@ impl From<Owner> for WireOwner {
             container_id: owner.container_id,
             ifname: owner.ifname,
             pod: owner.pod,
+            pod_uid: owner.pod_uid,
+            cni_network: owner.cni_network,
         }
     }
 }
@@ -88,8 +96,8 @@ impl From<WireOwner> for Owner {
             container_id: owner.container_id,
             ifname: owner.ifname,
             pod: owner.pod,
-            cni_network: None,
-            pod_uid: None,
+            cni_network: owner.cni_network,
+            pod_uid: owner.pod_uid,
         }
     }
 }
