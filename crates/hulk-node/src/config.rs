@@ -300,6 +300,16 @@ impl AgentConfig {
         if self.node_name.is_empty() {
             return Err("node_name must not be empty".into());
         }
+        // Cloud addresses outlive the agent: one restarted without its
+        // store would not know which pods hold them, and its orphan sweep
+        // would hand live pods' addresses back to the cloud.
+        if self.state_file.is_none() && !matches!(self.backend, BackendSection::Mock { .. }) {
+            return Err(
+                "state_file is required with a cloud backend: without it a restarted agent \
+                 forgets which pods hold addresses"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -455,8 +465,12 @@ mod tests {
     }
 
     #[test]
-    fn the_cloud_backends_parse() {
-        let ultron = MINIMAL.replace(
+    fn the_cloud_backends_parse_and_need_a_state_file() {
+        let with_state = MINIMAL.replace(
+            "node_name = \"node-1\"",
+            "node_name = \"node-1\"\nstate_file = \"/var/lib/hulk-vpc/pool.redb\"",
+        );
+        let ultron = with_state.replace(
             "type = \"mock\"\n        subnet = \"10.20.0.0/24\"",
             "type = \"ultron\"\nurl = \"https://ipam.example\"\ntoken_file = \"/etc/hulk/token\"\ncluster = \"prod\"",
         );
@@ -464,7 +478,10 @@ mod tests {
             AgentConfig::parse(&ultron).unwrap().backend,
             BackendSection::Ultron { .. }
         ));
-        let neutron = MINIMAL.replace(
+        let in_memory = ultron.replace("state_file = \"/var/lib/hulk-vpc/pool.redb\"", "");
+        let error = AgentConfig::parse(&in_memory).unwrap_err();
+        assert!(error.contains("state_file is required"), "{error}");
+        let neutron = with_state.replace(
             "type = \"mock\"\n        subnet = \"10.20.0.0/24\"",
             "type = \"neutron\"\nauth_url = \"https://keystone:5000/v3\"\napplication_credential_id = \"id\"\napplication_credential_secret_file = \"/etc/hulk/secret\"\ncluster = \"prod\"",
         );
