@@ -447,7 +447,7 @@ async fn the_rescue_api_inspects_and_repairs_the_node() {
     let (code, collected) = hulkctl(&dir, &["gc"]);
     assert_eq!(code, 0, "{collected}");
     assert_eq!(collected["pods_checked"], false);
-    assert_eq!(collected["orphans_swept"], 0);
+    assert_eq!(collected["orphans"]["released"], 0);
 
     let metrics = http_get(port, "/metrics");
     assert!(

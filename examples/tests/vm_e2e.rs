@@ -728,6 +728,52 @@ fn after_a_node_reboot_the_agent_restores_the_node_and_gc_frees_the_dead_pods() 
     vpc.stop_agent();
 }
 
+/// The state file is lost while pods run (a wiped disk, an operator's
+/// mistake). The restarted agent takes the pods' addresses back from the
+/// cloud's marks of who holds each one, instead of sweeping them back to
+/// the cloud while the pods still use them.
+#[test]
+#[ignore = "needs ipvlan: runs in the VM via scripts/vm-tests"]
+fn a_lost_state_file_is_rebuilt_from_the_clouds_marks_of_who_holds_what() {
+    let mut vpc = Vpc::new("e2l");
+    vpc.start_agent();
+    let mut pods = Vec::new();
+    for index in 0..3 {
+        let pod = vpc.pod(&format!("p{index}"));
+        let sandbox = format!("sandbox-{index}");
+        let result = vpc.add(&sandbox, &pod);
+        pods.push((sandbox, pod, result));
+    }
+    let held = vpc.assigned();
+    assert_eq!(held.len(), 3);
+    vpc.stop_agent();
+    std::fs::remove_file(vpc.dir.join("pool.redb")).unwrap();
+
+    vpc.start_agent();
+    assert_eq!(vpc.assigned(), held, "every pod's address is known again");
+    vpc.assert_node_healthy();
+    let (_, first_pod, first_result) = &pods[0];
+    serve(first_pod, 8080, "still here");
+    assert_eq!(
+        fetch(&vpc.node(), &address_of(first_result), 8080).as_deref(),
+        Ok("still here")
+    );
+
+    let newcomer = vpc.pod("new");
+    let result = vpc.add("sandbox-new", &newcomer);
+    assert!(
+        held.iter()
+            .all(|(_, address)| *address != address_of(&result)),
+        "an address held by a pod was handed out again"
+    );
+    for (sandbox, pod, result) in &pods {
+        vpc.del(sandbox, pod, Some(result)).unwrap();
+    }
+    vpc.del("sandbox-new", &newcomer, Some(&result)).unwrap();
+    assert_eq!(vpc.assigned(), vec![]);
+    vpc.stop_agent();
+}
+
 #[test]
 #[ignore = "needs ipvlan: runs in the VM via scripts/vm-tests"]
 fn a_del_while_the_agent_is_down_tears_down_locally_and_gc_reclaims_the_address() {

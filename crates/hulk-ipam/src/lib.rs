@@ -177,6 +177,13 @@ pub struct Lease {
     pub id: String,
     /// The address with the subnet's prefix length.
     pub address: IpNet,
+    /// The VPC network of the address; empty when the backend does not
+    /// say.
+    #[serde(default)]
+    pub network: String,
+    /// The subnet of the address; empty when the backend does not say.
+    #[serde(default)]
+    pub subnet: String,
     /// The subnet gateway.
     pub gateway: Option<IpAddr>,
     /// The MAC address the backend bound to the address, if any.
@@ -193,6 +200,22 @@ pub struct Lease {
     pub node: String,
     /// The pod interface holding it; `None` while it idles in a pool.
     pub owner: Option<Owner>,
+}
+
+impl Lease {
+    /// The pool the address belongs to, when the backend named its
+    /// network and subnet.
+    pub fn pool_key(&self) -> Option<PoolKey> {
+        if self.network.is_empty() || self.subnet.is_empty() {
+            return None;
+        }
+        Some(PoolKey::new(
+            self.network.clone(),
+            self.subnet.clone(),
+            self.security_groups.clone(),
+            self.qos_policy.clone(),
+        ))
+    }
 }
 
 /// Why a backend call failed, in terms a caller can act on.

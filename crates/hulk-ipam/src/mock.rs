@@ -80,6 +80,8 @@ impl MockBackend {
             id,
             address: IpNet::new(address, self.subnet.prefix_len())
                 .unwrap_or_else(|_| IpNet::from(address)),
+            network: request.key.network.clone(),
+            subnet: request.key.subnet.clone(),
             gateway: Some(self.gateway),
             mac: Some(MacAddr([0xfa, 0x16, 0x3e, tail[0], tail[1], tail[2]])),
             mtu: Some(self.mtu),

@@ -68,7 +68,7 @@ use hulk_netns::{
     Datapath, DatapathError, Kernel, Mac, NodeNetwork, NodeState, PodNetwork, RestoreReport,
 };
 use hulk_netns::{default_destination, format_mac};
-use hulk_pool::{AddressState, PoolError, PoolManager, ReconcileReport};
+use hulk_pool::{AddressState, OrphanSweep, PoolError, PoolManager, ReconcileReport};
 
 use crate::kube::{KubeClient, KubeError};
 
@@ -542,8 +542,8 @@ impl<K: Kernel> Node<K> {
             }
             if passes.is_multiple_of(10) {
                 match self.pools.sweep_orphans().await {
-                    Ok(0) => {}
-                    Ok(swept) => tracing::warn!(swept, "released backend addresses nobody knew"),
+                    Ok(sweep) if sweep == OrphanSweep::default() => {}
+                    Ok(sweep) => tracing::warn!(?sweep, "the backend held addresses nobody knew"),
                     Err(error) => tracing::warn!(%error, "orphan sweep failed"),
                 }
             }

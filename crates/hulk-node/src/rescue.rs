@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hulk_ipam::{Owner, PoolKey};
 use hulk_netns::{Kernel, NftFinding, NodeState, RestoreReport};
-use hulk_pool::{AddressRecord, PoolStats};
+use hulk_pool::{AddressRecord, OrphanSweep, PoolStats};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
@@ -163,8 +163,9 @@ pub enum RescueReply {
         /// Assignments whose pod is missing now: released on the next
         /// pass if still missing.
         suspected: Vec<Owner>,
-        /// Backend addresses of this node the agent did not know, released.
-        orphans_swept: usize,
+        /// What became of backend addresses of this node the agent did not
+        /// know.
+        orphans: OrphanSweep,
         /// Whether pods were checked (needs the Kubernetes API).
         pods_checked: bool,
     },
@@ -263,11 +264,11 @@ impl<K: Kernel + 'static> RescueApi<K> {
 
     async fn gc(&self) -> Result<RescueReply, NodeError> {
         let report = self.node.collect_dead_pods().await?;
-        let orphans_swept = self.node.pools().sweep_orphans().await?;
+        let orphans = self.node.pools().sweep_orphans().await?;
         Ok(RescueReply::Collected {
             released: report.released,
             suspected: report.suspected,
-            orphans_swept,
+            orphans,
             pods_checked: self.node.has_kubernetes(),
         })
     }

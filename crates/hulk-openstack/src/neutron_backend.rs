@@ -61,14 +61,24 @@ pub struct NeutronBackend {
     tags_on_create: OnceCell<bool>,
 }
 
+/// The longest port `name` Neutron accepts.
+const PORT_NAME_MAX: usize = 255;
+
 /// A port's `name` while a pod holds it: `hulk-vpc:<ifname>:<namespace/pod>`.
-/// Neither an interface name nor a Kubernetes name can hold a `:`.
+/// Neither an interface name nor a Kubernetes name can hold a `:`. A pod
+/// name too long for Neutron is left out rather than cut: a cut name
+/// would name another pod, or none, and the agent's GC would then judge
+/// the wrong pod.
 fn owner_name(owner: &Owner) -> String {
-    format!(
+    let named = format!(
         "{MANAGED_TAG}:{}:{}",
         owner.ifname,
         owner.pod.as_deref().unwrap_or("")
-    )
+    );
+    if named.len() <= PORT_NAME_MAX {
+        return named;
+    }
+    format!("{MANAGED_TAG}:{}:", owner.ifname)
 }
 
 fn owner_of(port: &Port) -> Option<Owner> {
@@ -184,6 +194,8 @@ impl NeutronBackend {
             id: port.id.clone(),
             address: IpNet::new(ip, facts.prefix_len)
                 .map_err(|_| IpamError::Protocol(format!("port {} address {ip}", port.id)))?,
+            network: port.network_id.clone(),
+            subnet: fixed.subnet_id.clone(),
             gateway: facts.gateway,
             mac: port.mac_address.parse().ok(),
             mtu: facts.mtu,
@@ -338,11 +350,24 @@ mod tests {
             "device_id": "abc", "name": owner_name(&owner)
         }))
         .unwrap();
-        assert_eq!(owner_of(&port), Some(owner));
+        assert_eq!(owner_of(&port).as_ref(), Some(&owner));
         let idle: Port = serde_json::from_value(json!({
             "id": "p", "network_id": "n", "mac_address": "fa:16:3e:00:00:01", "name": "hulk-vpc"
         }))
         .unwrap();
         assert_eq!(owner_of(&idle), None);
+
+        let long = Owner {
+            pod: Some(format!("default/{}", "p".repeat(253))),
+            ..owner
+        };
+        let name = owner_name(&long);
+        assert!(name.len() <= PORT_NAME_MAX, "{name}");
+        let port: Port = serde_json::from_value(json!({
+            "id": "p", "network_id": "n", "mac_address": "fa:16:3e:00:00:01",
+            "device_id": "abc", "name": name
+        }))
+        .unwrap();
+        assert_eq!(owner_of(&port).unwrap().pod, None, "left out, not cut");
     }
 }

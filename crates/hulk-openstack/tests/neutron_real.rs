@@ -93,6 +93,12 @@ async fn single_and_bulk_ports_carry_every_field_and_can_be_found_again() {
         .unwrap();
     assert_eq!(node_b.len(), 4);
     assert!(node_b.iter().all(|lease| lease.node == "node-b"));
+    assert!(
+        node_b
+            .iter()
+            .all(|lease| lease.pool_key().as_ref() == Some(&key(&vpc))),
+        "a listed port names its pool: network, subnet, groups, QoS"
+    );
     assert_eq!(backend.list(&ListScope::Cluster).await.unwrap().len(), 5);
     // Raw filters and pagination: device_owner and the address, two per page.
     let filters = BTreeMap::from([

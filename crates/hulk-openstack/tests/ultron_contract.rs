@@ -55,6 +55,7 @@ async fn allocate_list_own_and_release_round_trip() {
     assert_eq!(leases[0].address.to_string(), "10.30.0.2/24");
     assert_eq!(leases[0].security_groups, ["sg-1", "sg-2"]);
     assert_eq!(leases[0].qos_policy.as_deref(), Some("qos-1"));
+    assert_eq!(leases[0].pool_key(), Some(request("node-1", 1).key));
     ultron.allocate(&request("node-2", 2)).await.unwrap();
 
     assert_eq!(
@@ -237,6 +238,10 @@ fn the_documented_examples_are_what_the_code_reads_and_writes() {
     assert_eq!(serde_json::to_value(&address).unwrap(), examples[0]);
     let lease = address.into_lease().unwrap();
     assert_eq!(lease.address.to_string(), "10.20.0.5/24");
+    assert_eq!(
+        lease.pool_key(),
+        Some(PoolKey::new("net-1", "subnet-a", ["sg-web"], None))
+    );
     let owner = lease.owner.unwrap();
     assert_eq!(owner.pod.as_deref(), Some("default/web-0"));
     assert_eq!(owner.cni_network.as_deref(), Some("hulk-vpc"));

@@ -11,6 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hulk_ipam::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, Owner, PoolKey};
 use tokio::sync::{Notify, RwLock, watch};
 
+mod owner_marks;
+
+pub use owner_marks::OrphanSweep;
+
 use crate::config::PoolConfig;
 use crate::metrics::{PoolLabels, PoolMetrics};
 use crate::store::{
@@ -190,6 +194,10 @@ pub struct PoolManager {
     overrides: Mutex<HashMap<PoolKey, PoolConfig>>,
     /// Wakes [`PoolManager::run_refillers`] when a pool appears.
     pool_added: Notify,
+    /// Addresses whose holder may differ from the backend's mark of it.
+    unmarked: Mutex<BTreeSet<String>>,
+    /// Wakes [`PoolManager::run_owner_marks`] when an address changed hands.
+    holder_changed: Notify,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
@@ -238,9 +246,12 @@ impl std::fmt::Debug for PoolManager {
 
 impl PoolManager {
     /// Opens the pools of `node` from `store`, repairing what a crash left
-    /// half-done: releases in flight are finished, and when an allocation
-    /// was in flight, the backend's resources of this node that the store
-    /// does not know are released.
+    /// half-done: releases in flight are finished, and the backend's
+    /// addresses of this node that the store does not know are swept
+    /// ([`PoolManager::sweep_orphans`]: released, or adopted when the
+    /// backend marks a pod as their holder). A failed sweep fails the open
+    /// only after an interrupted allocation; otherwise the periodic sweep
+    /// retries it.
     pub async fn open(
         backend: Arc<dyn IpamBackend>,
         store: Arc<dyn PoolStore>,
@@ -265,6 +276,8 @@ impl PoolManager {
             rate,
             overrides: Mutex::new(HashMap::new()),
             pool_added: Notify::new(),
+            unmarked: Mutex::new(BTreeSet::new()),
+            holder_changed: Notify::new(),
         });
         let mut allocation_interrupted = false;
         for intent in snapshot.intents.values() {
@@ -306,19 +319,26 @@ impl PoolManager {
         for key in &snapshot.drained {
             manager.pool(key).lock().draining = true;
         }
-        if allocation_interrupted {
-            let swept = manager.sweep_orphans().await?;
-            tracing::warn!(
-                swept,
-                "an allocation was interrupted; released unknown addresses"
-            );
-            let stale: Vec<StoreOp> = snapshot
-                .intents
-                .values()
-                .filter(|intent| matches!(intent.kind, IntentKind::Allocate { .. }))
-                .map(|intent| StoreOp::RemoveIntent(intent.id))
-                .collect();
-            manager.store.apply(&stale)?;
+        // Every start compares with the backend: an interrupted allocation
+        // leaves addresses nobody knows, a lost store forgets pods' ones.
+        match manager.sweep_orphans().await {
+            Ok(sweep) => {
+                if sweep != OrphanSweep::default() {
+                    tracing::warn!(?sweep, "the backend held addresses the store did not know");
+                }
+                let stale: Vec<StoreOp> = snapshot
+                    .intents
+                    .values()
+                    .filter(|intent| matches!(intent.kind, IntentKind::Allocate { .. }))
+                    .map(|intent| StoreOp::RemoveIntent(intent.id))
+                    .collect();
+                manager.store.apply(&stale)?;
+            }
+            Err(error) if allocation_interrupted => return Err(error),
+            Err(error) => tracing::warn!(
+                %error,
+                "cannot compare the store with the backend at start; the periodic sweep will"
+            ),
         }
         Ok(manager)
     }
@@ -425,6 +445,15 @@ impl PoolManager {
         call: impl std::future::Future<Output = Result<T, IpamError>>,
     ) -> Result<T, IpamError> {
         self.rate.acquire().await;
+        self.metered(operation, call).await
+    }
+
+    /// A backend call counted in the metrics but not rate-limited.
+    async fn metered<T>(
+        &self,
+        operation: &str,
+        call: impl std::future::Future<Output = Result<T, IpamError>>,
+    ) -> Result<T, IpamError> {
         let started = std::time::Instant::now();
         let result = call.await;
         self.metrics.backend_call(operation, started, &result);
@@ -464,6 +493,7 @@ impl PoolManager {
                         break Err(error.into());
                     }
                     let lease = leased(&record);
+                    self.holder_changed(&lease.id);
                     state.insert(record);
                     if state.idle.len() < pool.config.min_idle {
                         pool.wake_refiller.notify_one();
@@ -547,6 +577,7 @@ impl PoolManager {
                         return Err(error.into());
                     }
                     let lease = leased(&record);
+                    self.holder_changed(&lease.id);
                     state.insert(record);
                     return Ok(lease);
                 }
@@ -640,6 +671,7 @@ impl PoolManager {
             tracing::error!(%error, "cannot record an allocated address");
         }
         let lease = leased(&record);
+        self.holder_changed(&lease.id);
         pool.lock().insert(record);
         stored?;
         Ok(lease)
@@ -688,6 +720,7 @@ impl PoolManager {
             return Ok(());
         };
         self.store.apply(&[StoreOp::put(record.clone())])?;
+        self.holder_changed(&record.lease.id);
         state.commit_cool_down(owner, record);
         pool.wake_refiller.notify_one();
         Ok(())
@@ -1124,29 +1157,6 @@ impl PoolManager {
             report.released.push(owner);
         }
         Ok(report)
-    }
-
-    /// Releases the backend's addresses of this node that no pool knows
-    /// (leaked by a crash or a lost store). Returns how many.
-    pub async fn sweep_orphans(&self) -> Result<usize, PoolError> {
-        let _gate = self.allocation_gate.write().await;
-        let known: HashSet<String> = self
-            .all_pools()
-            .iter()
-            .flat_map(|pool| pool.lock().records.keys().cloned().collect::<Vec<_>>())
-            .collect();
-        let mut swept = 0;
-        let scope = ListScope::Node(self.node.clone());
-        for lease in self.timed("list", self.backend.list(&scope)).await? {
-            if known.contains(&lease.id) {
-                continue;
-            }
-            match self.timed("release", self.backend.release(&lease.id)).await {
-                Ok(()) | Err(IpamError::NotFound(_)) => swept += 1,
-                Err(error) => return Err(error.into()),
-            }
-        }
-        Ok(swept)
     }
 }
 

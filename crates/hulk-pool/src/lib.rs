@@ -52,8 +52,8 @@ mod store;
 
 pub use config::PoolConfig;
 pub use engine::{
-    Clock, MissingAssignments, PoolError, PoolManager, PoolStats, ReconcileReport, RefillOutcome,
-    SystemClock, sweep_cluster, sweep_node,
+    Clock, MissingAssignments, OrphanSweep, PoolError, PoolManager, PoolStats, ReconcileReport,
+    RefillOutcome, SystemClock, sweep_cluster, sweep_node,
 };
 pub use metrics::{CallLabels, ErrorLabels, PoolLabels, PoolMetrics, error_kind};
 pub use store::{

@@ -285,6 +285,8 @@ mod tests {
             lease: Lease {
                 id: id.into(),
                 address: "10.0.0.2/24".parse().unwrap(),
+                network: "net".into(),
+                subnet: "sub".into(),
                 gateway: None,
                 mac: None,
                 mtu: None,

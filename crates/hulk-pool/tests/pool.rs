@@ -14,8 +14,8 @@ use hulk_ipam::{
     MockBackend, Owner, PoolKey,
 };
 use hulk_pool::{
-    Clock, Intent, IntentKind, MemoryStore, PoolConfig, PoolError, PoolManager, PoolStore,
-    RedbStore, StoreOp,
+    Clock, Intent, IntentKind, MemoryStore, OrphanSweep, PoolConfig, PoolError, PoolManager,
+    PoolStore, RedbStore, StoreOp,
 };
 
 /// A clock the test moves by hand.
@@ -128,6 +128,7 @@ async fn assignment_is_idempotent_and_exclusive() {
 #[tokio::test]
 async fn an_empty_pool_waits_for_the_refiller_not_the_backend() {
     let (backend, pools) = slow_pools(Duration::from_millis(300)).await;
+    let at_open = backend.calls();
     let (shutdown, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(pools.clone().run_refiller(key(), stop));
     let assigns = (0..5).map(|n| {
@@ -138,7 +139,8 @@ async fn an_empty_pool_waits_for_the_refiller_not_the_backend() {
     let addresses: HashSet<_> = leases.iter().map(|lease| lease.address).collect();
     assert_eq!(addresses.len(), 5);
     // Five waiting ADDs were served by batches of three, not five calls.
-    assert!(backend.calls() <= 3, "{} backend calls", backend.calls());
+    let calls = backend.calls() - at_open;
+    assert!(calls <= 3, "{calls} backend calls");
     shutdown.send(true).unwrap();
 }
 
@@ -171,8 +173,9 @@ async fn without_a_refill_an_assignment_gives_up_in_time() {
 #[tokio::test]
 async fn exhaustion_degrades_the_pool_until_the_backoff_passes() {
     let plan = FaultPlan {
+        // Call 1 is the sweep at open.
         on_call: BTreeMap::from([(
-            1,
+            2,
             Fault::Error(IpamError::Exhausted {
                 subnet: "subnet-a".into(),
             }),
@@ -210,7 +213,7 @@ async fn exhaustion_degrades_the_pool_until_the_backoff_passes() {
         0,
         "no calls while degraded"
     );
-    assert_eq!(backend.calls(), 1);
+    assert_eq!(backend.calls(), 2, "the sweep and the refused allocation");
     clock.advance(Duration::from_secs(61));
     assert_eq!(
         pools.refill(&key()).await.unwrap().allocated,
@@ -381,14 +384,7 @@ async fn a_crash_during_allocation_leaks_nothing() {
         })])
         .unwrap();
     let pools = manager(backend.clone(), store.clone(), Arc::default(), config()).await;
-    assert_eq!(
-        backend
-            .list(&ListScope::Node("node-1".into()))
-            .await
-            .unwrap()
-            .len(),
-        0
-    );
+    assert_eq!(pools.stats(&key()).idle, 2, "the two are adopted, not lost");
     assert_eq!(
         backend
             .list(&ListScope::Node("node-2".into()))
@@ -399,7 +395,8 @@ async fn a_crash_during_allocation_leaks_nothing() {
         "other nodes untouched"
     );
     assert!(store.load().unwrap().intents.is_empty());
-    pools.warm_up(&key()).await.unwrap();
+    assert_eq!(store.load().unwrap().addresses.len(), 2);
+    assert_eq!(pools.warm_up(&key()).await.unwrap(), 1, "up to warm_up: 3");
 }
 
 #[tokio::test]
@@ -425,21 +422,125 @@ async fn a_crash_during_release_is_finished_at_start() {
     assert_eq!(pools.stats(&key()).idle, 2);
 }
 
+/// The backend's mark of who holds `lease_id`.
+async fn marked_holder(backend: &MockBackend, lease_id: &str) -> Option<Owner> {
+    let listed = backend
+        .list(&ListScope::Node("node-1".into()))
+        .await
+        .unwrap();
+    listed
+        .into_iter()
+        .find(|lease| lease.id == lease_id)
+        .and_then(|lease| lease.owner)
+}
+
 #[tokio::test]
-async fn orphans_are_swept_and_known_addresses_kept() {
+async fn the_backend_marks_who_holds_each_address() {
+    let (backend, pools) = memory_pools().await;
+    pools.warm_up(&key()).await.unwrap();
+    let held = pools.assign(&key(), &owner(1)).await.unwrap();
+    let passing = pools.assign(&key(), &owner(2)).await.unwrap();
+    assert_eq!(marked_holder(&backend, &held.id).await, None, "not yet");
+
+    assert_eq!(pools.mark_holders().await.unwrap(), 2);
+    assert_eq!(marked_holder(&backend, &held.id).await, Some(owner(1)));
+    assert_eq!(marked_holder(&backend, &passing.id).await, Some(owner(2)));
+    assert_eq!(pools.mark_holders().await.unwrap(), 0, "nothing changed");
+
+    pools.release(&key(), &owner(2)).await.unwrap();
+    assert_eq!(pools.mark_holders().await.unwrap(), 1);
+    assert_eq!(marked_holder(&backend, &passing.id).await, None);
+
+    // A mark set behind the pool's back is put right by the next sweep.
+    backend.update_owner(&held.id, None).await.unwrap();
+    pools.sweep_orphans().await.unwrap();
+    assert_eq!(pools.mark_holders().await.unwrap(), 1);
+    assert_eq!(marked_holder(&backend, &held.id).await, Some(owner(1)));
+}
+
+#[tokio::test]
+async fn a_failed_mark_is_written_on_a_later_pass() {
+    let mut on_call = BTreeMap::new();
+    // Call 1 (the sweep at open) and 2 (the warm-up) go through.
+    on_call.insert(3, Fault::Error(IpamError::Transient("down".into())));
+    let (backend, pools) = in_memory(Faulty::new(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        FaultPlan {
+            on_call,
+            ..FaultPlan::default()
+        },
+    ))
+    .await;
+    pools.warm_up(&key()).await.unwrap();
+    let held = pools.assign(&key(), &owner(1)).await.unwrap();
+    assert!(pools.mark_holders().await.is_err());
+    assert_eq!(pools.mark_holders().await.unwrap(), 1);
+    assert_eq!(
+        marked_holder(backend.inner(), &held.id).await,
+        Some(owner(1))
+    );
+}
+
+#[tokio::test]
+async fn a_lost_store_takes_pods_addresses_back_from_the_backend_marks() {
+    let (backend, pools) = memory_pools().await;
+    pools.warm_up(&key()).await.unwrap();
+    let held = pools.assign(&key(), &owner(1)).await.unwrap();
+    pools.assign(&key(), &owner(2)).await.unwrap();
+    pools.release(&key(), &owner(2)).await.unwrap();
+    pools.mark_holders().await.unwrap();
+    drop(pools);
+
+    // The store is gone (a new, empty one); the backend's marks remain.
+    let reopened = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    assert_eq!(reopened.lease_of(&owner(1)).unwrap().id, held.id);
+    let stats = reopened.stats(&key());
+    assert_eq!((stats.assigned, stats.idle), (1, 2), "the others are idle");
+    assert_eq!(backend.allocated(), 3, "none lost, none new");
+    let other = reopened.assign(&key(), &owner(3)).await.unwrap();
+    assert_ne!(other.address, held.address, "never handed out twice");
+    reopened.release(&key(), &owner(1)).await.unwrap();
+    assert_eq!(reopened.stats(&key()).cooldown, 1);
+}
+
+#[tokio::test]
+async fn orphans_are_adopted_and_extras_returned() {
     let (backend, pools) = memory_pools().await;
     pools.warm_up(&key()).await.unwrap();
     backend
         .allocate(&AllocationRequest::new(key(), "node-1", 2))
         .await
         .unwrap();
-    assert_eq!(pools.sweep_orphans().await.unwrap(), 2);
-    assert_eq!(backend.allocated(), 3);
+    assert_eq!(
+        pools.sweep_orphans().await.unwrap(),
+        OrphanSweep {
+            adopted_idle: 2,
+            ..OrphanSweep::default()
+        }
+    );
+    assert_eq!(pools.stats(&key()).idle, 5);
+    assert_eq!(
+        pools.sweep_orphans().await.unwrap(),
+        OrphanSweep::default(),
+        "known now"
+    );
+    assert_eq!(
+        pools.refill(&key()).await.unwrap().released,
+        1,
+        "max_idle 4"
+    );
+    assert_eq!(backend.allocated(), 4);
     assert_eq!(
         hulk_pool::sweep_node(backend.as_ref(), "node-1")
             .await
             .unwrap(),
-        3
+        4
     );
     assert_eq!(backend.allocated(), 0);
 }
@@ -467,7 +568,8 @@ async fn nonsense_configuration_is_refused() {
 #[tokio::test]
 async fn metrics_count_pools_calls_and_errors() {
     let plan = FaultPlan {
-        on_call: BTreeMap::from([(2, Fault::Error(IpamError::Quota("ports".into())))]),
+        // Call 1 is the sweep at open, 2 the warm-up.
+        on_call: BTreeMap::from([(3, Fault::Error(IpamError::Quota("ports".into())))]),
         ..FaultPlan::default()
     };
     let backend = Arc::new(Faulty::new(
@@ -523,8 +625,8 @@ async fn backend_calls_are_rate_limited() {
     .await;
     let started = tokio::time::Instant::now();
     assert_eq!(pools.warm_up(&key()).await.unwrap(), 5);
-    // One call at once, then one every half second.
-    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    // The sweep at open took the one saved call: one every half second.
+    assert_eq!(started.elapsed(), Duration::from_millis(2500));
 }
 
 #[tokio::test]

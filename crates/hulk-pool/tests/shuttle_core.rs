@@ -35,6 +35,8 @@ fn record(id: usize) -> AddressRecord {
         lease: Lease {
             id: format!("a{id}"),
             address: format!("10.0.0.{}/24", id + 2).parse().unwrap(),
+            network: "vpc".into(),
+            subnet: "s".into(),
             gateway: None,
             mac: None,
             mtu: None,

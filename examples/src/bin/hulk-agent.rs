@@ -198,6 +198,10 @@ async fn main() -> Result<(), Failure> {
         }
     });
     background.spawn(pools.clone().run_refillers(stopped.clone()));
+    // Marks stop after serving does, so the last pass covers the ADDs and
+    // DELs that were finishing during the shutdown.
+    let (stop_marks, marks_stopped) = tokio::sync::watch::channel(false);
+    background.spawn(pools.clone().run_owner_marks(marks_stopped));
     let gc_interval = Duration::from_secs(config.gc_interval_seconds);
     background.spawn(node.clone().run_collector(gc_interval, stopped.clone()));
     let metrics = AgentMetrics::default();
@@ -247,6 +251,7 @@ async fn main() -> Result<(), Failure> {
         stopped,
     )
     .await;
+    let _ = stop_marks.send(true);
     while background.join_next().await.transpose()?.is_some() {}
     for socket in [&config.socket, &config.rescue_socket] {
         let _ = std::fs::remove_file(socket);

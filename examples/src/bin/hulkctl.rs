@@ -201,7 +201,7 @@ fn render(reply: &RescueReply) -> String {
         RescueReply::Collected {
             released,
             suspected,
-            orphans_swept,
+            orphans,
             pods_checked,
         } => {
             if !pods_checked {
@@ -222,9 +222,14 @@ fn render(reply: &RescueReply) -> String {
             }
             let _ = writeln!(
                 out,
-                "{} released, {} suspected, {orphans_swept} orphaned backend addresses released",
+                "{} released, {} suspected; unknown backend addresses: {} adopted idle, \
+                 {} adopted as their marked pod's, {} released, {} left alone",
                 released.len(),
-                suspected.len()
+                suspected.len(),
+                orphans.adopted_idle,
+                orphans.adopted_assigned,
+                orphans.released,
+                orphans.left_alone
             );
         }
         RescueReply::Failed { message } => {

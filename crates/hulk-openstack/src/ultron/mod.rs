@@ -32,6 +32,12 @@ pub struct WireAddress {
     pub ip: IpAddr,
     /// The subnet's prefix length.
     pub prefix_length: u8,
+    /// The VPC network (absent from services older than this field).
+    #[serde(default)]
+    pub network: String,
+    /// The subnet (absent from services older than this field).
+    #[serde(default)]
+    pub subnet: String,
     /// The subnet gateway.
     #[serde(default)]
     pub gateway: Option<IpAddr>,
@@ -109,6 +115,8 @@ impl WireAddress {
             id: lease.id,
             ip: lease.address.addr(),
             prefix_length: lease.address.prefix_len(),
+            network: lease.network,
+            subnet: lease.subnet,
             gateway: lease.gateway,
             mac: lease.mac,
             mtu: lease.mtu,
@@ -132,6 +140,8 @@ impl WireAddress {
         Ok(Lease {
             id: self.id,
             address,
+            network: self.network,
+            subnet: self.subnet,
             gateway: self.gateway,
             mac: self.mac,
             mtu: self.mtu,

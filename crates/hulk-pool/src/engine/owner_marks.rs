@@ -1,0 +1,207 @@
+//! The backend's record of which pod holds each address ("owner marks":
+//! a Neutron port's `device_id` and name, an UltrON address's `owner`),
+//! kept in step with the store off the assignment path, and the orphan
+//! sweep that relies on it to take back what a lost store forgot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hulk_ipam::{IpamError, Lease, ListScope, PoolKey};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{PoolError, PoolManager};
+use crate::core::owner_key;
+use crate::store::{AddressRecord, AddressState, StoreOp};
+
+/// How long [`PoolManager::run_owner_marks`] waits after a failed pass.
+const MARK_RETRY: Duration = Duration::from_secs(5);
+/// How long the last pass at shutdown may take: a cloud outage must not
+/// hold the agent's exit for the whole grace period.
+const LAST_PASS_LIMIT: Duration = Duration::from_secs(10);
+
+/// What [`PoolManager::sweep_orphans`] did with the backend's addresses of
+/// this node that no pool knew.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrphanSweep {
+    /// Marked as held by no pod, and naming their pool: taken into it as
+    /// idle addresses (a refill returns what exceeds `max_idle`).
+    pub adopted_idle: usize,
+    /// Marked as held by a pod, and naming their pool: taken back as that
+    /// pod's (a lost store), for its DEL or the GC to release.
+    pub adopted_assigned: usize,
+    /// Marked as held by no pod, without naming their pool: returned to
+    /// the backend.
+    pub released: usize,
+    /// Marked as held by a pod, but without naming their pool, or for an
+    /// interface that holds another address: left alone.
+    pub left_alone: usize,
+}
+
+impl PoolManager {
+    /// Notes that `lease_id` changed hands, for the next marking pass.
+    pub(super) fn holder_changed(&self, lease_id: &str) {
+        self.unmarked
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(lease_id.to_owned());
+        self.holder_changed.notify_one();
+    }
+
+    /// The state of the record of `lease_id`, in whichever pool holds it.
+    fn state_of(&self, lease_id: &str) -> Option<AddressState> {
+        self.all_pools().iter().find_map(|pool| {
+            let state = pool.lock();
+            state
+                .records
+                .get(lease_id)
+                .map(|record| record.state.clone())
+        })
+    }
+
+    /// One marking pass: writes to the backend the current holder (or
+    /// none) of every address that changed hands since the last pass.
+    /// Returns how many marks it wrote; on a backend error the addresses
+    /// not yet marked wait for the next pass.
+    pub async fn mark_holders(&self) -> Result<usize, PoolError> {
+        let pending: Vec<String> = std::mem::take(
+            &mut *self
+                .unmarked
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+        .into_iter()
+        .collect();
+        let mut marked = 0;
+        for (index, lease_id) in pending.iter().enumerate() {
+            // Read at the time of the call: a mark always says the latest
+            // holder, so passes never need ordering among themselves.
+            let holder = match self.state_of(lease_id) {
+                Some(AddressState::Assigned(owner)) => Some(owner),
+                Some(AddressState::Idle | AddressState::Cooldown { .. }) => None,
+                Some(AddressState::Releasing) | None => continue,
+            };
+            // Not rate-limited: marks go one at a time and follow pod churn,
+            // and taking the limiter's tokens would delay the refills that
+            // ADDs wait for.
+            match self
+                .metered("update_owner", self.backend.update_owner(lease_id, holder))
+                .await
+            {
+                Ok(_) | Err(IpamError::NotFound(_)) => marked += 1,
+                Err(error) => {
+                    self.unmarked
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .extend(pending[index..].iter().cloned());
+                    return Err(error.into());
+                }
+            }
+        }
+        Ok(marked)
+    }
+
+    /// Runs marking passes whenever an address changes hands (and again
+    /// after a failure, every few seconds) until `shutdown` turns true or
+    /// its sender is dropped, then one last pass (of at most ten seconds)
+    /// so that a graceful stop leaves every mark written.
+    pub async fn run_owner_marks(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let retry = match self.mark_holders().await {
+                Ok(_) => None,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot mark address holders in the backend");
+                    Some(MARK_RETRY)
+                }
+            };
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+                () = self.holder_changed.notified(), if retry.is_none() => {}
+                () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
+            }
+        }
+        match tokio::time::timeout(LAST_PASS_LIMIT, self.mark_holders()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "last marking pass failed"),
+            Err(_) => tracing::warn!("last marking pass timed out"),
+        }
+    }
+
+    /// Compares the backend's addresses of this node with the pools.
+    /// Unknown ones (left by an interrupted allocation, or forgotten with
+    /// a lost store) are adopted into the pool the backend names, as idle
+    /// or as the marked holder's; see [`OrphanSweep`] for the rest. Known
+    /// ones whose mark is stale are queued for marking.
+    pub async fn sweep_orphans(&self) -> Result<OrphanSweep, PoolError> {
+        let _gate = self.allocation_gate.write().await;
+        let mut sweep = OrphanSweep::default();
+        let scope = ListScope::Node(self.node.clone());
+        for lease in self.timed("list", self.backend.list(&scope)).await? {
+            if let Some(state) = self.state_of(&lease.id) {
+                let holder = match &state {
+                    AddressState::Assigned(owner) => Some(owner_key(owner)),
+                    _ => None,
+                };
+                if state != AddressState::Releasing && holder != lease.owner.as_ref().map(owner_key)
+                {
+                    self.holder_changed(&lease.id);
+                }
+                continue;
+            }
+            match (lease.owner.clone(), lease.pool_key()) {
+                (None, Some(key)) => {
+                    self.adopt(key, lease, AddressState::Idle)?;
+                    sweep.adopted_idle += 1;
+                }
+                (None, None) => {
+                    match self.timed("release", self.backend.release(&lease.id)).await {
+                        Ok(()) | Err(IpamError::NotFound(_)) => sweep.released += 1,
+                        Err(error) => return Err(error.into()),
+                    }
+                }
+                (Some(owner), Some(key)) if self.lease_of(&owner).is_none() => {
+                    self.adopt(key, lease, AddressState::Assigned(owner))?;
+                    sweep.adopted_assigned += 1;
+                }
+                (Some(owner), _) => {
+                    tracing::warn!(
+                        lease = %lease.id,
+                        address = %lease.address,
+                        container = %owner.container_id,
+                        ifname = %owner.ifname,
+                        "the backend says a pod holds an address this node does not know, \
+                         and it cannot be taken back: left alone"
+                    );
+                    sweep.left_alone += 1;
+                }
+            }
+        }
+        Ok(sweep)
+    }
+
+    fn adopt(&self, key: PoolKey, mut lease: Lease, state: AddressState) -> Result<(), PoolError> {
+        lease.owner = None;
+        let record = AddressRecord {
+            key: key.clone(),
+            lease,
+            state,
+            since_ms: self.clock.now_ms(),
+            fixed: false,
+        };
+        self.store.apply(&[StoreOp::put(record.clone())])?;
+        tracing::warn!(
+            address = %record.lease.address,
+            pool = %key.subnet,
+            state = ?record.state,
+            "adopted an address of this node the store did not know"
+        );
+        let pool = self.pool(&key);
+        pool.lock().insert(record);
+        pool.announce();
+        Ok(())
+    }
+}
