@@ -300,9 +300,9 @@ impl AgentConfig {
         if self.node_name.is_empty() {
             return Err("node_name must not be empty".into());
         }
-        // Cloud addresses outlive the agent: one restarted without its
-        // store would not know which pods hold them, and its orphan sweep
-        // would hand live pods' addresses back to the cloud.
+        // Cloud addresses outlive the agent, and only the store knows
+        // cooldowns, drains and the holders the cloud's marks have not
+        // caught up with yet.
         if self.state_file.is_none() && !matches!(self.backend, BackendSection::Mock { .. }) {
             return Err(
                 "state_file is required with a cloud backend: without it a restarted agent \
