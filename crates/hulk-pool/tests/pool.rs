@@ -458,6 +458,34 @@ async fn the_backend_marks_who_holds_each_address() {
     assert_eq!(marked_holder(&backend, &held.id).await, Some(owner(1)));
 }
 
+#[tokio::test(start_paused = true)]
+async fn marks_are_written_four_at_a_time() {
+    let backend = Arc::new(Faulty::new(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        FaultPlan {
+            latency: Latency::Fixed(Duration::from_secs(1)),
+            ..FaultPlan::default()
+        },
+    ));
+    let mut eight = config();
+    (eight.warm_up, eight.batch, eight.max_idle) = (8, 8, 8);
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        eight,
+    )
+    .await;
+    pools.warm_up(&key()).await.unwrap();
+    for n in 0..8 {
+        pools.assign(&key(), &owner(n)).await.unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    assert_eq!(pools.mark_holders().await.unwrap(), 8);
+    // Eight one-second calls, four at once.
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+}
+
 #[tokio::test]
 async fn a_failed_mark_is_written_on_a_later_pass() {
     let mut on_call = BTreeMap::new();
