@@ -13,9 +13,12 @@
 //! - every state change is written to a [`PoolStore`] (redb on disk) first,
 //!   and every backend call is covered by an intent record, so a restart
 //!   repairs what a crash left half-done;
+//! - [`PoolManager::run_owner_marks`] keeps the backend's mark of which
+//!   pod holds each address current, off the assignment path;
 //! - [`PoolManager::reconcile`] releases addresses of pods that are gone
-//!   (after a grace pass), [`PoolManager::sweep_orphans`] backend resources
-//!   nobody knows.
+//!   (after a grace pass); [`PoolManager::sweep_orphans`] takes the
+//!   backend's addresses of this node that nobody knows into their pool
+//!   (as the marked pod's, or idle), so a lost store loses no pod's address.
 //!
 //! # Example
 //!
