@@ -61,8 +61,12 @@ pub struct NeutronBackend {
     tags_on_create: OnceCell<bool>,
 }
 
-/// The longest port `name` Neutron accepts.
+/// The longest port `name` (and `description`) Neutron accepts.
 const PORT_NAME_MAX: usize = 255;
+
+/// How a held port's `description` begins; the holder's pod UID and CNI
+/// network follow as `key=value` words.
+const HOLDER_DESCRIPTION: &str = "hulk-vpc holder";
 
 /// A port's `name` while a pod holds it: `hulk-vpc:<ifname>:<namespace/pod>`.
 /// Neither an interface name nor a Kubernetes name can hold a `:`. A pod
@@ -81,18 +85,44 @@ fn owner_name(owner: &Owner) -> String {
     format!("{MANAGED_TAG}:{}:", owner.ifname)
 }
 
+/// A held port's `description`: the holder's pod UID and CNI network, which
+/// the name has no room for. Neither holds a space or an `=`; a CNI
+/// network name too long for Neutron is left out.
+fn owner_description(owner: &Owner) -> String {
+    let mut description = HOLDER_DESCRIPTION.to_owned();
+    for (key, value) in [
+        ("pod-uid", &owner.pod_uid),
+        ("cni-network", &owner.cni_network),
+    ] {
+        if let Some(value) = value {
+            let word = format!(" {key}={value}");
+            if description.len() + word.len() <= PORT_NAME_MAX {
+                description.push_str(&word);
+            }
+        }
+    }
+    description
+}
+
 fn owner_of(port: &Port) -> Option<Owner> {
     if port.device_id.is_empty() {
         return None;
     }
     let mut parts = port.name.splitn(3, ':');
     let (_, ifname, pod) = (parts.next(), parts.next(), parts.next());
+    let described = |key: &str| {
+        port.description
+            .strip_prefix(HOLDER_DESCRIPTION)?
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
     Some(Owner {
         container_id: port.device_id.clone(),
         ifname: ifname.unwrap_or_default().to_owned(),
         pod: pod.filter(|pod| !pod.is_empty()).map(str::to_owned),
-        cni_network: None,
-        pod_uid: None,
+        cni_network: described("cni-network"),
+        pod_uid: described("pod-uid"),
     })
 }
 
@@ -293,7 +323,11 @@ impl IpamBackend for NeutronBackend {
 
     async fn update_owner(&self, id: &str, owner: Option<Owner>) -> Result<Lease, IpamError> {
         let changes = match &owner {
-            Some(owner) => json!({"device_id": owner.container_id, "name": owner_name(owner)}),
+            Some(owner) => json!({
+                "device_id": owner.container_id,
+                "name": owner_name(owner),
+                "description": owner_description(owner),
+            }),
             None => json!({"device_id": "", "name": MANAGED_TAG}),
         };
         // Compare-and-swap on the revision: a concurrent change makes the
@@ -337,20 +371,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn owners_survive_the_port_name_round_trip() {
+    fn owners_survive_the_port_name_and_description_round_trip() {
         let owner = Owner {
             container_id: "abc".into(),
             ifname: "eth0".into(),
             pod: Some("default/web-0".into()),
-            cni_network: None,
-            pod_uid: None,
+            cni_network: Some("hulk-vpc".into()),
+            pod_uid: Some("0b3e2f8a-6f1c-4d1e-9a57-3c1f0d9e2b11".into()),
         };
         let port: Port = serde_json::from_value(json!({
             "id": "p", "network_id": "n", "mac_address": "fa:16:3e:00:00:01",
-            "device_id": "abc", "name": owner_name(&owner)
+            "device_id": "abc", "name": owner_name(&owner),
+            "description": owner_description(&owner)
         }))
         .unwrap();
         assert_eq!(owner_of(&port).as_ref(), Some(&owner));
+        let unknown = Owner {
+            cni_network: None,
+            pod_uid: None,
+            ..owner.clone()
+        };
+        let created: Port = serde_json::from_value(json!({
+            "id": "p", "network_id": "n", "mac_address": "fa:16:3e:00:00:01",
+            "device_id": "abc", "name": owner_name(&owner),
+            "description": "hulk-vpc address of node n"
+        }))
+        .unwrap();
+        assert_eq!(owner_of(&created), Some(unknown), "not described: unknown");
         let idle: Port = serde_json::from_value(json!({
             "id": "p", "network_id": "n", "mac_address": "fa:16:3e:00:00:01", "name": "hulk-vpc"
         }))

@@ -151,8 +151,8 @@ async fn ownership_updates_are_compare_and_swap() {
         container_id: "sandbox-1".into(),
         ifname: "eth0".into(),
         pod: Some("default/web-0".into()),
-        cni_network: None,
-        pod_uid: None,
+        cni_network: Some("hulk-vpc".into()),
+        pod_uid: Some("0b3e2f8a-6f1c-4d1e-9a57-3c1f0d9e2b11".into()),
     };
     let updated = backend
         .update_owner(&lease.id, Some(owner.clone()))
