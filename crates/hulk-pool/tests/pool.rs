@@ -573,6 +573,52 @@ async fn orphans_are_adopted_and_extras_returned() {
     assert_eq!(backend.allocated(), 0);
 }
 
+/// Two leases of node-1, `idle` unmarked and `held` marked as owner 1's,
+/// from a backend that does not name their network and subnet.
+async fn unnamed_leases() -> Vec<hulk_ipam::Lease> {
+    let mut leases = MockBackend::new("10.0.0.0/24".parse().unwrap())
+        .allocate(&AllocationRequest::new(key(), "node-1", 2))
+        .await
+        .unwrap();
+    for (lease, (id, holder)) in leases
+        .iter_mut()
+        .zip([("idle", None), ("held", Some(owner(1)))])
+    {
+        lease.id = id.into();
+        lease.network.clear();
+        lease.subnet.clear();
+        lease.owner = holder;
+    }
+    leases
+}
+
+#[tokio::test]
+async fn without_a_named_pool_the_sweep_releases_unmarked_and_spares_marked_addresses() {
+    let mut backend = hulk_ipam::MockIpamBackend::new();
+    backend.expect_name().return_const("unnamed".to_owned());
+    let leases = unnamed_leases().await;
+    backend.expect_list().returning(move |_| Ok(leases.clone()));
+    // Only the unmarked one goes back; the one a pod holds is never released.
+    backend
+        .expect_release()
+        .withf(|id| id == "idle")
+        .times(1)
+        .returning(|_| Ok(()));
+    let pools = manager(
+        Arc::new(backend),
+        Arc::new(MemoryStore::default()),
+        Arc::default(),
+        config(),
+    )
+    .await;
+    assert_eq!(
+        pools.lease_of(&owner(1)),
+        None,
+        "not adopted without a pool"
+    );
+    assert!(pools.keys().is_empty());
+}
+
 #[tokio::test]
 async fn nonsense_configuration_is_refused() {
     let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
