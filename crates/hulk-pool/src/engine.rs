@@ -248,8 +248,9 @@ impl PoolManager {
     /// Opens the pools of `node` from `store`, repairing what a crash left
     /// half-done: releases in flight are finished, and the backend's
     /// addresses of this node that the store does not know are swept
-    /// ([`PoolManager::sweep_orphans`]: released, or adopted when the
-    /// backend marks a pod as their holder). A failed sweep fails the open
+    /// ([`PoolManager::sweep_orphans`]: adopted into the pool the backend
+    /// names, as the marked pod's or idle, else released when no pod is
+    /// marked). A failed sweep fails the open
     /// only after an interrupted allocation; otherwise the periodic sweep
     /// retries it.
     pub async fn open(

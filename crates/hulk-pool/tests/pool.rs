@@ -54,15 +54,26 @@ async fn slow_pools(latency: Duration) -> (Arc<Faulty<MockBackend>>, Arc<PoolMan
 
 /// A pool manager over `backend` and a memory store, default knobs.
 async fn in_memory<B: IpamBackend + 'static>(backend: B) -> (Arc<B>, Arc<PoolManager>) {
+    let (backend, _, pools) = in_memory_with(backend, config()).await;
+    (backend, pools)
+}
+
+/// A pool manager over `backend`, a memory store and a manual clock, with
+/// `config`.
+async fn in_memory_with<B: IpamBackend + 'static>(
+    backend: B,
+    config: PoolConfig,
+) -> (Arc<B>, Arc<ManualClock>, Arc<PoolManager>) {
     let backend = Arc::new(backend);
+    let clock = Arc::new(ManualClock::default());
     let pools = manager(
         backend.clone(),
         Arc::new(MemoryStore::default()),
-        Arc::default(),
-        config(),
+        clock.clone(),
+        config,
     )
     .await;
-    (backend, pools)
+    (backend, clock, pools)
 }
 
 fn key() -> PoolKey {
@@ -156,16 +167,10 @@ async fn futures_join(
 
 #[tokio::test]
 async fn without_a_refill_an_assignment_gives_up_in_time() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
     let mut quick = config();
     quick.assign_timeout = Duration::from_millis(100);
-    let pools = manager(
-        backend,
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        quick,
-    )
-    .await;
+    let (_, _, pools) =
+        in_memory_with(MockBackend::new("10.0.0.0/24".parse().unwrap()), quick).await;
     let error = pools.assign(&key(), &owner(1)).await.unwrap_err();
     assert!(matches!(error, PoolError::Empty { .. }), "{error}");
 }
@@ -182,15 +187,8 @@ async fn exhaustion_degrades_the_pool_until_the_backoff_passes() {
         )]),
         ..FaultPlan::default()
     };
-    let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
-        plan,
-    ));
-    let clock = Arc::new(ManualClock::default());
-    let pools = manager(
-        backend.clone(),
-        Arc::new(MemoryStore::default()),
-        clock.clone(),
+    let (backend, clock, pools) = in_memory_with(
+        Faulty::new(MockBackend::new("10.0.0.0/24".parse().unwrap()), plan),
         config(),
     )
     .await;
@@ -225,19 +223,12 @@ async fn exhaustion_degrades_the_pool_until_the_backoff_passes() {
 
 #[tokio::test]
 async fn released_addresses_cool_down_before_reuse_and_extras_go_back() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
-    let clock = Arc::new(ManualClock::default());
     let mut one_idle = config();
     one_idle.min_idle = 0;
     one_idle.max_idle = 1;
     one_idle.warm_up = 1;
-    let pools = manager(
-        backend.clone(),
-        Arc::new(MemoryStore::default()),
-        clock.clone(),
-        one_idle,
-    )
-    .await;
+    let (backend, clock, pools) =
+        in_memory_with(MockBackend::new("10.0.0.0/24".parse().unwrap()), one_idle).await;
     pools.warm_up(&key()).await.unwrap();
     let first = pools.assign(&key(), &owner(1)).await.unwrap();
     pools.release(&key(), &owner(1)).await.unwrap();
@@ -460,19 +451,16 @@ async fn the_backend_marks_who_holds_each_address() {
 
 #[tokio::test(start_paused = true)]
 async fn marks_are_written_four_at_a_time() {
-    let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
-        FaultPlan {
-            latency: Latency::Fixed(Duration::from_secs(1)),
-            ..FaultPlan::default()
-        },
-    ));
     let mut eight = config();
     (eight.warm_up, eight.batch, eight.max_idle) = (8, 8, 8);
-    let pools = manager(
-        backend.clone(),
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
+    let (_, _, pools) = in_memory_with(
+        Faulty::new(
+            MockBackend::new("10.0.0.0/24".parse().unwrap()),
+            FaultPlan {
+                latency: Latency::Fixed(Duration::from_secs(1)),
+                ..FaultPlan::default()
+            },
+        ),
         eight,
     )
     .await;
@@ -604,13 +592,7 @@ async fn without_a_named_pool_the_sweep_releases_unmarked_and_spares_marked_addr
         .withf(|id| id == "idle")
         .times(1)
         .returning(|_| Ok(()));
-    let pools = manager(
-        Arc::new(backend),
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        config(),
-    )
-    .await;
+    let (_, pools) = in_memory(backend).await;
     assert_eq!(
         pools.lease_of(&owner(1)),
         None,
@@ -646,16 +628,10 @@ async fn metrics_count_pools_calls_and_errors() {
         on_call: BTreeMap::from([(3, Fault::Error(IpamError::Quota("ports".into())))]),
         ..FaultPlan::default()
     };
-    let backend = Arc::new(Faulty::new(
+    let (_, pools) = in_memory(Faulty::new(
         MockBackend::new("10.0.0.0/24".parse().unwrap()),
         plan,
-    ));
-    let pools = manager(
-        backend,
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        config(),
-    )
+    ))
     .await;
     let mut registry = prometheus_client::registry::Registry::default();
     pools.metrics().register(&mut registry);
@@ -684,19 +660,13 @@ async fn metrics_count_pools_calls_and_errors() {
 
 #[tokio::test(start_paused = true)]
 async fn backend_calls_are_rate_limited() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
     let mut limited = config();
     limited.backend_calls_per_second = 2.0;
     limited.backend_burst = 1;
     limited.batch = 1;
     limited.warm_up = 5;
-    let pools = manager(
-        backend,
-        Arc::new(MemoryStore::default()),
-        Arc::default(),
-        limited,
-    )
-    .await;
+    let (_, _, pools) =
+        in_memory_with(MockBackend::new("10.0.0.0/24".parse().unwrap()), limited).await;
     let started = tokio::time::Instant::now();
     assert_eq!(pools.warm_up(&key()).await.unwrap(), 5);
     // The sweep at open took the one saved call: one every half second.
@@ -740,19 +710,12 @@ fn knobs_invalid(pools: &PoolManager) {
 
 #[tokio::test]
 async fn long_idle_addresses_beyond_min_idle_are_reclaimed() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
-    let clock = Arc::new(ManualClock::default());
     let mut reclaim = config();
     reclaim.idle_reclaim_after = Some(Duration::from_secs(600));
     reclaim.warm_up = 4;
     reclaim.batch = 4;
-    let pools = manager(
-        backend.clone(),
-        Arc::new(MemoryStore::default()),
-        clock.clone(),
-        reclaim,
-    )
-    .await;
+    let (backend, clock, pools) =
+        in_memory_with(MockBackend::new("10.0.0.0/24".parse().unwrap()), reclaim).await;
     pools.warm_up(&key()).await.unwrap();
     assert_eq!(pools.refill(&key()).await.unwrap().released, 0);
     clock.advance(Duration::from_secs(601));
@@ -897,15 +860,8 @@ async fn a_fixed_address_asked_for_by_a_cancelled_add_can_be_asked_for_again() {
 
 #[tokio::test]
 async fn a_released_fixed_address_goes_back_to_the_backend_after_its_cooldown() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
-    let clock = Arc::new(ManualClock::default());
-    let pools = manager(
-        backend.clone(),
-        Arc::new(MemoryStore::default()),
-        clock.clone(),
-        config(),
-    )
-    .await;
+    let (backend, clock, pools) =
+        in_memory_with(MockBackend::new("10.0.0.0/24".parse().unwrap()), config()).await;
     let fixed = address("10.0.0.50");
     pools
         .assign_address(&key(), &owner(1), fixed)
