@@ -401,6 +401,12 @@ impl PoolManager {
             .collect()
     }
 
+    /// The store the pools persist to, shared with an embedder that keeps
+    /// its own records in it ([`crate::StoreOp::PutAttachment`]).
+    pub fn store(&self) -> &Arc<dyn PoolStore> {
+        &self.store
+    }
+
     /// The node this manager serves.
     pub fn node_name(&self) -> &str {
         &self.node

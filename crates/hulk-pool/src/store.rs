@@ -85,6 +85,18 @@ pub enum StoreOp {
     /// Mark a pool drained by an operator (`true`) or resumed (`false`),
     /// so that a restarted agent does not refill what was drained.
     SetDrained(PoolKey, bool),
+    /// Insert or replace the embedder's record of one attachment (hulk-node
+    /// keeps, per container and interface, the sandbox and what ADD built),
+    /// opaque to the pool, so it lives in the same file and commits with
+    /// the same durability as the addresses.
+    PutAttachment {
+        /// The attachment's key, e.g. `container/ifname`.
+        key: String,
+        /// The record as the embedder encodes it.
+        record: Vec<u8>,
+    },
+    /// Forget an attachment record.
+    RemoveAttachment(String),
 }
 
 impl StoreOp {
@@ -103,6 +115,8 @@ pub struct Snapshot {
     pub intents: BTreeMap<u64, Intent>,
     /// Pools an operator drained and has not resumed.
     pub drained: BTreeSet<PoolKey>,
+    /// The embedder's attachment records by key ([`StoreOp::PutAttachment`]).
+    pub attachments: BTreeMap<String, Vec<u8>>,
 }
 
 /// Store failures.
@@ -153,6 +167,12 @@ fn apply_to(snapshot: &mut Snapshot, ops: &[StoreOp]) {
             StoreOp::SetDrained(key, false) => {
                 snapshot.drained.remove(key);
             }
+            StoreOp::PutAttachment { key, record } => {
+                snapshot.attachments.insert(key.clone(), record.clone());
+            }
+            StoreOp::RemoveAttachment(key) => {
+                snapshot.attachments.remove(key);
+            }
         }
     }
 }
@@ -180,6 +200,8 @@ const ADDRESSES: TableDefinition<&str, &[u8]> = TableDefinition::new("addresses"
 const INTENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("intents");
 /// Drained pools, keyed by the JSON of their `PoolKey`.
 const DRAINED: TableDefinition<&str, ()> = TableDefinition::new("drained");
+/// Attachment records of the embedder, opaque bytes by key.
+const ATTACHMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("attachments");
 
 /// A store in one redb file: ACID, crash-safe, one writer at a time.
 pub struct RedbStore {
@@ -205,6 +227,7 @@ impl RedbStore {
         transaction.open_table(ADDRESSES).map_err(database_error)?;
         transaction.open_table(INTENTS).map_err(database_error)?;
         transaction.open_table(DRAINED).map_err(database_error)?;
+        transaction.open_table(ATTACHMENTS).map_err(database_error)?;
         transaction.commit().map_err(database_error)?;
         Ok(RedbStore { database })
     }
@@ -231,6 +254,13 @@ impl PoolStore for RedbStore {
             let (key, _) = entry.map_err(database_error)?;
             snapshot.drained.insert(serde_json::from_str(key.value())?);
         }
+        let attachments = transaction.open_table(ATTACHMENTS).map_err(database_error)?;
+        for entry in attachments.iter().map_err(database_error)? {
+            let (key, value) = entry.map_err(database_error)?;
+            snapshot
+                .attachments
+                .insert(key.value().to_owned(), value.value().to_vec());
+        }
         Ok(snapshot)
     }
 
@@ -240,6 +270,7 @@ impl PoolStore for RedbStore {
             let mut addresses = transaction.open_table(ADDRESSES).map_err(database_error)?;
             let mut intents = transaction.open_table(INTENTS).map_err(database_error)?;
             let mut drained = transaction.open_table(DRAINED).map_err(database_error)?;
+            let mut attachments = transaction.open_table(ATTACHMENTS).map_err(database_error)?;
             for op in ops {
                 match op {
                     StoreOp::PutAddress(record) => {
@@ -267,6 +298,14 @@ impl PoolStore for RedbStore {
                     StoreOp::SetDrained(key, false) => {
                         let key = serde_json::to_string(key)?;
                         drained.remove(key.as_str()).map_err(database_error)?;
+                    }
+                    StoreOp::PutAttachment { key, record } => {
+                        attachments
+                            .insert(key.as_str(), record.as_slice())
+                            .map_err(database_error)?;
+                    }
+                    StoreOp::RemoveAttachment(key) => {
+                        attachments.remove(key.as_str()).map_err(database_error)?;
                     }
                 }
             }
@@ -340,6 +379,24 @@ mod tests {
             store.load().unwrap().drained,
             BTreeSet::from([drained.clone()])
         );
+
+        let put = |key: &str, record: &[u8]| StoreOp::PutAttachment {
+            key: key.into(),
+            record: record.to_vec(),
+        };
+        store
+            .apply(&[put("c1/eth0", b"first"), put("c2/eth0", b"other")])
+            .unwrap();
+        store
+            .apply(&[
+                put("c1/eth0", b"second"),
+                StoreOp::RemoveAttachment("c2/eth0".into()),
+            ])
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap().attachments,
+            BTreeMap::from([("c1/eth0".to_owned(), b"second".to_vec())])
+        );
     }
 
     #[test]
@@ -364,6 +421,7 @@ mod tests {
             .apply(&[StoreOp::SetDrained(drained, false)])
             .unwrap();
         assert!(reopened.load().unwrap().drained.is_empty());
+        assert_eq!(snapshot.attachments["c1/eth0"], b"second");
         std::fs::remove_dir_all(&directory).unwrap();
     }
 }
