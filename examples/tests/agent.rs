@@ -181,6 +181,7 @@ async fn the_agent_takes_addresses_from_an_ultron_service() {
         pool: None,
         cni_network: Some("vpc".into()),
         pod_uid: None,
+        timeout_ms: None,
     };
     let reply = call(
         &dir.join("agent.sock"),
@@ -223,6 +224,7 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
         pool: None,
         cni_network: Some("vpc".into()),
         pod_uid: None,
+        timeout_ms: None,
     };
     let timeout = Duration::from_secs(10);
     let AgentReply::Added(attached) = call(&socket, &AgentRequest::Add(pod.clone()), timeout)
@@ -344,6 +346,7 @@ async fn the_rescue_api_inspects_and_repairs_the_node() {
         pool: None,
         cni_network: Some("vpc".into()),
         pod_uid: None,
+        timeout_ms: None,
     };
     let timeout = Duration::from_secs(10);
     let socket = dir.join("agent.sock");

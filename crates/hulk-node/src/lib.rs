@@ -49,6 +49,7 @@
 //!     pool: None,
 //!     cni_network: Some("vpc".into()),
 //!     pod_uid: None,
+//!     timeout_ms: None,
 //! };
 //! let attached = node.add(&pod).await?;
 //! println!("{} on interface {}", attached.lease.address, attached.index);
@@ -98,6 +99,11 @@ pub struct PodRequest {
     /// `K8S_POD_UID` from `CNI_ARGS`, when the runtime gave it.
     #[serde(default)]
     pub pod_uid: Option<String>,
+    /// How long the caller waits for the answer (milliseconds), when it
+    /// said: an ADD not finished by then is undone, since the runtime has
+    /// given up on it and will not use the sandbox.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 impl PodRequest {
@@ -112,6 +118,7 @@ impl PodRequest {
             pool: None,
             cni_network: owner.cni_network.clone(),
             pod_uid: owner.pod_uid.clone(),
+            timeout_ms: None,
         }
     }
 

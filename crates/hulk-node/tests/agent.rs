@@ -30,6 +30,7 @@ fn pod(n: usize) -> PodRequest {
         pool: None,
         cni_network: Some("vpc".into()),
         pod_uid: None,
+        timeout_ms: None,
     }
 }
 

@@ -327,6 +327,7 @@ fn request(name: &str) -> PodRequest {
         pool: None,
         cni_network: Some("vpc".into()),
         pod_uid: Some(format!("uid-{name}")),
+        timeout_ms: None,
     }
 }
 

@@ -39,6 +39,7 @@ fn pod(name: &str) -> PodRequest {
         pool: None,
         cni_network: Some("vpc".into()),
         pod_uid: None,
+        timeout_ms: None,
     }
 }
 
@@ -151,6 +152,7 @@ async fn gc_tears_down_every_attachment_of_its_network_not_valid_in_one_call() {
     let other_network = PodRequest {
         cni_network: Some("storage".into()),
         pod_uid: None,
+        timeout_ms: None,
         ifname: "net1".into(),
         ..pod("d")
     };
