@@ -75,6 +75,7 @@ use crate::kube::{KubeClient, KubeError};
 
 pub mod agent;
 pub mod config;
+pub mod del_notes;
 pub mod kube;
 pub mod lines;
 pub mod metrics;
