@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipnet::IpNet;
 
-use crate::kernel::{Kernel, KernelError, LinkUpdate, Mac, Route, SlaveKind, format_mac};
+use crate::kernel::{
+    Kernel, KernelError, Link, LinkUpdate, Mac, Neighbour, NsId, Route, SlaveKind, format_mac,
+};
+use crate::netns::PROCESS_NETNS;
 
 /// How pods reach Services and the node: through a host-side slave of the
 /// same parent (an ipvlan slave cannot talk to its own master).
@@ -42,14 +45,16 @@ pub struct PodNetwork {
     pub gateway_mac: Option<Mac>,
     /// The pod's MAC (macvlan only: ipvlan slaves share the parent's).
     pub mac: Option<Mac>,
-    /// The MTU; default: the parent's.
+    /// The MTU; default: the parent's. Above the parent's, the parent's is
+    /// used (a slave cannot exceed it).
     pub mtu: Option<u32>,
     /// The Service and node path, when the node has a host-side slave.
     pub service_path: Option<ServicePath>,
 }
 
-/// What ADD created.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What ADD created, as a node agent records it so DEL and GC can undo
+/// exactly that.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attached {
     /// The interface's index inside the pod.
     pub index: u32,
@@ -57,6 +62,64 @@ pub struct Attached {
     pub mac: Option<Mac>,
     /// Its MTU.
     pub mtu: u32,
+    /// The addresses given to it.
+    #[serde(default)]
+    pub addresses: Vec<IpNet>,
+    /// The pod's routes through it, as installed (with their metrics).
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// The static neighbour entries on it (the gateway's).
+    #[serde(default)]
+    pub neighbours: Vec<Neighbour>,
+    /// The host's route to the pod through the host-side slave.
+    #[serde(default)]
+    pub host_route: Option<Route>,
+    /// The namespace it was built in, to recognise a recycled path.
+    #[serde(default)]
+    pub netns: Option<NsId>,
+}
+
+/// Which pod link a DEL may remove.
+#[derive(Debug, Clone, Copy)]
+pub enum Ownership<'a> {
+    /// What ADD recorded: remove `ifname` only if it is that link (same
+    /// index, and same MAC when recorded) and the namespace at the path is
+    /// still the recorded one ([`NsId`]).
+    Recorded(&'a Attached),
+    /// No record (e.g. the plugin tearing down locally while the agent is
+    /// down): remove `ifname` only if it is an ipvlan or macvlan slave
+    /// (never a veth or anything else).
+    Unrecorded,
+}
+
+impl Ownership<'_> {
+    /// Whether `link` is the pod link this DEL may remove. Only slaves are
+    /// ever ours: ADD creates nothing else.
+    fn owns(&self, link: &Link) -> bool {
+        link.slave.is_some()
+            && match self {
+                Ownership::Recorded(record) => {
+                    link.index == record.index && (record.mac.is_none() || link.mac == record.mac)
+                }
+                Ownership::Unrecorded => true,
+            }
+    }
+}
+
+/// What [`Datapath::detach_owned`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Detached {
+    /// The pod's interface was there and was removed.
+    pub link_removed: bool,
+    /// A link under the pod's interface name that is not ours, described,
+    /// left in place.
+    pub foreign_link_kept: Option<String>,
+    /// Temporary links a killed ADD left behind, removed.
+    pub leftovers_removed: Vec<String>,
+    /// The pod side was not touched because its namespace is gone: no path
+    /// was given, nothing is at the path, what is there is no network
+    /// namespace, or it is another namespace than the recorded one.
+    pub namespace_gone: bool,
 }
 
 /// Datapath failures.
@@ -65,6 +128,14 @@ pub enum DatapathError {
     /// The pod's namespace does not exist.
     #[error("pod network namespace {0} does not exist")]
     NamespaceNotFound(PathBuf),
+    /// Something exists at the pod's namespace path, but it is not a
+    /// network namespace.
+    #[error("{0} is not a network namespace: {1}")]
+    NotANamespace(PathBuf, String),
+    /// The pod's namespace path names the node's own namespace: changing
+    /// it as a pod's would delete or re-route the node's links.
+    #[error("{0} is the node's own network namespace, not a pod's")]
+    HostNamespace(PathBuf),
     /// The interface name is taken inside the pod.
     #[error("interface {0} already exists in the pod namespace")]
     InterfaceExists(String),
@@ -100,7 +171,8 @@ impl PodNetwork {
 
     /// The routes inside the pod: the default route via the gateway, and
     /// with a Service path, the node and the Service ranges via the
-    /// host-side slave.
+    /// host-side slave. Their metric is 0; ADD raises it where another
+    /// interface of the pod already routes the destination.
     pub fn pod_routes(&self) -> Vec<Route> {
         let mut routes = vec![Route::via(
             default_destination(self.gateway),
@@ -125,6 +197,15 @@ impl PodNetwork {
             .as_ref()
             .map(|path| host_route_to(self.address.addr(), path))
     }
+
+    /// The gateway's permanent neighbour entry, when its MAC is known.
+    fn gateway_neighbour(&self) -> Option<Neighbour> {
+        self.gateway_mac.map(|mac| Neighbour {
+            ip: self.gateway,
+            mac: Some(mac),
+            permanent: true,
+        })
+    }
 }
 
 /// The default route's destination in `gateway`'s family: `0.0.0.0/0` or `::/0`.
@@ -140,6 +221,20 @@ fn host_route_to(pod: IpAddr, path: &ServicePath) -> Route {
     Route::direct(IpNet::from(pod), &path.host_link)
 }
 
+/// The metric for `route` that keeps every route another link of the pod
+/// holds to the same destination preferred: the lowest above all of
+/// theirs, or 0 when there is none. Installing ours at their metric would
+/// replace theirs (a route replace matches destination and metric whatever
+/// the link), taking a second network's default route from the first.
+fn metric_below_others(present: &[Route], route: &Route) -> u32 {
+    present
+        .iter()
+        .filter(|other| other.dst == route.dst && other.link != route.link)
+        .map(|other| other.metric.saturating_add(1))
+        .max()
+        .unwrap_or(0)
+}
+
 /// A link name no other ADD in flight uses: `hulk` and 11 hex digits.
 fn temporary_name() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -147,6 +242,28 @@ fn temporary_name() -> String {
     hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     hasher.write_u32(std::process::id());
     format!("hulk{:011x}", hasher.finish() & 0xfff_ffff_ffff)
+}
+
+/// Whether `name` has the shape [`temporary_name`] gives.
+fn is_temporary_name(name: &str) -> bool {
+    name.strip_prefix("hulk").is_some_and(|digits| {
+        digits.len() == 11
+            && digits
+                .bytes()
+                .all(|digit| matches!(digit, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// A link for messages: name, index, kind and MAC.
+fn describe(link: &Link) -> String {
+    format!(
+        "{} (index {}, {}, MAC {})",
+        link.name,
+        link.index,
+        link.kind_description(),
+        link.mac
+            .map_or_else(|| "none".to_owned(), |mac| format_mac(&mac))
+    )
 }
 
 /// The datapath over some [`Kernel`].
@@ -166,21 +283,55 @@ impl<K: Kernel> Datapath<K> {
         &self.kernel
     }
 
+    /// Opens a pod's namespace, refusing the node's own: the namespace of
+    /// the host handle, or the process's (an agent whose host handle is a
+    /// node namespace still runs in a namespace with links of its own).
     async fn open(&self, netns: &Path) -> Result<K::Ns, DatapathError> {
-        match self.kernel.open(netns).await {
+        let pod = match self.kernel.open(netns).await {
             Err(KernelError::NamespaceNotFound(path)) => {
-                Err(DatapathError::NamespaceNotFound(path))
+                return Err(DatapathError::NamespaceNotFound(path));
             }
-            other => Ok(other?),
+            Err(KernelError::NotANamespace { path, reason }) => {
+                return Err(DatapathError::NotANamespace(path, reason));
+            }
+            other => other?,
+        };
+        if let Some(id) = self.kernel.identity(&pod)
+            && (Some(id) == self.kernel.host_identity()
+                || Some(id) == self.kernel.identify(Path::new(PROCESS_NETNS)).await?)
+        {
+            return Err(DatapathError::HostNamespace(netns.to_path_buf()));
         }
+        Ok(pod)
     }
 
     /// ADD: creates the slave under a temporary name directly in the pod's
     /// namespace, then names, addresses and routes it. On any failure
     /// everything created is removed before the error is returned.
+    ///
+    /// An MTU above the parent's is lowered to the parent's (with a
+    /// warning); where another interface of the pod already routes one of
+    /// the pod routes' destinations, ours gets a higher metric so the
+    /// first network stays preferred.
     pub async fn attach(&self, netns: &Path, spec: &PodNetwork) -> Result<Attached, DatapathError> {
         spec.validate()?;
         let pod = self.open(netns).await?;
+        let parent = self
+            .kernel
+            .link(self.kernel.host(), &spec.parent)
+            .await?
+            .ok_or_else(|| DatapathError::ParentNotFound(spec.parent.clone()))?;
+        let mtu = spec.mtu.map(|requested| {
+            if requested > parent.mtu {
+                tracing::warn!(
+                    requested,
+                    parent = %spec.parent,
+                    parent_mtu = parent.mtu,
+                    "the requested MTU is above the parent's; the pod gets the parent's"
+                );
+            }
+            requested.min(parent.mtu)
+        });
         if self.kernel.link(&pod, &spec.ifname).await?.is_some() {
             return Err(DatapathError::InterfaceExists(spec.ifname.clone()));
         }
@@ -190,12 +341,13 @@ impl<K: Kernel> Datapath<K> {
             .create_slave(&spec.parent, &temporary, spec.kind, &pod)
             .await
         {
+            // The parent can still vanish after the lookup above.
             Err(KernelError::LinkNotFound(name)) if name == spec.parent => {
                 return Err(DatapathError::ParentNotFound(name));
             }
             other => other?,
         }
-        match self.configure(&pod, &temporary, spec).await {
+        match self.configure(&pod, &temporary, spec, mtu).await {
             Ok(attached) => Ok(attached),
             Err(error) => {
                 self.roll_back(&pod, &temporary, spec).await;
@@ -209,11 +361,12 @@ impl<K: Kernel> Datapath<K> {
         pod: &K::Ns,
         temporary: &str,
         spec: &PodNetwork,
+        mtu: Option<u32>,
     ) -> Result<Attached, DatapathError> {
         let kernel = &self.kernel;
         let rename = LinkUpdate {
             rename: Some(spec.ifname.clone()),
-            mtu: spec.mtu,
+            mtu,
             mac: spec.mac,
             up: false,
         };
@@ -237,11 +390,16 @@ impl<K: Kernel> Datapath<K> {
                 .replace_neighbour(pod, &spec.ifname, spec.gateway, mac)
                 .await?;
         }
-        for route in spec.pod_routes() {
+        let present = kernel.all_routes(pod).await?;
+        let mut routes = Vec::new();
+        for mut route in spec.pod_routes() {
+            route.metric = metric_below_others(&present, &route);
             kernel.replace_route(pod, &route).await?;
+            routes.push(route);
         }
-        if let Some(route) = spec.host_route() {
-            kernel.replace_route(kernel.host(), &route).await?;
+        let host_route = spec.host_route();
+        if let Some(route) = &host_route {
+            kernel.replace_route(kernel.host(), route).await?;
         }
         let link = kernel
             .link(pod, &spec.ifname)
@@ -251,6 +409,11 @@ impl<K: Kernel> Datapath<K> {
             index: link.index,
             mac: link.mac,
             mtu: link.mtu,
+            addresses: vec![spec.address],
+            routes,
+            neighbours: spec.gateway_neighbour().into_iter().collect(),
+            host_route,
+            netns: kernel.identity(pod),
         })
     }
 
@@ -269,7 +432,9 @@ impl<K: Kernel> Datapath<K> {
         }
     }
 
-    /// DEL: removes the host route to the pod and the pod's interface.
+    /// DEL without a record: removes the host route to the pod and the
+    /// pod's interface if it is an ipvlan or macvlan slave, as
+    /// [`Datapath::detach_owned`] with [`Ownership::Unrecorded`] does.
     /// Whatever is already gone (the namespace, the link, the route) counts
     /// as removed, so DEL can be repeated.
     pub async fn detach(
@@ -279,27 +444,103 @@ impl<K: Kernel> Datapath<K> {
         pod_address: Option<IpAddr>,
         service_path: Option<&ServicePath>,
     ) -> Result<(), DatapathError> {
-        if let (Some(address), Some(path)) = (pod_address, service_path) {
-            self.kernel
-                .delete_route(self.kernel.host(), &host_route_to(address, path))
-                .await?;
+        let host_route = pod_address
+            .zip(service_path)
+            .map(|(address, path)| host_route_to(address, path));
+        self.detach_owned(netns, ifname, Ownership::Unrecorded, host_route.as_ref())
+            .await
+            .map(drop)
+    }
+
+    /// DEL touching only what is ours: removes `host_route` (if given) from
+    /// the host, then in the pod's namespace the interface `ifname` if
+    /// `ownership` says it is ours (with [`Ownership::Recorded`], the
+    /// recorded routes still on it first), and temporary links a killed ADD
+    /// left behind. A link under `ifname` that is not ours is left and
+    /// reported. A missing namespace, a path that holds no network
+    /// namespace, or a path now naming another namespace than the recorded
+    /// one counts as done: the pod's interfaces died with its namespace.
+    /// Repeating it is fine. The node's own namespace is refused
+    /// ([`DatapathError::HostNamespace`]) before anything is deleted.
+    pub async fn detach_owned(
+        &self,
+        netns: Option<&Path>,
+        ifname: &str,
+        ownership: Ownership<'_>,
+        host_route: Option<&Route>,
+    ) -> Result<Detached, DatapathError> {
+        let kernel = &self.kernel;
+        let pod = match netns {
+            None => None,
+            Some(path) => match self.open(path).await {
+                Ok(pod) => Some(pod),
+                Err(DatapathError::NamespaceNotFound(_)) => None,
+                // No links can live in it: e.g. the mount point a runtime
+                // left behind after unmounting the namespace.
+                Err(DatapathError::NotANamespace(path, reason)) => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        %reason,
+                        "DEL: the pod's namespace path holds no network namespace"
+                    );
+                    None
+                }
+                Err(error) => return Err(error),
+            },
+        };
+        if let Some(route) = host_route {
+            kernel.delete_route(kernel.host(), route).await?;
         }
-        let Some(netns) = netns else {
-            return Ok(());
+        let gone = Detached {
+            namespace_gone: true,
+            ..Detached::default()
         };
-        let pod = match self.open(netns).await {
-            Ok(pod) => pod,
-            Err(DatapathError::NamespaceNotFound(_)) => return Ok(()),
-            Err(error) => return Err(error),
+        let Some(pod) = pod else {
+            return Ok(gone);
         };
-        self.kernel.delete_link(&pod, ifname).await?;
-        Ok(())
+        if let Ownership::Recorded(record) = ownership
+            && let (Some(recorded), Some(found)) = (record.netns, kernel.identity(&pod))
+            && recorded != found
+        {
+            tracing::info!(
+                %recorded,
+                %found,
+                "DEL: the namespace path now names another namespace; the recorded one is gone"
+            );
+            return Ok(gone);
+        }
+        let mut detached = Detached::default();
+        if let Some(link) = kernel.link(&pod, ifname).await? {
+            if ownership.owns(&link) {
+                if let Ownership::Recorded(record) = ownership {
+                    for route in record.routes.iter().filter(|route| route.link == ifname) {
+                        kernel.delete_route(&pod, route).await?;
+                    }
+                }
+                detached.link_removed = kernel.delete_link(&pod, ifname).await?;
+            } else {
+                let found = describe(&link);
+                tracing::warn!(link = %found, "DEL: the pod's interface is not ours; left in place");
+                detached.foreign_link_kept = Some(found);
+            }
+        }
+        for link in kernel.links(&pod).await? {
+            if link.slave.is_some()
+                && link.name != ifname
+                && is_temporary_name(&link.name)
+                && kernel.delete_link(&pod, &link.name).await?
+            {
+                detached.leftovers_removed.push(link.name);
+            }
+        }
+        Ok(detached)
     }
 
     /// CHECK: compares the pod's interface, address, routes, gateway
     /// neighbour and host route with `spec`, and lists every difference
-    /// (an MTU below `spec`'s is none: a chained plugin may lower it).
-    /// When all matches, returns the interface as ADD reported it.
+    /// (an MTU below `spec`'s, or its parent's when that is lower, is none:
+    /// a chained plugin may lower it; a route at any metric matches). When
+    /// all matches, returns the interface as ADD reported it.
     pub async fn check(&self, netns: &Path, spec: &PodNetwork) -> Result<Attached, DatapathError> {
         let kernel = &self.kernel;
         let pod = self.open(netns).await?;
@@ -311,23 +552,32 @@ impl<K: Kernel> Datapath<K> {
         };
         let mut differences = Vec::new();
         if link.slave != Some(spec.kind) {
-            let found = link
-                .slave
-                .map_or_else(|| "not a slave".to_owned(), |kind| kind.to_string());
             differences.push(format!(
-                "{} is {found}, expected {}",
-                spec.ifname, spec.kind
+                "{} is {}, expected {}",
+                spec.ifname,
+                link.kind_description(),
+                spec.kind
             ));
         }
         // Only above the subnet's MTU is wrong: a plugin later in the chain
-        // (tuning) may lower it.
-        if let Some(mtu) = spec.mtu
-            && link.mtu > mtu
-        {
-            differences.push(format!(
-                "{} has MTU {}, above the subnet's {mtu}",
-                spec.ifname, link.mtu
-            ));
+        // (tuning) may lower it, and ADD lowers it to the parent's.
+        let parent_mtu = kernel
+            .link(kernel.host(), &spec.parent)
+            .await?
+            .map(|parent| parent.mtu);
+        if let Some(mtu) = spec.mtu {
+            let limit = parent_mtu.map_or(mtu, |parent| mtu.min(parent));
+            if link.mtu > limit {
+                let whose = if limit == mtu {
+                    "the subnet's"
+                } else {
+                    "its parent's"
+                };
+                differences.push(format!(
+                    "{} has MTU {}, above {whose} {limit}",
+                    spec.ifname, link.mtu
+                ));
+            }
         }
         if let Some(mac) = spec.mac
             && link.mac != Some(mac)
@@ -348,28 +598,32 @@ impl<K: Kernel> Datapath<K> {
         {
             differences.push(format!("address {} is missing", spec.address));
         }
-        let routes = kernel.routes(&pod, &spec.ifname).await?;
+        let present = kernel.routes(&pod, &spec.ifname).await?;
+        let mut routes = Vec::new();
         for route in spec.pod_routes() {
-            if !routes.iter().any(|found| same_route(found, &route)) {
-                differences.push(format!("route {route} is missing"));
+            match present.iter().find(|found| same_route(found, &route)) {
+                Some(found) => routes.push(found.clone()),
+                None => differences.push(format!("route {route} is missing")),
             }
         }
-        if let Some(mac) = spec.gateway_mac {
-            let neighbours = kernel.neighbours(&pod, &spec.ifname).await?;
-            let static_entry = neighbours
+        let neighbours: Vec<Neighbour> = spec.gateway_neighbour().into_iter().collect();
+        if let Some(mac) = spec.gateway_mac
+            && !kernel
+                .neighbours(&pod, &spec.ifname)
+                .await?
                 .iter()
-                .any(|entry| entry.ip == spec.gateway && entry.mac == Some(mac) && entry.permanent);
-            if !static_entry {
-                differences.push(format!(
-                    "the permanent neighbour {} -> {} is missing",
-                    spec.gateway,
-                    format_mac(&mac)
-                ));
-            }
+                .any(|found| neighbours.contains(found))
+        {
+            differences.push(format!(
+                "the permanent neighbour {} -> {} is missing",
+                spec.gateway,
+                format_mac(&mac)
+            ));
         }
-        if let (Some(route), Some(path)) = (spec.host_route(), &spec.service_path) {
-            let host_routes = kernel.routes(kernel.host(), &path.host_link).await?;
-            if !host_routes.iter().any(|found| same_route(found, &route)) {
+        let host_route = spec.host_route();
+        if let Some(route) = &host_route {
+            let host_routes = kernel.routes(kernel.host(), &route.link).await?;
+            if !host_routes.iter().any(|found| same_route(found, route)) {
                 differences.push(format!("host route {route} is missing"));
             }
         }
@@ -378,6 +632,11 @@ impl<K: Kernel> Datapath<K> {
                 index: link.index,
                 mac: link.mac,
                 mtu: link.mtu,
+                addresses: vec![spec.address],
+                routes,
+                neighbours,
+                host_route,
+                netns: kernel.identity(&pod),
             })
         } else {
             Err(DatapathError::Mismatch(differences))
@@ -385,8 +644,9 @@ impl<K: Kernel> Datapath<K> {
     }
 }
 
-/// Routes match on destination, next hop and device; the kernel does not
-/// always echo the onlink flag back.
+/// Routes match on destination, next hop and device, whatever the metric
+/// (ADD chose it by what else the pod routes); the kernel does not always
+/// echo the onlink flag back.
 fn same_route(found: &Route, wanted: &Route) -> bool {
     found.dst == wanted.dst && found.gateway == wanted.gateway && found.link == wanted.link
 }
@@ -554,7 +814,7 @@ mod tests {
                 &pod,
                 "eth0",
                 &LinkUpdate {
-                    mtu: Some(9000),
+                    mtu: Some(1500),
                     ..LinkUpdate::default()
                 },
             )
@@ -579,7 +839,7 @@ mod tests {
             differences,
             [
                 "eth0 is ipvlan L2 Bridge, expected macvlan Bridge",
-                "eth0 has MTU 9000, above the subnet's 1450",
+                "eth0 has MTU 1500, above the subnet's 1450",
                 "route 0.0.0.0/0 via 10.20.0.1 dev eth0 onlink is missing",
                 "host route 10.20.0.5/32 dev hulk0 is missing",
             ]

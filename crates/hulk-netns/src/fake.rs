@@ -1,7 +1,9 @@
 //! An in-memory [`Kernel`] for unit tests: namespaces, links, addresses,
 //! routes, neighbours and sysctls, with the kernel's rules that matter to
-//! the datapath (unique names, routes die with their link) and injectable
-//! failures.
+//! the datapath (unique names, routes die with their link, a route replace
+//! matches destination and metric whatever the link, a slave's MTU cannot
+//! exceed its parent's, every namespace has its own identity) and
+//! injectable failures.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -10,7 +12,15 @@ use std::sync::Mutex;
 
 use ipnet::IpNet;
 
-use crate::kernel::{Kernel, KernelError, Link, LinkUpdate, Mac, Neighbour, Route, SlaveKind};
+use crate::kernel::{
+    Kernel, KernelError, Link, LinkUpdate, Mac, Neighbour, NsId, Route, SlaveKind,
+};
+
+use crate::netns::PROCESS_NETNS;
+
+/// The device number every fake namespace identity carries, as nsfs gives
+/// all namespaces one device.
+const NSFS_DEVICE: u64 = 4;
 
 /// A namespace of the fake kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -25,6 +35,8 @@ pub struct FakeLink {
     pub addresses: Vec<IpNet>,
     /// Its neighbour entries.
     pub neighbours: Vec<Neighbour>,
+    /// The host link it is a slave of.
+    pub parent: Option<String>,
 }
 
 /// The contents of one fake namespace.
@@ -49,13 +61,19 @@ impl FakeNamespace {
 #[derive(Debug, Default)]
 struct FakeState {
     namespaces: Vec<FakeNamespace>,
+    /// The identity of each namespace, by position.
+    identities: Vec<NsId>,
     paths: BTreeMap<PathBuf, FakeNs>,
+    /// Paths holding something that is not a namespace.
+    files: BTreeMap<PathBuf, String>,
     next_index: u32,
     operations: usize,
     fail_at: Option<usize>,
 }
 
-/// The fake kernel. Namespace 0 is the host.
+/// The fake kernel. Namespace 0 is the host, reachable at
+/// [`PROCESS_NETNS`] as the process's own namespace (as with
+/// [`crate::NetlinkKernel::new`]).
 #[derive(Debug)]
 pub struct FakeKernel {
     host: FakeNs,
@@ -78,8 +96,8 @@ impl FakeKernel {
                 ..FakeState::default()
             }),
         };
-        kernel.state().namespaces.push(FakeNamespace::default());
-        kernel.add_plain_link(FakeNs(0), "lo", 65536);
+        let host = kernel.add_namespace(PROCESS_NETNS);
+        debug_assert_eq!(host, kernel.host);
         kernel
     }
 
@@ -106,6 +124,7 @@ impl FakeKernel {
                 },
                 addresses: Vec::new(),
                 neighbours: Vec::new(),
+                parent: None,
             },
         );
     }
@@ -115,12 +134,19 @@ impl FakeKernel {
         self.add_plain_link(self.host, name, mtu);
     }
 
-    /// Creates a namespace reachable at `path`, holding only `lo` (down).
+    /// Creates a namespace reachable at `path`, holding only `lo` (down),
+    /// with an identity no other namespace had.
     pub fn add_namespace(&self, path: impl Into<PathBuf>) -> FakeNs {
         let ns = {
             let mut state = self.state();
             state.namespaces.push(FakeNamespace::default());
             let ns = FakeNs(state.namespaces.len() - 1);
+            // Namespace inodes as Linux numbers them, after the initial ones.
+            let ino = 4_026_532_000 + ns.0 as u64;
+            state.identities.push(NsId {
+                dev: NSFS_DEVICE,
+                ino,
+            });
             state.paths.insert(path.into(), ns);
             ns
         };
@@ -128,9 +154,27 @@ impl FakeKernel {
         ns
     }
 
+    /// Makes `path` name the existing namespace `ns` too, as a bind mount
+    /// of `/proc/PID/ns/net` does.
+    pub fn bind(&self, path: impl Into<PathBuf>, ns: FakeNs) {
+        self.state().paths.insert(path.into(), ns);
+    }
+
+    /// Puts a regular file at `path`: something that is not a namespace.
+    pub fn add_file(&self, path: impl Into<PathBuf>) {
+        self.state()
+            .files
+            .insert(path.into(), "a regular file".to_owned());
+    }
+
     /// Removes the path of a namespace, as a runtime does when a pod dies.
     pub fn remove_namespace(&self, path: &Path) {
         self.state().paths.remove(path);
+    }
+
+    /// The identity of a namespace.
+    pub fn identity_of(&self, ns: FakeNs) -> NsId {
+        self.state().identities[ns.0]
     }
 
     /// A copy of a namespace's contents.
@@ -178,6 +222,26 @@ impl FakeKernel {
     fn read<T>(&self, ns: &FakeNs, view: impl FnOnce(&FakeNamespace) -> T) -> T {
         view(&self.state().namespaces[ns.0])
     }
+
+    /// The namespace at `path`, `None` when nothing is there.
+    fn lookup(&self, path: &Path) -> Result<Option<FakeNs>, KernelError> {
+        let state = self.state();
+        if let Some(reason) = state.files.get(path) {
+            return Err(KernelError::NotANamespace {
+                path: path.to_path_buf(),
+                reason: reason.clone(),
+            });
+        }
+        Ok(state.paths.get(path).copied())
+    }
+
+    /// The MTU of the parent of the slave `name` in `ns`, if it is one.
+    fn parent_mtu(&self, ns: &FakeNs, name: &str) -> Option<u32> {
+        let parent = self.read(ns, |namespace| namespace.links.get(name)?.parent.clone())?;
+        self.read(&self.host, |host| {
+            host.links.get(&parent).map(|link| link.link.mtu)
+        })
+    }
 }
 
 fn link_mut<'a>(
@@ -199,11 +263,26 @@ impl Kernel for FakeKernel {
     }
 
     async fn open(&self, path: &Path) -> Result<FakeNs, KernelError> {
-        self.state()
-            .paths
-            .get(path)
-            .copied()
+        self.lookup(path)?
             .ok_or_else(|| KernelError::NamespaceNotFound(path.to_path_buf()))
+    }
+
+    async fn identify(&self, path: &Path) -> Result<Option<NsId>, KernelError> {
+        Ok(self.lookup(path)?.map(|ns| self.identity_of(ns)))
+    }
+
+    fn identity(&self, ns: &FakeNs) -> Option<NsId> {
+        Some(self.identity_of(*ns))
+    }
+
+    async fn links(&self, ns: &FakeNs) -> Result<Vec<Link>, KernelError> {
+        Ok(self.read(ns, |namespace| {
+            namespace
+                .links
+                .values()
+                .map(|link| link.link.clone())
+                .collect()
+        }))
     }
 
     async fn link(&self, ns: &FakeNs, name: &str) -> Result<Option<Link>, KernelError> {
@@ -247,6 +326,7 @@ impl Kernel for FakeKernel {
                     },
                     addresses: Vec::new(),
                     neighbours: Vec::new(),
+                    parent: Some(parent.to_owned()),
                 },
             );
             Ok(())
@@ -267,7 +347,17 @@ impl Kernel for FakeKernel {
         name: &str,
         update: &LinkUpdate,
     ) -> Result<(), KernelError> {
+        let mtu_limit = self.parent_mtu(ns, name);
         self.mutate(ns, "update link", |namespace, _| {
+            if let (Some(mtu), Some(limit)) = (update.mtu, mtu_limit)
+                && mtu > limit
+            {
+                // What ipvlan and macvlan answer above the parent's MTU.
+                return Err(KernelError::failed(
+                    format!("updating {name}"),
+                    "Invalid argument (os error 22)",
+                ));
+            }
             if let Some(new_name) = &update.rename
                 && new_name != name
                 && namespace.links.contains_key(new_name)
@@ -324,7 +414,7 @@ impl Kernel for FakeKernel {
             }
             namespace
                 .routes
-                .retain(|existing| existing.dst != route.dst);
+                .retain(|existing| existing.dst != route.dst || existing.metric != route.metric);
             namespace.routes.push(route.clone());
             Ok(())
         })
@@ -333,7 +423,12 @@ impl Kernel for FakeKernel {
     async fn delete_route(&self, ns: &FakeNs, route: &Route) -> Result<bool, KernelError> {
         self.mutate(ns, "delete route", |namespace, _| {
             let before = namespace.routes.len();
-            namespace.routes.retain(|existing| existing != route);
+            namespace.routes.retain(|existing| {
+                !(existing.dst == route.dst
+                    && existing.gateway == route.gateway
+                    && existing.link == route.link
+                    && (route.metric == 0 || existing.metric == route.metric))
+            });
             Ok(namespace.routes.len() != before)
         })
     }
@@ -347,6 +442,10 @@ impl Kernel for FakeKernel {
                 .cloned()
                 .collect()
         }))
+    }
+
+    async fn all_routes(&self, ns: &FakeNs) -> Result<Vec<Route>, KernelError> {
+        Ok(self.read(ns, |namespace| namespace.routes.clone()))
     }
 
     async fn replace_neighbour(

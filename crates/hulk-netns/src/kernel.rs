@@ -130,8 +130,29 @@ pub struct LinkUpdate {
     pub up: bool,
 }
 
+/// The identity of a namespace: the device and inode of its nsfs file.
+/// Two paths name the same namespace exactly when their identities are
+/// equal, and a path recycled for a new namespace gets a new identity (the
+/// kernel does not reuse an inode while the old namespace lives; a record
+/// outliving both may in theory meet a reused one, as with any inode).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct NsId {
+    /// The device of the nsfs file system.
+    pub dev: u64,
+    /// The namespace's inode number.
+    pub ino: u64,
+}
+
+impl fmt::Display for NsId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.dev, self.ino)
+    }
+}
+
 /// A route in the main table through one link.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Route {
     /// Destination prefix.
     pub dst: IpNet,
@@ -141,6 +162,11 @@ pub struct Route {
     pub link: String,
     /// The next hop is on the link even if no address says so.
     pub onlink: bool,
+    /// The route's metric (priority): among routes to the same destination
+    /// the lowest wins. 0 asks for the kernel's default (0 for IPv4, 1024
+    /// for IPv6).
+    #[serde(default)]
+    pub metric: u32,
 }
 
 impl Route {
@@ -151,6 +177,7 @@ impl Route {
             gateway: None,
             link: link.into(),
             onlink: false,
+            metric: 0,
         }
     }
 
@@ -161,6 +188,7 @@ impl Route {
             gateway: Some(gateway),
             link: link.into(),
             onlink: true,
+            metric: 0,
         }
     }
 }
@@ -175,12 +203,15 @@ impl fmt::Display for Route {
         if self.onlink {
             write!(f, " onlink")?;
         }
+        if self.metric != 0 {
+            write!(f, " metric {}", self.metric)?;
+        }
         Ok(())
     }
 }
 
 /// A neighbour (ARP/NDP) entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Neighbour {
     /// The neighbour's address.
     pub ip: IpAddr,
@@ -197,6 +228,15 @@ pub enum KernelError {
     /// The namespace path does not exist (the runtime removed it).
     #[error("network namespace {0} does not exist")]
     NamespaceNotFound(PathBuf),
+    /// Something exists at the path, but it is not a network namespace (a
+    /// file, a directory, a FIFO, a namespace of another type, ...).
+    #[error("{path} is not a network namespace: {reason}")]
+    NotANamespace {
+        /// The path given.
+        path: PathBuf,
+        /// What was found there instead.
+        reason: String,
+    },
     /// A named link does not exist.
     #[error("link {0} does not exist")]
     LinkNotFound(String),
@@ -227,7 +267,10 @@ impl KernelError {
 /// namespace; [`Kernel::host`] is the namespace holding the parent links.
 ///
 /// Adds are "replace" operations (idempotent); deletes report whether
-/// something was there.
+/// something was there. A route replace matches the main table's route
+/// with the same destination and metric, whatever its link, as the kernel
+/// does: replacing `0.0.0.0/0 metric 0` through one link takes over
+/// another link's default route of that metric.
 #[async_trait::async_trait]
 pub trait Kernel: Send + Sync {
     /// A handle to one network namespace.
@@ -236,8 +279,27 @@ pub trait Kernel: Send + Sync {
     /// The namespace holding the parent (VPC-facing) links.
     fn host(&self) -> &Self::Ns;
 
-    /// Opens a namespace by path; a missing path is [`KernelError::NamespaceNotFound`].
+    /// Opens a namespace by path; a missing path is
+    /// [`KernelError::NamespaceNotFound`], anything else that is not a
+    /// network namespace [`KernelError::NotANamespace`]. Never blocks on
+    /// what it finds (a FIFO is not opened).
     async fn open(&self, path: &Path) -> Result<Self::Ns, KernelError>;
+
+    /// The identity of the network namespace at `path`, `None` when the
+    /// path does not exist; classified as [`Kernel::open`] does, without
+    /// keeping anything open.
+    async fn identify(&self, path: &Path) -> Result<Option<NsId>, KernelError>;
+
+    /// The identity of an open namespace, when the kernel can tell.
+    fn identity(&self, ns: &Self::Ns) -> Option<NsId>;
+
+    /// The identity of [`Kernel::host`].
+    fn host_identity(&self) -> Option<NsId> {
+        self.identity(self.host())
+    }
+
+    /// Every link of a namespace.
+    async fn links(&self, ns: &Self::Ns) -> Result<Vec<Link>, KernelError>;
 
     /// The link called `name`, if any.
     async fn link(&self, ns: &Self::Ns, name: &str) -> Result<Option<Link>, KernelError>;
@@ -277,11 +339,17 @@ pub trait Kernel: Send + Sync {
     /// Adds or replaces a route of the main table.
     async fn replace_route(&self, ns: &Self::Ns, route: &Route) -> Result<(), KernelError>;
 
-    /// Deletes a route; `false` when there was none.
+    /// Deletes a route through `route.link` with its destination and next
+    /// hop; `false` when there was none. A metric of 0 matches any metric.
     async fn delete_route(&self, ns: &Self::Ns, route: &Route) -> Result<bool, KernelError>;
 
     /// The main-table routes through `link`.
     async fn routes(&self, ns: &Self::Ns, link: &str) -> Result<Vec<Route>, KernelError>;
+
+    /// Every main-table route of a namespace that goes through one link
+    /// (multipath, blackhole and unreachable routes name no single link and
+    /// are left out).
+    async fn all_routes(&self, ns: &Self::Ns) -> Result<Vec<Route>, KernelError>;
 
     /// Adds or replaces a permanent neighbour entry.
     async fn replace_neighbour(

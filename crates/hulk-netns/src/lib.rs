@@ -48,15 +48,18 @@ mod netns;
 mod nftables;
 mod node;
 
-pub use attach::{Attached, Datapath, DatapathError, PodNetwork, ServicePath, default_destination};
+pub use attach::{
+    Attached, Datapath, DatapathError, Detached, Ownership, PodNetwork, ServicePath,
+    default_destination,
+};
 pub use kernel::{
     IpVlanFlag, IpVlanMode, Kernel, KernelError, Link, LinkUpdate, Mac, MacVlanMode, Neighbour,
-    Route, SlaveKind, format_mac,
+    NsId, Route, SlaveKind, format_mac,
 };
 pub use netlink::NetlinkKernel;
 pub use netns::{
-    NETNS_RUN_DIR, NetlinkWorker, Netns, NetnsError, create_named_netns, delete_named_netns,
-    link_by_name, run_blocking_in,
+    NETNS_RUN_DIR, NetlinkWorker, Netns, NetnsError, PROCESS_NETNS, create_named_netns,
+    delete_named_netns, identify_netns, link_by_name, run_blocking_in,
 };
 pub use nftables::{NftFinding, check_nftables, nftables_shadowing};
 pub use node::{NodeNetwork, NodeState, RestoreReport};

@@ -19,9 +19,9 @@ use rtnetlink::{Handle, LinkIpVlan, LinkMacVlan, LinkUnspec, RouteMessageBuilder
 
 use crate::kernel::{
     IpVlanFlag, IpVlanMode, Kernel, KernelError, Link, LinkUpdate, Mac, MacVlanMode, Neighbour,
-    Route, SlaveKind,
+    NsId, Route, SlaveKind,
 };
-use crate::netns::{NetlinkWorker, Netns, NetnsError, link_by_name};
+use crate::netns::{NetlinkWorker, Netns, NetnsError, PROCESS_NETNS, identify_netns, link_by_name};
 
 /// The real kernel, reached through netlink.
 #[derive(Debug)]
@@ -32,7 +32,7 @@ pub struct NetlinkKernel {
 impl NetlinkKernel {
     /// A kernel whose host namespace is the process's own.
     pub fn new() -> Result<NetlinkKernel, NetnsError> {
-        NetlinkKernel::with_host(Netns::open("/proc/self/ns/net")?)
+        NetlinkKernel::with_host(Netns::open(PROCESS_NETNS)?)
     }
 
     /// A kernel whose "host" is `netns` (a node namespace in tests).
@@ -59,6 +59,17 @@ fn kernel_error(operation: &str, error: rtnetlink::Error) -> KernelError {
 
 fn worker_error(error: NetnsError) -> KernelError {
     KernelError::failed("netlink worker", error)
+}
+
+/// Classifies a failure to open or enter the namespace at `path`.
+fn namespace_error(path: &Path, error: NetnsError) -> KernelError {
+    match error {
+        NetnsError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            KernelError::NamespaceNotFound(path.to_path_buf())
+        }
+        NetnsError::NotANamespace { path, reason } => KernelError::NotANamespace { path, reason },
+        error => KernelError::failed(format!("opening namespace {}", path.display()), error),
+    }
 }
 
 /// Runs `job` on `ns`'s worker, flattening the worker's own failure.
@@ -194,6 +205,9 @@ fn route_message(route: &Route, index: u32) -> Result<RouteMessage, KernelError>
     if route.onlink {
         builder = builder.onlink();
     }
+    if route.metric != 0 {
+        builder = builder.priority(route.metric);
+    }
     Ok(builder.build())
 }
 
@@ -208,10 +222,12 @@ fn address_of(address: &RouteAddress) -> Option<IpAddr> {
 fn to_route(message: &RouteMessage, link: &str) -> Option<Route> {
     let mut dst = None;
     let mut gateway = None;
+    let mut metric = 0;
     for attribute in &message.attributes {
         match attribute {
             RouteAttribute::Destination(address) => dst = address_of(address),
             RouteAttribute::Gateway(address) => gateway = address_of(address),
+            RouteAttribute::Priority(priority) => metric = *priority,
             _ => {}
         }
     }
@@ -227,7 +243,54 @@ fn to_route(message: &RouteMessage, link: &str) -> Option<Route> {
         gateway,
         link: link.to_owned(),
         onlink: message.header.flags.contains(RouteFlags::Onlink),
+        metric,
     })
+}
+
+/// The output interface of a route through one link.
+fn output_interface(message: &RouteMessage) -> Option<u32> {
+    message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            RouteAttribute::Oif(index) => Some(*index),
+            _ => None,
+        })
+}
+
+/// Every IPv4 and IPv6 route of the main table.
+async fn main_routes(handle: &Handle) -> Result<Vec<RouteMessage>, KernelError> {
+    let mut routes = Vec::new();
+    for request in [
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ] {
+        let messages: Vec<RouteMessage> = handle
+            .route()
+            .get(request)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|error| kernel_error("listing routes", error))?;
+        routes.extend(
+            messages
+                .into_iter()
+                .filter(|message| message.header.table == RouteHeader::RT_TABLE_MAIN),
+        );
+    }
+    Ok(routes)
+}
+
+/// Every link of the worker's namespace.
+async fn all_links(handle: &Handle) -> Result<Vec<Link>, KernelError> {
+    let messages: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|error| kernel_error("listing links", error))?;
+    Ok(messages.iter().map(to_link).collect())
 }
 
 #[async_trait::async_trait]
@@ -239,16 +302,20 @@ impl Kernel for NetlinkKernel {
     }
 
     async fn open(&self, path: &Path) -> Result<NetlinkWorker, KernelError> {
-        let netns = match Netns::open(path) {
-            Ok(netns) => netns,
-            Err(NetnsError::Open { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return Err(KernelError::NamespaceNotFound(path.to_path_buf()));
-            }
-            Err(error) => return Err(KernelError::failed("opening namespace", error)),
-        };
-        NetlinkWorker::spawn_in(netns).map_err(worker_error)
+        let netns = Netns::open(path).map_err(|error| namespace_error(path, error))?;
+        NetlinkWorker::spawn_in(netns).map_err(|error| namespace_error(path, error))
+    }
+
+    async fn identify(&self, path: &Path) -> Result<Option<NsId>, KernelError> {
+        identify_netns(path).map_err(|error| namespace_error(path, error))
+    }
+
+    fn identity(&self, ns: &NetlinkWorker) -> Option<NsId> {
+        Some(ns.netns().id())
+    }
+
+    async fn links(&self, ns: &NetlinkWorker) -> Result<Vec<Link>, KernelError> {
+        on(ns, |handle| async move { all_links(&handle).await }).await
     }
 
     async fn link(&self, ns: &NetlinkWorker, name: &str) -> Result<Option<Link>, KernelError> {
@@ -427,27 +494,31 @@ impl Kernel for NetlinkKernel {
         let link = link.to_owned();
         on(ns, move |handle| async move {
             let index = index_of(&handle, &link).await?;
-            let mut routes = Vec::new();
-            for request in [
-                RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-                RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-            ] {
-                let messages: Vec<RouteMessage> = handle
-                    .route()
-                    .get(request)
-                    .execute()
-                    .try_collect()
-                    .await
-                    .map_err(|error| kernel_error(&format!("listing routes of {link}"), error))?;
-                routes.extend(
-                    messages
-                        .iter()
-                        .filter(|message| message.header.table == RouteHeader::RT_TABLE_MAIN)
-                        .filter(|message| message.attributes.contains(&RouteAttribute::Oif(index)))
-                        .filter_map(|message| to_route(message, &link)),
-                );
-            }
-            Ok(routes)
+            Ok(main_routes(&handle)
+                .await?
+                .iter()
+                .filter(|message| output_interface(message) == Some(index))
+                .filter_map(|message| to_route(message, &link))
+                .collect())
+        })
+        .await
+    }
+
+    async fn all_routes(&self, ns: &NetlinkWorker) -> Result<Vec<Route>, KernelError> {
+        on(ns, |handle| async move {
+            let names: std::collections::HashMap<u32, String> = all_links(&handle)
+                .await?
+                .into_iter()
+                .map(|link| (link.index, link.name))
+                .collect();
+            Ok(main_routes(&handle)
+                .await?
+                .iter()
+                .filter_map(|message| {
+                    let name = names.get(&output_interface(message)?)?;
+                    to_route(message, name)
+                })
+                .collect())
         })
         .await
     }

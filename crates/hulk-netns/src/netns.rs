@@ -2,16 +2,23 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::thread::JoinHandle;
 
 use futures::TryStreamExt;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use nix::sched::CloneFlags;
+use nix::sys::stat::Mode;
+use nix::sys::statfs::NSFS_MAGIC;
 use rtnetlink::Handle;
 use rtnetlink::packet_route::link::LinkMessage;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::kernel::NsId;
 
 /// Failures of namespace handling and netlink requests.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +30,14 @@ pub enum NetnsError {
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// Something exists at the path, but it is not a network namespace.
+    #[error("{path} is not a network namespace: {reason}")]
+    NotANamespace {
+        /// The path given.
+        path: PathBuf,
+        /// What was found there instead.
+        reason: String,
     },
     /// `setns(2)` or `unshare(2)` failed.
     #[error("cannot enter a network namespace: {0}")]
@@ -43,16 +58,54 @@ pub enum NetnsError {
 pub struct Netns {
     file: File,
     path: PathBuf,
+    id: NsId,
 }
 
 impl Netns {
-    /// Opens the namespace at `path` (`/var/run/netns/NAME`, `/proc/PID/ns/net`, ...).
+    /// Opens the namespace at `path` (`/var/run/netns/NAME`,
+    /// `/proc/PID/ns/net`, ...). Anything that is not a namespace file is
+    /// refused with [`NetnsError::NotANamespace`] before it is opened, so a
+    /// FIFO never blocks the caller; a namespace of another type (a mount
+    /// namespace, ...) is refused when a thread enters it.
     pub fn open(path: impl AsRef<Path>) -> Result<Netns, NetnsError> {
         let path = path.as_ref().to_path_buf();
-        match File::open(&path) {
-            Ok(file) => Ok(Netns { file, path }),
-            Err(source) => Err(NetnsError::Open { path, source }),
+        let open_error = |source: std::io::Error| NetnsError::Open {
+            path: path.clone(),
+            source,
+        };
+        // O_PATH resolves the path without opening what it names: a FIFO is
+        // not opened (that waits for a writer), a device is not touched.
+        let located = File::from(
+            nix::fcntl::open(&path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(|errno| open_error(errno.into()))?,
+        );
+        let metadata = located.metadata().map_err(open_error)?;
+        if let Some(reason) =
+            not_a_namespace_file(&located, &metadata).map_err(|errno| open_error(errno.into()))?
+        {
+            return Err(NetnsError::NotANamespace { path, reason });
         }
+        // Reopening through /proc reads the very inode checked above, even
+        // if the path was swapped meanwhile; O_NONBLOCK keeps even that
+        // from ever waiting.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(OFlag::O_NONBLOCK.bits())
+            .open(format!("/proc/self/fd/{}", located.as_raw_fd()))
+            .map_err(open_error)?;
+        Ok(Netns {
+            file,
+            path,
+            id: NsId {
+                dev: metadata.dev(),
+                ino: metadata.ino(),
+            },
+        })
+    }
+
+    /// The identity of the namespace.
+    pub fn id(&self) -> NsId {
+        self.id
     }
 
     /// The namespace of the calling thread.
@@ -66,6 +119,7 @@ impl Netns {
             Ok(file) => Ok(Netns {
                 file,
                 path: self.path.clone(),
+                id: self.id,
             }),
             Err(source) => Err(NetnsError::Open {
                 path: self.path.clone(),
@@ -79,6 +133,61 @@ impl Netns {
     /// the thread that opened it.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Why the file `located` (opened with `O_PATH`) is not a namespace file,
+/// or `None` when it is one.
+fn not_a_namespace_file(
+    located: &File,
+    metadata: &std::fs::Metadata,
+) -> Result<Option<String>, Errno> {
+    let kind = metadata.file_type();
+    let other = if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if nix::sys::statfs::fstatfs(located)?.filesystem_type() != NSFS_MAGIC {
+        "a file that is not a namespace (not on nsfs)"
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(other.to_owned()))
+}
+
+/// The identity of the network namespace at `path`, `None` when the path
+/// does not exist. Refuses, without blocking, what [`Netns::open`] refuses,
+/// and a namespace of another type (checked by entering it on a throwaway
+/// thread: only `setns(2)` tells a namespace's type without an ioctl).
+pub fn identify_netns(path: impl AsRef<Path>) -> Result<Option<NsId>, NetnsError> {
+    let netns = match Netns::open(path) {
+        Ok(netns) => netns,
+        Err(NetnsError::Open { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(error) => return Err(error),
+    };
+    run_blocking_in(&netns, || ())?;
+    Ok(Some(netns.id()))
+}
+
+/// Moves the calling thread into `netns`.
+fn enter_netns(netns: &Netns) -> Result<(), NetnsError> {
+    match nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET) {
+        Ok(()) => Ok(()),
+        // Netns::open lets only namespace files through, so EINVAL means a
+        // namespace of another type.
+        Err(Errno::EINVAL) => Err(NetnsError::NotANamespace {
+            path: netns.path.clone(),
+            reason: "a namespace of another type (mount, pid, user, ...)".to_owned(),
+        }),
+        Err(error) => Err(NetnsError::Enter(error)),
     }
 }
 
@@ -196,8 +305,7 @@ impl Drop for NetlinkWorker {
 fn enter(placement: Placement) -> Result<Netns, NetnsError> {
     match placement {
         Placement::Enter(netns) => {
-            nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
-                .map_err(NetnsError::Enter)?;
+            enter_netns(&netns)?;
             Ok(netns)
         }
         Placement::NewNamespace => {
@@ -232,13 +340,17 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMess
     match links.try_next().await {
         Ok(link) => Ok(link),
         Err(rtnetlink::Error::NetlinkError(message))
-            if message.raw_code() == -(nix::errno::Errno::ENODEV as i32) =>
+            if message.raw_code() == -(Errno::ENODEV as i32) =>
         {
             Ok(None)
         }
         Err(error) => Err(error.into()),
     }
 }
+
+/// The calling process's own network namespace: the node's, for an agent
+/// running on the host.
+pub const PROCESS_NETNS: &str = "/proc/self/ns/net";
 
 /// Where `ip netns` keeps named namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
@@ -293,7 +405,7 @@ pub fn delete_named_netns(name: &str) -> Result<(), NetnsError> {
     validate_netns_name(name)?;
     let path = Path::new(NETNS_RUN_DIR).join(name);
     match nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH) {
-        Ok(()) | Err(nix::errno::Errno::ENOENT) | Err(nix::errno::Errno::EINVAL) => {}
+        Ok(()) | Err(Errno::ENOENT) | Err(Errno::EINVAL) => {}
         Err(error) => return Err(NetnsError::Enter(error)),
     }
     match std::fs::remove_file(&path) {
@@ -333,8 +445,7 @@ pub fn run_blocking_in<T: Send + 'static>(
     std::thread::Builder::new()
         .name("hulk-netns-run".into())
         .spawn(move || {
-            nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
-                .map_err(NetnsError::Enter)?;
+            enter_netns(&netns)?;
             Ok(work())
         })
         .map_err(NetnsError::Worker)?
