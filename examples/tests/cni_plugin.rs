@@ -1,9 +1,16 @@
 //! Drives the plugin binary exactly as a container runtime does: exec with
 //! the CNI environment and the configuration on stdin.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod support;
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use hulk_node::del_notes::DelNotes;
 use serde_json::{Value, json};
 
 struct Answer {
@@ -166,4 +173,144 @@ fn logs_go_to_the_configured_file_not_stdout() {
     std::fs::remove_file(&log).expect("log file removed");
     assert!(logged.contains("dry-run ADD"), "{logged}");
     assert!(logged.contains("10.20.0.2/24"), "{logged}");
+}
+
+/// A configuration that talks to an agent at `dir/agent.sock`, waits 1 s
+/// for it, and leaves DEL notes in `dir/pending-dels`.
+fn agent_config(dir: &Path) -> Value {
+    json!({
+        "cniVersion": "1.1.0",
+        "name": "vpc",
+        "type": "hulk-vpc-cni",
+        "agentSocket": dir.join("agent.sock"),
+        "agentTimeoutSeconds": 1,
+        "pendingDelDir": dir.join("pending-dels")
+    })
+}
+
+/// A fake agent on `socket` that accepts one connection, reads the request
+/// line and never answers. The request and the connection (kept open, so
+/// that the plugin waits) come back through the receiver.
+fn silent_agent(socket: &Path) -> mpsc::Receiver<(Value, UnixStream)> {
+    let listener = UnixListener::bind(socket).expect("fake agent socket");
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("the plugin connects");
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .expect("the request line");
+        let request = serde_json::from_str(&line).expect("the request is JSON");
+        let _ = sender.send((request, stream));
+    });
+    receiver
+}
+
+/// The one note in `dir`, as the agent will read it.
+fn the_one_note(dir: &Path) -> hulk_node::PodRequest {
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("the note directory exists")
+        .map(|entry| entry.expect("a directory entry").path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mut notes = DelNotes::new(dir).list().expect("the notes list");
+    assert_eq!(notes.len(), 1);
+    assert_eq!(notes[0].path, files[0]);
+    notes.remove(0).request
+}
+
+#[test]
+fn del_without_an_agent_succeeds_and_leaves_a_note_for_it() {
+    let dir = support::scratch_dir("cni-del-note");
+    let answer = invoke("DEL", &agent_config(&dir), &[]);
+    assert!(
+        answer.success && answer.stdout.is_null(),
+        "{}",
+        answer.stdout
+    );
+    let noted = the_one_note(&dir.join("pending-dels"));
+    assert_eq!(noted.container_id, "sandbox-1");
+    assert_eq!(noted.ifname, "eth0");
+    assert_eq!(noted.cni_network.as_deref(), Some("vpc"));
+    assert_eq!(
+        noted.netns.as_deref(),
+        Some(Path::new("/var/run/netns/sandbox-1"))
+    );
+    assert_eq!(noted.pod.as_deref(), Some("default/web-0"));
+}
+
+#[test]
+fn del_against_a_silent_agent_leaves_a_note_too() {
+    let dir = support::scratch_dir("cni-del-silent");
+    let requests = silent_agent(&dir.join("agent.sock"));
+    let answer = invoke("DEL", &agent_config(&dir), &[]);
+    assert!(answer.success, "{}", answer.stdout);
+    let (request, _connection) = requests
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the agent got the DEL");
+    assert_eq!(request["op"], "del");
+    assert_eq!(request["timeout_ms"], 1000);
+    assert_eq!(
+        the_one_note(&dir.join("pending-dels")).container_id,
+        "sandbox-1"
+    );
+}
+
+#[test]
+fn del_fails_when_the_note_cannot_be_written() {
+    let dir = support::scratch_dir("cni-del-unwritable");
+    let file = dir.join("a-file");
+    std::fs::write(&file, "").expect("a regular file");
+    let mut conf = agent_config(&dir);
+    conf["pendingDelDir"] = json!(file.join("pending-dels"));
+    let answer = invoke("DEL", &conf, &[]);
+    assert!(!answer.success, "DEL succeeded without its note");
+    assert_eq!(answer.stdout["code"], 106, "{}", answer.stdout);
+    let msg = answer.stdout["msg"].as_str().expect("a message");
+    assert!(msg.contains("a-file/pending-dels"), "{msg}");
+    let details = answer.stdout["details"].as_str().expect("details");
+    assert!(details.contains("Not a directory"), "{details}");
+}
+
+#[test]
+fn add_against_a_silent_agent_is_11_and_tells_the_agent_its_timeout() {
+    let dir = support::scratch_dir("cni-add-silent");
+    let socket = dir.join("agent.sock");
+    let requests = silent_agent(&socket);
+    let answer = invoke("ADD", &agent_config(&dir), &[]);
+    assert!(!answer.success);
+    assert_eq!(answer.stdout["code"], 11, "{}", answer.stdout);
+    let msg = answer.stdout["msg"].as_str().expect("a message");
+    assert!(msg.contains("timed out after 1s"), "{msg}");
+    assert!(msg.contains(&socket.display().to_string()), "{msg}");
+    let (request, _connection) = requests
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the agent got the ADD");
+    assert_eq!(request["op"], "add");
+    assert_eq!(request["container_id"], "sandbox-1");
+    assert_eq!(request["timeout_ms"], 1000);
+}
+
+#[test]
+fn add_without_an_agent_is_103_with_the_cause() {
+    let dir = support::scratch_dir("cni-add-unreachable");
+    // No socket at all, then a socket file nobody listens on.
+    let refused = dir.join("refused.sock");
+    drop(UnixListener::bind(&refused).expect("a socket file"));
+    let cases = [
+        (dir.join("agent.sock"), "No such file or directory"),
+        (refused, "Connection refused"),
+    ];
+    for (socket, cause) in cases {
+        let mut conf = agent_config(&dir);
+        conf["agentSocket"] = json!(socket);
+        let answer = invoke("ADD", &conf, &[]);
+        assert!(!answer.success);
+        assert_eq!(answer.stdout["code"], 103, "{}", answer.stdout);
+        let msg = answer.stdout["msg"].as_str().expect("a message");
+        assert!(msg.contains("is unreachable"), "{msg}");
+        assert!(msg.contains(cause), "{msg}");
+        let details = answer.stdout["details"].as_str().expect("details");
+        assert!(details.contains(&socket.display().to_string()), "{details}");
+    }
 }

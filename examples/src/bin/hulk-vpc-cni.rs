@@ -1,9 +1,13 @@
 //! The hulk-vpc CNI plugin. It forwards ADD, DEL, CHECK, STATUS and GC to
 //! the node agent over its Unix socket and turns the answers into CNI
-//! results. If the agent is down, DEL still tears the interface down
-//! locally (the agent reclaims the address later). With `"dryRun": true`
-//! ADD instead takes an address from an in-process mock IPAM and reports
-//! what it would configure, touching nothing (for demos).
+//! results. An agent that cannot be reached is error 103; one that does
+//! not answer within `agentTimeoutSeconds` is 11 (the agent undoes an ADD
+//! whose caller gave up, so a retry is safe). If DEL gets no answer, the
+//! plugin leaves a note for the agent in `pendingDelDir` (the agent replays
+//! it and returns the address), then tears the interface down locally.
+//! With `"dryRun": true` ADD instead takes an address from an in-process
+//! mock IPAM and reports what it would configure, touching nothing (for
+//! demos).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -16,7 +20,8 @@ use hulk_cni::{
 };
 use hulk_ipam::{AllocationRequest, IpamBackend, IpamError, MockBackend, PoolKey};
 use hulk_netns::{Datapath, NetlinkKernel};
-use hulk_node::agent::{AgentReply, AgentRequest, call};
+use hulk_node::agent::{AgentReply, AgentRequest, ClientError, call};
+use hulk_node::del_notes::{self, DelNotes};
 use hulk_node::{PodAttachment, PodRequest};
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -38,6 +43,9 @@ struct PluginFields {
     /// How long to wait for the agent.
     #[serde(default = "default_timeout")]
     agent_timeout_seconds: u64,
+    /// Where DEL leaves a note for the agent when the agent does not answer.
+    #[serde(default = "default_pending_del_dir")]
+    pending_del_dir: PathBuf,
 }
 
 fn default_mode() -> String {
@@ -50,6 +58,10 @@ fn default_socket() -> PathBuf {
 
 fn default_timeout() -> u64 {
     60
+}
+
+fn default_pending_del_dir() -> PathBuf {
+    PathBuf::from(del_notes::DEFAULT_DIR)
 }
 
 /// The `ipam` section for dry runs.
@@ -81,6 +93,7 @@ fn mock_ipam(config: &NetConf) -> Result<MockIpam, CniError> {
 }
 
 fn pod_request(
+    fields: &PluginFields,
     config: &NetConf,
     container_id: &str,
     ifname: &str,
@@ -90,6 +103,8 @@ fn pod_request(
     PodRequest {
         cni_network: Some(config.name.clone()),
         pod_uid: args.pod_uid().map(str::to_owned),
+        // The agent undoes an ADD still running when the plugin stops waiting.
+        timeout_ms: Some(fields.agent_timeout_seconds.saturating_mul(1000)),
         container_id: container_id.to_owned(),
         ifname: ifname.to_owned(),
         netns: netns.map(Path::to_path_buf),
@@ -101,27 +116,107 @@ fn pod_request(
     }
 }
 
-/// Sends `request`; an unreachable agent is `Err(None)`, a refusal `Err(Some(error))`.
-async fn ask(fields: &PluginFields, request: AgentRequest) -> Result<AgentReply, Option<CniError>> {
-    let timeout = Duration::from_secs(fields.agent_timeout_seconds);
-    match call(&fields.agent_socket, &request, timeout).await {
-        Ok(AgentReply::Failed(error)) => Err(Some(error)),
-        Ok(reply) => Ok(reply),
-        Err(error) => {
-            tracing::warn!(%error, "the agent is unreachable");
-            Err(None)
+/// Why a request to the agent got no reply to act on.
+enum AgentError {
+    /// The agent answered with this CNI error.
+    Refused(CniError),
+    /// No usable answer: the agent could not be reached, did not answer in
+    /// time, or answered something that is not a reply.
+    NoAnswer(ClientError),
+}
+
+impl AgentError {
+    /// The CNI error to report.
+    fn into_cni(self, fields: &PluginFields) -> CniError {
+        match self {
+            AgentError::Refused(error) => error,
+            AgentError::NoAnswer(error) => no_answer(fields, &error),
         }
     }
 }
 
-fn unreachable(fields: &PluginFields) -> CniError {
-    CniError::new(
-        ErrorCode::AgentUnavailable,
-        format!(
-            "the hulk-vpc agent at {} is unreachable",
-            fields.agent_socket.display()
+/// Sends `request` and waits up to `agentTimeoutSeconds` for the reply.
+async fn ask(fields: &PluginFields, request: AgentRequest) -> Result<AgentReply, AgentError> {
+    let timeout = Duration::from_secs(fields.agent_timeout_seconds);
+    match call(&fields.agent_socket, &request, timeout).await {
+        Ok(AgentReply::Failed(error)) => Err(AgentError::Refused(error)),
+        Ok(reply) => Ok(reply),
+        Err(error) => {
+            tracing::warn!(error = %chain(&error), "no answer from the agent");
+            Err(AgentError::NoAnswer(error))
+        }
+    }
+}
+
+/// The CNI error for an agent that gave no answer: 11 when it was reached
+/// but too slow (the agent undoes an ADD whose caller gave up, so a retry
+/// is safe), 103 when it could not be reached (or the connection broke:
+/// the agent went away mid-request), 100 when its answer is not
+/// a reply (a plugin and agent of incompatible versions). The full cause
+/// is in `details`.
+fn no_answer(fields: &PluginFields, error: &ClientError) -> CniError {
+    let socket = fields.agent_socket.display();
+    let cni = match error {
+        ClientError::Timeout(_) => CniError::try_again_later(format!(
+            "the hulk-vpc agent at {socket} timed out after {}s",
+            fields.agent_timeout_seconds
+        )),
+        ClientError::Io { source, .. } => CniError::new(
+            ErrorCode::AgentUnavailable,
+            format!("the hulk-vpc agent at {socket} is unreachable: {source}"),
         ),
-    )
+        ClientError::Reply(_) => CniError::internal(format!(
+            "the hulk-vpc agent at {socket} sent an unreadable reply"
+        )),
+    };
+    cni.with_details(chain(error))
+}
+
+/// `error` and its causes, outermost first. A cause whose text the message
+/// already holds is skipped, since some errors repeat their cause.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let next_text = next.to_string();
+        if !text.contains(&next_text) {
+            text.push_str(": ");
+            text.push_str(&next_text);
+        }
+        cause = next.source();
+    }
+    text
+}
+
+/// Removes the pod's interface without the agent, as DEL does when the
+/// agent gave no answer. Kept to this one function so that the local
+/// teardown can change (it does not know who owns the interface) without
+/// touching DEL's flow.
+async fn local_teardown(netns: Option<&Path>, ifname: &str) -> Result<(), CniError> {
+    let datapath_error =
+        |error: &dyn std::error::Error| CniError::new(ErrorCode::Datapath, chain(error));
+    let kernel = NetlinkKernel::new().map_err(|error| datapath_error(&error))?;
+    Datapath::new(kernel)
+        .detach(netns, ifname, None, None)
+        .await
+        .map_err(|error| datapath_error(&error))
+}
+
+/// Writes the note the agent replays for a DEL it did not see. Failing it
+/// fails DEL: succeeding without the note would leave the address assigned
+/// to a pod that is gone.
+fn note_del(fields: &PluginFields, pod: &PodRequest) -> Result<PathBuf, CniError> {
+    let notes = DelNotes::new(&fields.pending_del_dir);
+    notes.write(pod).map_err(|error| {
+        CniError::new(
+            ErrorCode::StateStore,
+            format!(
+                "the hulk-vpc agent did not answer and the DEL cannot be noted for it in {}",
+                notes.dir().display()
+            ),
+        )
+        .with_details(chain(&error))
+    })
 }
 
 async fn dry_add(request: &AttachRequest) -> Result<CniResult, CniError> {
@@ -166,6 +261,7 @@ impl Plugin for VpcPlugin {
             dry_add(&request).await?
         } else {
             let pod = pod_request(
+                &fields,
                 &request.config,
                 &request.container_id,
                 &request.ifname,
@@ -181,7 +277,7 @@ impl Plugin for VpcPlugin {
                         "unexpected agent reply {other:?}"
                     )));
                 }
-                Err(error) => return Err(error.unwrap_or_else(|| unreachable(&fields))),
+                Err(error) => return Err(error.into_cni(&fields)),
             }
         };
         result.dns = request.config.plugin.dns.clone().unwrap_or_default();
@@ -194,25 +290,27 @@ impl Plugin for VpcPlugin {
             return Ok(());
         }
         let pod = pod_request(
+            &fields,
             &request.config,
             &request.container_id,
             &request.ifname,
             request.netns.as_deref(),
             &request.args,
         );
-        match ask(&fields, AgentRequest::Del(pod)).await {
+        match ask(&fields, AgentRequest::Del(pod.clone())).await {
             Ok(_) => Ok(()),
-            Err(Some(error)) => Err(error),
-            Err(None) => {
-                // The agent is down: remove the interface here; the agent
-                // returns the address when its reconciliation sees the pod gone.
-                let kernel = NetlinkKernel::new()
-                    .map_err(|error| CniError::new(ErrorCode::Datapath, error.to_string()))?;
-                Datapath::new(kernel)
-                    .detach(request.netns.as_deref(), &request.ifname, None, None)
-                    .await
-                    .map_err(|error| CniError::new(ErrorCode::Datapath, error.to_string()))?;
-                tracing::warn!(container = %request.container_id, "agent down: tore the interface down locally");
+            Err(AgentError::Refused(error)) => Err(error),
+            Err(AgentError::NoAnswer(_)) => {
+                // The note first: a crash after it still gets the address
+                // back (the agent replays the note); a crash before the
+                // teardown only leaves the runtime's retry to do it.
+                let note = note_del(&fields, &pod)?;
+                local_teardown(request.netns.as_deref(), &request.ifname).await?;
+                tracing::warn!(
+                    container = %request.container_id,
+                    note = %note.display(),
+                    "no answer from the agent: noted the DEL for it and tore the interface down locally"
+                );
                 Ok(())
             }
         }
@@ -231,6 +329,7 @@ impl Plugin for VpcPlugin {
             };
         }
         let pod = pod_request(
+            &fields,
             &attachment.config,
             &attachment.container_id,
             &attachment.ifname,
@@ -240,7 +339,7 @@ impl Plugin for VpcPlugin {
         ask(&fields, AgentRequest::Check(pod))
             .await
             .map(|_| ())
-            .map_err(|error| error.unwrap_or_else(|| unreachable(&fields)))
+            .map_err(|error| error.into_cni(&fields))
     }
 
     async fn status(&self, config: NetConf) -> Result<(), CniError> {
@@ -248,13 +347,16 @@ impl Plugin for VpcPlugin {
         if fields.dry_run {
             return Ok(());
         }
+        // Whatever kept the agent from answering, ADD cannot be served now.
         ask(&fields, AgentRequest::Status)
             .await
             .map(|_| ())
-            .map_err(|error| {
-                error.unwrap_or_else(|| {
-                    CniError::new(ErrorCode::PluginNotAvailable, unreachable(&fields).msg)
-                })
+            .map_err(|error| match error {
+                AgentError::Refused(error) => error,
+                AgentError::NoAnswer(error) => CniError {
+                    code: ErrorCode::PluginNotAvailable,
+                    ..no_answer(&fields, &error)
+                },
             })
     }
 
@@ -272,7 +374,7 @@ impl Plugin for VpcPlugin {
         )
         .await
         .map(|_| ())
-        .map_err(|error| error.unwrap_or_else(|| unreachable(&fields)))
+        .map_err(|error| error.into_cni(&fields))
     }
 }
 
