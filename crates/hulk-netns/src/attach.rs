@@ -147,10 +147,24 @@ pub enum DatapathError {
     Invalid(String),
     /// The kernel refused a step.
     #[error(transparent)]
-    Kernel(#[from] KernelError),
+    Kernel(KernelError),
     /// CHECK found differences.
     #[error("the pod network differs from what ADD configured: {}", .0.join("; "))]
     Mismatch(Vec<String>),
+}
+
+impl From<KernelError> for DatapathError {
+    /// Keeps the two namespace failures callers act on apart from other
+    /// kernel refusals.
+    fn from(error: KernelError) -> DatapathError {
+        match error {
+            KernelError::NamespaceNotFound(path) => DatapathError::NamespaceNotFound(path),
+            KernelError::NotANamespace { path, reason } => {
+                DatapathError::NotANamespace(path, reason)
+            }
+            error => DatapathError::Kernel(error),
+        }
+    }
 }
 
 impl PodNetwork {
@@ -283,19 +297,18 @@ impl<K: Kernel> Datapath<K> {
         &self.kernel
     }
 
+    /// The identity of the network namespace at `netns`, `None` when the
+    /// path does not exist, [`DatapathError::NotANamespace`] when what is
+    /// there is no network namespace. Never blocks on what it finds.
+    pub async fn identify(&self, netns: &Path) -> Result<Option<NsId>, DatapathError> {
+        Ok(self.kernel.identify(netns).await?)
+    }
+
     /// Opens a pod's namespace, refusing the node's own: the namespace of
     /// the host handle, or the process's (an agent whose host handle is a
     /// node namespace still runs in a namespace with links of its own).
     async fn open(&self, netns: &Path) -> Result<K::Ns, DatapathError> {
-        let pod = match self.kernel.open(netns).await {
-            Err(KernelError::NamespaceNotFound(path)) => {
-                return Err(DatapathError::NamespaceNotFound(path));
-            }
-            Err(KernelError::NotANamespace { path, reason }) => {
-                return Err(DatapathError::NotANamespace(path, reason));
-            }
-            other => other?,
-        };
+        let pod = self.kernel.open(netns).await?;
         if let Some(id) = self.kernel.identity(&pod)
             && (Some(id) == self.kernel.host_identity()
                 || Some(id) == self.kernel.identify(Path::new(PROCESS_NETNS)).await?)
@@ -656,6 +669,7 @@ mod tests {
     use super::*;
     use crate::fake::{FakeKernel, FakeNs};
     use crate::kernel::{IpVlanFlag, IpVlanMode, MacVlanMode};
+    use crate::netns::PROCESS_NETNS;
 
     const NETNS: &str = "/var/run/netns/pod-a";
     const GATEWAY_MAC: Mac = [0xfa, 0x16, 0x3e, 0, 0, 1];
@@ -916,7 +930,398 @@ mod tests {
         assert!(
             names
                 .iter()
-                .all(|name| name.len() <= 15 && name.starts_with("hulk"))
+                .all(|name| name.len() <= 15 && is_temporary_name(name))
         );
+        for other in [
+            "hulk0",
+            "hulk0123456789A",
+            "hulk0123456789ab",
+            "eth0123456789ab",
+        ] {
+            assert!(!is_temporary_name(other), "{other}");
+        }
+    }
+
+    const OTHER_NETNS: &str = "/var/run/netns/pod-b";
+
+    fn link_names(datapath: &Datapath<FakeKernel>, ns: FakeNs) -> Vec<String> {
+        datapath.kernel().namespace(ns).links.into_keys().collect()
+    }
+
+    #[tokio::test]
+    async fn attach_reports_everything_it_created_and_the_record_survives_json() {
+        let (datapath, pod) = node();
+        let attached = datapath.attach(Path::new(NETNS), &spec()).await.unwrap();
+        assert_eq!(attached.addresses, [spec().address]);
+        assert_eq!(attached.routes, spec().pod_routes());
+        assert_eq!(
+            attached.neighbours,
+            [Neighbour {
+                ip: spec().gateway,
+                mac: Some(GATEWAY_MAC),
+                permanent: true
+            }]
+        );
+        assert_eq!(attached.host_route, spec().host_route());
+        let identity = datapath.kernel().identity_of(pod);
+        assert_eq!(attached.netns, Some(identity));
+        assert_eq!(
+            datapath.identify(Path::new(NETNS)).await.unwrap(),
+            Some(identity)
+        );
+        assert_eq!(
+            datapath.check(Path::new(NETNS), &spec()).await.unwrap(),
+            attached,
+            "CHECK reports what ADD did"
+        );
+
+        let json = serde_json::to_string(&attached).unwrap();
+        assert!(
+            json.contains(&format!("\"ino\":{}", identity.ino)),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Attached>(&json).unwrap(), attached);
+        // A record written before the new fields still reads.
+        let old: Attached =
+            serde_json::from_str(r#"{"index":7,"mac":[2,0,0,0,0,1],"mtu":1450}"#).unwrap();
+        assert_eq!((old.index, old.netns, old.routes.len()), (7, None, 0));
+        let route: Route = serde_json::from_str(
+            r#"{"dst":"0.0.0.0/0","gateway":"10.20.0.1","link":"eth0","onlink":true}"#,
+        )
+        .unwrap();
+        assert_eq!(route.metric, 0);
+        let detached = Detached {
+            link_removed: true,
+            foreign_link_kept: Some("eth0".into()),
+            leftovers_removed: vec!["hulk0123456789a".into()],
+            namespace_gone: false,
+        };
+        let json = serde_json::to_string(&detached).unwrap();
+        assert_eq!(serde_json::from_str::<Detached>(&json).unwrap(), detached);
+        assert_eq!(identity.to_string(), format!("4:{}", identity.ino));
+    }
+
+    #[tokio::test]
+    async fn the_mtu_is_clamped_to_the_parents() {
+        let kernel = FakeKernel::new();
+        kernel.add_parent("eth1", 1400);
+        kernel.add_parent("hulk0", 1400);
+        let pod = kernel.add_namespace(NETNS);
+        let datapath = Datapath::new(kernel);
+        let attached = datapath.attach(Path::new(NETNS), &spec()).await.unwrap();
+        assert_eq!(attached.mtu, 1400);
+        assert_eq!(
+            datapath.kernel().namespace(pod).links["eth0"].link.mtu,
+            1400
+        );
+        assert_eq!(
+            datapath.check(Path::new(NETNS), &spec()).await.unwrap().mtu,
+            1400,
+            "the clamped MTU is no mismatch"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_network_leaves_the_first_ones_routes_and_takes_over_when_it_goes() {
+        let (datapath, pod) = node();
+        let kernel = datapath.kernel();
+        // The first network: a veth with the default route, and a route to
+        // the Service range at metric 100.
+        kernel.add_link(pod, "eth0", 1500);
+        let first_default = Route::via(
+            "0.0.0.0/0".parse().unwrap(),
+            "10.88.0.1".parse().unwrap(),
+            "eth0",
+        );
+        let mut first_services = Route::direct("10.96.0.0/12".parse().unwrap(), "eth0");
+        first_services.metric = 100;
+        for route in [&first_default, &first_services] {
+            kernel.replace_route(&pod, route).await.unwrap();
+        }
+        let mut second = spec();
+        second.ifname = "net1".into();
+        let attached = datapath.attach(Path::new(NETNS), &second).await.unwrap();
+        let metrics: Vec<(String, u32)> = attached
+            .routes
+            .iter()
+            .map(|route| (route.dst.to_string(), route.metric))
+            .collect();
+        assert_eq!(
+            metrics,
+            [
+                ("0.0.0.0/0".to_owned(), 1),
+                ("10.20.0.250/32".to_owned(), 0),
+                ("10.96.0.0/12".to_owned(), 101)
+            ]
+        );
+        let routes = kernel.namespace(pod).routes;
+        for first in [&first_default, &first_services] {
+            assert!(routes.contains(first), "{first} was replaced: {routes:?}");
+        }
+        datapath.check(Path::new(NETNS), &second).await.unwrap();
+
+        // `podman network disconnect` of the first network: ours is the
+        // default route now.
+        assert!(kernel.delete_link(&pod, "eth0").await.unwrap());
+        let defaults: Vec<String> = kernel
+            .all_routes(&pod)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|route| route.dst.prefix_len() == 0)
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            defaults,
+            ["0.0.0.0/0 via 10.20.0.1 dev net1 onlink metric 1"]
+        );
+        datapath.check(Path::new(NETNS), &second).await.unwrap();
+    }
+
+    async fn detach_recorded(datapath: &Datapath<FakeKernel>, record: &Attached) -> Detached {
+        datapath
+            .detach_owned(
+                Some(Path::new(NETNS)),
+                "eth0",
+                Ownership::Recorded(record),
+                record.host_route.as_ref(),
+            )
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_recorded_detach_removes_only_the_recorded_link() {
+        let (datapath, pod) = node();
+        let attached = datapath.attach(Path::new(NETNS), &spec()).await.unwrap();
+        let mut other_index = attached.clone();
+        other_index.index += 100;
+        let mut other_mac = attached.clone();
+        other_mac.mac = Some([2, 0, 0, 0, 0, 0x99]);
+        for stale in [other_index, other_mac] {
+            let detached = detach_recorded(&datapath, &stale).await;
+            assert!(!detached.link_removed);
+            assert!(
+                detached
+                    .foreign_link_kept
+                    .as_deref()
+                    .is_some_and(|kept| kept.starts_with("eth0 (index ")),
+                "{detached:?}"
+            );
+            assert!(link_names(&datapath, pod).contains(&"eth0".to_owned()));
+        }
+        let detached = detach_recorded(&datapath, &attached).await;
+        assert_eq!(
+            detached,
+            Detached {
+                link_removed: true,
+                ..Detached::default()
+            }
+        );
+        assert_clean(&datapath, pod);
+        assert_eq!(
+            detach_recorded(&datapath, &attached).await,
+            Detached::default(),
+            "repeatable"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_recycled_namespace_path_is_not_mistaken_for_the_recorded_one() {
+        let (datapath, _) = node();
+        let first = datapath.attach(Path::new(NETNS), &spec()).await.unwrap();
+        // The pod dies; a new pod's namespace gets the same path.
+        datapath.kernel().remove_namespace(Path::new(NETNS));
+        let recycled = datapath.kernel().add_namespace(NETNS);
+        let mut newcomer = spec();
+        newcomer.address = "10.20.0.6/24".parse().unwrap();
+        let second = datapath.attach(Path::new(NETNS), &newcomer).await.unwrap();
+        assert_ne!(first.netns, second.netns);
+        // Even a record whose index and MAC happen to match the newcomer's
+        // link does not delete it: the namespace is not the recorded one.
+        let stale = Attached {
+            index: second.index,
+            mac: second.mac,
+            ..first.clone()
+        };
+        let detached = datapath
+            .detach_owned(
+                Some(Path::new(NETNS)),
+                "eth0",
+                Ownership::Recorded(&stale),
+                first.host_route.as_ref(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            detached.namespace_gone && !detached.link_removed,
+            "{detached:?}"
+        );
+        assert_eq!(link_names(&datapath, recycled), ["eth0", "lo"]);
+        assert_eq!(
+            datapath.kernel().host_namespace().route_lines(),
+            ["10.20.0.6/32 dev hulk0"],
+            "the dead pod's host route is gone, the newcomer's kept"
+        );
+        datapath.check(Path::new(NETNS), &newcomer).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unrecorded_detach_keeps_a_foreign_link_and_removes_our_leftovers() {
+        let (datapath, pod) = node();
+        let kernel = datapath.kernel();
+        kernel.add_link(pod, "eth0", 1500); // a veth of another plugin
+        let leftover = "hulk0123456789a"; // what a killed ADD left
+        kernel
+            .create_slave("eth1", leftover, SlaveKind::default(), &pod)
+            .await
+            .unwrap();
+        // Not ours: a temporary name on something else, another slave name.
+        kernel.add_link(pod, "hulkfedcba98765", 1500);
+        kernel
+            .create_slave("eth1", "hulk-other", SlaveKind::default(), &pod)
+            .await
+            .unwrap();
+        for round in 0..2 {
+            let detached = datapath
+                .detach_owned(Some(Path::new(NETNS)), "eth0", Ownership::Unrecorded, None)
+                .await
+                .unwrap();
+            assert!(!detached.link_removed && !detached.namespace_gone);
+            assert!(
+                detached
+                    .foreign_link_kept
+                    .as_deref()
+                    .is_some_and(|kept| kept.contains("eth0") && kept.contains("not a slave")),
+                "{detached:?}"
+            );
+            let removed: &[&str] = if round == 0 { &[leftover] } else { &[] };
+            assert_eq!(detached.leftovers_removed, removed);
+        }
+        assert_eq!(
+            link_names(&datapath, pod),
+            ["eth0", "hulk-other", "hulkfedcba98765", "lo"]
+        );
+        // The legacy detach follows the same rule.
+        datapath
+            .detach(Some(Path::new(NETNS)), "eth0", None, None)
+            .await
+            .unwrap();
+        assert!(link_names(&datapath, pod).contains(&"eth0".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_half_built_interface_is_cleared_for_a_rebuild() {
+        let (datapath, pod) = node();
+        // A crash mid-ADD: the slave renamed but still down, no address.
+        datapath
+            .kernel()
+            .create_slave("eth1", "eth0", SlaveKind::default(), &pod)
+            .await
+            .unwrap();
+        let detached = datapath
+            .detach_owned(Some(Path::new(NETNS)), "eth0", Ownership::Unrecorded, None)
+            .await
+            .unwrap();
+        assert!(detached.link_removed, "{detached:?}");
+        assert_clean(&datapath, pod);
+        datapath.attach(Path::new(NETNS), &spec()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn paths_that_are_not_network_namespaces_are_refused() {
+        let (datapath, pod) = node();
+        const FILE: &str = "/var/run/netns/not-a-namespace";
+        datapath.kernel().add_file(FILE);
+        let file = Path::new(FILE);
+        let refused = |outcome: Result<_, DatapathError>| matches!(outcome, Err(DatapathError::NotANamespace(path, _)) if path == file);
+        assert!(refused(datapath.attach(file, &spec()).await.map(drop)));
+        assert!(refused(datapath.check(file, &spec()).await.map(drop)));
+        assert!(refused(datapath.identify(file).await.map(drop)));
+        // DEL has nothing to remove there: no links live in a file.
+        let detached = datapath
+            .detach_owned(Some(file), "eth0", Ownership::Unrecorded, None)
+            .await
+            .unwrap();
+        assert!(detached.namespace_gone);
+        assert_clean(&datapath, pod);
+        assert_eq!(
+            datapath.identify(Path::new(OTHER_NETNS)).await.unwrap(),
+            None
+        );
+    }
+
+    /// The host's links and routes, to see that nothing changed there.
+    fn host_state(datapath: &Datapath<FakeKernel>) -> (Vec<String>, Vec<String>) {
+        let host = datapath.kernel().host_namespace();
+        (host.links.keys().cloned().collect(), host.route_lines())
+    }
+
+    #[tokio::test]
+    async fn the_nodes_own_namespace_is_refused() {
+        let (datapath, _) = node();
+        let attached = datapath.attach(Path::new(NETNS), &spec()).await.unwrap();
+        // The host namespace under its own path and under a bind mount.
+        let bound = Path::new(OTHER_NETNS);
+        datapath.kernel().bind(bound, *datapath.kernel().host());
+        let before = host_state(&datapath);
+        for path in [Path::new(PROCESS_NETNS), bound] {
+            let refused = |outcome: Result<_, DatapathError>| matches!(outcome, Err(DatapathError::HostNamespace(found)) if found == path);
+            let mut spec = spec();
+            spec.ifname = "eth1".into();
+            assert!(refused(datapath.attach(path, &spec).await.map(drop)));
+            assert!(refused(datapath.check(path, &spec).await.map(drop)));
+            assert!(refused(
+                datapath
+                    .detach_owned(
+                        Some(path),
+                        "eth1",
+                        Ownership::Unrecorded,
+                        attached.host_route.as_ref()
+                    )
+                    .await
+                    .map(drop)
+            ));
+            assert!(refused(
+                datapath
+                    .detach_owned(
+                        Some(path),
+                        "eth0",
+                        Ownership::Recorded(&attached),
+                        attached.host_route.as_ref()
+                    )
+                    .await
+                    .map(drop)
+            ));
+            assert_eq!(host_state(&datapath), before, "{}", path.display());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_agents_own_namespace_is_refused_when_the_host_handle_is_another() {
+        // An agent whose host handle is a node namespace (node_netns) runs
+        // in a namespace of its own, with links of its own.
+        let (datapath, _) = node();
+        let kernel = datapath.kernel();
+        kernel.remove_namespace(Path::new(PROCESS_NETNS));
+        let agent = kernel.add_namespace(PROCESS_NETNS);
+        kernel.add_link(agent, "eth0", 1500);
+        kernel.bind(OTHER_NETNS, agent);
+        for path in [Path::new(PROCESS_NETNS), Path::new(OTHER_NETNS)] {
+            let outcome = datapath
+                .detach_owned(Some(path), "eth0", Ownership::Unrecorded, None)
+                .await;
+            assert!(
+                matches!(&outcome, Err(DatapathError::HostNamespace(_))),
+                "{outcome:?}"
+            );
+            assert!(matches!(
+                datapath.attach(path, &spec()).await,
+                Err(DatapathError::HostNamespace(_))
+            ));
+        }
+        assert_eq!(link_names(&datapath, agent), ["eth0", "lo"]);
+        // Pods are still served.
+        datapath.attach(Path::new(NETNS), &spec()).await.unwrap();
     }
 }

@@ -107,7 +107,8 @@ impl FakeKernel {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn add_plain_link(&self, ns: FakeNs, name: &str, mtu: u32) {
+    /// Adds a link that is no slave (a veth, a bridge, ...) to `ns`.
+    pub fn add_link(&self, ns: FakeNs, name: &str, mtu: u32) {
         let mut state = self.state();
         let index = state.next_index;
         state.next_index += 1;
@@ -131,7 +132,7 @@ impl FakeKernel {
 
     /// Adds a parent interface to the host.
     pub fn add_parent(&self, name: &str, mtu: u32) {
-        self.add_plain_link(self.host, name, mtu);
+        self.add_link(self.host, name, mtu);
     }
 
     /// Creates a namespace reachable at `path`, holding only `lo` (down),
@@ -150,7 +151,7 @@ impl FakeKernel {
             state.paths.insert(path.into(), ns);
             ns
         };
-        self.add_plain_link(ns, "lo", 65536);
+        self.add_link(ns, "lo", 65536);
         ns
     }
 
@@ -422,14 +423,14 @@ impl Kernel for FakeKernel {
 
     async fn delete_route(&self, ns: &FakeNs, route: &Route) -> Result<bool, KernelError> {
         self.mutate(ns, "delete route", |namespace, _| {
-            let before = namespace.routes.len();
-            namespace.routes.retain(|existing| {
-                !(existing.dst == route.dst
+            // Like the kernel, one request deletes one route.
+            let found = namespace.routes.iter().position(|existing| {
+                existing.dst == route.dst
                     && existing.gateway == route.gateway
                     && existing.link == route.link
-                    && (route.metric == 0 || existing.metric == route.metric))
+                    && (route.metric == 0 || existing.metric == route.metric)
             });
-            Ok(namespace.routes.len() != before)
+            Ok(found.map(|index| namespace.routes.remove(index)).is_some())
         })
     }
 
@@ -482,5 +483,97 @@ impl Kernel for FakeKernel {
             namespace.sysctls.insert(key.to_owned(), value.to_owned());
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_route_replace_takes_over_the_destination_and_metric_whatever_the_link() {
+        let kernel = FakeKernel::new();
+        let pod = kernel.add_namespace("/var/run/netns/p");
+        kernel.add_link(pod, "eth0", 1500);
+        kernel.add_link(pod, "eth1", 1500);
+        let default = default_route("10.88.0.1", "eth0");
+        kernel.replace_route(&pod, &default).await.unwrap();
+        let mut ours = default_route("10.20.0.1", "eth1");
+        ours.metric = 1;
+        kernel.replace_route(&pod, &ours).await.unwrap();
+        assert_eq!(
+            kernel.namespace(pod).route_lines(),
+            [
+                "0.0.0.0/0 via 10.88.0.1 dev eth0 onlink",
+                "0.0.0.0/0 via 10.20.0.1 dev eth1 onlink metric 1"
+            ]
+        );
+        ours.metric = 0;
+        kernel.replace_route(&pod, &ours).await.unwrap();
+        assert_eq!(
+            kernel.namespace(pod).route_lines(),
+            [
+                "0.0.0.0/0 via 10.20.0.1 dev eth1 onlink metric 1",
+                "0.0.0.0/0 via 10.20.0.1 dev eth1 onlink"
+            ],
+            "metric 0 through eth1 replaced eth0's route"
+        );
+        // A delete at metric 0 takes any metric; the next one finds the other.
+        assert!(kernel.delete_route(&pod, &ours).await.unwrap());
+        assert!(kernel.delete_route(&pod, &ours).await.unwrap());
+        assert!(!kernel.delete_route(&pod, &ours).await.unwrap());
+    }
+
+    fn default_route(gateway: &str, link: &str) -> Route {
+        Route::via("0.0.0.0/0".parse().unwrap(), gateway.parse().unwrap(), link)
+    }
+
+    #[tokio::test]
+    async fn namespaces_have_their_own_identity_and_a_recycled_path_a_new_one() {
+        let kernel = FakeKernel::new();
+        let path = Path::new("/var/run/netns/p");
+        assert_eq!(kernel.identify(path).await.unwrap(), None);
+        let first = kernel.add_namespace(path);
+        let first_id = kernel.identify(path).await.unwrap();
+        assert_eq!(first_id, Some(kernel.identity_of(first)));
+        assert_ne!(first_id, kernel.host_identity());
+        assert_eq!(
+            kernel.identify(Path::new(PROCESS_NETNS)).await.unwrap(),
+            kernel.host_identity()
+        );
+        kernel.remove_namespace(path);
+        kernel.add_namespace(path);
+        let second_id = kernel.identify(path).await.unwrap();
+        assert!(second_id.is_some() && second_id != first_id);
+
+        kernel.add_file("/var/run/netns/file");
+        assert!(matches!(
+            kernel.identify(Path::new("/var/run/netns/file")).await,
+            Err(KernelError::NotANamespace { .. })
+        ));
+        assert!(matches!(
+            kernel.open(Path::new("/var/run/netns/file")).await,
+            Err(KernelError::NotANamespace { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_slave_cannot_exceed_its_parents_mtu() {
+        let kernel = FakeKernel::new();
+        kernel.add_parent("eth1", 1400);
+        let pod = kernel.add_namespace("/var/run/netns/p");
+        kernel
+            .create_slave("eth1", "eth0", SlaveKind::default(), &pod)
+            .await
+            .unwrap();
+        let mtu = |mtu| LinkUpdate {
+            mtu: Some(mtu),
+            ..LinkUpdate::default()
+        };
+        assert!(kernel.update_link(&pod, "eth0", &mtu(1450)).await.is_err());
+        kernel.update_link(&pod, "eth0", &mtu(1400)).await.unwrap();
+        // A link that is no slave has no such limit.
+        kernel.add_link(pod, "veth0", 1500);
+        kernel.update_link(&pod, "veth0", &mtu(9000)).await.unwrap();
     }
 }
