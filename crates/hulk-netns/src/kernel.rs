@@ -367,3 +367,108 @@ pub trait Kernel: Send + Sync {
     /// `net/ipv4/conf/eth0/arp_notify` (slashes, so interface names may hold dots).
     async fn write_sysctl(&self, ns: &Self::Ns, key: &str, value: &str) -> Result<(), KernelError>;
 }
+
+/// A shared kernel is the kernel: a node and an embedder (or a test that
+/// restarts a node over the same in-memory kernel) can hold one each.
+#[async_trait::async_trait]
+impl<K: Kernel + ?Sized> Kernel for std::sync::Arc<K> {
+    type Ns = K::Ns;
+
+    fn host(&self) -> &Self::Ns {
+        (**self).host()
+    }
+
+    async fn open(&self, path: &Path) -> Result<Self::Ns, KernelError> {
+        (**self).open(path).await
+    }
+
+    async fn identify(&self, path: &Path) -> Result<Option<NsId>, KernelError> {
+        (**self).identify(path).await
+    }
+
+    fn identity(&self, ns: &Self::Ns) -> Option<NsId> {
+        (**self).identity(ns)
+    }
+
+    fn host_identity(&self) -> Option<NsId> {
+        (**self).host_identity()
+    }
+
+    async fn links(&self, ns: &Self::Ns) -> Result<Vec<Link>, KernelError> {
+        (**self).links(ns).await
+    }
+
+    async fn link(&self, ns: &Self::Ns, name: &str) -> Result<Option<Link>, KernelError> {
+        (**self).link(ns, name).await
+    }
+
+    async fn create_slave(
+        &self,
+        parent: &str,
+        name: &str,
+        kind: SlaveKind,
+        into: &Self::Ns,
+    ) -> Result<(), KernelError> {
+        (**self).create_slave(parent, name, kind, into).await
+    }
+
+    async fn delete_link(&self, ns: &Self::Ns, name: &str) -> Result<bool, KernelError> {
+        (**self).delete_link(ns, name).await
+    }
+
+    async fn update_link(
+        &self,
+        ns: &Self::Ns,
+        name: &str,
+        update: &LinkUpdate,
+    ) -> Result<(), KernelError> {
+        (**self).update_link(ns, name, update).await
+    }
+
+    async fn add_address(
+        &self,
+        ns: &Self::Ns,
+        link: &str,
+        address: IpNet,
+    ) -> Result<(), KernelError> {
+        (**self).add_address(ns, link, address).await
+    }
+
+    async fn addresses(&self, ns: &Self::Ns, link: &str) -> Result<Vec<IpNet>, KernelError> {
+        (**self).addresses(ns, link).await
+    }
+
+    async fn replace_route(&self, ns: &Self::Ns, route: &Route) -> Result<(), KernelError> {
+        (**self).replace_route(ns, route).await
+    }
+
+    async fn delete_route(&self, ns: &Self::Ns, route: &Route) -> Result<bool, KernelError> {
+        (**self).delete_route(ns, route).await
+    }
+
+    async fn routes(&self, ns: &Self::Ns, link: &str) -> Result<Vec<Route>, KernelError> {
+        (**self).routes(ns, link).await
+    }
+
+    async fn all_routes(&self, ns: &Self::Ns) -> Result<Vec<Route>, KernelError> {
+        (**self).all_routes(ns).await
+    }
+
+    async fn replace_neighbour(
+        &self,
+        ns: &Self::Ns,
+        link: &str,
+        ip: IpAddr,
+        mac: Mac,
+    ) -> Result<(), KernelError> {
+        (**self).replace_neighbour(ns, link, ip, mac).await
+    }
+
+    async fn neighbours(&self, ns: &Self::Ns, link: &str) -> Result<Vec<Neighbour>, KernelError> {
+        (**self).neighbours(ns, link).await
+    }
+
+    async fn write_sysctl(&self, ns: &Self::Ns, key: &str, value: &str) -> Result<(), KernelError> {
+        (**self).write_sysctl(ns, key, value).await
+    }
+}
