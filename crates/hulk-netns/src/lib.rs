@@ -15,7 +15,7 @@
 //! ```no_run
 //! use std::path::Path;
 //!
-//! use hulk_netns::{Datapath, NetlinkKernel, PodNetwork, SlaveKind};
+//! use hulk_netns::{Datapath, NetlinkKernel, Ownership, PodNetwork, SlaveKind};
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let datapath = Datapath::new(NetlinkKernel::new()?);
@@ -31,10 +31,20 @@
 //!     service_path: None,
 //! };
 //! let netns = Path::new("/var/run/netns/pod-1");
+//! // Everything ADD made, to keep (it serializes) for DEL and GC.
 //! let attached = datapath.attach(netns, &pod).await?;
 //! println!("eth0 is interface {} in the pod", attached.index);
 //! datapath.check(netns, &pod).await?;
-//! datapath.detach(Some(netns), "eth0", None, None).await?;
+//! // DEL removes eth0 only if it is still that link in that namespace.
+//! let detached = datapath
+//!     .detach_owned(
+//!         Some(netns),
+//!         "eth0",
+//!         Ownership::Recorded(&attached),
+//!         attached.host_route.as_ref(),
+//!     )
+//!     .await?;
+//! assert!(detached.foreign_link_kept.is_none());
 //! # Ok(())
 //! # }
 //! ```
