@@ -153,7 +153,20 @@ impl<K: Kernel + 'static> PluginApi<K> {
     }
 
     async fn answer(&self, request: AgentRequest) -> AgentReply {
-        let node = &self.node;
+        // The work runs in its own task: the server drops this future when
+        // its request timeout passes or the caller hangs up, and an ADD or
+        // DEL cut off half-way would leave a half-built interface. The node
+        // bounds an ADD by the caller's own timeout and undoes it then.
+        let node = self.node.clone();
+        match tokio::spawn(async move { Self::work(&node, request).await }).await {
+            Ok(reply) => reply,
+            Err(error) => AgentReply::Failed(CniError::internal(format!(
+                "the agent's request task failed: {error}"
+            ))),
+        }
+    }
+
+    async fn work(node: &Node<K>, request: AgentRequest) -> AgentReply {
         let outcome = match request {
             AgentRequest::Add(pod) => node
                 .add(&pod)

@@ -38,9 +38,15 @@ pub struct AgentConfig {
     /// Where to serve `/metrics` and `/healthz`; none without it.
     #[serde(default)]
     pub metrics_address: Option<SocketAddr>,
-    /// Seconds between GC passes (dead pods, orphans).
+    /// Seconds between GC passes (DEL notes, gone sandboxes, dead pods,
+    /// orphans).
     #[serde(default = "default_gc_interval")]
     pub gc_interval_seconds: u64,
+    /// Where the plugin leaves a note for each DEL it did while the agent
+    /// was unreachable (its `pendingDelDir`); replayed at start and on
+    /// every GC pass.
+    #[serde(default = "default_pending_del_dir")]
+    pub pending_del_dir: PathBuf,
     /// The Kubernetes API, for pod annotations and the GC's live pods.
     #[serde(default)]
     pub kubernetes: Option<KubernetesSection>,
@@ -61,6 +67,10 @@ fn default_socket() -> PathBuf {
 
 fn default_rescue_socket() -> PathBuf {
     PathBuf::from("/run/hulk-vpc/rescue.sock")
+}
+
+fn default_pending_del_dir() -> PathBuf {
+    PathBuf::from(crate::del_notes::DEFAULT_DIR)
 }
 
 fn default_gc_interval() -> u64 {

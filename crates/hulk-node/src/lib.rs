@@ -60,26 +60,32 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hulk_cni::{Attachment, CniError, CniResult, ErrorCode, Interface, IpConfig, Route};
 use hulk_ipam::{IpamError, Lease, Owner, PoolKey};
 use hulk_netns::{
-    Datapath, DatapathError, Kernel, Mac, NodeNetwork, NodeState, PodNetwork, RestoreReport,
+    Datapath, DatapathError, Kernel, Mac, NodeNetwork, NodeState, NsId, Ownership, PodNetwork,
+    RestoreReport,
 };
 use hulk_netns::{default_destination, format_mac};
 use hulk_pool::{AddressState, OrphanSweep, PoolError, PoolManager, ReconcileReport};
 
+use crate::attachments::{AttachmentError, AttachmentId, AttachmentRecord, Attachments, Phase};
 use crate::kube::{KubeClient, KubeError};
+use crate::serial::Serializer;
 
 pub mod agent;
+pub mod attachments;
 pub mod config;
 pub mod del_notes;
 pub mod kube;
 pub mod lines;
 pub mod metrics;
 pub mod rescue;
+mod serial;
 
 /// One pod interface, as a CNI request names it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -123,6 +129,24 @@ impl PodRequest {
         }
     }
 
+    /// The attachment this request is about.
+    pub fn attachment_id(&self) -> AttachmentId {
+        AttachmentId {
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+        }
+    }
+
+    /// When the agent stops working for this request: a little before the
+    /// caller's own timeout (the request took time to arrive, and the
+    /// answer takes time to go back), or [`DEFAULT_CALLER_TIMEOUT`].
+    fn deadline(&self, received: Instant) -> Instant {
+        let timeout = self
+            .timeout_ms
+            .map_or(DEFAULT_CALLER_TIMEOUT, Duration::from_millis);
+        received + timeout.mul_f64(0.9)
+    }
+
     fn owner(&self) -> Owner {
         Owner {
             container_id: self.container_id.clone(),
@@ -133,6 +157,15 @@ impl PodRequest {
         }
     }
 }
+
+/// How long a caller that does not say waits for an ADD: the plugin's
+/// default `agentTimeoutSeconds`.
+pub const DEFAULT_CALLER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How many liveness passes in a row must find an attachment's sandbox
+/// gone before it is torn down: one pass could race a runtime that is
+/// still setting the namespace up.
+const GONE_PASSES: u32 = 2;
 
 /// What ADD built.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -189,6 +222,22 @@ pub enum NodeError {
     /// pods live.
     #[error(transparent)]
     Kubernetes(#[from] KubeError),
+    /// The attachment record could not be written.
+    #[error(transparent)]
+    Attachment(#[from] AttachmentError),
+    /// ADD of an attachment that an earlier ADD completed, in the same
+    /// sandbox, without a DEL between (the CNI spec requires an error).
+    #[error("{0} is already attached (an earlier ADD built it); DEL it before adding it again")]
+    AlreadyAttached(AttachmentId),
+    /// The caller gave up (its timeout passed, or a DEL of the same
+    /// attachment arrived) before ADD finished; what ADD did is undone.
+    #[error("ADD of {id} undone: {reason}")]
+    Abandoned {
+        /// The attachment.
+        id: AttachmentId,
+        /// Why: the timeout, or the DEL.
+        reason: &'static str,
+    },
 }
 
 impl NodeError {
@@ -217,12 +266,20 @@ impl NodeError {
             NodeError::Pool(PoolError::Backend(_)) => ErrorCode::IpamBackend,
             NodeError::Pool(PoolError::Store(_)) => ErrorCode::StateStore,
             NodeError::Pool(PoolError::InvalidConfig(_)) => ErrorCode::InvalidNetworkConfig,
-            NodeError::Datapath(DatapathError::NamespaceNotFound(_)) => ErrorCode::Namespace,
+            NodeError::Datapath(
+                DatapathError::NamespaceNotFound(_)
+                | DatapathError::NotANamespace(..)
+                | DatapathError::HostNamespace(_),
+            ) => ErrorCode::Namespace,
             NodeError::Datapath(DatapathError::Invalid(_)) => ErrorCode::InvalidNetworkConfig,
             NodeError::Datapath(_) => ErrorCode::Datapath,
             // Guessing the pool would risk the wrong subnet or security
             // groups; the runtime retries.
             NodeError::Kubernetes(_) => ErrorCode::TryAgainLater,
+            NodeError::Attachment(_) => ErrorCode::StateStore,
+            NodeError::AlreadyAttached(_) => ErrorCode::Datapath,
+            // Nothing is left of the ADD: a retry starts afresh.
+            NodeError::Abandoned { .. } => ErrorCode::TryAgainLater,
         };
         CniError::new(code, self.to_string())
     }
@@ -246,23 +303,72 @@ pub struct Node<K> {
     network: NodeNetwork,
     default_pool: PoolKey,
     kubernetes: Option<KubeClient>,
+    attachments: Attachments,
+    serializer: Serializer,
+    /// Attachments whose sandbox the last liveness pass found gone, with
+    /// how many passes in a row did.
+    gone: Mutex<std::collections::HashMap<AttachmentId, u32>>,
+    del_notes: Option<del_notes::DelNotes>,
+}
+
+/// Whether a teardown touches the pod's namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PodSide {
+    /// What the record says ADD built there: the recorded link, or for an
+    /// ADD that never finished, our slave under the interface's name and
+    /// our temporary links.
+    Recorded,
+    /// Nothing: ADD built nothing there.
+    Untouched,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 impl<K: Kernel> Node<K> {
-    /// A node serving pods from `default_pool` unless a request names its own.
+    /// A node serving pods from `default_pool` unless a request names its
+    /// own, with the attachment records kept in `pools`' store. Records
+    /// that cannot be read are logged and left out: without a record an
+    /// attachment is never judged dead by the kernel, only by DEL and GC.
     pub fn new(
         pools: Arc<PoolManager>,
         datapath: Datapath<K>,
         network: NodeNetwork,
         default_pool: PoolKey,
     ) -> Self {
+        let store = pools.store().clone();
+        let attachments = Attachments::load(store.clone()).unwrap_or_else(|error| {
+            tracing::error!(%error, "cannot read the attachment records; starting without them");
+            Attachments::empty(store)
+        });
         Node {
             pools,
             datapath,
             network,
             default_pool,
             kubernetes: None,
+            attachments,
+            serializer: Serializer::default(),
+            gone: Mutex::default(),
+            del_notes: None,
         }
+    }
+
+    /// Replays the notes the plugin leaves in `notes` when it tore a pod
+    /// down while the agent was unreachable ([`Node::replay_del_notes`]).
+    pub fn with_del_notes(mut self, notes: del_notes::DelNotes) -> Self {
+        self.del_notes = Some(notes);
+        self
+    }
+
+    /// The attachment records.
+    pub fn attachments(&self) -> &Attachments {
+        &self.attachments
     }
 
     /// Reads pods' pool annotations at ADD and the node's pods for
@@ -309,47 +415,176 @@ impl<K: Kernel> Node<K> {
         })
     }
 
-    /// ADD: an address, then the interface. A retried ADD (same container
-    /// and interface) gets the same address, and an interface already built
-    /// as it should be counts as success.
+    /// ADD: records the attachment (its sandbox first, so every crash
+    /// point leaves a record the next start can judge), takes an address,
+    /// builds the interface and records what it built.
+    ///
+    /// - One operation at a time per attachment; a DEL of the same
+    ///   attachment cancels an ADD still waiting for its address.
+    /// - An ADD whose caller gave up ([`PodRequest::timeout_ms`] passed, or
+    ///   the DEL) is undone, not completed into a sandbox nobody uses
+    ///   ([`NodeError::Abandoned`], code 11).
+    /// - A retried ADD after a crash or cancellation mid-ADD (record still
+    ///   [`Phase::Adding`]) clears the half-built interface and builds it
+    ///   again with the same address; an ADD of an attachment an earlier
+    ///   ADD completed in the same sandbox is [`NodeError::AlreadyAttached`],
+    ///   as the CNI spec requires.
     pub async fn add(&self, request: &PodRequest) -> Result<PodAttachment, NodeError> {
+        let deadline = request.deadline(Instant::now());
         let netns = request.netns.as_deref().ok_or_else(|| {
             NodeError::InvalidRequest("ADD needs the pod's network namespace".into())
         })?;
+        let id = request.attachment_id();
+        let ticket = self.serializer.start_add(&id);
+        let abandoned = |reason| NodeError::Abandoned {
+            id: id.clone(),
+            reason,
+        };
+        let _turn = tokio::select! {
+            turn = self.serializer.turn(&id) => turn,
+            () = ticket.cancelled.cancelled() => return Err(abandoned("a DEL of it arrived")),
+            () = tokio::time::sleep_until(deadline.into()) => {
+                return Err(abandoned("the caller's timeout passed while an earlier operation on it ran"));
+            }
+        };
+        let netns_id = self.sandbox_identity(netns).await?;
+        self.clear_earlier(&id, netns, netns_id).await?;
+        let mut record = AttachmentRecord {
+            owner: request.owner(),
+            netns: netns.to_path_buf(),
+            netns_id: Some(netns_id),
+            phase: Phase::Adding,
+            pool: None,
+            address: None,
+            created: None,
+            since_ms: now_ms(),
+        };
+        self.attachments.put(record.clone())?;
+        let assigned = tokio::select! {
+            assigned = self.assign(request) => assigned,
+            () = ticket.cancelled.cancelled() => Err(abandoned("a DEL of it arrived")),
+            () = tokio::time::sleep_until(deadline.into()) => {
+                Err(abandoned("the caller's timeout passed before an address was free"))
+            }
+        };
+        let (key, lease) = match assigned {
+            Ok(assigned) => assigned,
+            Err(error) => {
+                self.undo(&record).await;
+                return Err(error);
+            }
+        };
+        record.pool = Some(key.clone());
+        record.address = Some(lease.address);
+        if let Err(error) = self.attachments.put(record.clone()) {
+            self.undo(&record).await;
+            return Err(error.into());
+        }
+        let spec = match self.pod_network(request, &lease) {
+            Ok(spec) => spec,
+            Err(error) => {
+                self.undo(&record).await;
+                return Err(error);
+            }
+        };
+        // Building the interface is not cancelled half-way (it takes
+        // milliseconds, and a half-built interface is what a crash leaves):
+        // the caller's giving up is checked once it is done.
+        let attached = match self.datapath.attach(netns, &spec).await {
+            Ok(attached) => attached,
+            Err(error) => {
+                // The datapath rolled its own steps back.
+                self.undo(&record).await;
+                return Err(error.into());
+            }
+        };
+        record.created = Some(attached.clone());
+        let gave_up = if ticket.cancelled.is_cancelled() {
+            Some("a DEL of it arrived")
+        } else if Instant::now() >= deadline {
+            Some("the caller's timeout passed while the interface was built")
+        } else {
+            None
+        };
+        if let Some(reason) = gave_up {
+            self.undo(&record).await;
+            return Err(abandoned(reason));
+        }
+        record.phase = Phase::Ready;
+        record.since_ms = now_ms();
+        if let Err(error) = self.attachments.put(record.clone()) {
+            self.undo(&record).await;
+            return Err(error.into());
+        }
+        Ok(PodAttachment {
+            lease,
+            index: attached.index,
+            mac: attached.mac,
+            mtu: attached.mtu,
+        })
+    }
+
+    /// The pool and the address for `request`.
+    async fn assign(&self, request: &PodRequest) -> Result<(PoolKey, Lease), NodeError> {
         let (key, fixed_address) = self.placement_of(request).await?;
         let owner = request.owner();
         let lease = match fixed_address {
             Some(address) => self.pools.assign_address(&key, &owner, address).await?,
             None => self.pools.assign(&key, &owner).await?,
         };
-        let spec = self.pod_network(request, &lease)?;
-        match self.datapath.attach(netns, &spec).await {
-            Ok(attached) => Ok(PodAttachment {
-                lease,
-                index: attached.index,
-                mac: attached.mac,
-                mtu: attached.mtu,
-            }),
-            // A retried ADD: the interface is already there as it should be.
-            Err(DatapathError::InterfaceExists(ifname)) => {
-                match self.datapath.check(netns, &spec).await {
-                    Ok(attached) => Ok(PodAttachment {
-                        lease,
-                        index: attached.index,
-                        mac: attached.mac,
-                        mtu: attached.mtu,
-                    }),
-                    Err(_) => {
-                        self.give_back(&key, &owner).await;
-                        Err(DatapathError::InterfaceExists(ifname).into())
-                    }
-                }
-            }
-            Err(error) => {
-                // The interface is rolled back; give the address back too.
-                self.give_back(&key, &owner).await;
-                Err(error.into())
-            }
+        Ok((key, lease))
+    }
+
+    /// The identity of the sandbox at `netns`, refusing what is not one.
+    async fn sandbox_identity(&self, netns: &Path) -> Result<NsId, NodeError> {
+        match self.datapath.identify(netns).await? {
+            Some(id) => Ok(id),
+            None => Err(DatapathError::NamespaceNotFound(netns.to_path_buf()).into()),
+        }
+    }
+
+    /// Before an ADD: what an earlier ADD of the same attachment left.
+    /// Completed in this sandbox: the spec's error. Half-built in this
+    /// sandbox (a crash or cancellation mid-ADD): the interface is cleared
+    /// (the address stays assigned and is reused). Of another sandbox:
+    /// torn down as a DEL would.
+    async fn clear_earlier(
+        &self,
+        id: &AttachmentId,
+        netns: &Path,
+        netns_id: NsId,
+    ) -> Result<(), NodeError> {
+        let Some(earlier) = self.attachments.get(id) else {
+            return Ok(());
+        };
+        if earlier.netns_id != Some(netns_id) {
+            tracing::info!(attachment = %id, "ADD in a new sandbox: tearing down the earlier one's");
+            return self.teardown(&earlier, PodSide::Recorded).await;
+        }
+        if earlier.phase == Phase::Ready {
+            return Err(NodeError::AlreadyAttached(id.clone()));
+        }
+        let cleared = self
+            .datapath
+            .detach_owned(Some(netns), &id.ifname, Ownership::Unrecorded, None)
+            .await?;
+        tracing::info!(attachment = %id, ?cleared, "rebuilding an interface a earlier ADD left half-built");
+        Ok(())
+    }
+
+    /// Undoes a failed or abandoned ADD: the interface if ADD built it
+    /// (a failed build rolled itself back, and whatever else is in the pod
+    /// under that name is not ours), the address and the record. Logged on
+    /// failure: the record stays, so a DEL, the liveness pass or the GC
+    /// finishes it.
+    async fn undo(&self, record: &AttachmentRecord) {
+        let pod_side = if record.created.is_some() {
+            PodSide::Recorded
+        } else {
+            PodSide::Untouched
+        };
+        if let Err(error) = self.teardown(record, pod_side).await {
+            tracing::error!(attachment = %record.id(), %error, "cannot undo an ADD; DEL or GC will finish it");
         }
     }
 
@@ -378,39 +613,137 @@ impl<K: Kernel> Node<K> {
         Ok((key, fixed_address))
     }
 
-    /// Returns a failed ADD's address to the pool (logged if that fails:
-    /// reconciliation returns it later).
-    async fn give_back(&self, key: &PoolKey, owner: &Owner) {
-        if let Err(error) = self.pools.release(key, owner).await {
-            tracing::error!(%error, "cannot return the address of a failed ADD");
+    /// DEL: cancels an ADD of the same attachment still in progress, waits
+    /// for it, then undoes exactly what ADD recorded: the host route, the
+    /// interface in the recorded sandbox (only if that namespace is still
+    /// there and still the same one, and only the link ADD built), the
+    /// address and the record. The request's own `CNI_NETNS` is not
+    /// trusted over the record. Without a record, only an address the pool
+    /// still assigns to this attachment (from before records existed) is
+    /// torn down, and only an ipvlan or macvlan slave is removed; with
+    /// neither, nothing here is ours and nothing is touched. Whatever is
+    /// already gone counts as done, so DEL can be repeated.
+    pub async fn del(&self, request: &PodRequest) -> Result<(), NodeError> {
+        let id = request.attachment_id();
+        if self.serializer.cancel_add(&id) {
+            tracing::info!(attachment = %id, "DEL during ADD: the ADD is cancelled and undone");
+        }
+        let _turn = self.serializer.turn(&id).await;
+        match self.attachments.get(&id) {
+            Some(record) => self.teardown(&record, PodSide::Recorded).await,
+            None => self.del_unrecorded(request).await,
         }
     }
 
-    /// DEL: removes the interface and the host route, and returns the
-    /// address. Whatever is already gone counts as done.
-    pub async fn del(&self, request: &PodRequest) -> Result<(), NodeError> {
+    async fn del_unrecorded(&self, request: &PodRequest) -> Result<(), NodeError> {
         let owner = request.owner();
-        let held = self.pools.lease_of(&owner);
-        let service_path = self.network.service_path();
+        let Some(held) = self.pools.lease_of(&owner) else {
+            return Ok(());
+        };
+        let host_route = self.host_route(held.address.addr());
         self.datapath
-            .detach(
+            .detach_owned(
                 request.netns.as_deref(),
                 &request.ifname,
-                held.as_ref().map(|lease| lease.address.addr()),
-                Some(&service_path),
+                Ownership::Unrecorded,
+                Some(&host_route),
             )
             .await?;
+        self.release_everywhere(&owner).await
+    }
+
+    /// The host's route to a pod address through the host-side slave.
+    fn host_route(&self, address: IpAddr) -> hulk_netns::Route {
+        hulk_netns::Route::direct(ipnet::IpNet::from(address), &self.network.host_link)
+    }
+
+    async fn release_everywhere(&self, owner: &Owner) -> Result<(), NodeError> {
         for key in self.pools.keys() {
-            self.pools.release(&key, &owner).await?;
+            self.pools.release(&key, owner).await?;
         }
         Ok(())
     }
 
-    /// CHECK: the interface is as ADD built it.
+    /// Tears one recorded attachment down: the host route first (the
+    /// address must not be reused while its old route stands), then the
+    /// interface in the recorded sandbox if that namespace still exists as
+    /// recorded (a removed or recycled path means the interface died with
+    /// the sandbox), then the address, then the record. A sandbox that
+    /// cannot be inspected keeps its address: an address is never
+    /// released while a live interface may hold it.
+    async fn teardown(
+        &self,
+        record: &AttachmentRecord,
+        pod_side: PodSide,
+    ) -> Result<(), NodeError> {
+        let host_route = record
+            .created
+            .as_ref()
+            .and_then(|created| created.host_route.clone())
+            .or_else(|| record.ip().map(|address| self.host_route(address)))
+            .or_else(|| {
+                self.pools
+                    .lease_of(&record.owner)
+                    .map(|lease| self.host_route(lease.address.addr()))
+            });
+        let netns = match pod_side {
+            PodSide::Recorded => self
+                .same_sandbox(record)
+                .await?
+                .then_some(record.netns.as_path()),
+            PodSide::Untouched => None,
+        };
+        let ownership = match &record.created {
+            Some(created) => Ownership::Recorded(created),
+            None => Ownership::Unrecorded,
+        };
+        let detached = self
+            .datapath
+            .detach_owned(netns, &record.owner.ifname, ownership, host_route.as_ref())
+            .await?;
+        if let Some(foreign) = &detached.foreign_link_kept {
+            tracing::warn!(attachment = %record.id(), link = %foreign, "left a link that is not ours in place");
+        }
+        self.release_everywhere(&record.owner).await?;
+        self.attachments.remove(&record.id())?;
+        Ok(())
+    }
+
+    /// Whether the namespace at the record's path is still the recorded
+    /// sandbox: `false` when the path is gone, is no namespace, or names
+    /// another namespace now; an error when it cannot be told.
+    async fn same_sandbox(&self, record: &AttachmentRecord) -> Result<bool, NodeError> {
+        match self.datapath.identify(&record.netns).await {
+            Ok(Some(found)) => Ok(record.netns_id.is_none_or(|recorded| recorded == found)),
+            Ok(None) | Err(DatapathError::NotANamespace(..)) => Ok(false),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// CHECK: the interface is as ADD built it, in the sandbox ADD built
+    /// it in.
     pub async fn check(&self, request: &PodRequest) -> Result<(), NodeError> {
         let netns = request.netns.as_deref().ok_or_else(|| {
             NodeError::InvalidRequest("CHECK needs the pod's network namespace".into())
         })?;
+        let id = request.attachment_id();
+        let _turn = self.serializer.turn(&id).await;
+        if let Some(record) = self.attachments.get(&id) {
+            let found = self.sandbox_identity(netns).await?;
+            if record.netns_id.is_some_and(|recorded| recorded != found) {
+                return Err(DatapathError::Mismatch(vec![format!(
+                    "{} is not the sandbox {id} was added to",
+                    netns.display()
+                )])
+                .into());
+            }
+            if record.phase != Phase::Ready {
+                return Err(DatapathError::Mismatch(vec![format!(
+                    "the ADD of {id} did not finish"
+                )])
+                .into());
+            }
+        }
         let lease = self.pools.lease_of(&request.owner()).ok_or_else(|| {
             NodeError::InvalidRequest(format!(
                 "no address is assigned to {}/{}",
@@ -516,8 +849,127 @@ impl<K: Kernel> Node<K> {
         }
     }
 
+    /// The liveness pass: an attachment whose sandbox is gone (its netns
+    /// path removed, no namespace, or another namespace now) on
+    /// [`GONE_PASSES`] passes in a row is torn down and its address goes
+    /// back, with or without Kubernetes: a runtime that lost its DEL
+    /// (agent down, runtime crashed) never strands an address, and a pod's
+    /// old sandbox does not keep one because the pod lives on in a newer
+    /// sandbox. Attachments with an ADD in progress are not judged.
+    /// Returns the attachments torn down; one failure does not stop the
+    /// others (the first is returned after all were tried).
+    pub async fn collect_gone_sandboxes(&self) -> Result<Vec<AttachmentId>, NodeError> {
+        let mut gone_now = std::collections::HashMap::new();
+        let mut due = Vec::new();
+        for record in self.attachments.all() {
+            let id = record.id();
+            if self.serializer.adding(&id) {
+                continue;
+            }
+            match self.same_sandbox(&record).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let passes = self.gone_passes(&id) + 1;
+                    if passes >= GONE_PASSES {
+                        due.push(id);
+                    } else {
+                        gone_now.insert(id, passes);
+                    }
+                }
+                Err(error) => {
+                    // Cannot tell: keep the address, judge again next pass.
+                    tracing::warn!(attachment = %id, %error, "cannot inspect the sandbox");
+                }
+            }
+        }
+        *self
+            .gone
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = gone_now;
+        let mut collected = Vec::with_capacity(due.len());
+        let mut first_error = None;
+        for id in due {
+            let _turn = self.serializer.turn(&id).await;
+            // Judged again under the lock: a retried ADD may have replaced
+            // the record in a new sandbox since.
+            let Some(record) = self.attachments.get(&id) else {
+                continue;
+            };
+            let result = match self.same_sandbox(&record).await {
+                Ok(false) => self.teardown(&record, PodSide::Recorded).await,
+                Ok(true) => continue,
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(()) => {
+                    self.pools.metrics().gc_releases.inc();
+                    tracing::info!(attachment = %id, netns = %record.netns.display(), "sandbox gone: attachment torn down");
+                    collected.push(id);
+                }
+                Err(error) => {
+                    tracing::warn!(attachment = %id, %error, "cannot tear down a gone sandbox's attachment");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(collected),
+        }
+    }
+
+    fn gone_passes(&self, id: &AttachmentId) -> u32 {
+        self.gone
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Replays the DELs the plugin noted while the agent was unreachable
+    /// ([`Node::with_del_notes`]): each is done as a DEL would be, and its
+    /// note removed. A note older than the attachment's latest ADD is
+    /// stale (the container was added again since) and only removed.
+    /// Returns how many DELs were replayed; a failed one keeps its note
+    /// for the next pass.
+    pub async fn replay_del_notes(&self) -> usize {
+        let Some(notes) = &self.del_notes else {
+            return 0;
+        };
+        let listed = match notes.list() {
+            Ok(listed) => listed,
+            Err(error) => {
+                tracing::warn!(%error, dir = %notes.dir().display(), "cannot read the DEL notes");
+                return 0;
+            }
+        };
+        let mut replayed = 0;
+        for note in listed {
+            let id = note.request.attachment_id();
+            let stale = self
+                .attachments
+                .get(&id)
+                .is_some_and(|record| record.since_ms > note.written_ms);
+            if !stale {
+                if let Err(error) = self.del(&note.request).await {
+                    tracing::warn!(attachment = %id, %error, "replaying a DEL note failed; retried next pass");
+                    continue;
+                }
+                replayed += 1;
+                tracing::info!(attachment = %id, "replayed a DEL made while the agent was down");
+            }
+            if let Err(error) = notes.remove(&note) {
+                tracing::warn!(attachment = %id, %error, "cannot remove a replayed DEL note");
+            }
+        }
+        replayed
+    }
+
     /// Runs the periodic GC until `shutdown` turns true: every `interval`
-    /// a pass of [`Node::collect_dead_pods`], and every tenth pass an
+    /// the DEL notes ([`Node::replay_del_notes`]), a liveness pass
+    /// ([`Node::collect_gone_sandboxes`]), a pass of
+    /// [`Node::collect_dead_pods`], and every tenth pass an
     /// orphan sweep of the backend (a list call, kept rare for large
     /// clusters).
     pub async fn run_collector(
@@ -537,6 +989,14 @@ impl<K: Kernel> Node<K> {
                 () = tokio::time::sleep(interval) => {}
             }
             passes += 1;
+            self.replay_del_notes().await;
+            match self.collect_gone_sandboxes().await {
+                Ok(collected) if !collected.is_empty() => {
+                    tracing::info!(collected = collected.len(), "liveness pass");
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "liveness pass failed"),
+            }
             match self.collect_dead_pods().await {
                 Ok(report) if !report.released.is_empty() || !report.suspected.is_empty() => {
                     tracing::info!(

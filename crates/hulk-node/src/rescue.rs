@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
+use crate::attachments::{AttachmentId, AttachmentRecord};
 use crate::lines::{ClientError, LineService, Peer, ServeLimits};
 use crate::{Node, NodeError};
 
@@ -35,6 +36,9 @@ pub enum RescueRequest {
         #[cfg_attr(feature = "clap", arg(long))]
         subnet: Option<String>,
     },
+    /// Every attachment the agent recorded: container and interface, its
+    /// sandbox (netns path), CNI network, pod, phase and address.
+    Attachments,
     /// The node-level datapath against what it should be, and nftables
     /// chains that can shadow kube-proxy.
     Node,
@@ -135,6 +139,11 @@ pub enum RescueReply {
         /// The addresses, ordered.
         leases: Vec<AddressRecord>,
     },
+    /// For [`RescueRequest::Attachments`].
+    Attachments {
+        /// The records, ordered by container and interface.
+        attachments: Vec<AttachmentRecord>,
+    },
     /// For [`RescueRequest::Node`].
     Node(NodeView),
     /// For [`RescueRequest::Release`].
@@ -168,6 +177,13 @@ pub enum RescueReply {
         orphans: OrphanSweep,
         /// Whether pods were checked (needs the Kubernetes API).
         pods_checked: bool,
+        /// Attachments torn down because their sandbox is gone (judged on
+        /// two passes in a row).
+        #[serde(default)]
+        sandboxes_gone: Vec<AttachmentId>,
+        /// DELs the plugin noted while the agent was down, done now.
+        #[serde(default)]
+        del_notes_replayed: usize,
     },
     /// The request failed.
     Failed {
@@ -263,6 +279,8 @@ impl<K: Kernel + 'static> RescueApi<K> {
     }
 
     async fn gc(&self) -> Result<RescueReply, NodeError> {
+        let del_notes_replayed = self.node.replay_del_notes().await;
+        let sandboxes_gone = self.node.collect_gone_sandboxes().await?;
         let report = self.node.collect_dead_pods().await?;
         let orphans = self.node.pools().sweep_orphans().await?;
         Ok(RescueReply::Collected {
@@ -270,6 +288,8 @@ impl<K: Kernel + 'static> RescueApi<K> {
             suspected: report.suspected,
             orphans,
             pods_checked: self.node.has_kubernetes(),
+            sandboxes_gone,
+            del_notes_replayed,
         })
     }
 
@@ -296,6 +316,11 @@ impl<K: Kernel + 'static> RescueApi<K> {
                     .filter(|record| subnet.as_ref().is_none_or(|s| record.key.subnet == *s))
                     .collect();
                 return RescueReply::Leases { leases };
+            }
+            RescueRequest::Attachments => {
+                return RescueReply::Attachments {
+                    attachments: self.node.attachments().all(),
+                };
             }
             RescueRequest::Node => return self.node_view().await,
             RescueRequest::Release { address } => match self.node.release_address(address).await {

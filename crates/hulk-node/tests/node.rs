@@ -70,7 +70,7 @@ async fn node(pods: &[&str]) -> (Node<FakeKernel>, Vec<FakeNs>) {
 }
 
 #[tokio::test]
-async fn add_builds_the_interface_with_a_pool_address_and_a_retry_is_harmless() {
+async fn add_builds_the_interface_with_a_pool_address_and_a_repeat_is_refused_harmlessly() {
     let (node, namespaces) = node(&["a"]).await;
     let attached = node.add(&pod("a")).await.unwrap();
     assert_eq!(attached.lease.address.to_string(), "10.20.0.2/24");
@@ -79,11 +79,12 @@ async fn add_builds_the_interface_with_a_pool_address_and_a_retry_is_harmless() 
     assert_eq!(inside.links["eth0"].link.index, attached.index);
     assert_eq!(host_routes(&node), ["10.20.0.2/32 dev hulk0"]);
 
-    let again = node.add(&pod("a")).await.unwrap();
-    assert_eq!(
-        again, attached,
-        "a retried ADD finds the same address and interface"
-    );
+    // The CNI spec: an ADD of an attachment that exists is an error; the
+    // existing one is left as it was (a retry after a half-built ADD is
+    // rebuilt instead: tests/sandbox.rs).
+    let again = node.add(&pod("a")).await.unwrap_err();
+    assert!(matches!(again, NodeError::AlreadyAttached(_)), "{again}");
+    assert_eq!(host_routes(&node), ["10.20.0.2/32 dev hulk0"]);
     node.check(&pod("a")).await.unwrap();
 }
 

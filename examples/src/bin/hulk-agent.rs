@@ -13,6 +13,7 @@ use hulk_netns::{Datapath, NetlinkKernel, Netns};
 use hulk_node::Node;
 use hulk_node::agent::{AgentMetrics, PluginApi, ServeLimits, serve};
 use hulk_node::config::{AgentConfig, BackendSection, KubernetesSection};
+use hulk_node::del_notes::DelNotes;
 use hulk_node::kube::KubeClient;
 use hulk_node::rescue::{self, RescueApi};
 use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
@@ -165,14 +166,19 @@ async fn main() -> Result<(), Failure> {
     if let Some(section) = &config.kubernetes {
         node = node.with_kubernetes(kubernetes(section)?);
     }
-    let node = Arc::new(node);
-    // After a reboot or restart: node-level state back first, then serve.
+    let node = Arc::new(node.with_del_notes(DelNotes::new(&config.pending_del_dir)));
+    // After a reboot or restart: node-level state back first, then the
+    // DELs the plugin did while the agent was down, then serve.
     let restored = node.restore().await?;
     tracing::info!(
         routes = restored.routes_installed,
         stale = restored.stale_routes_removed.len(),
         "node state restored"
     );
+    let replayed = node.replay_del_notes().await;
+    if replayed > 0 {
+        tracing::info!(replayed, "DELs made while the agent was down are done");
+    }
     // Said once at start: Service traffic can fail silently otherwise.
     match hulk_node::nftables_shadowing().await {
         Ok(findings) => {

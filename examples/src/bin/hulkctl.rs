@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use hulk_ipam::Owner;
+use hulk_node::attachments::Phase;
 use hulk_node::rescue::{RescueReply, RescueRequest, call};
 use hulk_pool::{AddressState, Clock, SystemClock};
 
@@ -32,12 +33,25 @@ struct Args {
     request: RescueRequest,
 }
 
+/// An owner as `container/ifname (pod, network)`: without Kubernetes
+/// (podman, plain containerd) the runtime sends no pod name, and the CNI
+/// network is what tells the attachments apart.
 fn owner_text(owner: &Owner) -> String {
+    let mut about = Vec::new();
+    if let Some(pod) = &owner.pod {
+        about.push(format!("pod {pod}"));
+    }
+    if let Some(network) = &owner.cni_network {
+        about.push(format!("network {network}"));
+    }
+    if about.is_empty() {
+        about.push("no pod name".to_owned());
+    }
     format!(
         "{}/{} ({})",
         owner.container_id,
         owner.ifname,
-        owner.pod.as_deref().unwrap_or("no pod name")
+        about.join(", ")
     )
 }
 
@@ -128,6 +142,29 @@ fn render(reply: &RescueReply) -> String {
                 );
             }
         }
+        RescueReply::Attachments { attachments } => {
+            let _ = writeln!(
+                out,
+                "{:<40} {:<8} {:<20} {:<40} holder",
+                "ATTACHMENT", "PHASE", "ADDRESS", "SANDBOX"
+            );
+            for record in attachments {
+                let phase = match record.phase {
+                    Phase::Adding => "adding",
+                    Phase::Ready => "ready",
+                };
+                let address = record
+                    .address
+                    .map_or_else(|| "-".to_owned(), |address| address.to_string());
+                let _ = writeln!(
+                    out,
+                    "{:<40} {phase:<8} {address:<20} {:<40} {}",
+                    record.id().to_string(),
+                    record.netns.display(),
+                    owner_text(&record.owner)
+                );
+            }
+        }
         RescueReply::Node(view) => {
             let state = &view.state;
             let yes_no = |ok: bool| if ok { "yes" } else { "NO" };
@@ -203,7 +240,18 @@ fn render(reply: &RescueReply) -> String {
             suspected,
             orphans,
             pods_checked,
+            sandboxes_gone,
+            del_notes_replayed,
         } => {
+            for id in sandboxes_gone {
+                let _ = writeln!(out, "sandbox gone: {id} torn down");
+            }
+            if *del_notes_replayed > 0 {
+                let _ = writeln!(
+                    out,
+                    "{del_notes_replayed} DELs noted while the agent was down done"
+                );
+            }
             if !pods_checked {
                 let _ = writeln!(
                     out,
