@@ -3,6 +3,7 @@
 //! to [`IpamError`].
 
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hulk_ipam::IpamError;
@@ -33,6 +34,86 @@ impl Default for HttpSettings {
 #[derive(Debug, Clone)]
 pub struct HttpClient {
     client: reqwest::Client,
+    redactor: Redactor,
+}
+
+/// The secrets a backend sends (bearer tokens, Keystone credentials and
+/// the tokens it issues), so that no error message, log line or operator
+/// reply built from an upstream answer ever repeats one: services echo
+/// requests in their error bodies. Shared by the clones of one client.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Redactor {
+    secrets: Arc<RwLock<Vec<String>>>,
+}
+
+/// What replaces a secret in a message.
+const REDACTED: &str = "[redacted]";
+
+/// The longest excerpt of an upstream message kept in an error.
+const MAX_DETAIL_CHARS: usize = 200;
+
+impl Redactor {
+    /// Remembers `secret`; too short a value (under 4 characters) would
+    /// blank out ordinary words and is ignored.
+    pub(crate) fn add(&self, secret: &str) {
+        let secret = secret.trim();
+        if secret.len() < 4 {
+            return;
+        }
+        let mut secrets = self
+            .secrets
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !secrets.iter().any(|known| known == secret) {
+            secrets.push(secret.to_owned());
+        }
+    }
+
+    /// `text` with every known secret replaced by `[redacted]`.
+    pub(crate) fn clean(&self, text: &str) -> String {
+        let secrets = self
+            .secrets
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        secrets.iter().fold(text.to_owned(), |text, secret| {
+            text.replace(secret.as_str(), REDACTED)
+        })
+    }
+
+    /// What an error may say of an upstream body: the service's own
+    /// message field when the body is JSON (`message`, `error.message`,
+    /// `NeutronError.message`, `detail`, `title`), cut to 200 characters
+    /// and redacted; never the body itself, which may echo the request.
+    pub(crate) fn detail_of(&self, body: &str) -> String {
+        let message = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|value| message_of(&value));
+        match message {
+            // Redacted before it is cut: a cut could leave half a secret
+            // that no longer matches.
+            Some(message) => self
+                .clean(&message)
+                .chars()
+                .take(MAX_DETAIL_CHARS)
+                .collect(),
+            None if body.trim().is_empty() => "no body".to_owned(),
+            None => format!("a body of {} bytes, not shown", body.len()),
+        }
+    }
+}
+
+/// The human message of a JSON error document, in the shapes services use.
+fn message_of(value: &serde_json::Value) -> Option<String> {
+    let text = |value: &serde_json::Value| value.as_str().map(str::to_owned);
+    ["message", "detail", "title", "error_description"]
+        .iter()
+        .find_map(|key| value.get(key).and_then(text))
+        .or_else(|| {
+            ["error", "NeutronError"]
+                .iter()
+                .filter_map(|key| value.get(key))
+                .find_map(|inner| text(inner).or_else(|| message_of(inner)))
+        })
 }
 
 impl HttpClient {
@@ -63,19 +144,58 @@ impl HttpClient {
             }
             IpamError::InvalidRequest(message)
         })?;
-        Ok(HttpClient { client })
+        Ok(HttpClient {
+            client,
+            redactor: Redactor::default(),
+        })
     }
 
     /// The underlying reqwest client.
     pub fn client(&self) -> &reqwest::Client {
         &self.client
     }
+
+    /// The secrets this client's errors never repeat.
+    pub(crate) fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    /// This client, redacting `other`'s secrets (present and future) as
+    /// well as its own.
+    pub(crate) fn sharing_secrets_with(mut self, other: &HttpClient) -> HttpClient {
+        let own = self
+            .redactor
+            .secrets
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        for secret in own {
+            other.redactor.add(&secret);
+        }
+        self.redactor = other.redactor.clone();
+        self
+    }
 }
 
 /// A request that did not get an answer: timeouts and connection failures
-/// may pass.
+/// may pass. reqwest's own message ("error sending request for url") hides
+/// the cause, so the whole chain is named, and a timeout says so.
 pub(crate) fn transport_error(error: reqwest::Error) -> IpamError {
-    IpamError::Transient(format!("{error}"))
+    let mut message = if error.is_timeout() {
+        format!("timed out: {error}")
+    } else {
+        error.to_string()
+    };
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // hyper and the OS often repeat the same words one level down.
+        if !message.ends_with(&cause_text) {
+            message.push_str(&format!(": {cause_text}"));
+        }
+        source = cause.source();
+    }
+    IpamError::Transient(message)
 }
 
 /// Seconds from a `Retry-After` header (the HTTP-date form is rare from
@@ -92,9 +212,9 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
 }
 
 /// The error for a non-success status that no service-specific rule
-/// claimed first.
-pub(crate) fn status_error(status: StatusCode, retry: Option<Duration>, body: &str) -> IpamError {
-    let detail = format!("{status}: {}", body.chars().take(300).collect::<String>());
+/// claimed first; `detail` is already redacted ([`Redactor::detail_of`]).
+pub(crate) fn status_error(status: StatusCode, retry: Option<Duration>, detail: &str) -> IpamError {
+    let detail = format!("{status}: {detail}");
     match status.as_u16() {
         400 | 422 => IpamError::InvalidRequest(detail),
         401 | 403 => IpamError::Auth(detail),
@@ -118,6 +238,30 @@ mod tests {
         assert!(matches!(error(412), IpamError::Conflict(_)));
         assert!(matches!(error(429), IpamError::Throttled { .. }));
         assert!(matches!(error(500), IpamError::Transient(_)));
+    }
+
+    #[test]
+    fn upstream_bodies_are_never_copied_and_secrets_never_repeated() {
+        let redactor = Redactor::default();
+        redactor.add("app-cred-s3cret-value");
+        redactor.add("tok");
+        let echoed = r#"{"auth": {"identity": {"application_credential": {"secret": "app-cred-s3cret-value"}}}}"#;
+        assert_eq!(redactor.detail_of(echoed), "a body of 87 bytes, not shown");
+        let html = "<html>500 app-cred-s3cret-value</html>";
+        assert!(!redactor.detail_of(html).contains("s3cret"));
+        let message =
+            r#"{"NeutronError": {"type": "X", "message": "bad secret app-cred-s3cret-value"}}"#;
+        assert_eq!(redactor.detail_of(message), "bad secret [redacted]");
+        let nested = r#"{"error": {"code": "internal", "message": "echo app-cred-s3cret-value"}}"#;
+        assert_eq!(redactor.detail_of(nested), "echo [redacted]");
+        assert_eq!(
+            redactor.clean("a tok b"),
+            "a tok b",
+            "too short to be a secret"
+        );
+        assert_eq!(redactor.detail_of(""), "no body");
+        let long = format!(r#"{{"message": "{}"}}"#, "x".repeat(1000));
+        assert_eq!(redactor.detail_of(&long).len(), MAX_DETAIL_CHARS);
     }
 
     #[test]

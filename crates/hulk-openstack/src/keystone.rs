@@ -125,11 +125,21 @@ pub struct Keystone {
 impl Keystone {
     /// A session; nothing is sent until the first [`Keystone::token`].
     pub fn new(config: KeystoneConfig, http: HttpClient) -> Self {
+        let secret = match &config.credentials {
+            Credentials::Password { password, .. } => password,
+            Credentials::ApplicationCredential { secret, .. } => secret,
+        };
+        http.redactor().add(secret);
         Keystone {
             config,
             http,
             cached: Mutex::new(None),
         }
+    }
+
+    /// The client it authenticates with (its errors' redactions).
+    pub(crate) fn http(&self) -> &HttpClient {
+        &self.http
     }
 
     /// A valid token: the cached one unless it is within the refresh
@@ -190,7 +200,8 @@ impl Keystone {
         }
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
-            return Err(crate::http::status_error(status, None, &text));
+            let detail = self.http.redactor().detail_of(&text);
+            return Err(crate::http::status_error(status, None, &detail));
         }
         let value = response
             .headers()
@@ -200,6 +211,8 @@ impl Keystone {
             .ok_or_else(|| {
                 IpamError::Protocol("keystone answered without X-Subject-Token".into())
             })?;
+        // The token is a credential too: Neutron may echo it back.
+        self.http.redactor().add(&value);
         let body: TokenBody = response
             .json()
             .await

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::http::{HttpClient, retry_after, status_error, transport_error};
+use crate::http::{HttpClient, Redactor, retry_after, status_error, transport_error};
 use crate::keystone::Keystone;
 
 /// How requests are authenticated.
@@ -138,14 +138,21 @@ struct NeutronErrorDetail {
 }
 
 /// Maps a Neutron failure by its `NeutronError.type` first, its status second.
+/// Messages are redacted of the client's secrets (`redactor`): Neutron
+/// may echo a request in them.
 pub(crate) fn neutron_error(
     status: StatusCode,
     headers: &reqwest::header::HeaderMap,
     body: &str,
+    redactor: &Redactor,
 ) -> IpamError {
     let detail = serde_json::from_str::<NeutronErrorBody>(body)
         .ok()
-        .map(|parsed| parsed.error);
+        .map(|parsed| parsed.error)
+        .map(|mut detail| {
+            detail.message = redactor.clean(&detail.message);
+            detail
+        });
     match detail {
         Some(detail) if detail.kind == "IpAddressGenerationFailure" => IpamError::Exhausted {
             subnet: detail.message,
@@ -158,7 +165,7 @@ pub(crate) fn neutron_error(
         Some(detail) if status.as_u16() == 400 => {
             IpamError::InvalidRequest(format!("{}: {}", detail.kind, detail.message))
         }
-        _ => status_error(status, retry_after(headers), body),
+        _ => status_error(status, retry_after(headers), &redactor.detail_of(body)),
     }
 }
 
@@ -183,6 +190,12 @@ impl NeutronClient {
                 "without Keystone, the Neutron endpoint must be given".into(),
             ));
         }
+        // Keystone's credentials and tokens must stay out of Neutron's
+        // errors too, even when the two were given separate clients.
+        let http = match &auth {
+            NeutronAuth::Keystone(keystone) => http.sharing_secrets_with(keystone.http()),
+            NeutronAuth::None => http,
+        };
         Ok(NeutronClient {
             http,
             auth,
@@ -250,7 +263,7 @@ impl NeutronClient {
                 continue;
             }
             if !status.is_success() {
-                return Err(neutron_error(status, &headers, &text));
+                return Err(neutron_error(status, &headers, &text, self.http.redactor()));
             }
             return Ok((status, text));
         }
@@ -465,6 +478,7 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             &reqwest::header::HeaderMap::new(),
             body,
+            &Redactor::default(),
         )
     }
 

@@ -26,6 +26,8 @@ enum CreateReply {
     Throttled,
     Malformed,
     Slow,
+    /// A 500 whose body echoes the request and its token.
+    Echo,
 }
 
 struct Fake {
@@ -79,6 +81,15 @@ async fn create_ports(
         )
             .into_response(),
         CreateReply::Malformed => (StatusCode::CREATED, "{\"port\": {\"id\": ").into_response(),
+        CreateReply::Echo => {
+            let token = headers
+                .get("x-auth-token")
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default();
+            let echo = format!("secret app-secret-4711, token {token}, request {body}");
+            let document = json!({"NeutronError": {"type": "Internal", "message": echo}});
+            (StatusCode::INTERNAL_SERVER_ERROR, Json(document)).into_response()
+        }
         CreateReply::Slow => {
             tokio::time::sleep(Duration::from_secs(5)).await;
             (StatusCode::CREATED, Json(json!({"port": port("late")}))).into_response()
@@ -317,4 +328,42 @@ async fn a_rejected_token_is_replaced_once() {
     let error = client.extensions().await.unwrap_err();
     assert!(matches!(error, IpamError::Auth(_)), "{error}");
     assert_eq!(state.lock().unwrap().tokens_issued, 3);
+}
+
+#[tokio::test]
+async fn upstream_errors_never_carry_credentials_or_tokens() {
+    let (_, base) = start(fake(CreateReply::Echo)).await;
+    let keystone = Keystone::new(
+        KeystoneConfig::new(
+            format!("{base}/v3"),
+            Credentials::ApplicationCredential {
+                id: "id".into(),
+                secret: "app-secret-4711".into(),
+            },
+        ),
+        HttpClient::new(&HttpSettings::default()).unwrap(),
+    );
+    let client = NeutronClient::new(
+        HttpClient::new(&HttpSettings::default()).unwrap(),
+        NeutronAuth::Keystone(Box::new(keystone)),
+        None,
+    )
+    .unwrap();
+    let backend = NeutronBackend::new(client, NeutronBackendConfig::new("faults"));
+    let error = backend.allocate(&request(1)).await.unwrap_err().to_string();
+    assert!(!error.contains("app-secret-4711"), "{error}");
+    assert!(!error.contains("token-1"), "{error}");
+    assert!(error.contains("[redacted]"), "{error}");
+
+    // A timeout says so and names the cause, not only "error sending request".
+    let (_, base) = start(fake(CreateReply::Slow)).await;
+    let error = backend_timeout_of(&base).await.to_string();
+    assert!(error.contains("timed out"), "{error}");
+}
+
+async fn backend_timeout_of(base: &str) -> IpamError {
+    backend(base, Duration::from_millis(300))
+        .allocate(&request(1))
+        .await
+        .unwrap_err()
 }

@@ -249,3 +249,16 @@ fn the_documented_examples_are_what_the_code_reads_and_writes() {
     let error: ErrorBody = serde_json::from_value(examples[1].clone()).unwrap();
     assert_eq!(error.error.code, "exhausted");
 }
+
+#[tokio::test]
+async fn a_refused_token_says_so_once_and_never_shows_the_token() {
+    let base = serve(mock("10.33.0.0/24")).await;
+    let error = client(&base, "wrong-token-4711", "prod")
+        .allocate(&request("node-1", 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, IpamError::Auth(_)), "{error}");
+    let text = error.to_string();
+    assert_eq!(text.matches("authentication failed").count(), 1, "{text}");
+    assert!(!text.contains("wrong-token-4711"), "{text}");
+}

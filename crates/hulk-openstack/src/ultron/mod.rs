@@ -14,7 +14,7 @@ use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::http::{HttpClient, retry_after, status_error, transport_error};
+use crate::http::{HttpClient, Redactor, retry_after, status_error, transport_error};
 
 #[cfg(feature = "ultron-server")]
 pub mod server;
@@ -230,11 +230,18 @@ pub fn error_code(error: &IpamError) -> (StatusCode, &'static str) {
     }
 }
 
-fn contract_error(status: StatusCode, retry: Option<Duration>, body: &str) -> IpamError {
+/// The contract's error for an answer; messages are redacted of the
+/// client's secrets (`redactor`), since a service may echo the request.
+fn contract_error(
+    status: StatusCode,
+    retry: Option<Duration>,
+    body: &str,
+    redactor: &Redactor,
+) -> IpamError {
     let Ok(parsed) = serde_json::from_str::<ErrorBody>(body) else {
-        return status_error(status, retry, body);
+        return status_error(status, retry, &redactor.detail_of(body));
     };
-    let message = parsed.error.message;
+    let message = redactor.clean(&parsed.error.message);
     match parsed.error.code.as_str() {
         "invalid" => IpamError::InvalidRequest(message),
         "unauthorized" => IpamError::Auth(message),
@@ -265,10 +272,12 @@ impl UltronBackend {
         token: impl Into<String>,
         cluster: impl Into<String>,
     ) -> Self {
+        let token = token.into();
+        http.redactor().add(&token);
         UltronBackend {
             http,
             base_url: base_url.into().trim_end_matches('/').to_owned(),
-            token: token.into(),
+            token,
             cluster: cluster.into(),
             page_size: 200,
         }
@@ -301,7 +310,7 @@ impl UltronBackend {
         let retry = retry_after(response.headers());
         let text = response.text().await.map_err(transport_error)?;
         if !status.is_success() {
-            return Err(contract_error(status, retry, &text));
+            return Err(contract_error(status, retry, &text, self.http.redactor()));
         }
         if status == StatusCode::NO_CONTENT {
             return Ok(None);

@@ -48,12 +48,30 @@ pub fn router(backend: Arc<dyn IpamBackend>, token: impl Into<String>) -> Router
         .with_state(state)
 }
 
+/// An error's own words, without the prefix its `Display` adds.
+fn bare_message(error: &IpamError) -> String {
+    match error {
+        IpamError::NotFound(message)
+        | IpamError::Conflict(message)
+        | IpamError::Auth(message)
+        | IpamError::Transient(message)
+        | IpamError::InvalidRequest(message)
+        | IpamError::Protocol(message)
+        | IpamError::Quota(message) => message.clone(),
+        IpamError::Exhausted { subnet } => subnet.clone(),
+        other => other.to_string(),
+    }
+}
+
 fn failure(error: &IpamError) -> Response {
     let (status, code) = error_code(error);
     let body = Json(ErrorBody {
         error: ErrorDetail {
             code: code.to_owned(),
-            message: error.to_string(),
+            // The bare message: the client adds its own "authentication
+            // failed:" (or the like) when it turns the code back into an
+            // error, and saying it twice reads as two failures.
+            message: bare_message(error),
         },
     });
     match error {
