@@ -1,9 +1,16 @@
 //! Deterministic fault injection around any backend: latency, random
-//! errors at a rate, a given error or a hang on the Nth call.
+//! errors at a rate, a given error, a hang or a panic on the Nth call, and
+//! the wrong answers a buggy service gives to an allocation (an address or
+//! id handed out before, a short or long answer, an address outside the
+//! subnet), so that callers can be tested against a backend they must not
+//! trust.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -26,13 +33,38 @@ pub enum Latency {
     },
 }
 
-/// What happens on a chosen call.
+/// What happens on a chosen call. The answer faults (all but `Error`,
+/// `Hang` and `Panic`) change what an `allocate` call returns; on any other
+/// call they do nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
-    /// The call fails with this error.
+    /// The call fails with this error (e.g. `Throttled` with a Retry-After,
+    /// or `Protocol` for an answer that is not JSON).
     Error(IpamError),
     /// The call never returns (the caller's timeout must act).
     Hang,
+    /// The call panics, as a bug in a backend client would.
+    Panic,
+    /// The answer's last lease carries the address of the first lease this
+    /// wrapper ever handed out, under its own (new) id: the service gave
+    /// one address twice.
+    DuplicateAddress,
+    /// The answer's last lease carries the id of the first lease this
+    /// wrapper ever handed out, with its own (new) address; the lease the
+    /// wrapped backend created is then known to no caller
+    /// ([`Faulty::hidden`]).
+    ReusedId,
+    /// The answer's first lease appears a second time at its end.
+    Repeated,
+    /// The answer has this many leases fewer than asked (the wrapped
+    /// backend is asked for fewer, so nothing is hidden).
+    ShortAnswer(usize),
+    /// The answer has this many leases more than asked.
+    LongAnswer(usize),
+    /// The answer's last lease carries an address outside its subnet (the
+    /// same host number in 192.0.2.0/24, or 2001:db8::/64 for IPv6: the
+    /// documentation ranges), under its own id.
+    OutsideSubnet,
 }
 
 /// The faults to inject. Calls are numbered from 1 across every method.
@@ -84,6 +116,11 @@ pub struct Faulty<B> {
 struct FaultState {
     calls: u64,
     random: StdRng,
+    /// The first lease any allocation answered, for `DuplicateAddress` and
+    /// `ReusedId`.
+    first: Option<Lease>,
+    /// Ids the wrapped backend created that `ReusedId` kept from callers.
+    hidden: Vec<String>,
 }
 
 impl<B> Faulty<B> {
@@ -93,7 +130,12 @@ impl<B> Faulty<B> {
         Faulty {
             inner,
             plan,
-            state: Mutex::new(FaultState { calls: 0, random }),
+            state: Mutex::new(FaultState {
+                calls: 0,
+                random,
+                first: None,
+                hidden: Vec::new(),
+            }),
         }
     }
 
@@ -105,6 +147,13 @@ impl<B> Faulty<B> {
     /// How many calls were made so far.
     pub fn calls(&self) -> u64 {
         self.lock().calls
+    }
+
+    /// The ids of leases the wrapped backend created whose id a
+    /// [`Fault::ReusedId`] answer replaced: held in the backend, told to
+    /// nobody (an orphan sweep finds them).
+    pub fn hidden(&self) -> Vec<String> {
+        self.lock().hidden.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FaultState> {
@@ -139,17 +188,65 @@ impl<B> Faulty<B> {
         (delay, fault)
     }
 
-    async fn before_call(&self) -> Result<(), IpamError> {
+    /// Waits out the call's latency and acts on a fault that replaces the
+    /// call; returns a fault that changes the answer instead.
+    async fn before_call(&self) -> Result<Option<Fault>, IpamError> {
         let (delay, fault) = self.next_call();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         match fault {
-            None => Ok(()),
+            None => Ok(None),
             Some(Fault::Error(error)) => Err(error),
             Some(Fault::Hang) => std::future::pending().await,
+            Some(Fault::Panic) => panic!("a panic injected by the fault plan"),
+            Some(answer) => Ok(Some(answer)),
         }
     }
+
+    /// Applies an answer fault to an allocation's leases.
+    fn tamper(&self, fault: Option<Fault>, mut leases: Vec<Lease>) -> Vec<Lease> {
+        let mut state = self.lock();
+        match (fault, state.first.clone(), leases.last_mut()) {
+            (Some(Fault::DuplicateAddress), Some(first), Some(last)) => {
+                last.address = first.address;
+            }
+            (Some(Fault::ReusedId), Some(first), Some(last)) => {
+                let created = std::mem::replace(&mut last.id, first.id);
+                state.hidden.push(created);
+            }
+            (Some(Fault::OutsideSubnet), _, Some(last)) => {
+                last.address = outside(last.address);
+            }
+            (Some(Fault::Repeated), _, Some(_)) => {
+                let again = leases.first().cloned();
+                leases.extend(again);
+            }
+            _ => {}
+        }
+        if state.first.is_none() {
+            state.first = leases.first().cloned();
+        }
+        leases
+    }
+}
+
+/// The same host number in a documentation range, with the same prefix.
+fn outside(address: IpNet) -> IpNet {
+    let moved = match address.addr() {
+        IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::new(192, 0, 2, v4.octets()[3])),
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0,
+            0,
+            0,
+            0,
+            0,
+            v6.segments()[7],
+        )),
+    };
+    IpNet::new(moved, address.prefix_len()).unwrap_or_else(|_| IpNet::from(moved))
 }
 
 #[async_trait::async_trait]
@@ -159,8 +256,20 @@ impl<B: IpamBackend> IpamBackend for Faulty<B> {
     }
 
     async fn allocate(&self, request: &AllocationRequest) -> Result<Vec<Lease>, IpamError> {
-        self.before_call().await?;
-        self.inner.allocate(request).await
+        let fault = self.before_call().await?;
+        let count = match fault {
+            Some(Fault::ShortAnswer(fewer)) => request.count.saturating_sub(fewer),
+            Some(Fault::LongAnswer(more)) => request.count.saturating_add(more),
+            _ => request.count,
+        };
+        let leases = if count == 0 {
+            Vec::new()
+        } else {
+            let mut asked = request.clone();
+            asked.count = count;
+            self.inner.allocate(&asked).await?
+        };
+        Ok(self.tamper(fault, leases))
     }
 
     async fn release(&self, id: &str) -> Result<(), IpamError> {
@@ -259,6 +368,60 @@ mod tests {
         let hung =
             tokio::time::timeout(Duration::from_secs(3600), backend.allocate(&request())).await;
         assert!(hung.is_err(), "a hang must not return");
+    }
+
+    fn many(count: usize) -> AllocationRequest {
+        let mut request = request();
+        request.count = count;
+        request
+    }
+
+    #[tokio::test]
+    async fn wrong_answers_are_given_as_planned() {
+        let backend = backend(FaultPlan {
+            on_call: BTreeMap::from([
+                (2, Fault::DuplicateAddress),
+                (3, Fault::ReusedId),
+                (4, Fault::Repeated),
+                (5, Fault::ShortAnswer(1)),
+                (6, Fault::LongAnswer(2)),
+                (7, Fault::OutsideSubnet),
+                (8, Fault::ShortAnswer(5)),
+            ]),
+            ..FaultPlan::default()
+        });
+        let first = backend.allocate(&many(2)).await.unwrap();
+        let duplicate = backend.allocate(&many(2)).await.unwrap();
+        assert_eq!(duplicate[1].address, first[0].address);
+        assert_ne!(duplicate[1].id, first[0].id, "under its own id");
+        let reused = backend.allocate(&many(2)).await.unwrap();
+        assert_eq!(reused[1].id, first[0].id);
+        assert_ne!(reused[1].address, first[0].address);
+        assert_eq!(backend.hidden().len(), 1);
+        let repeated = backend.allocate(&many(2)).await.unwrap();
+        assert_eq!(repeated.len(), 3);
+        assert_eq!(repeated[2], repeated[0]);
+        assert_eq!(backend.allocate(&many(3)).await.unwrap().len(), 2);
+        assert_eq!(backend.allocate(&many(3)).await.unwrap().len(), 5);
+        let outside = backend.allocate(&many(1)).await.unwrap();
+        assert_eq!(outside[0].address.to_string(), "192.0.2.17/24");
+        assert!(backend.allocate(&many(3)).await.unwrap().is_empty());
+        // What the caller was told is all the backend holds, but for the
+        // hidden lease.
+        assert_eq!(backend.inner().allocated(), 2 + 2 + 2 + 2 + 2 + 5 + 1);
+    }
+
+    #[tokio::test]
+    async fn answer_faults_leave_other_calls_alone_and_a_panic_panics() {
+        let backend = std::sync::Arc::new(backend(FaultPlan {
+            on_call: BTreeMap::from([(1, Fault::ShortAnswer(1)), (2, Fault::Panic)]),
+            ..FaultPlan::default()
+        }));
+        assert_eq!(backend.health().await, Ok(()));
+        let panicking = backend.clone();
+        let outcome = tokio::spawn(async move { panicking.allocate(&request()).await }).await;
+        assert!(outcome.unwrap_err().is_panic());
+        assert_eq!(backend.allocate(&request()).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
