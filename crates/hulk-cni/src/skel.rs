@@ -266,7 +266,20 @@ struct LogSettings {
     log_level: Option<String>,
 }
 
-fn init_logging(stdin: &[u8]) {
+/// Whether `file` is the file our stdout writes to (`/dev/stdout`,
+/// `/proc/self/fd/1`, or the same file by another name).
+fn is_stdout(file: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata("/proc/self/fd/1")) {
+        (Ok(log), Ok(stdout)) => log.dev() == stdout.dev() && log.ino() == stdout.ino(),
+        _ => false,
+    }
+}
+
+/// Sets up logging from the configuration's `logFile` and `logLevel`. A
+/// log file that is stdout is refused: stdout carries exactly one
+/// document, the result, and a log line there would corrupt it.
+fn init_logging(stdin: &[u8]) -> Result<(), CniError> {
     let settings: LogSettings = serde_json::from_slice(stdin).unwrap_or_default();
     let file = settings.log_file.as_ref().and_then(|path| {
         std::fs::OpenOptions::new()
@@ -278,6 +291,14 @@ fn init_logging(stdin: &[u8]) {
             })
             .ok()
     });
+    if let (Some(file), Some(path)) = (&file, &settings.log_file)
+        && is_stdout(file)
+    {
+        return Err(CniError::invalid_config(format!(
+            "logFile {} is the plugin's stdout, which carries the result; log to a file or leave it out (stderr)",
+            path.display()
+        )));
+    }
     let default_level = if file.is_some() { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_new(
         settings.log_level.as_deref().unwrap_or(default_level),
@@ -291,6 +312,7 @@ fn init_logging(stdin: &[u8]) {
         Some(file) => builder.with_writer(std::sync::Mutex::new(file)).try_init(),
         None => builder.with_writer(std::io::stderr).try_init(),
     };
+    Ok(())
 }
 
 fn read_stdin() -> Result<Vec<u8>, CniError> {
@@ -311,10 +333,10 @@ fn read_stdin() -> Result<Vec<u8>, CniError> {
 /// The whole plugin process: call it from `main` and return its exit code.
 pub fn run<P: Plugin>(plugin: P) -> ExitCode {
     let outcome = match read_stdin() {
-        Ok(stdin) => {
-            init_logging(&stdin);
-            run_on_runtime(&plugin, |key| std::env::var(key).ok(), &stdin)
-        }
+        Ok(stdin) => match init_logging(&stdin) {
+            Ok(()) => run_on_runtime(&plugin, |key| std::env::var(key).ok(), &stdin),
+            Err(error) => Outcome::failure(error),
+        },
         Err(error) => Outcome::failure(error),
     };
     let mut stdout = std::io::stdout().lock();

@@ -82,6 +82,16 @@ where
     ns.run(job).await.map_err(worker_error)?
 }
 
+/// [`on`] for a job that dumps: one dump at a time per worker socket.
+async fn on_dump<F, Fut, T>(ns: &NetlinkWorker, job: F) -> Result<T, KernelError>
+where
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, KernelError>> + 'static,
+    T: Send + 'static,
+{
+    ns.run_dump(job).await.map_err(worker_error)?
+}
+
 async fn index_of(handle: &Handle, name: &str) -> Result<u32, KernelError> {
     match link_by_name(handle, name).await {
         Ok(Some(link)) => Ok(link.header.index),
@@ -315,7 +325,7 @@ impl Kernel for NetlinkKernel {
     }
 
     async fn links(&self, ns: &NetlinkWorker) -> Result<Vec<Link>, KernelError> {
-        on(ns, |handle| async move { all_links(&handle).await }).await
+        on_dump(ns, |handle| async move { all_links(&handle).await }).await
     }
 
     async fn link(&self, ns: &NetlinkWorker, name: &str) -> Result<Option<Link>, KernelError> {
@@ -424,7 +434,7 @@ impl Kernel for NetlinkKernel {
 
     async fn addresses(&self, ns: &NetlinkWorker, link: &str) -> Result<Vec<IpNet>, KernelError> {
         let link = link.to_owned();
-        on(ns, move |handle| async move {
+        on_dump(ns, move |handle| async move {
             let index = index_of(&handle, &link).await?;
             let messages: Vec<_> = handle
                 .address()
@@ -492,7 +502,7 @@ impl Kernel for NetlinkKernel {
 
     async fn routes(&self, ns: &NetlinkWorker, link: &str) -> Result<Vec<Route>, KernelError> {
         let link = link.to_owned();
-        on(ns, move |handle| async move {
+        on_dump(ns, move |handle| async move {
             let index = index_of(&handle, &link).await?;
             Ok(main_routes(&handle)
                 .await?
@@ -505,7 +515,7 @@ impl Kernel for NetlinkKernel {
     }
 
     async fn all_routes(&self, ns: &NetlinkWorker) -> Result<Vec<Route>, KernelError> {
-        on(ns, |handle| async move {
+        on_dump(ns, |handle| async move {
             let names: std::collections::HashMap<u32, String> = all_links(&handle)
                 .await?
                 .into_iter()
@@ -552,7 +562,7 @@ impl Kernel for NetlinkKernel {
         link: &str,
     ) -> Result<Vec<Neighbour>, KernelError> {
         let link = link.to_owned();
-        on(ns, move |handle| async move {
+        on_dump(ns, move |handle| async move {
             let index = index_of(&handle, &link).await?;
             let messages: Vec<_> = handle
                 .neighbours()

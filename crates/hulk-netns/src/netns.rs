@@ -217,6 +217,9 @@ pub struct NetlinkWorker {
     jobs: Option<mpsc::UnboundedSender<Job>>,
     thread: Option<JoinHandle<()>>,
     netns: Netns,
+    /// The kernel runs one dump at a time per netlink socket and answers
+    /// a second one with EBUSY: dumps on this worker's socket take turns.
+    dumps: tokio::sync::Mutex<()>,
 }
 
 impl NetlinkWorker {
@@ -260,6 +263,7 @@ impl NetlinkWorker {
             jobs: Some(jobs),
             thread: Some(thread),
             netns,
+            dumps: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -289,6 +293,19 @@ impl NetlinkWorker {
             .send(job)
             .map_err(|_| NetnsError::WorkerGone)?;
         done_rx.await.map_err(|_| NetnsError::WorkerGone)
+    }
+
+    /// [`NetlinkWorker::run`] for a job that dumps (lists links, addresses,
+    /// routes or neighbours): it waits for any other dump on this worker
+    /// to finish first, so concurrent callers never get EBUSY.
+    pub async fn run_dump<F, Fut, T>(&self, job: F) -> Result<T, NetnsError>
+    where
+        F: FnOnce(Handle) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        let _turn = self.dumps.lock().await;
+        self.run(job).await
     }
 }
 

@@ -116,3 +116,47 @@ async fn many_jobs_run_concurrently_on_one_worker() {
     }
     assert_eq!(link_names(&worker).await.len(), 1 + 64);
 }
+
+/// Two dumps at once on one netlink socket get EBUSY from the kernel;
+/// `run_dump` makes them take turns, so many concurrent listings (STATUS
+/// calls inspecting the node) all succeed. With plain `run` this fails.
+#[tokio::test]
+async fn concurrent_dumps_on_one_worker_all_succeed() {
+    let worker = std::sync::Arc::new(NetlinkWorker::spawn_in_new_namespace().unwrap());
+    worker
+        .run(|handle| async move {
+            handle
+                .link()
+                .add(LinkVeth::new("hulkt-c", "hulkt-d").build())
+                .execute()
+                .await
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let dumps = (0..200).map(|_| {
+        let worker = worker.clone();
+        tokio::spawn(async move {
+            worker
+                .run_dump(|handle| async move {
+                    let links: Vec<_> = handle.link().get().execute().try_collect().await?;
+                    let addresses: Vec<_> = handle.address().get().execute().try_collect().await?;
+                    Ok::<_, hulk_netns::rtnetlink::Error>((links.len(), addresses.len()))
+                })
+                .await
+        })
+    });
+    let mut failures = Vec::new();
+    for dump in futures::future::join_all(dumps).await {
+        match dump.unwrap().unwrap() {
+            Ok((links, _)) => assert_eq!(links, 3),
+            Err(error) => failures.push(error.to_string()),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 200 dumps failed: {:?}",
+        failures.len(),
+        failures.first()
+    );
+}
