@@ -82,6 +82,20 @@ where
     ns.run(job).await.map_err(worker_error)?
 }
 
+/// Runs a namespace file operation on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    work: impl FnOnce() -> Result<T, NetnsError> + Send + 'static,
+) -> Result<T, KernelError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|error| namespace_error(path, error)),
+        Err(error) => Err(KernelError::failed(
+            format!("opening namespace {}", path.display()),
+            error,
+        )),
+    }
+}
+
 /// [`on`] for a job that dumps: one dump at a time per worker socket.
 async fn on_dump<F, Fut, T>(ns: &NetlinkWorker, job: F) -> Result<T, KernelError>
 where
@@ -312,12 +326,19 @@ impl Kernel for NetlinkKernel {
     }
 
     async fn open(&self, path: &Path) -> Result<NetlinkWorker, KernelError> {
-        let netns = Netns::open(path).map_err(|error| namespace_error(path, error))?;
-        NetlinkWorker::spawn_in(netns).map_err(|error| namespace_error(path, error))
+        // Off the async workers: a path on a hung filesystem must not stall
+        // the agent's other requests (the socket servers, /healthz).
+        let owned = path.to_path_buf();
+        blocking(path, move || {
+            let netns = Netns::open(&owned)?;
+            NetlinkWorker::spawn_in(netns)
+        })
+        .await
     }
 
     async fn identify(&self, path: &Path) -> Result<Option<NsId>, KernelError> {
-        identify_netns(path).map_err(|error| namespace_error(path, error))
+        let owned = path.to_path_buf();
+        blocking(path, move || identify_netns(owned)).await
     }
 
     fn identity(&self, ns: &NetlinkWorker) -> Option<NsId> {
