@@ -6,11 +6,33 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
+use std::time::Duration;
 
-use hulk_ipam::{Lease, Owner};
+use hulk_ipam::{Lease, Owner, PoolKey};
+use serde::{Deserialize, Serialize};
 
 use crate::config::PoolConfig;
 use crate::store::{AddressRecord, AddressState};
+
+/// The longest pause of refills the backend can ask for (a Retry-After):
+/// five minutes. A longer one (a bug, or a hostile answer of a hundred
+/// years) would keep the pool degraded for good; after five minutes the
+/// refiller asks again, and a backend that still refuses says so again.
+pub const MAX_BACKEND_PAUSE: Duration = Duration::from_secs(300);
+
+/// The back-off window after the first failed allocation the backend did
+/// not explain (an unreadable answer, a connection reset, a 401...): one
+/// second, doubling with each failure in a row up to [`BACKOFF_MAX`].
+pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+
+/// The widest back-off window: a minute.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// `duration` in milliseconds, saturating at `u64::MAX` (a duration from a
+/// configuration or a backend can be absurdly long).
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// An owner as the pool indexes it: container id and interface.
 pub type OwnerKey = (String, String);
@@ -40,6 +62,137 @@ pub struct Refusal {
     pub exhausted: bool,
 }
 
+impl Refusal {
+    /// A refusal pausing refills for `pause` from `now_ms`, cut to
+    /// [`MAX_BACKEND_PAUSE`] whatever the backend asked.
+    pub fn new(now_ms: u64, pause: Duration, reason: String, exhausted: bool) -> Self {
+        Refusal {
+            until_ms: now_ms.saturating_add(millis(pause.min(MAX_BACKEND_PAUSE))),
+            reason,
+            exhausted,
+        }
+    }
+}
+
+/// A failed backend call, as the pool remembers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendFailure {
+    /// The call: `allocate`, `release`, `update_owner` or `list`.
+    pub operation: String,
+    /// The error's kind as metrics label it (`auth` for a 401 or 403,
+    /// `protocol` for an unreadable answer, `throttled`, ...: see
+    /// [`crate::error_kind`]).
+    pub kind: String,
+    /// The error, for people.
+    pub message: String,
+    /// When it happened (Unix milliseconds).
+    pub at_ms: u64,
+}
+
+/// A wrong answer of the backend that the pool refuses (or, for a pod's
+/// address over the cap, accepts while counting it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Anomaly {
+    /// An address the node already holds, or that the same answer gave
+    /// twice, under a new id: the id is returned to the backend.
+    DuplicateAddress,
+    /// A lease id the node already holds, or that the same answer gave
+    /// twice: quarantined (neither adopted nor released, since releasing
+    /// it would free the address its holder has).
+    DuplicateId,
+    /// Fewer leases than asked: what came is adopted.
+    ShortAnswer,
+    /// More leases than asked: the extras go back.
+    LongAnswer,
+    /// A lease of another network or subnet, whose gateway lies outside
+    /// its own prefix, or outside the prefix of the pool's addresses: it
+    /// goes back.
+    OutsideSubnet,
+    /// A request for one specific address answered with another: it goes
+    /// back.
+    WrongAddress,
+    /// An address beyond `max_total`: it goes back, unless the backend
+    /// marks a pod as its holder (then it is kept, and counted).
+    OverCap,
+}
+
+impl Anomaly {
+    /// Its metric label (`kind` of `hulk_pool_backend_anomalies_total`).
+    pub fn kind(self) -> &'static str {
+        match self {
+            Anomaly::DuplicateAddress => "duplicate_address",
+            Anomaly::DuplicateId => "duplicate_id",
+            Anomaly::ShortAnswer => "short_answer",
+            Anomaly::LongAnswer => "long_answer",
+            Anomaly::OutsideSubnet => "outside_subnet",
+            Anomaly::WrongAddress => "wrong_address",
+            Anomaly::OverCap => "over_cap",
+        }
+    }
+
+    /// Whether a lease refused for this may be returned to the backend:
+    /// not one whose id the node holds already.
+    pub fn releasable(self) -> bool {
+        self != Anomaly::DuplicateId
+    }
+}
+
+/// Lease ids and addresses held (by other pools, or earlier in one
+/// answer), which a new lease must not repeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Lease ids.
+    pub ids: HashSet<String>,
+    /// Addresses.
+    pub addresses: HashSet<IpAddr>,
+}
+
+impl Held {
+    /// Adds a lease.
+    pub fn insert(&mut self, lease: &Lease) {
+        self.ids.insert(lease.id.clone());
+        self.addresses.insert(lease.address.addr());
+    }
+}
+
+/// How an allocation's answer is split ([`PoolCore::screen_answer`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Screened {
+    /// To adopt: valid, at most what was asked and what `max_total`
+    /// leaves room for.
+    pub adopt: Vec<Lease>,
+    /// To return to the backend, and why.
+    pub release: Vec<(Lease, Anomaly)>,
+    /// Neither adopted nor released (the node holds their id), and why.
+    pub quarantine: Vec<(Lease, Anomaly)>,
+    /// The answer had fewer leases than asked.
+    pub short: bool,
+}
+
+/// How an allocation counted in flight ended ([`PoolCore::finish_refill`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RefillEnd {
+    /// The backend gave these addresses (at least one).
+    Allocated(Vec<AddressRecord>),
+    /// The call failed, or its answer held no usable address. With a
+    /// refusal, refills pause until its time (degraded); without one they
+    /// back off: the window doubles from [`BACKOFF_FIRST`] to
+    /// [`BACKOFF_MAX`] with each failure in a row, and the retry falls in
+    /// its second half, `jitter` (0 to 1, drawn by the caller) saying
+    /// where, so that many nodes do not retry in step.
+    Failed {
+        /// The failure.
+        failure: BackendFailure,
+        /// The backend's refusal to give more, if it was one.
+        refusal: Option<Refusal>,
+        /// Where in the back-off window's second half to retry.
+        jitter: f64,
+    },
+    /// Given up before an answer (the store failed, or the caller went
+    /// away): only the in-flight count changes.
+    Abandoned,
+}
+
 /// One pool's addresses and bookkeeping.
 #[derive(Debug, Default)]
 pub struct PoolCore {
@@ -53,12 +206,32 @@ pub struct PoolCore {
     pub(crate) draining: bool,
     /// Specific addresses being allocated from the backend for an owner.
     pub(crate) pending_addresses: HashSet<IpAddr>,
+    /// Allocations that failed in a row (0 after a success).
+    pub(crate) failures: u32,
+    /// Refills are held back after failures until then (Unix milliseconds).
+    pub(crate) backoff_until_ms: u64,
+    /// The last failed allocation, kept after later successes.
+    pub(crate) last_failure: Option<BackendFailure>,
 }
 
 impl PoolCore {
-    /// Adds or replaces a record, indexing it by its state.
+    /// Adds or replaces a record, indexing it by its state (a replaced
+    /// record's index entries go, so no index ever names a record in a
+    /// state it is not in).
     pub fn insert(&mut self, record: AddressRecord) {
         let id = record.lease.id.clone();
+        if let Some(old) = self.records.get(&id) {
+            match &old.state {
+                AddressState::Idle => self.idle.retain(|idle| *idle != id),
+                AddressState::Assigned(owner) => {
+                    let key = owner_key(owner);
+                    if self.owners.get(&key) == Some(&id) {
+                        self.owners.remove(&key);
+                    }
+                }
+                AddressState::Cooldown { .. } | AddressState::Releasing => {}
+            }
+        }
         match &record.state {
             AddressState::Idle => self.idle.push_back(id.clone()),
             AddressState::Assigned(owner) => {
@@ -106,21 +279,50 @@ impl PoolCore {
             .filter(|refusal| refusal.until_ms > now_ms)
     }
 
+    /// Until when refills back off after failures, while they do.
+    pub fn backing_off_at(&self, now_ms: u64) -> Option<u64> {
+        Some(self.backoff_until_ms).filter(|until| *until > now_ms)
+    }
+
+    /// Until when refills are paused (degraded or backing off), while they
+    /// are: when the refiller should look again.
+    pub fn paused_until(&self, now_ms: u64) -> Option<u64> {
+        let refused = self.degraded_at(now_ms).map(|refusal| refusal.until_ms);
+        refused.max(self.backing_off_at(now_ms))
+    }
+
+    /// The last failed allocation and how many failed in a row since the
+    /// last success.
+    pub fn failures(&self) -> (Option<&BackendFailure>, u32) {
+        (self.last_failure.as_ref(), self.failures)
+    }
+
     /// The lease `owner` holds here, if any.
     pub fn assigned_lease(&self, owner: &Owner) -> Option<Lease> {
         let id = self.owners.get(&owner_key(owner))?;
-        Some(leased(&self.records[id]))
+        self.records.get(id).map(leased)
     }
 
     /// Takes the oldest idle address for `owner`: the record as it should
     /// be stored. Nothing changes until [`PoolCore::insert`] commits it;
     /// [`PoolCore::untake`] puts it back if storing fails.
     pub fn take_idle(&mut self, owner: &Owner, now_ms: u64) -> Option<AddressRecord> {
-        let id = self.idle.pop_front()?;
-        let mut record = self.records[&id].clone();
-        record.state = AddressState::Assigned(owner.clone());
-        record.since_ms = now_ms;
-        Some(record)
+        while let Some(id) = self.idle.pop_front() {
+            // An index entry without an idle record is stale: drop it
+            // rather than hand out what is not idle.
+            let Some(record) = self
+                .records
+                .get(&id)
+                .filter(|record| record.state == AddressState::Idle)
+            else {
+                continue;
+            };
+            let mut record = record.clone();
+            record.state = AddressState::Assigned(owner.clone());
+            record.since_ms = now_ms;
+            return Some(record);
+        }
+        None
     }
 
     /// Takes `address` for `owner` when this pool holds it idle or cooling
@@ -167,9 +369,9 @@ impl PoolCore {
         cooldown_ms: u64,
     ) -> Option<AddressRecord> {
         let id = self.owners.get(&owner_key(owner))?;
-        let mut record = self.records[id].clone();
+        let mut record = self.records.get(id)?.clone();
         record.state = AddressState::Cooldown {
-            until_ms: now_ms + cooldown_ms,
+            until_ms: now_ms.saturating_add(cooldown_ms),
         };
         record.since_ms = now_ms;
         Some(record)
@@ -178,20 +380,26 @@ impl PoolCore {
     /// Commits [`PoolCore::cool_down`]'s record.
     pub fn commit_cool_down(&mut self, owner: &Owner, record: AddressRecord) {
         self.owners.remove(&owner_key(owner));
-        self.records.insert(record.lease.id.clone(), record);
+        self.insert(record);
+    }
+
+    /// How many more addresses `max_total` lets the pool take, counting
+    /// those being allocated.
+    pub fn room(&self, config: &PoolConfig) -> usize {
+        config
+            .max_total
+            .saturating_sub(self.records.len().saturating_add(self.in_flight))
     }
 
     /// How many addresses a refill should allocate now, counted as in
     /// flight until [`PoolCore::finish_refill`]: toward `min_idle` (or the
     /// number of waiting assignments), in one batch, never past `max_idle`
-    /// or `max_total`, and nothing while degraded or draining.
+    /// or `max_total`, and nothing while degraded, backing off or draining.
     pub fn plan_refill(&mut self, config: &PoolConfig, now_ms: u64) -> usize {
         let idle = self.idle.len() + self.in_flight;
         let target = config.min_idle.max(self.waiters);
-        let room = config
-            .max_total
-            .saturating_sub(self.records.len() + self.in_flight);
-        let paused = self.draining || self.degraded_at(now_ms).is_some();
+        let room = self.room(config);
+        let paused = self.draining || self.paused_until(now_ms).is_some();
         let want = if paused || idle >= target {
             0
         } else {
@@ -204,23 +412,147 @@ impl PoolCore {
         want
     }
 
-    /// Ends a refill of `planned` addresses that produced `records` (none
-    /// on failure); a refusal pauses refills until `degraded`'s time.
-    pub fn finish_refill(
-        &mut self,
-        planned: usize,
-        records: Vec<AddressRecord>,
-        degraded: Option<Refusal>,
-    ) {
-        self.in_flight -= planned;
-        let succeeded = !records.is_empty();
-        for record in records {
-            self.insert(record);
+    /// How many addresses a warm-up batch should allocate now, counted as
+    /// in flight until [`PoolCore::finish_refill`]: toward `warm_up` idle
+    /// ones, in one batch, never past `max_total`; nothing while draining.
+    /// Back-off does not hold a warm-up back: it is asked for once, and
+    /// reports its failure to its caller.
+    pub fn plan_warm_up(&mut self, config: &PoolConfig) -> usize {
+        if self.draining {
+            return 0;
         }
-        if succeeded {
-            self.degraded = None;
-        } else if degraded.is_some() {
-            self.degraded = degraded;
+        let have = self.idle.len() + self.in_flight;
+        let want = config
+            .batch
+            .min(config.warm_up.saturating_sub(have))
+            .min(self.room(config));
+        self.in_flight += want;
+        want
+    }
+
+    /// Counts one address (a pod's fixed one) as in flight if `max_total`
+    /// leaves room for it; `false` when the pool is full.
+    pub fn reserve_one(&mut self, config: &PoolConfig) -> bool {
+        let room = self.room(config) > 0;
+        if room {
+            self.in_flight += 1;
+        }
+        room
+    }
+
+    /// Whether `lease` may join the pool of `key`: its id and address are
+    /// new to this pool and to `others`, its network and subnet (when the
+    /// backend names them) are the pool's, its gateway lies in its own
+    /// prefix, and that prefix is the one of the pool's addresses.
+    pub fn check_lease(&self, key: &PoolKey, lease: &Lease, others: &Held) -> Result<(), Anomaly> {
+        if self.records.contains_key(&lease.id) || others.ids.contains(&lease.id) {
+            return Err(Anomaly::DuplicateId);
+        }
+        let address = lease.address.addr();
+        if others.addresses.contains(&address)
+            || self
+                .records
+                .values()
+                .any(|record| record.lease.address.addr() == address)
+        {
+            return Err(Anomaly::DuplicateAddress);
+        }
+        let prefix = lease.address.trunc();
+        let named_elsewhere = (!lease.network.is_empty() && lease.network != key.network)
+            || (!lease.subnet.is_empty() && lease.subnet != key.subnet);
+        let gateway_outside = lease
+            .gateway
+            .is_some_and(|gateway| !prefix.contains(&gateway));
+        let off_the_pool = !self.records.is_empty()
+            && !self
+                .records
+                .values()
+                .any(|record| record.lease.address.trunc() == prefix);
+        if named_elsewhere || gateway_outside || off_the_pool {
+            return Err(Anomaly::OutsideSubnet);
+        }
+        Ok(())
+    }
+
+    /// Splits the answer to an allocation of `asked` addresses (counted in
+    /// flight; `wanted`: the one specific address asked for) into what to
+    /// adopt, release and quarantine. A lease is refused as
+    /// [`PoolCore::check_lease`] says, also when an earlier lease of the
+    /// same answer has its id or address; of the valid ones, the first
+    /// `asked` that `max_total` leaves room for are adopted and the rest
+    /// go back.
+    pub fn screen_answer(
+        &self,
+        key: &PoolKey,
+        config: &PoolConfig,
+        asked: usize,
+        wanted: Option<IpAddr>,
+        leases: Vec<Lease>,
+        others: &Held,
+    ) -> Screened {
+        // This allocation's own reservation is the room it may fill.
+        let others_in_flight = self.in_flight.saturating_sub(asked);
+        let room = config
+            .max_total
+            .saturating_sub(self.records.len().saturating_add(others_in_flight))
+            .min(asked);
+        let mut screened = Screened {
+            short: leases.len() < asked,
+            ..Screened::default()
+        };
+        let mut seen = others.clone();
+        for lease in leases {
+            let verdict = match self.check_lease(key, &lease, &seen) {
+                Ok(()) if wanted.is_some_and(|wanted| wanted != lease.address.addr()) => {
+                    Err(Anomaly::WrongAddress)
+                }
+                Ok(()) if screened.adopt.len() >= asked => Err(Anomaly::LongAnswer),
+                Ok(()) if screened.adopt.len() >= room => Err(Anomaly::OverCap),
+                verdict => verdict,
+            };
+            seen.insert(&lease);
+            match verdict {
+                Ok(()) => screened.adopt.push(lease),
+                Err(anomaly) if anomaly.releasable() => screened.release.push((lease, anomaly)),
+                Err(anomaly) => screened.quarantine.push((lease, anomaly)),
+            }
+        }
+        screened
+    }
+
+    /// Ends an allocation of `planned` addresses counted in flight (see
+    /// [`RefillEnd`]): a success adds its records and ends any pause and
+    /// back-off; a failure is remembered and pauses or backs off refills.
+    pub fn finish_refill(&mut self, planned: usize, end: RefillEnd, now_ms: u64) {
+        self.in_flight = self.in_flight.saturating_sub(planned);
+        match end {
+            RefillEnd::Allocated(records) => {
+                for record in records {
+                    self.insert(record);
+                }
+                self.degraded = None;
+                self.failures = 0;
+                self.backoff_until_ms = 0;
+            }
+            RefillEnd::Failed {
+                failure,
+                refusal,
+                jitter,
+            } => {
+                self.failures = self.failures.saturating_add(1);
+                self.last_failure = Some(failure);
+                match refusal {
+                    Some(refusal) => self.degraded = Some(refusal),
+                    None => {
+                        let window = millis(backoff_window(self.failures));
+                        let half = window / 2;
+                        // `as` saturates, and a NaN jitter counts as 0.
+                        let spread = (half as f64 * jitter.clamp(0.0, 1.0)) as u64;
+                        self.backoff_until_ms = now_ms.saturating_add(half.saturating_add(spread));
+                    }
+                }
+            }
+            RefillEnd::Abandoned => {}
         }
     }
 
@@ -252,4 +584,21 @@ impl PoolCore {
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
+
+    /// The ids and addresses this pool holds.
+    pub fn held(&self, into: &mut Held) {
+        for record in self.records.values() {
+            into.insert(&record.lease);
+        }
+    }
+}
+
+/// The back-off window after `failures` failed allocations in a row:
+/// [`BACKOFF_FIRST`] doubled per failure after the first, at most
+/// [`BACKOFF_MAX`].
+pub fn backoff_window(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    BACKOFF_FIRST
+        .saturating_mul(1u32 << doublings)
+        .min(BACKOFF_MAX)
 }

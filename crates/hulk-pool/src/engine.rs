@@ -4,10 +4,11 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::FutureExt;
 use hulk_ipam::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, Owner, PoolKey};
 use tokio::sync::{Notify, RwLock, watch};
 
@@ -27,6 +28,17 @@ const DRAINED: &str = "drained by an operator; a refill resumes it";
 /// The most batch calls one refill pass runs at once.
 const MAX_PARALLEL_BATCHES: usize = 4;
 
+/// How long [`PoolManager::run_refillers`] waits before restarting a
+/// refiller that panicked or ended, so that one dying at once does not
+/// spin.
+pub const REFILLER_RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// How many backend calls in a row must be refused for authentication or
+/// authorization (401/403, [`IpamError::Auth`]) before
+/// [`BackendHealth::auth_failing`] says so: one refusal can be a token
+/// expiring between two calls.
+pub const AUTH_FAILING_AFTER: u32 = 3;
+
 /// Wall-clock milliseconds; cooldowns are stored durably, so they use the
 /// wall clock, not a monotonic one.
 pub trait Clock: Send + Sync {
@@ -42,7 +54,7 @@ impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as u64)
+            .map_or(0, millis)
     }
 }
 
@@ -88,7 +100,64 @@ pub enum PoolError {
     Backend(#[from] IpamError),
 }
 
-use crate::core::{OwnerKey, PoolCore, Refusal, leased};
+use crate::core::{
+    Anomaly, BackendFailure, Held, OwnerKey, PoolCore, RefillEnd, Refusal, leased, millis,
+};
+use crate::metrics::error_kind;
+
+/// Addresses counted in flight in a pool until their allocation ends.
+/// Dropped before [`InFlight::take`] (the caller gave up, a store write
+/// failed, a backend client panicked) it ends the allocation as abandoned,
+/// so the count never stays up and blocks refills for good.
+struct InFlight<'a> {
+    pool: &'a Pool,
+    count: usize,
+}
+
+impl InFlight<'_> {
+    /// The count, for [`PoolCore::finish_refill`] under the caller's lock.
+    fn take(&mut self) -> usize {
+        std::mem::take(&mut self.count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.count > 0 {
+            let now = 0; // unused by an abandoned end
+            self.pool
+                .lock()
+                .finish_refill(self.count, RefillEnd::Abandoned, now);
+        }
+    }
+}
+
+/// Counts a running refiller of a pool until dropped (also by a panic).
+struct Running<'a>(&'a Pool);
+
+impl<'a> Running<'a> {
+    fn new(pool: &'a Pool) -> Self {
+        pool.refillers.fetch_add(1, Ordering::SeqCst);
+        Running(pool)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.refillers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A draw in [0, 1) for back-off jitter. std's hasher keys are random per
+/// process and differ for every `RandomState`, which is all jitter needs.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    // The top 53 bits, as many as an f64 holds exactly.
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// Marks a specific address as being allocated until dropped, also when
 /// the ADD waiting for it is cancelled mid-call.
@@ -110,6 +179,8 @@ struct Pool {
     /// Bumped whenever addresses become idle or the pool's health changes.
     changed: watch::Sender<u64>,
     wake_refiller: Notify,
+    /// Refiller tasks running for this pool (normally 0 or 1).
+    refillers: AtomicUsize,
 }
 
 impl Pool {
@@ -145,6 +216,43 @@ pub struct PoolStats {
     pub degraded_reason: Option<String>,
     /// Whether an operator drained the pool.
     pub draining: bool,
+    /// Whether a refiller task runs for this pool now
+    /// ([`PoolManager::run_refiller`], restarted by
+    /// [`PoolManager::run_refillers`] when it dies). False before the first
+    /// one starts, after shutdown, and for [`REFILLER_RESTART_DELAY`] after
+    /// one died: nothing refills the pool meanwhile.
+    #[serde(default)]
+    pub refiller_running: bool,
+    /// Until when refills back off after failed allocations (Unix
+    /// milliseconds), while they do; assignments keep waiting meanwhile.
+    #[serde(default)]
+    pub backoff_until_ms: Option<u64>,
+    /// This pool's allocations that failed in a row (0 after a success).
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// This pool's last failed allocation, kept after later successes
+    /// (compare its `at_ms`, or look at `consecutive_failures`).
+    #[serde(default)]
+    pub last_error: Option<BackendFailure>,
+}
+
+/// How the backend answered lately, over every call of the manager
+/// (allocations, releases, holder marks, lists), for a node's STATUS and
+/// health check: credentials are per backend, not per pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackendHealth {
+    /// The last failed call, kept after later successes.
+    pub last_error: Option<BackendFailure>,
+    /// Calls that failed in a row until now (0 after a call that got an
+    /// answer: a success, or `NotFound`).
+    pub consecutive_failures: u32,
+    /// Calls refused in a row for authentication or authorization (HTTP
+    /// 401 or 403: [`IpamError::Auth`]); any other answer resets it.
+    pub consecutive_auth_failures: u32,
+    /// At least [`AUTH_FAILING_AFTER`] calls in a row were refused for
+    /// authentication or authorization: the backend refuses this node's
+    /// credentials, and no refill can succeed until they are fixed.
+    pub auth_failing: bool,
 }
 
 /// What one refill pass did.
@@ -198,6 +306,11 @@ pub struct PoolManager {
     unmarked: Mutex<BTreeSet<String>>,
     /// Wakes [`PoolManager::run_owner_marks`] when an address changed hands.
     holder_changed: Notify,
+    /// Held while an answer of the backend is checked against every pool
+    /// and adopted, so two pools never both adopt one address.
+    adoption: Mutex<()>,
+    /// How the backend answered lately.
+    health: Mutex<BackendHealth>,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
@@ -226,9 +339,12 @@ impl RateLimiter {
             (tokens + now.duration_since(counted).as_secs_f64() * self.rate).min(self.burst);
         let mut at = now;
         if tokens < 1.0 {
-            let wait = Duration::from_secs_f64((1.0 - tokens) / self.rate);
+            // A rate near zero asks for a wait no Duration holds: wait
+            // "forever" rather than panic.
+            let wait =
+                Duration::try_from_secs_f64((1.0 - tokens) / self.rate).unwrap_or(Duration::MAX);
             tokio::time::sleep(wait).await;
-            at = now + wait;
+            at = tokio::time::Instant::now();
             tokens = 1.0;
         }
         *bucket = (tokens - 1.0, at);
@@ -279,6 +395,8 @@ impl PoolManager {
             pool_added: Notify::new(),
             unmarked: Mutex::new(BTreeSet::new()),
             holder_changed: Notify::new(),
+            adoption: Mutex::new(()),
+            health: Mutex::new(BackendHealth::default()),
         });
         let mut allocation_interrupted = false;
         for intent in snapshot.intents.values() {
@@ -387,6 +505,7 @@ impl PoolManager {
                     state: Mutex::new(PoolCore::default()),
                     changed: watch::channel(0).0,
                     wake_refiller: Notify::new(),
+                    refillers: AtomicUsize::new(0),
                 })
             })
             .clone()
@@ -455,7 +574,8 @@ impl PoolManager {
         self.metered(operation, call).await
     }
 
-    /// A backend call counted in the metrics but not rate-limited.
+    /// A backend call counted in the metrics and the backend's health but
+    /// not rate-limited.
     async fn metered<T>(
         &self,
         operation: &str,
@@ -464,7 +584,45 @@ impl PoolManager {
         let started = std::time::Instant::now();
         let result = call.await;
         self.metrics.backend_call(operation, started, &result);
+        let mut health = self
+            .health
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match &result {
+            Ok(_) | Err(IpamError::NotFound(_)) => {
+                health.consecutive_failures = 0;
+                health.consecutive_auth_failures = 0;
+            }
+            Err(error) => {
+                health.consecutive_failures = health.consecutive_failures.saturating_add(1);
+                health.consecutive_auth_failures = if matches!(error, IpamError::Auth(_)) {
+                    health.consecutive_auth_failures.saturating_add(1)
+                } else {
+                    0
+                };
+                health.last_error = Some(self.failure(operation, error));
+            }
+        }
+        health.auth_failing = health.consecutive_auth_failures >= AUTH_FAILING_AFTER;
         result
+    }
+
+    /// `error` of an `operation` now, as the pool remembers it.
+    fn failure(&self, operation: &str, error: &IpamError) -> BackendFailure {
+        BackendFailure {
+            operation: operation.to_owned(),
+            kind: error_kind(error).to_owned(),
+            message: error.to_string(),
+            at_ms: self.clock.now_ms(),
+        }
+    }
+
+    /// How the backend answered lately, over every call of this manager.
+    pub fn backend_health(&self) -> BackendHealth {
+        self.health
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     fn intent(&self, kind: IntentKind) -> Intent {
@@ -481,7 +639,8 @@ impl PoolManager {
     pub async fn assign(&self, key: &PoolKey, owner: &Owner) -> Result<Lease, PoolError> {
         let pool = self.pool(key);
         let started = tokio::time::Instant::now();
-        let deadline = started + pool.config.assign_timeout;
+        // None: a timeout too long to add to the clock, i.e. no deadline.
+        let deadline = started.checked_add(pool.config.assign_timeout);
         let mut changes = pool.changed.subscribe();
         let mut waiting = false;
         let outcome = loop {
@@ -527,7 +686,11 @@ impl PoolManager {
                 }
                 pool.wake_refiller.notify_one();
             }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
+            let changed = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, changes.changed()).await,
+                None => Ok(changes.changed().await),
+            };
+            match changed {
                 Ok(Ok(())) => continue,
                 _ => {
                     break Err(PoolError::Empty {
@@ -538,7 +701,8 @@ impl PoolManager {
             }
         };
         if waiting {
-            pool.lock().waiters -= 1;
+            let mut state = pool.lock();
+            state.waiters = state.waiters.saturating_sub(1);
         }
         if outcome.is_ok() {
             self.metrics
@@ -578,7 +742,11 @@ impl PoolManager {
             match state.take_address(owner, address, self.clock.now_ms()) {
                 Ok(Some(record)) => {
                     if let Err(error) = self.store.apply(&[StoreOp::put(record.clone())]) {
-                        if state.records[&record.lease.id].state == AddressState::Idle {
+                        if state
+                            .records
+                            .get(&record.lease.id)
+                            .is_some_and(|kept| kept.state == AddressState::Idle)
+                        {
                             state.untake(&record);
                         }
                         return Err(error.into());
@@ -623,13 +791,23 @@ impl PoolManager {
     }
 
     /// One backend allocation of `address`, recorded as `owner`'s, behind
-    /// an intent record as every allocation is.
+    /// an intent record as every allocation is, within `max_total`.
     async fn allocate_for(
         &self,
         pool: &Pool,
         owner: &Owner,
         address: IpAddr,
     ) -> Result<Lease, PoolError> {
+        if !pool.lock().reserve_one(&pool.config) {
+            return Err(PoolError::AddressUnavailable {
+                address,
+                reason: format!(
+                    "the pool holds its most addresses (max_total {}); one must go first",
+                    pool.config.max_total
+                ),
+            });
+        }
+        let mut reserved = InFlight { pool, count: 1 };
         let _gate = self.allocation_gate.read().await;
         let intent = self.intent(IntentKind::Allocate {
             key: pool.key.clone(),
@@ -638,20 +816,15 @@ impl PoolManager {
         let intent_id = intent.id;
         self.store.apply(&[StoreOp::PutIntent(intent)])?;
         let request = AllocationRequest::for_address(pool.key.clone(), self.node.clone(), address);
-        let result = self
+        let leases = match self
             .timed("allocate", self.backend.allocate(&request))
-            .await;
-        let lease = match result.map(|mut leases| leases.pop()) {
-            Ok(Some(lease)) if lease.address.addr() == address => lease,
-            Ok(other) => {
-                // The intent stays: the next start sweeps what came back.
-                return Err(IpamError::Protocol(format!(
-                    "asked for {address}, got {:?}",
-                    other.map(|lease| lease.address)
-                ))
-                .into());
-            }
+            .await
+        {
+            Ok(leases) => leases,
             Err(error) => {
+                // The ADD gets the error; a refused address is no reason
+                // to hold the pool's refills back.
+                drop(reserved);
                 self.store.apply(&[StoreOp::RemoveIntent(intent_id)])?;
                 return Err(match error {
                     IpamError::Conflict(reason) => {
@@ -661,27 +834,159 @@ impl PoolManager {
                 });
             }
         };
-        let record = AddressRecord {
-            key: pool.key.clone(),
-            lease,
-            state: AddressState::Assigned(owner.clone()),
-            since_ms: self.clock.now_ms(),
-            fixed: true,
-        };
-        let stored = self.store.apply(&[
-            StoreOp::put(record.clone()),
-            StoreOp::RemoveIntent(intent_id),
-        ]);
-        // As for refills: without a durable record the intent stays and the
-        // next start sweeps the address; serve it meanwhile.
-        if let Err(error) = &stored {
-            tracing::error!(%error, "cannot record an allocated address");
-        }
+        let state = AddressState::Assigned(owner.clone());
+        let adopted = self
+            .take_answer(pool, &mut reserved, intent_id, Some(address), state, leases)
+            .await?;
+        let record = adopted?
+            .pop()
+            .ok_or_else(|| IpamError::Protocol(format!("no lease of {address} adopted")))?;
         let lease = leased(&record);
         self.holder_changed(&lease.id);
-        pool.lock().insert(record);
-        stored?;
         Ok(lease)
+    }
+
+    /// The ids and addresses every pool but `key`'s holds.
+    fn held_elsewhere(&self, key: &PoolKey) -> Held {
+        let mut held = Held::default();
+        for pool in self.all_pools() {
+            if pool.key != *key {
+                pool.lock().held(&mut held);
+            }
+        }
+        held
+    }
+
+    /// Takes an allocation's answer into `pool` and ends `reserved`: what
+    /// [`PoolCore::screen_answer`] adopts is stored as `state` (fixed when
+    /// `wanted` names the address) and added; what it refuses is logged
+    /// and counted, and returned to the backend when that is safe (behind
+    /// release intents, so a crash finishes the job). The outer error is
+    /// the store's; the inner one says the answer held no usable address.
+    async fn take_answer(
+        &self,
+        pool: &Pool,
+        reserved: &mut InFlight<'_>,
+        intent_id: u64,
+        wanted: Option<IpAddr>,
+        state: AddressState,
+        leases: Vec<Lease>,
+    ) -> Result<Result<Vec<AddressRecord>, IpamError>, PoolError> {
+        let now = self.clock.now_ms();
+        let answered = leases.len();
+        let (screened, records, releases, stored, unusable) = {
+            let _adopting = self
+                .adoption
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let others = self.held_elsewhere(&pool.key);
+            let mut core = pool.lock();
+            let screened = core.screen_answer(
+                &pool.key,
+                &pool.config,
+                reserved.count,
+                wanted,
+                leases,
+                &others,
+            );
+            let records: Vec<AddressRecord> = screened
+                .adopt
+                .iter()
+                .map(|lease| AddressRecord {
+                    key: pool.key.clone(),
+                    lease: lease.clone(),
+                    state: state.clone(),
+                    since_ms: now,
+                    fixed: wanted.is_some(),
+                })
+                .collect();
+            let releases: Vec<Intent> = screened
+                .release
+                .iter()
+                .map(|(lease, _)| {
+                    self.intent(IntentKind::Release {
+                        lease_id: lease.id.clone(),
+                    })
+                })
+                .collect();
+            let mut ops: Vec<StoreOp> = records.iter().cloned().map(StoreOp::put).collect();
+            ops.extend(releases.iter().cloned().map(StoreOp::PutIntent));
+            ops.push(StoreOp::RemoveIntent(intent_id));
+            let stored = self.store.apply(&ops);
+            // Without a durable record the addresses would be unknown
+            // after a restart; the allocation's intent stays, so the next
+            // start sweeps them. Keep serving them meanwhile.
+            if let Err(error) = &stored {
+                tracing::error!(%error, "cannot record allocated addresses");
+            }
+            let unusable = records.is_empty().then(|| {
+                IpamError::Protocol(format!(
+                    "no usable address in an answer of {answered} leases to a request for {}",
+                    reserved.count
+                ))
+            });
+            let end = match &unusable {
+                Some(error) => RefillEnd::Failed {
+                    failure: self.failure("allocate", error),
+                    refusal: None,
+                    jitter: jitter(),
+                },
+                None => RefillEnd::Allocated(records.clone()),
+            };
+            core.finish_refill(reserved.take(), end, now);
+            (screened, records, releases, stored, unusable)
+        };
+        pool.announce();
+        if screened.short {
+            self.metrics.anomaly(Anomaly::ShortAnswer);
+            tracing::warn!(
+                pool = %pool.key.subnet,
+                answered,
+                "the backend answered fewer addresses than asked; keeping what came"
+            );
+        }
+        for (lease, anomaly) in &screened.quarantine {
+            self.metrics.anomaly(*anomaly);
+            tracing::warn!(
+                pool = %pool.key.subnet,
+                lease = %lease.id,
+                address = %lease.address,
+                anomaly = anomaly.kind(),
+                "refused a lease whose id this node already holds; not released, \
+                 since that would free the address its holder has"
+            );
+        }
+        for ((lease, anomaly), intent) in screened.release.iter().zip(releases) {
+            self.metrics.anomaly(*anomaly);
+            tracing::warn!(
+                pool = %pool.key.subnet,
+                lease = %lease.id,
+                address = %lease.address,
+                anomaly = anomaly.kind(),
+                "refused a lease of the backend's answer; returning it"
+            );
+            self.give_back(&lease.id, intent.id).await?;
+        }
+        stored?;
+        Ok(match unusable {
+            Some(error) => Err(error),
+            None => Ok(records),
+        })
+    }
+
+    /// Returns a lease the pool never adopted, covered by `intent_id`. A
+    /// failure leaves the intent: the next start finishes the release, and
+    /// the periodic orphan sweep meets the lease before that.
+    async fn give_back(&self, lease_id: &str, intent_id: u64) -> Result<(), PoolError> {
+        match self.timed("release", self.backend.release(lease_id)).await {
+            Ok(()) | Err(IpamError::NotFound(_)) => {
+                self.store.apply(&[StoreOp::RemoveIntent(intent_id)])?;
+            }
+            Err(error) => {
+                tracing::warn!(lease = %lease_id, %error, "cannot return a refused lease");
+            }
+        }
+        Ok(())
     }
 
     /// Makes cooled-down addresses idle, durably.
@@ -722,7 +1027,7 @@ impl PoolManager {
     pub async fn release(&self, key: &PoolKey, owner: &Owner) -> Result<(), PoolError> {
         let pool = self.pool(key);
         let mut state = pool.lock();
-        let cooldown_ms = pool.config.reuse_cooldown.as_millis() as u64;
+        let cooldown_ms = millis(pool.config.reuse_cooldown);
         let Some(record) = state.cool_down(owner, self.clock.now_ms(), cooldown_ms) else {
             return Ok(());
         };
@@ -750,7 +1055,8 @@ impl PoolManager {
                 state
                     .owners
                     .values()
-                    .map(|id| state.records[id].lease.address.addr())
+                    .filter_map(|id| state.records.get(id))
+                    .map(|record| record.lease.address.addr())
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -761,9 +1067,9 @@ impl PoolManager {
         let pool = self.pool(key);
         let state = pool.lock();
         let (idle, assigned, cooldown, releasing) = state.counts();
-        let degraded_reason = state
-            .degraded_at(self.clock.now_ms())
-            .map(|refusal| refusal.reason.clone());
+        let now = self.clock.now_ms();
+        let degraded_reason = state.degraded_at(now).map(|refusal| refusal.reason.clone());
+        let (last_error, consecutive_failures) = state.failures();
         PoolStats {
             idle,
             assigned,
@@ -773,6 +1079,10 @@ impl PoolManager {
             degraded: degraded_reason.is_some(),
             degraded_reason,
             draining: state.draining,
+            refiller_running: pool.refillers.load(Ordering::SeqCst) > 0,
+            backoff_until_ms: state.backing_off_at(now),
+            consecutive_failures,
+            last_error: last_error.cloned(),
         }
     }
 
@@ -860,74 +1170,73 @@ impl PoolManager {
     }
 
     /// Allocates `count` addresses (already counted in `in_flight`) behind
-    /// an intent record. The outer error is the store's; the inner one the
-    /// backend's, after which the pool may be degraded.
+    /// an intent record, and takes the answer in
+    /// ([`PoolManager::take_answer`]). The outer error is the store's; the
+    /// inner one the backend's (or an answer without a usable address),
+    /// after which the pool is degraded or backs off. Ok: how many were
+    /// adopted.
     async fn allocate_into(
         &self,
         pool: &Pool,
         count: usize,
     ) -> Result<Result<usize, IpamError>, PoolError> {
+        let mut reserved = InFlight { pool, count };
         let _gate = self.allocation_gate.read().await;
         let intent = self.intent(IntentKind::Allocate {
             key: pool.key.clone(),
             count,
         });
         let intent_id = intent.id;
-        if let Err(error) = self.store.apply(&[StoreOp::PutIntent(intent)]) {
-            pool.lock().finish_refill(count, Vec::new(), None);
-            return Err(error.into());
-        }
+        self.store.apply(&[StoreOp::PutIntent(intent)])?;
         let request = AllocationRequest::new(pool.key.clone(), self.node.clone(), count);
         let result = self
             .timed("allocate", self.backend.allocate(&request))
             .await;
-        let now = self.clock.now_ms();
         match result {
             Ok(leases) => {
-                let records: Vec<AddressRecord> = leases
-                    .into_iter()
-                    .map(|lease| AddressRecord {
-                        key: pool.key.clone(),
-                        lease,
-                        state: AddressState::Idle,
-                        since_ms: now,
-                        fixed: false,
-                    })
-                    .collect();
-                let mut ops: Vec<StoreOp> = records.iter().cloned().map(StoreOp::put).collect();
-                ops.push(StoreOp::RemoveIntent(intent_id));
-                let stored = self.store.apply(&ops);
-                // Without a durable record the addresses would be unknown
-                // after a restart; the intent stays, so the next start
-                // sweeps them. Keep serving them meanwhile.
-                if let Err(error) = &stored {
-                    tracing::error!(%error, "cannot record allocated addresses");
+                let adopted = self
+                    .take_answer(
+                        pool,
+                        &mut reserved,
+                        intent_id,
+                        None,
+                        AddressState::Idle,
+                        leases,
+                    )
+                    .await?;
+                if let Ok(records) = &adopted {
+                    self.metrics
+                        .refills
+                        .get_or_create(&PoolLabels::from(&pool.key))
+                        .inc();
+                    tracing::debug!(pool = %pool.key.subnet, allocated = records.len(), "refilled");
                 }
-                let allocated = records.len();
-                pool.lock().finish_refill(count, records, None);
-                self.metrics
-                    .refills
-                    .get_or_create(&PoolLabels::from(&pool.key))
-                    .inc();
-                pool.announce();
-                stored?;
-                Ok(Ok(allocated))
+                Ok(adopted.map(|records| records.len()))
             }
             Err(error) => {
                 // Backends allocate all or none: nothing to undo.
-                let pause = match &error {
+                let now = self.clock.now_ms();
+                let refusal = match &error {
                     IpamError::Throttled { retry_after } => {
                         Some(retry_after.unwrap_or(pool.config.backoff))
                     }
                     IpamError::Exhausted { .. } | IpamError::Quota(_) => Some(pool.config.backoff),
                     _ => None,
-                };
-                let degraded = pause.map(|pause| Refusal {
-                    until_ms: now + pause.as_millis() as u64,
-                    reason: error.to_string(),
-                    exhausted: matches!(error, IpamError::Exhausted { .. } | IpamError::Quota(_)),
+                }
+                .map(|pause| {
+                    Refusal::new(
+                        now,
+                        pause,
+                        error.to_string(),
+                        matches!(error, IpamError::Exhausted { .. } | IpamError::Quota(_)),
+                    )
                 });
-                pool.lock().finish_refill(count, Vec::new(), degraded);
+                let end = RefillEnd::Failed {
+                    failure: self.failure("allocate", &error),
+                    refusal,
+                    jitter: jitter(),
+                };
+                pool.lock().finish_refill(reserved.take(), end, now);
                 self.store.apply(&[StoreOp::RemoveIntent(intent_id)])?;
                 tracing::warn!(pool = %pool.key.subnet, %error, "refill failed");
                 pool.announce();
@@ -937,14 +1246,14 @@ impl PoolManager {
     }
 
     /// `id`'s record as it is while being returned to the backend, and the
-    /// intent that covers the call.
-    fn release_victim(&self, state: &PoolCore, id: &str) -> (AddressRecord, Intent) {
-        let mut record = state.records[id].clone();
+    /// intent that covers the call; `None` when the pool has no such record.
+    fn release_victim(&self, state: &PoolCore, id: &str) -> Option<(AddressRecord, Intent)> {
+        let mut record = state.records.get(id)?.clone();
         record.state = AddressState::Releasing;
         let intent = self.intent(IntentKind::Release {
             lease_id: id.to_owned(),
         });
-        (record, intent)
+        Some((record, intent))
     }
 
     /// Returns idle addresses beyond `max_idle`, and those beyond
@@ -957,7 +1266,7 @@ impl PoolManager {
             let config = &pool.config;
             let reclaim_before = config
                 .idle_reclaim_after
-                .map(|after| now.saturating_sub(after.as_millis() as u64));
+                .map(|after| now.saturating_sub(millis(after)));
             let (floor, ceiling) = if state.draining {
                 (0, 0)
             } else {
@@ -968,17 +1277,22 @@ impl PoolManager {
                 let Some(oldest) = state.idle.front().cloned() else {
                     break;
                 };
+                let Some(since_ms) = state.records.get(&oldest).map(|record| record.since_ms)
+                else {
+                    // An index entry without a record: drop it.
+                    state.idle.pop_front();
+                    continue;
+                };
                 let too_many = state.idle.len() > ceiling;
-                let stale =
-                    reclaim_before.is_some_and(|before| state.records[&oldest].since_ms < before);
+                let stale = reclaim_before.is_some_and(|before| since_ms < before);
                 if !(too_many || stale) {
                     break;
                 }
                 state.idle.pop_front();
-                victims.push(self.release_victim(&state, &oldest));
+                victims.extend(self.release_victim(&state, &oldest));
             }
             for id in state.cooled_fixed(now) {
-                victims.push(self.release_victim(&state, &id));
+                victims.extend(self.release_victim(&state, &id));
             }
             let ops: Vec<StoreOp> = victims
                 .iter()
@@ -1035,25 +1349,15 @@ impl PoolManager {
     }
 
     /// Tops the idle addresses of `key` up to `warm_up` (in batches)
-    /// before any pod asks; what a restart finds idle counts, and a
-    /// drained pool gets nothing. Returns how many it allocated.
+    /// before any pod asks, never past `max_total`; what a restart finds
+    /// idle counts, and a drained pool gets nothing. Returns how many it
+    /// allocated. A backend error (or an answer without a usable address)
+    /// ends it with that error.
     pub async fn warm_up(&self, key: &PoolKey) -> Result<usize, PoolError> {
         let pool = self.pool(key);
         let mut allocated = 0;
         loop {
-            let count = {
-                let mut state = pool.lock();
-                if state.draining {
-                    return Ok(allocated);
-                }
-                let have = state.idle.len() + state.in_flight();
-                let count = pool
-                    .config
-                    .batch
-                    .min(pool.config.warm_up.saturating_sub(have));
-                state.in_flight += count;
-                count
-            };
+            let count = pool.lock().plan_warm_up(&pool.config);
             if count == 0 {
                 return Ok(allocated);
             }
@@ -1063,14 +1367,22 @@ impl PoolManager {
 
     /// Runs a refiller for every pool, those known now and those that
     /// appear later (a pod's annotations can name a pool first seen at its
-    /// ADD), until `shutdown` turns true or its sender is dropped.
+    /// ADD), until `shutdown` turns true or its sender is dropped. A
+    /// refiller that panics or ends before shutdown is restarted after
+    /// [`REFILLER_RESTART_DELAY`], with an error logged and
+    /// `hulk_pool_refiller_restarts_total` counted; [`PoolStats`] says
+    /// whether each pool's refiller runs.
     pub async fn run_refillers(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut running = HashSet::new();
         let mut refillers = tokio::task::JoinSet::new();
         while !*shutdown.borrow_and_update() {
             for key in self.keys() {
                 if running.insert(key.clone()) {
-                    refillers.spawn(self.clone().run_refiller(key, shutdown.clone()));
+                    refillers.spawn(self.clone().supervised_refiller(
+                        key,
+                        Duration::ZERO,
+                        shutdown.clone(),
+                    ));
                 }
             }
             tokio::select! {
@@ -1080,17 +1392,71 @@ impl PoolManager {
                     }
                 }
                 () = self.pool_added.notified() => {}
+                Some(Ok((key, death))) = refillers.join_next() => {
+                    if *shutdown.borrow() {
+                        continue;
+                    }
+                    tracing::error!(
+                        pool = %key.subnet,
+                        death,
+                        "the pool's refiller died; restarting it"
+                    );
+                    self.metrics
+                        .refiller_restarts
+                        .get_or_create(&PoolLabels::from(&key))
+                        .inc();
+                    refillers.spawn(self.clone().supervised_refiller(
+                        key,
+                        REFILLER_RESTART_DELAY,
+                        shutdown.clone(),
+                    ));
+                }
             }
         }
         while refillers.join_next().await.is_some() {}
     }
 
+    /// Runs `key`'s refiller after `delay`, catching a panic: returns the
+    /// key and how the refiller ended, for [`PoolManager::run_refillers`].
+    async fn supervised_refiller(
+        self: Arc<Self>,
+        key: PoolKey,
+        delay: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> (PoolKey, String) {
+        tokio::time::sleep(delay).await;
+        // Unwind safety: pool state sits behind mutexes whose updates are
+        // applied whole (a poisoned lock is taken over), and an allocation
+        // in flight is ended by its `InFlight` guard while unwinding.
+        let refiller = std::panic::AssertUnwindSafe(self.run_refiller(key.clone(), shutdown));
+        let death = match refiller.catch_unwind().await {
+            Ok(()) => "it ended".to_owned(),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| (*text).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
+                format!("panicked: {message}")
+            }
+        };
+        (key, death)
+    }
+
     /// Runs the refiller of `key` until `shutdown` turns true (or its
-    /// sender is dropped): woken by assignments and releases, and every
-    /// `refill_interval`.
+    /// sender is dropped): woken by assignments and releases, every
+    /// `refill_interval`, and when a pause or back-off ends.
     pub async fn run_refiller(self: Arc<Self>, key: PoolKey, mut shutdown: watch::Receiver<bool>) {
         let pool = self.pool(&key);
+        let _running = Running::new(&pool);
         while !*shutdown.borrow_and_update() {
+            let now = self.clock.now_ms();
+            let pause = pool
+                .lock()
+                .paused_until(now)
+                .map_or(pool.config.refill_interval, |until| {
+                    Duration::from_millis(until.saturating_sub(now))
+                });
             tokio::select! {
                 changed = shutdown.changed() => {
                     if changed.is_err() {
@@ -1099,7 +1465,7 @@ impl PoolManager {
                     continue;
                 }
                 () = pool.wake_refiller.notified() => {}
-                () = tokio::time::sleep(pool.config.refill_interval) => {}
+                () = tokio::time::sleep(pause.min(pool.config.refill_interval)) => {}
             }
             loop {
                 match self.refill(&key).await {
@@ -1132,7 +1498,9 @@ impl PoolManager {
                 if live.contains(owner_key) {
                     continue;
                 }
-                let AddressState::Assigned(owner) = &state.records[id].state else {
+                let Some(AddressState::Assigned(owner)) =
+                    state.records.get(id).map(|record| &record.state)
+                else {
                     continue;
                 };
                 if suspects.contains(owner_key) {

@@ -54,11 +54,13 @@ mod metrics;
 mod store;
 
 pub use config::PoolConfig;
+pub use core::{Anomaly, BACKOFF_FIRST, BACKOFF_MAX, BackendFailure, MAX_BACKEND_PAUSE};
 pub use engine::{
-    Clock, MissingAssignments, OrphanSweep, PoolError, PoolManager, PoolStats, ReconcileReport,
-    RefillOutcome, SystemClock, sweep_cluster, sweep_node,
+    AUTH_FAILING_AFTER, BackendHealth, Clock, MissingAssignments, OrphanSweep, PoolError,
+    PoolManager, PoolStats, REFILLER_RESTART_DELAY, ReconcileReport, RefillOutcome, SystemClock,
+    sweep_cluster, sweep_node,
 };
-pub use metrics::{CallLabels, ErrorLabels, PoolLabels, PoolMetrics, error_kind};
+pub use metrics::{AnomalyLabels, CallLabels, ErrorLabels, PoolLabels, PoolMetrics, error_kind};
 pub use store::{
     AddressRecord, AddressState, Intent, IntentKind, MemoryStore, PoolStore, RedbStore, Snapshot,
     StoreError, StoreOp,

@@ -46,6 +46,15 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+/// Labels of a wrong answer of the backend.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnomalyLabels {
+    /// What was wrong: [`crate::core::Anomaly::kind`] (`duplicate_address`,
+    /// `duplicate_id`, `short_answer`, `long_answer`, `outside_subnet`,
+    /// `wrong_address`, `over_cap`).
+    pub kind: String,
+}
+
 /// The kind of an error, as a metric label.
 pub fn error_kind(error: &IpamError) -> &'static str {
     match error {
@@ -84,6 +93,11 @@ pub struct PoolMetrics {
     pub refills: Family<PoolLabels, Counter>,
     /// Assignments released by reconciliation (pod gone).
     pub gc_releases: Counter,
+    /// Leases of the backend's answers the pool refused, and pods'
+    /// addresses adopted beyond `max_total`, by kind.
+    pub backend_anomalies: Family<AnomalyLabels, Counter>,
+    /// Refillers restarted after they panicked or ended unexpectedly.
+    pub refiller_restarts: Family<PoolLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -103,6 +117,8 @@ impl Default for PoolMetrics {
             backend_errors: Family::default(),
             refills: Family::default(),
             gc_releases: Counter::default(),
+            backend_anomalies: Family::default(),
+            refiller_restarts: Family::default(),
         }
     }
 }
@@ -152,6 +168,24 @@ impl PoolMetrics {
             "Addresses released because their pod was gone",
             self.gc_releases.clone(),
         );
+        registry.register(
+            "backend_anomalies",
+            "Wrong answers of the backend the pool refused (or, over_cap, kept for a pod), by kind",
+            self.backend_anomalies.clone(),
+        );
+        registry.register(
+            "refiller_restarts",
+            "Refillers restarted after a panic or an unexpected end",
+            self.refiller_restarts.clone(),
+        );
+    }
+
+    pub(crate) fn anomaly(&self, anomaly: crate::core::Anomaly) {
+        self.backend_anomalies
+            .get_or_create(&AnomalyLabels {
+                kind: anomaly.kind().to_owned(),
+            })
+            .inc();
     }
 
     pub(crate) fn backend_call<T>(

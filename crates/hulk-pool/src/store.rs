@@ -227,7 +227,9 @@ impl RedbStore {
         transaction.open_table(ADDRESSES).map_err(database_error)?;
         transaction.open_table(INTENTS).map_err(database_error)?;
         transaction.open_table(DRAINED).map_err(database_error)?;
-        transaction.open_table(ATTACHMENTS).map_err(database_error)?;
+        transaction
+            .open_table(ATTACHMENTS)
+            .map_err(database_error)?;
         transaction.commit().map_err(database_error)?;
         Ok(RedbStore { database })
     }
@@ -254,7 +256,9 @@ impl PoolStore for RedbStore {
             let (key, _) = entry.map_err(database_error)?;
             snapshot.drained.insert(serde_json::from_str(key.value())?);
         }
-        let attachments = transaction.open_table(ATTACHMENTS).map_err(database_error)?;
+        let attachments = transaction
+            .open_table(ATTACHMENTS)
+            .map_err(database_error)?;
         for entry in attachments.iter().map_err(database_error)? {
             let (key, value) = entry.map_err(database_error)?;
             snapshot
@@ -270,7 +274,9 @@ impl PoolStore for RedbStore {
             let mut addresses = transaction.open_table(ADDRESSES).map_err(database_error)?;
             let mut intents = transaction.open_table(INTENTS).map_err(database_error)?;
             let mut drained = transaction.open_table(DRAINED).map_err(database_error)?;
-            let mut attachments = transaction.open_table(ATTACHMENTS).map_err(database_error)?;
+            let mut attachments = transaction
+                .open_table(ATTACHMENTS)
+                .map_err(database_error)?;
             for op in ops {
                 match op {
                     StoreOp::PutAddress(record) => {

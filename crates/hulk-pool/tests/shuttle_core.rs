@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use hulk_ipam::{Lease, Owner, PoolKey};
-use hulk_pool::core::PoolCore;
+use hulk_pool::core::{PoolCore, RefillEnd};
 use hulk_pool::{AddressRecord, AddressState, PoolConfig};
 use shuttle::sync::atomic::{AtomicUsize, Ordering};
 use shuttle::sync::{Arc, Mutex};
@@ -73,7 +73,9 @@ fn refill(core: &Mutex<PoolCore>, next_id: &AtomicUsize) {
     let records = (0..want)
         .map(|_| record(next_id.fetch_add(1, Ordering::SeqCst)))
         .collect();
-    core.lock().unwrap().finish_refill(want, records, None);
+    core.lock()
+        .unwrap()
+        .finish_refill(want, RefillEnd::Allocated(records), 0);
 }
 
 /// Assigns from idle, refilling (as a waiting ADD wakes the refiller) when empty.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{PoolError, PoolManager};
-use crate::core::owner_key;
+use crate::core::{Anomaly, owner_key};
 use crate::store::{AddressRecord, AddressState, StoreOp};
 
 /// Marks written at once: a burst of ADDs is marked in a fraction of the
@@ -32,14 +32,25 @@ pub struct OrphanSweep {
     /// idle addresses (a refill returns what exceeds `max_idle`).
     pub adopted_idle: usize,
     /// Marked as held by a pod, and naming their pool: taken back as that
-    /// pod's (a lost store), for its DEL or the GC to release.
+    /// pod's (a lost store), for its DEL or the GC to release; also beyond
+    /// `max_total` (a pod holds it), logged and counted as `over_cap`.
     pub adopted_assigned: usize,
-    /// Marked as held by no pod, without naming their pool: returned to
-    /// the backend.
+    /// Marked as held by no pod, and without naming their pool, or refused
+    /// by it (an address the node holds, outside the pool's subnet, or
+    /// beyond `max_total`): returned to the backend.
     pub released: usize,
-    /// Marked as held by a pod, but without naming their pool, or for an
-    /// interface that holds another address: left alone.
+    /// Marked as held by a pod, but without naming their pool, refused by
+    /// it (an address the node holds, or outside the pool's subnet), or
+    /// for an interface that holds another address: left alone.
     pub left_alone: usize,
+}
+
+/// What [`PoolManager::adopt`] did with an orphan.
+enum Adoption {
+    /// Taken into its pool; `true` beyond `max_total`.
+    Adopted(bool),
+    /// Refused by its pool.
+    Refused(Anomaly),
 }
 
 impl PoolManager {
@@ -176,19 +187,23 @@ impl PoolManager {
                 continue;
             }
             match (lease.owner.clone(), lease.pool_key()) {
-                (None, Some(key)) => {
-                    self.adopt(key, lease, AddressState::Idle)?;
-                    sweep.adopted_idle += 1;
-                }
-                (None, None) => {
-                    match self.timed("release", self.backend.release(&lease.id)).await {
-                        Ok(()) | Err(IpamError::NotFound(_)) => sweep.released += 1,
-                        Err(error) => return Err(error.into()),
+                (None, Some(key)) => match self.adopt(key, lease.clone(), AddressState::Idle)? {
+                    Adoption::Adopted(_) => sweep.adopted_idle += 1,
+                    Adoption::Refused(anomaly) if anomaly.releasable() => {
+                        self.release_orphan(&lease.id).await?;
+                        sweep.released += 1;
                     }
+                    Adoption::Refused(_) => sweep.left_alone += 1,
+                },
+                (None, None) => {
+                    self.release_orphan(&lease.id).await?;
+                    sweep.released += 1;
                 }
                 (Some(owner), Some(key)) if self.lease_of(&owner).is_none() => {
-                    self.adopt(key, lease, AddressState::Assigned(owner))?;
-                    sweep.adopted_assigned += 1;
+                    match self.adopt(key, lease, AddressState::Assigned(owner))? {
+                        Adoption::Adopted(_) => sweep.adopted_assigned += 1,
+                        Adoption::Refused(_) => sweep.left_alone += 1,
+                    }
                 }
                 (Some(owner), _) => {
                     tracing::warn!(
@@ -206,25 +221,87 @@ impl PoolManager {
         Ok(sweep)
     }
 
-    fn adopt(&self, key: PoolKey, mut lease: Lease, state: AddressState) -> Result<(), PoolError> {
-        lease.owner = None;
-        let record = AddressRecord {
-            key: key.clone(),
-            lease,
-            state,
-            since_ms: self.clock.now_ms(),
-            fixed: false,
-        };
-        self.store.apply(&[StoreOp::put(record.clone())])?;
-        tracing::warn!(
-            address = %record.lease.address,
-            pool = %key.subnet,
-            state = ?record.state,
-            "adopted an address of this node the store did not know"
-        );
+    /// Returns an orphan to the backend.
+    async fn release_orphan(&self, lease_id: &str) -> Result<(), PoolError> {
+        match self.timed("release", self.backend.release(lease_id)).await {
+            Ok(()) | Err(IpamError::NotFound(_)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Takes an orphan into `key`'s pool as `state`, unless the pool
+    /// refuses it ([`crate::core::PoolCore::check_lease`]) or, idle, it
+    /// would pass `max_total`; a pod's address beyond `max_total` is taken
+    /// (the pod holds it) but logged and counted. Refusals are logged and
+    /// counted too.
+    fn adopt(
+        &self,
+        key: PoolKey,
+        mut lease: Lease,
+        state: AddressState,
+    ) -> Result<Adoption, PoolError> {
         let pool = self.pool(&key);
-        pool.lock().insert(record);
-        pool.announce();
-        Ok(())
+        let adoption = {
+            let _adopting = self
+                .adoption
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let others = self.held_elsewhere(&key);
+            let mut core = pool.lock();
+            let over_cap = core.room(&pool.config) == 0;
+            match core.check_lease(&key, &lease, &others) {
+                Err(anomaly) => Adoption::Refused(anomaly),
+                Ok(()) if over_cap && state == AddressState::Idle => {
+                    Adoption::Refused(Anomaly::OverCap)
+                }
+                Ok(()) => {
+                    lease.owner = None;
+                    let record = AddressRecord {
+                        key: key.clone(),
+                        lease: lease.clone(),
+                        state: state.clone(),
+                        since_ms: self.clock.now_ms(),
+                        fixed: false,
+                    };
+                    self.store.apply(&[StoreOp::put(record.clone())])?;
+                    core.insert(record);
+                    Adoption::Adopted(over_cap)
+                }
+            }
+        };
+        match &adoption {
+            Adoption::Adopted(over_cap) => {
+                tracing::warn!(
+                    address = %lease.address,
+                    pool = %key.subnet,
+                    state = ?state,
+                    "adopted an address of this node the store did not know"
+                );
+                if *over_cap {
+                    self.metrics.anomaly(Anomaly::OverCap);
+                    tracing::warn!(
+                        lease = %lease.id,
+                        address = %lease.address,
+                        pool = %key.subnet,
+                        max_total = pool.config.max_total,
+                        "the backend marks a pod as holding it, so it is kept beyond max_total"
+                    );
+                }
+                pool.announce();
+            }
+            Adoption::Refused(anomaly) => {
+                self.metrics.anomaly(*anomaly);
+                tracing::warn!(
+                    lease = %lease.id,
+                    address = %lease.address,
+                    pool = %key.subnet,
+                    anomaly = anomaly.kind(),
+                    marked = lease.owner.is_some(),
+                    "refused an address of this node the store did not know; \
+                     returned unless a pod is marked as its holder"
+                );
+            }
+        }
+        Ok(adoption)
     }
 }
