@@ -602,3 +602,188 @@ pub fn backoff_window(failures: u32) -> Duration {
         .saturating_mul(1u32 << doublings)
         .min(BACKOFF_MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    // Test code: a panic is how a test reports a failure.
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn record(id: &str, last: u8, state: AddressState) -> AddressRecord {
+        AddressRecord {
+            key: PoolKey::new("vpc", "s", ["sg"], None),
+            lease: Lease {
+                id: id.into(),
+                address: format!("10.0.0.{last}/24").parse().unwrap(),
+                network: "vpc".into(),
+                subnet: "s".into(),
+                gateway: Some("10.0.0.1".parse().unwrap()),
+                mac: None,
+                mtu: None,
+                gateway_mac: None,
+                security_groups: vec!["sg".into()],
+                qos_policy: None,
+                node: "n".into(),
+                owner: None,
+            },
+            state,
+            since_ms: 0,
+            fixed: false,
+        }
+    }
+
+    fn owner(name: &str) -> Owner {
+        Owner {
+            container_id: name.into(),
+            ifname: "eth0".into(),
+            pod: None,
+            cni_network: None,
+            pod_uid: None,
+        }
+    }
+
+    #[test]
+    fn a_replaced_record_leaves_no_stale_index_entry() {
+        let mut core = PoolCore::default();
+        core.insert(record("a", 2, AddressState::Assigned(owner("p1"))));
+        // The same id again, idle (what a reused id did): p1 no longer
+        // appears to hold it, and it is handed out once.
+        core.insert(record("a", 2, AddressState::Idle));
+        assert_eq!(core.assigned_lease(&owner("p1")), None);
+        let taken = core.take_idle(&owner("p2"), 1).unwrap();
+        core.insert(taken);
+        assert!(core.take_idle(&owner("p3"), 1).is_none());
+        assert_eq!(core.counts(), (0, 1, 0, 0));
+    }
+
+    #[test]
+    fn an_index_naming_a_missing_record_is_skipped_not_a_panic() {
+        let mut core = PoolCore::default();
+        core.idle.push_back("gone".into());
+        core.owners
+            .insert(owner_key(&owner("p1")), "gone-too".into());
+        assert_eq!(core.assigned_lease(&owner("p1")), None);
+        assert_eq!(core.cool_down(&owner("p1"), 0, 30_000), None);
+        assert!(core.take_idle(&owner("p2"), 0).is_none());
+        core.finish_refill(5, RefillEnd::Abandoned, 0);
+        assert_eq!(core.in_flight(), 0);
+    }
+
+    #[test]
+    fn answers_are_screened_against_the_pool_others_and_themselves() {
+        let config = PoolConfig {
+            max_total: 4,
+            ..PoolConfig::default()
+        };
+        let key = PoolKey::new("vpc", "s", ["sg"], None);
+        let mut core = PoolCore::default();
+        core.insert(record("held", 2, AddressState::Idle));
+        core.in_flight = 3;
+        let mut others = Held::default();
+        others.insert(&record("other", 3, AddressState::Idle).lease);
+        let mut foreign = record("foreign", 9, AddressState::Idle).lease;
+        foreign.subnet = "t".into();
+        let answer = vec![
+            record("held", 4, AddressState::Idle).lease,
+            record("new-1", 2, AddressState::Idle).lease,
+            record("new-2", 3, AddressState::Idle).lease,
+            foreign,
+            record("new-3", 5, AddressState::Idle).lease,
+            record("new-3", 6, AddressState::Idle).lease,
+            record("new-4", 5, AddressState::Idle).lease,
+            record("new-5", 7, AddressState::Idle).lease,
+            record("new-6", 8, AddressState::Idle).lease,
+            record("new-7", 10, AddressState::Idle).lease,
+        ];
+        let screened = core.screen_answer(&key, &config, 3, None, answer, &others);
+        let ids = |leases: &[(Lease, Anomaly)]| -> Vec<(String, &'static str)> {
+            leases
+                .iter()
+                .map(|(lease, anomaly)| (lease.id.clone(), anomaly.kind()))
+                .collect()
+        };
+        // Room: 4 - 1 held = 3, all of this allocation's reservation.
+        let adopted: Vec<&str> = screened
+            .adopt
+            .iter()
+            .map(|lease| lease.id.as_str())
+            .collect();
+        assert_eq!(adopted, ["new-3", "new-5", "new-6"]);
+        assert_eq!(
+            ids(&screened.quarantine),
+            [
+                ("held".into(), "duplicate_id"),
+                ("new-3".into(), "duplicate_id")
+            ]
+        );
+        assert_eq!(
+            ids(&screened.release),
+            [
+                ("new-1".into(), "duplicate_address"),
+                ("new-2".into(), "duplicate_address"),
+                ("foreign".into(), "outside_subnet"),
+                ("new-4".into(), "duplicate_address"),
+                ("new-7".into(), "long_answer"),
+            ]
+        );
+        assert!(!screened.short);
+        // Another allocation in flight takes its share of the room.
+        core.in_flight = 4;
+        let screened = core.screen_answer(
+            &key,
+            &config,
+            3,
+            None,
+            vec![
+                record("a", 11, AddressState::Idle).lease,
+                record("b", 12, AddressState::Idle).lease,
+                record("c", 13, AddressState::Idle).lease,
+            ],
+            &Held::default(),
+        );
+        assert_eq!(screened.adopt.len(), 2);
+        assert_eq!(screened.release[0].1, Anomaly::OverCap);
+    }
+
+    #[test]
+    fn pauses_are_capped_and_back_off_doubles_to_its_ceiling() {
+        let forever = Refusal::new(u64::MAX - 5, Duration::MAX, "no".into(), false);
+        assert_eq!(forever.until_ms, u64::MAX);
+        let long = Refusal::new(
+            1_000,
+            Duration::from_secs(3_000_000_000),
+            "no".into(),
+            false,
+        );
+        assert_eq!(long.until_ms, 1_000 + millis(MAX_BACKEND_PAUSE));
+        let windows: Vec<u64> = [1, 2, 3, 6, 7, 100, u32::MAX]
+            .into_iter()
+            .map(|failures| backoff_window(failures).as_secs())
+            .collect();
+        assert_eq!(windows, [1, 2, 4, 32, 60, 60, 60]);
+        let mut core = PoolCore::default();
+        for (failure, jitter, low, high) in [(1, 0.0, 500, 500), (2, 1.0, 2_000, 2_000)] {
+            core.finish_refill(
+                0,
+                RefillEnd::Failed {
+                    failure: BackendFailure {
+                        operation: "allocate".into(),
+                        kind: "protocol".into(),
+                        message: "not JSON".into(),
+                        at_ms: 0,
+                    },
+                    refusal: None,
+                    jitter,
+                },
+                0,
+            );
+            assert_eq!(core.failures().1, failure);
+            let until = core.backing_off_at(0).unwrap();
+            assert!((low..=high).contains(&until), "{until}");
+        }
+        core.finish_refill(0, RefillEnd::Allocated(Vec::new()), 10);
+        assert_eq!(core.paused_until(10), None);
+        assert_eq!(core.failures().1, 0);
+    }
+}

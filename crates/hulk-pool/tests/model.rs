@@ -1,16 +1,19 @@
 //! A property test of the pool as a state machine: random sequences of
 //! assign, release, refill, clock steps, reconciliation and restarts,
-//! checked after every step against a reference model of who holds what.
+//! against a backend that now and then answers wrongly (an address given
+//! before, a lease twice, short and long answers, an address outside the
+//! subnet), checked after every step against a reference model of who
+//! holds what.
 
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use hulk_ipam::{MockBackend, Owner, PoolKey};
+use hulk_ipam::{Fault, FaultPlan, Faulty, IpamError, MockBackend, Owner, PoolKey};
 use hulk_pool::{Clock, MemoryStore, PoolConfig, PoolError, PoolManager, PoolStore};
 use ipnet::IpNet;
 use proptest::prelude::*;
@@ -35,6 +38,24 @@ enum Op {
 }
 
 const OWNERS: usize = 6;
+
+/// Wrong answers whose leases all carry ids the backend really holds, so
+/// that backend and store must still agree. (A reused id hides a lease
+/// from the pool by design; tests/distrust.rs covers it.)
+fn arb_wrong_answer() -> impl Strategy<Value = Fault> {
+    prop_oneof![
+        Just(Fault::DuplicateAddress),
+        Just(Fault::Repeated),
+        (1usize..4).prop_map(Fault::ShortAnswer),
+        (1usize..4).prop_map(Fault::LongAnswer),
+        Just(Fault::OutsideSubnet),
+    ]
+}
+
+/// Wrong answers on some of the first 40 backend calls.
+fn arb_faults() -> impl Strategy<Value = BTreeMap<u64, Fault>> {
+    proptest::collection::btree_map(1u64..40, arb_wrong_answer(), 0..8)
+}
 const COOLDOWN_MS: u64 = 30_000;
 
 fn arb_op() -> impl Strategy<Value = Op> {
@@ -87,7 +108,7 @@ struct Model {
 }
 
 struct System {
-    backend: Arc<MockBackend>,
+    backend: Arc<Faulty<MockBackend>>,
     store: Arc<MemoryStore>,
     clock: Arc<ManualClock>,
     pools: Arc<PoolManager>,
@@ -95,7 +116,7 @@ struct System {
 
 impl System {
     async fn open(
-        backend: Arc<MockBackend>,
+        backend: Arc<Faulty<MockBackend>>,
         store: Arc<MemoryStore>,
         clock: Arc<ManualClock>,
     ) -> System {
@@ -117,15 +138,24 @@ impl System {
     }
 }
 
-async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+async fn run(faults: BTreeMap<u64, Fault>, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let backend = Arc::new(Faulty::new(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        FaultPlan {
+            on_call: faults,
+            ..FaultPlan::default()
+        },
+    ));
     let mut system = System::open(
         backend,
         Arc::new(MemoryStore::default()),
         Arc::new(ManualClock::default()),
     )
     .await;
-    system.pools.warm_up(&key()).await.unwrap();
+    match system.pools.warm_up(&key()).await {
+        Ok(_) | Err(PoolError::Backend(IpamError::Protocol(_))) => {}
+        Err(error) => return Err(TestCaseError::fail(format!("warm-up: {error}"))),
+    }
     let mut model = Model::default();
     for op in ops {
         let now = system.clock.now_ms();
@@ -175,7 +205,12 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Refill => {
                 let outcome = system.pools.refill(&key()).await.unwrap();
-                prop_assert!(outcome.error.is_none());
+                // Only an answer without a usable address fails.
+                prop_assert!(
+                    matches!(outcome.error, None | Some(IpamError::Protocol(_))),
+                    "{:?}",
+                    outcome.error
+                );
             }
             Op::Advance(ms) => {
                 system.clock.0.fetch_add(ms, Ordering::SeqCst);
@@ -224,13 +259,19 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
         let stats = system.pools.stats(&key());
         prop_assert_eq!(stats.assigned, model.held.len());
-        let records = system.store.load().unwrap().addresses.len();
+        let stored = system.store.load().unwrap().addresses;
+        let records = stored.len();
         prop_assert_eq!(
-            system.backend.allocated(),
+            system.backend.inner().allocated(),
             records,
             "backend and store disagree: leak or double"
         );
         prop_assert!(records <= config().max_total);
+        let addresses: HashSet<_> = stored
+            .values()
+            .map(|record| record.lease.address.addr())
+            .collect();
+        prop_assert_eq!(addresses.len(), records, "an address recorded twice");
     }
     Ok(())
 }
@@ -238,12 +279,15 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
     #[test]
-    fn the_pool_matches_the_model(ops in proptest::collection::vec(arb_op(), 1..60)) {
+    fn the_pool_matches_the_model(
+        faults in arb_faults(),
+        ops in proptest::collection::vec(arb_op(), 1..60),
+    ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
             .build()
             .unwrap();
-        runtime.block_on(run(ops))?;
+        runtime.block_on(run(faults, ops))?;
     }
 }

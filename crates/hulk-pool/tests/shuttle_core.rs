@@ -1,8 +1,9 @@
 //! The pool's core under shuttle: threads assigning, releasing and
 //! refilling in every interleaving shuttle's random scheduler tries, with
 //! the backend call made outside the lock as the engine does. No address
-//! reaches two owners, concurrent refills never pass `max_total`, and the
-//! in-flight count always returns to zero.
+//! reaches two owners, concurrent refills never pass `max_total` (even
+//! when the backend answers more than asked, and repeats an address the
+//! pool holds), and the in-flight count always returns to zero.
 
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
@@ -11,7 +12,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use hulk_ipam::{Lease, Owner, PoolKey};
-use hulk_pool::core::{PoolCore, RefillEnd};
+use hulk_pool::core::{Held, PoolCore, RefillEnd};
 use hulk_pool::{AddressRecord, AddressState, PoolConfig};
 use shuttle::sync::atomic::{AtomicUsize, Ordering};
 use shuttle::sync::{Arc, Mutex};
@@ -63,19 +64,35 @@ fn owner(name: &str) -> Owner {
 }
 
 /// One refill as the engine does it: plan under the lock, "call the
-/// backend" outside it, record under the lock.
+/// backend" outside it, screen and record the answer under the lock. The
+/// backend answers one lease more than asked, and then one repeating the
+/// address of the pool's first lease.
 fn refill(core: &Mutex<PoolCore>, next_id: &AtomicUsize) {
     let want = core.lock().unwrap().plan_refill(&config(), 0);
     if want == 0 {
         return;
     }
     thread::yield_now();
-    let records = (0..want)
-        .map(|_| record(next_id.fetch_add(1, Ordering::SeqCst)))
+    let mut answer: Vec<Lease> = (0..=want)
+        .map(|_| record(next_id.fetch_add(1, Ordering::SeqCst)).lease)
         .collect();
-    core.lock()
-        .unwrap()
-        .finish_refill(want, RefillEnd::Allocated(records), 0);
+    let mut repeated = record(next_id.fetch_add(1, Ordering::SeqCst)).lease;
+    repeated.address = record(0).lease.address;
+    answer.push(repeated);
+    let mut core = core.lock().unwrap();
+    let key = record(0).key;
+    let screened = core.screen_answer(&key, &config(), want, None, answer, &Held::default());
+    assert_eq!(
+        screened.release.len(),
+        2,
+        "the extra and the repeat go back"
+    );
+    let records = screened
+        .adopt
+        .into_iter()
+        .map(|lease| AddressRecord { lease, ..record(0) })
+        .collect();
+    core.finish_refill(want, RefillEnd::Allocated(records), 0);
 }
 
 /// Assigns from idle, refilling (as a waiting ADD wakes the refiller) when empty.
@@ -156,6 +173,9 @@ fn scenario() {
         "an address reached two owners"
     );
     assert!(core.assigned_lease(&owner("p1")).is_none(), "p1 released");
+    let mut held = Held::default();
+    core.held(&mut held);
+    assert_eq!(held.addresses.len(), core.len(), "an address held twice");
     let (idle, assigned, cooling, releasing) = core.counts();
     assert_eq!(idle + assigned + cooling + releasing, core.len());
     assert_eq!(assigned, holders.len());
