@@ -278,7 +278,11 @@ pub trait IpamBackend: Send + Sync {
     /// A short name for logs and metrics (`neutron`, `ultron`, `mock`).
     fn name(&self) -> &str;
 
-    /// Allocates `request.count` addresses; all or none.
+    /// Allocates `request.count` addresses; all or none. A client should
+    /// hand over whatever the service answered, even when it is not that
+    /// (fewer, more, repeated or foreign leases): dropping an answer leaks
+    /// the addresses in it, while a caller such as hulk-pool checks every
+    /// lease, keeps what it can use and returns the rest.
     async fn allocate(&self, request: &AllocationRequest) -> Result<Vec<Lease>, IpamError>;
 
     /// Releases a lease by its id; releasing an unknown id is `NotFound`.
