@@ -182,6 +182,8 @@ async fn the_agent_takes_addresses_from_an_ultron_service() {
         cni_network: Some("vpc".into()),
         pod_uid: None,
         timeout_ms: None,
+        address: None,
+        mac: None,
     };
     let reply = call(
         &dir.join("agent.sock"),
@@ -225,6 +227,8 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
         cni_network: Some("vpc".into()),
         pod_uid: None,
         timeout_ms: None,
+        address: None,
+        mac: None,
     };
     let timeout = Duration::from_secs(10);
     let AgentReply::Added(attached) = call(&socket, &AgentRequest::Add(pod.clone()), timeout)
@@ -347,6 +351,8 @@ async fn the_rescue_api_inspects_and_repairs_the_node() {
         cni_network: Some("vpc".into()),
         pod_uid: None,
         timeout_ms: None,
+        address: None,
+        mac: None,
     };
     let timeout = Duration::from_secs(10);
     let socket = dir.join("agent.sock");

@@ -175,6 +175,21 @@ fn logs_go_to_the_configured_file_not_stdout() {
     assert!(logged.contains("10.20.0.2/24"), "{logged}");
 }
 
+#[test]
+fn a_log_file_that_is_stdout_is_refused() {
+    // stdout carries the one result document; a log line there corrupts it.
+    for stdout in ["/dev/stdout", "/proc/self/fd/1"] {
+        let mut conf = config("1.1.0");
+        conf["logFile"] = json!(stdout);
+        conf["logLevel"] = json!("info");
+        let answer = invoke("ADD", &conf, &[]);
+        assert!(!answer.success, "{stdout}");
+        assert_eq!(answer.stdout["code"], 7, "{}", answer.stdout);
+        let msg = answer.stdout["msg"].as_str().unwrap();
+        assert!(msg.contains("stdout"), "{msg}");
+    }
+}
+
 /// A configuration that talks to an agent at `dir/agent.sock`, waits 1 s
 /// for it, and leaves DEL notes in `dir/pending-dels`.
 fn agent_config(dir: &Path) -> Value {

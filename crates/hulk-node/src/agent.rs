@@ -61,7 +61,10 @@ impl AgentRequest {
 pub enum AgentReply {
     /// ADD succeeded (boxed: the other replies are small).
     Added(Box<PodAttachment>),
-    /// DEL, CHECK or GC succeeded.
+    /// CHECK succeeded: the interface is as ADD built it, with this
+    /// address (the plugin compares it with the runtime's `prevResult`).
+    Checked(Box<PodAttachment>),
+    /// DEL or GC succeeded.
     Done,
     /// The request failed, with its CNI error.
     Failed(CniError),
@@ -123,7 +126,7 @@ impl AgentMetrics {
     fn record(&self, operation: &str, started: Instant, reply: &AgentReply) {
         let outcome = match reply {
             AgentReply::Failed(error) => error.code.as_u32().to_string(),
-            AgentReply::Added(_) | AgentReply::Done => "ok".to_owned(),
+            AgentReply::Added(_) | AgentReply::Checked(_) | AgentReply::Done => "ok".to_owned(),
         };
         self.requests
             .get_or_create(&RequestLabels {
@@ -173,7 +176,10 @@ impl<K: Kernel + 'static> PluginApi<K> {
                 .await
                 .map(|added| AgentReply::Added(Box::new(added))),
             AgentRequest::Del(pod) => node.del(&pod).await.map(|()| AgentReply::Done),
-            AgentRequest::Check(pod) => node.check(&pod).await.map(|()| AgentReply::Done),
+            AgentRequest::Check(pod) => node
+                .check(&pod)
+                .await
+                .map(|found| AgentReply::Checked(Box::new(found))),
             AgentRequest::Gc { cni_network, valid } => node
                 .gc(cni_network.as_deref(), &valid)
                 .await

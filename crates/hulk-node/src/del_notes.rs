@@ -483,6 +483,8 @@ mod tests {
             cni_network: Some("vpc".into()),
             pod_uid: Some("uid-1".into()),
             timeout_ms: Some(60_000),
+            address: None,
+            mac: None,
         }
     }
 

@@ -50,6 +50,8 @@
 //!     cni_network: Some("vpc".into()),
 //!     pod_uid: None,
 //!     timeout_ms: None,
+//!     address: None,
+//!     mac: None,
 //! };
 //! let attached = node.add(&pod).await?;
 //! println!("{} on interface {}", attached.lease.address, attached.index);
@@ -67,8 +69,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hulk_cni::{Attachment, CniError, CniResult, ErrorCode, Interface, IpConfig, Route};
 use hulk_ipam::{IpamError, Lease, Owner, PoolKey};
 use hulk_netns::{
-    Datapath, DatapathError, Kernel, Mac, NodeNetwork, NodeState, NsId, Ownership, PodNetwork,
-    RestoreReport,
+    Attached, Datapath, DatapathError, Kernel, Mac, NodeNetwork, NodeState, NsId, Ownership,
+    PodNetwork, RestoreReport,
 };
 use hulk_netns::{default_destination, format_mac};
 use hulk_pool::{AddressState, OrphanSweep, PoolError, PoolManager, ReconcileReport};
@@ -111,6 +113,16 @@ pub struct PodRequest {
     /// given up on it and will not use the sandbox.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The address the runtime asks for (`IP=` in `CNI_ARGS`, or the
+    /// `ips` capability: podman's `--ip`, `network reload`): served through
+    /// the fixed-address path, or refused (never another address instead).
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    /// The MAC the runtime asks for (`MAC=` in `CNI_ARGS`, or the `mac`
+    /// capability): given to a macvlan interface; an ipvlan interface
+    /// shares its parent's MAC, so only that one can be honoured.
+    #[serde(default)]
+    pub mac: Option<Mac>,
 }
 
 impl PodRequest {
@@ -126,6 +138,8 @@ impl PodRequest {
             cni_network: owner.cni_network.clone(),
             pod_uid: owner.pod_uid.clone(),
             timeout_ms: None,
+            address: None,
+            mac: None,
         }
     }
 
@@ -178,15 +192,53 @@ pub struct PodAttachment {
     pub mac: Option<Mac>,
     /// The interface's MTU.
     pub mtu: u32,
+    /// Every route ADD installed in the pod (default route, the node's
+    /// address, the Service ranges), with the metrics it chose; empty
+    /// from an agent older than this field.
+    #[serde(default)]
+    pub routes: Vec<hulk_netns::Route>,
 }
 
 impl PodAttachment {
-    /// The CNI result of this attachment for interface `ifname` in `sandbox`.
+    /// What `attached` built with `lease`.
+    fn of(lease: Lease, attached: &Attached) -> Self {
+        PodAttachment {
+            lease,
+            index: attached.index,
+            mac: attached.mac,
+            mtu: attached.mtu,
+            routes: attached.routes.clone(),
+        }
+    }
+}
+
+/// A pod route as the CNI result lists it: a next hop, or scope link
+/// (253, CNI 1.1; older versions drop the scope) for a destination on the
+/// link itself, and the metric as `priority` when ADD chose one.
+fn cni_route(route: &hulk_netns::Route) -> Route {
+    let mut listed = Route::new(route.dst, route.gateway);
+    listed.priority = (route.metric > 0).then_some(route.metric);
+    listed.scope = route.gateway.is_none().then_some(RT_SCOPE_LINK);
+    listed
+}
+
+/// The kernel's `RT_SCOPE_LINK`.
+const RT_SCOPE_LINK: u8 = 253;
+
+impl PodAttachment {
+    /// The CNI result of this attachment for interface `ifname` in
+    /// `sandbox`: the interface, its address and every route ADD made.
     pub fn to_cni_result(&self, ifname: &str, sandbox: &std::path::Path) -> CniResult {
         let lease = &self.lease;
-        let default_route = lease
-            .gateway
-            .map(|gateway| Route::new(default_destination(gateway), Some(gateway)));
+        let routes = if self.routes.is_empty() {
+            lease
+                .gateway
+                .map(|gateway| Route::new(default_destination(gateway), Some(gateway)))
+                .into_iter()
+                .collect()
+        } else {
+            self.routes.iter().map(cni_route).collect()
+        };
         CniResult {
             interfaces: vec![Interface {
                 name: ifname.to_owned(),
@@ -200,7 +252,7 @@ impl PodAttachment {
                 gateway: lease.gateway,
                 interface: Some(0),
             }],
-            routes: default_route.into_iter().collect(),
+            routes,
             dns: Default::default(),
         }
     }
@@ -398,7 +450,41 @@ impl<K: Kernel> Node<K> {
         &self.datapath
     }
 
-    fn pod_network(&self, request: &PodRequest, lease: &Lease) -> Result<PodNetwork, NodeError> {
+    /// The MAC the pod's interface gets: the one the runtime asked for on
+    /// macvlan; on ipvlan, where every slave shares the parent's MAC, a
+    /// request for the parent's MAC is met by itself and any other is
+    /// refused (7) rather than silently ignored.
+    async fn requested_mac(&self, request: &PodRequest) -> Result<Option<Mac>, NodeError> {
+        let Some(asked) = request.mac else {
+            return Ok(None);
+        };
+        if matches!(self.network.kind, hulk_netns::SlaveKind::MacVlan { .. }) {
+            return Ok(Some(asked));
+        }
+        let kernel = self.datapath.kernel();
+        let parent = kernel
+            .link(kernel.host(), &self.network.parent)
+            .await
+            .map_err(DatapathError::from)?
+            .and_then(|link| link.mac);
+        if parent == Some(asked) {
+            return Ok(None);
+        }
+        Err(NodeError::InvalidRequest(format!(
+            "MAC {} cannot be given: an ipvlan interface shares its parent's MAC ({}); use kind = \"macvlan\" for pod MACs",
+            format_mac(&asked),
+            parent
+                .as_ref()
+                .map_or_else(|| "unknown".to_owned(), format_mac)
+        )))
+    }
+
+    fn pod_network(
+        &self,
+        request: &PodRequest,
+        lease: &Lease,
+        mac: Option<Mac>,
+    ) -> Result<PodNetwork, NodeError> {
         let gateway = lease.gateway.ok_or_else(|| {
             NodeError::InvalidRequest(format!("lease {} has no gateway", lease.id))
         })?;
@@ -409,7 +495,7 @@ impl<K: Kernel> Node<K> {
             address: lease.address,
             gateway,
             gateway_mac: lease.gateway_mac.map(|mac| mac.octets()),
-            mac: None,
+            mac,
             mtu: lease.mtu,
             service_path: Some(self.network.service_path()),
         })
@@ -480,7 +566,11 @@ impl<K: Kernel> Node<K> {
             self.undo(&record).await;
             return Err(error.into());
         }
-        let spec = match self.pod_network(request, &lease) {
+        let spec = match self
+            .requested_mac(request)
+            .await
+            .and_then(|mac| self.pod_network(request, &lease, mac))
+        {
             Ok(spec) => spec,
             Err(error) => {
                 self.undo(&record).await;
@@ -516,17 +606,22 @@ impl<K: Kernel> Node<K> {
             self.undo(&record).await;
             return Err(error.into());
         }
-        Ok(PodAttachment {
-            lease,
-            index: attached.index,
-            mac: attached.mac,
-            mtu: attached.mtu,
-        })
+        Ok(PodAttachment::of(lease, &attached))
     }
 
     /// The pool and the address for `request`.
+    /// The runtime's requested address (`IP=`, `ips`) and the pod's
+    /// annotation must agree when both are given.
     async fn assign(&self, request: &PodRequest) -> Result<(PoolKey, Lease), NodeError> {
-        let (key, fixed_address) = self.placement_of(request).await?;
+        let (key, annotated) = self.placement_of(request).await?;
+        let fixed_address = match (request.address, annotated) {
+            (Some(asked), Some(annotated)) if asked != annotated => {
+                return Err(NodeError::InvalidRequest(format!(
+                    "the runtime asks for {asked}, the pod's annotation for {annotated}"
+                )));
+            }
+            (asked, annotated) => asked.or(annotated),
+        };
         let owner = request.owner();
         let lease = match fixed_address {
             Some(address) => self.pools.assign_address(&key, &owner, address).await?,
@@ -721,8 +816,9 @@ impl<K: Kernel> Node<K> {
     }
 
     /// CHECK: the interface is as ADD built it, in the sandbox ADD built
-    /// it in.
-    pub async fn check(&self, request: &PodRequest) -> Result<(), NodeError> {
+    /// it in. Returns what is there, for a comparison with the runtime's
+    /// `prevResult`.
+    pub async fn check(&self, request: &PodRequest) -> Result<PodAttachment, NodeError> {
         let netns = request.netns.as_deref().ok_or_else(|| {
             NodeError::InvalidRequest("CHECK needs the pod's network namespace".into())
         })?;
@@ -750,9 +846,15 @@ impl<K: Kernel> Node<K> {
                 request.container_id, request.ifname
             ))
         })?;
-        let spec = self.pod_network(request, &lease)?;
-        self.datapath.check(netns, &spec).await?;
-        Ok(())
+        let mac = self.requested_mac(request).await?;
+        let spec = self.pod_network(request, &lease, mac)?;
+        let found = self.datapath.check(netns, &spec).await?;
+        let mut checked = PodAttachment::of(lease, &found);
+        // The routes as ADD chose them (metrics included), when recorded.
+        if let Some(created) = self.attachments.get(&id).and_then(|record| record.created) {
+            checked.routes = created.routes;
+        }
+        Ok(checked)
     }
 
     /// GC of CNI network `cni_network`: tears down, at once, every attachment

@@ -31,6 +31,8 @@ fn pod(n: usize) -> PodRequest {
         cni_network: Some("vpc".into()),
         pod_uid: None,
         timeout_ms: None,
+        address: None,
+        mac: None,
     }
 }
 
@@ -104,12 +106,15 @@ async fn concurrent_adds_get_distinct_addresses_and_dels_return_them() {
     }
     assert_eq!(addresses.len(), PODS);
     for n in 0..PODS {
-        assert_eq!(
-            call(&path, &AgentRequest::Check(pod(n)), TIMEOUT)
-                .await
-                .unwrap(),
-            AgentReply::Done
-        );
+        match call(&path, &AgentRequest::Check(pod(n)), TIMEOUT)
+            .await
+            .unwrap()
+        {
+            // CHECK answers with what the pod has, for the plugin to
+            // compare with the runtime's prevResult.
+            AgentReply::Checked(found) => assert!(addresses.contains(&found.lease.address)),
+            other => panic!("CHECK answered {other:?}"),
+        }
         assert_eq!(
             call(&path, &AgentRequest::Del(pod(n)), TIMEOUT)
                 .await

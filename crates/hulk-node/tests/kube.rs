@@ -328,6 +328,8 @@ fn request(name: &str) -> PodRequest {
         cni_network: Some("vpc".into()),
         pod_uid: Some(format!("uid-{name}")),
         timeout_ms: None,
+        address: None,
+        mac: None,
     }
 }
 

@@ -40,6 +40,8 @@ fn pod(name: &str) -> PodRequest {
         cni_network: Some("vpc".into()),
         pod_uid: None,
         timeout_ms: None,
+        address: None,
+        mac: None,
     }
 }
 
@@ -154,6 +156,8 @@ async fn gc_tears_down_every_attachment_of_its_network_not_valid_in_one_call() {
         cni_network: Some("storage".into()),
         pod_uid: None,
         timeout_ms: None,
+        address: None,
+        mac: None,
         ifname: "net1".into(),
         ..pod("d")
     };
@@ -302,4 +306,83 @@ async fn add_without_a_namespace_is_an_invalid_request() {
     let error = node.add(&request).await.unwrap_err();
     assert_eq!(error.to_cni().code, ErrorCode::InvalidNetworkConfig);
     assert_eq!(node.pools().stats(&key()).assigned, 0);
+}
+
+#[tokio::test]
+async fn the_add_result_lists_every_route_add_made() {
+    let (node, _) = node(&["a"]).await;
+    let attached = node.add(&pod("a")).await.unwrap();
+    let result = attached.to_cni_result("eth0", std::path::Path::new("/var/run/netns/a"));
+    let routes: Vec<String> = result
+        .routes
+        .iter()
+        .map(|route| format!("{} {:?} {:?}", route.dst, route.gw, route.scope))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            "0.0.0.0/0 Some(10.20.0.1) None",
+            "10.20.0.250/32 None Some(253)",
+            "10.96.0.0/12 Some(10.20.0.250) None",
+        ]
+    );
+    // CHECK answers with the same facts, for the plugin's prevResult check.
+    let checked = node.check(&pod("a")).await.unwrap();
+    assert_eq!(checked, attached);
+}
+
+#[tokio::test]
+async fn an_address_the_runtime_asks_for_is_given_or_refused_never_replaced() {
+    let (node, _) = node(&["a", "b", "c"]).await;
+    let asking = |name: &str, address: &str| PodRequest {
+        address: Some(address.parse().unwrap()),
+        ..pod(name)
+    };
+    let given = node.add(&asking("a", "10.20.0.50")).await.unwrap();
+    assert_eq!(given.lease.address.to_string(), "10.20.0.50/24");
+    // Held by another pod: try again later (11), not another address.
+    let held = node.add(&asking("b", "10.20.0.50")).await.unwrap_err();
+    assert_eq!(held.to_cni().code, ErrorCode::TryAgainLater, "{held}");
+    // Outside the subnet: the request is wrong (7).
+    let outside = node.add(&asking("c", "192.0.2.9")).await.unwrap_err();
+    assert_eq!(
+        outside.to_cni().code,
+        ErrorCode::InvalidNetworkConfig,
+        "{outside}"
+    );
+    assert_eq!(node.pools().stats(&key()).assigned, 1);
+}
+
+#[tokio::test]
+async fn an_ipvlan_pod_can_have_only_its_parents_mac() {
+    let (node, namespaces) = node(&["a", "b"]).await;
+    let kernel = node.datapath().kernel();
+    let parent = kernel
+        .link(kernel.host(), "eth1")
+        .await
+        .unwrap()
+        .unwrap()
+        .mac
+        .unwrap();
+    let with_mac = |name: &str, mac| PodRequest {
+        mac: Some(mac),
+        ..pod(name)
+    };
+    node.add(&with_mac("a", parent)).await.unwrap();
+    let refused = node
+        .add(&with_mac("b", [2, 0, 0, 0, 0, 7]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.to_cni().code,
+        ErrorCode::InvalidNetworkConfig,
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("ipvlan"), "{refused}");
+    assert_eq!(kernel.namespace(namespaces[1]).links.len(), 1, "only lo");
+    assert_eq!(
+        node.pools().stats(&key()).assigned,
+        1,
+        "b's address went back"
+    );
 }

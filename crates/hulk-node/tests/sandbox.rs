@@ -49,6 +49,8 @@ fn pod(name: &str) -> PodRequest {
         cni_network: Some("vpc".into()),
         pod_uid: None,
         timeout_ms: None,
+        address: None,
+        mac: None,
     }
 }
 

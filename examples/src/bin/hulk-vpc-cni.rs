@@ -18,8 +18,8 @@ use hulk_cni::{
     AttachRequest, CheckRequest, CniArgs, CniError, CniResult, DelRequest, ErrorCode, GcRequest,
     NetConf, Plugin,
 };
-use hulk_ipam::{AllocationRequest, IpamBackend, IpamError, MockBackend, PoolKey};
-use hulk_netns::{Datapath, NetlinkKernel};
+use hulk_ipam::{AllocationRequest, IpamBackend, IpamError, MacAddr, MockBackend, PoolKey};
+use hulk_netns::{Datapath, Mac, NetlinkKernel, format_mac};
 use hulk_node::agent::{AgentReply, AgentRequest, ClientError, call};
 use hulk_node::del_notes::{self, DelNotes};
 use hulk_node::{PodAttachment, PodRequest};
@@ -105,6 +105,8 @@ fn pod_request(
         pod_uid: args.pod_uid().map(str::to_owned),
         // The agent undoes an ADD still running when the plugin stops waiting.
         timeout_ms: Some(fields.agent_timeout_seconds.saturating_mul(1000)),
+        address: None,
+        mac: None,
         container_id: container_id.to_owned(),
         ifname: ifname.to_owned(),
         netns: netns.map(Path::to_path_buf),
@@ -114,6 +116,136 @@ fn pod_request(
             .map(|(namespace, name)| format!("{namespace}/{name}")),
         pool: None,
     }
+}
+
+/// The address and MAC the runtime asks for, by the conventions runtimes
+/// use: `IP=` / `MAC=` in `CNI_ARGS` (podman's `--ip`, `network reload`)
+/// and the `ips` / `mac` capabilities in `runtimeConfig`. An address may
+/// be written with a prefix (`10.61.0.50/24`); the subnet's prefix is what
+/// the pod gets. One address per interface; two sources must agree.
+fn requested(config: &NetConf, args: &CniArgs) -> Result<(Option<IpAddr>, Option<Mac>), CniError> {
+    let runtime = config.runtime_config.as_ref();
+    let mut addresses: Vec<(String, &str)> = Vec::new();
+    if let Some(value) = args.get("IP") {
+        addresses.extend(
+            value
+                .split(',')
+                .map(|one| (one.trim().to_owned(), "CNI_ARGS IP")),
+        );
+    }
+    if let Some(ips) = runtime.and_then(|runtime| runtime.get("ips")) {
+        let list = ips
+            .as_array()
+            .ok_or_else(|| CniError::invalid_config("runtimeConfig.ips must be a list"))?;
+        for ip in list {
+            let text = ip
+                .as_str()
+                .ok_or_else(|| CniError::invalid_config("runtimeConfig.ips must hold strings"))?;
+            addresses.push((text.to_owned(), "runtimeConfig.ips"));
+        }
+    }
+    let mut address: Option<IpAddr> = None;
+    for (text, source) in addresses.iter().filter(|(text, _)| !text.is_empty()) {
+        let parsed = text
+            .parse::<IpNet>()
+            .map(|net| net.addr())
+            .or_else(|_| text.parse::<IpAddr>())
+            .map_err(|_| {
+                CniError::invalid_config(format!("{source}: {text:?} is not an IP address"))
+            })?;
+        match address {
+            Some(earlier) if earlier != parsed => {
+                return Err(CniError::invalid_config(format!(
+                    "one address per interface: the runtime asks for both {earlier} and {parsed}"
+                )));
+            }
+            _ => address = Some(parsed),
+        }
+    }
+    let mut macs: Vec<(String, &str)> = Vec::new();
+    if let Some(value) = args.get("MAC") {
+        macs.push((value.to_owned(), "CNI_ARGS MAC"));
+    }
+    if let Some(value) = runtime.and_then(|runtime| runtime.get("mac")) {
+        let text = value
+            .as_str()
+            .ok_or_else(|| CniError::invalid_config("runtimeConfig.mac must be a string"))?;
+        macs.push((text.to_owned(), "runtimeConfig.mac"));
+    }
+    let mut mac: Option<Mac> = None;
+    for (text, source) in macs.iter().filter(|(text, _)| !text.is_empty()) {
+        let parsed = text
+            .parse::<MacAddr>()
+            .map_err(|_| {
+                CniError::invalid_config(format!("{source}: {text:?} is not a MAC address"))
+            })?
+            .octets();
+        match mac {
+            Some(earlier) if earlier != parsed => {
+                return Err(CniError::invalid_config(format!(
+                    "the runtime asks for two MACs: {} and {}",
+                    format_mac(&earlier),
+                    format_mac(&parsed)
+                )));
+            }
+            _ => mac = Some(parsed),
+        }
+    }
+    Ok((address, mac))
+}
+
+/// CHECK's comparison of the runtime's `prevResult` with what the agent
+/// found: our interface (named `ifname`, in a sandbox) must be listed, with
+/// the pod's MAC when it lists one, and every address it lists for that
+/// interface must be the pod's, which must be among them.
+fn compare_prev_result(
+    prev: &CniResult,
+    ifname: &str,
+    found: &PodAttachment,
+) -> Result<(), CniError> {
+    let mismatch = |message: String| CniError::new(ErrorCode::Datapath, message);
+    let ours: Vec<usize> = prev
+        .interfaces
+        .iter()
+        .enumerate()
+        .filter(|(_, interface)| interface.name == ifname && interface.sandbox.is_some())
+        .map(|(index, _)| index)
+        .collect();
+    let Some(&index) = ours.first() else {
+        return Err(mismatch(format!(
+            "prevResult does not list interface {ifname} in the sandbox"
+        )));
+    };
+    if let (Some(listed), Some(mac)) = (&prev.interfaces[index].mac, &found.mac)
+        && !listed.eq_ignore_ascii_case(&format_mac(mac))
+    {
+        return Err(mismatch(format!(
+            "prevResult gives {ifname} MAC {listed}, the pod's is {}",
+            format_mac(mac)
+        )));
+    }
+    let listed: Vec<IpNet> = prev
+        .ips
+        .iter()
+        .filter(|ip| {
+            ip.interface
+                .and_then(|interface| usize::try_from(interface).ok())
+                .is_some_and(|interface| ours.contains(&interface))
+        })
+        .map(|ip| ip.address)
+        .collect();
+    let address = found.lease.address;
+    if let Some(other) = listed.iter().find(|listed| **listed != address) {
+        return Err(mismatch(format!(
+            "prevResult names {other} on {ifname}, which the pod does not have (it has {address})"
+        )));
+    }
+    if !listed.contains(&address) {
+        return Err(mismatch(format!(
+            "prevResult does not list the pod's address {address} on {ifname}"
+        )));
+    }
+    Ok(())
 }
 
 /// Why a request to the agent got no reply to act on.
@@ -247,6 +379,7 @@ async fn dry_add(request: &AttachRequest) -> Result<CniResult, CniError> {
         mtu: lease.mtu.unwrap_or(1500),
         index: 0,
         lease,
+        routes: Vec::new(),
     };
     tracing::info!(container = %request.container_id, address = %attachment.lease.address, "dry-run ADD");
     Ok(attachment.to_cni_result(&request.ifname, &request.netns))
@@ -260,7 +393,7 @@ impl Plugin for VpcPlugin {
         let mut result = if fields.dry_run {
             dry_add(&request).await?
         } else {
-            let pod = pod_request(
+            let mut pod = pod_request(
                 &fields,
                 &request.config,
                 &request.container_id,
@@ -268,6 +401,7 @@ impl Plugin for VpcPlugin {
                 Some(&request.netns),
                 &request.args,
             );
+            (pod.address, pod.mac) = requested(&request.config, &request.args)?;
             match ask(&fields, AgentRequest::Add(pod)).await {
                 Ok(AgentReply::Added(attachment)) => {
                     attachment.to_cni_result(&request.ifname, &request.netns)
@@ -328,7 +462,7 @@ impl Plugin for VpcPlugin {
                 ))),
             };
         }
-        let pod = pod_request(
+        let mut pod = pod_request(
             &fields,
             &attachment.config,
             &attachment.container_id,
@@ -336,10 +470,15 @@ impl Plugin for VpcPlugin {
             Some(&attachment.netns),
             &attachment.args,
         );
-        ask(&fields, AgentRequest::Check(pod))
-            .await
-            .map(|_| ())
-            .map_err(|error| error.into_cni(&fields))
+        (pod.address, pod.mac) = requested(&attachment.config, &attachment.args)?;
+        match ask(&fields, AgentRequest::Check(pod)).await {
+            Ok(AgentReply::Checked(found)) => {
+                compare_prev_result(&request.prev_result, &attachment.ifname, &found)
+            }
+            // An agent older than the comparison: its own check passed.
+            Ok(_) => Ok(()),
+            Err(error) => Err(error.into_cni(&fields)),
+        }
     }
 
     async fn status(&self, config: NetConf) -> Result<(), CniError> {
@@ -380,4 +519,97 @@ impl Plugin for VpcPlugin {
 
 fn main() -> ExitCode {
     hulk_cni::run(VpcPlugin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn conf(runtime: serde_json::Value) -> NetConf {
+        NetConf::from_value(json!({
+            "cniVersion": "1.0.0", "name": "vpc", "type": "hulk-vpc-cni",
+            "runtimeConfig": runtime,
+        }))
+        .unwrap()
+    }
+
+    fn args(text: &str) -> CniArgs {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_runtime_asks_for_an_address_and_a_mac_by_either_convention() {
+        let none = requested(&conf(json!({})), &args("IgnoreUnknown=1")).unwrap();
+        assert_eq!(none, (None, None));
+        let podman = requested(
+            &conf(json!({})),
+            &args("IgnoreUnknown=1;IP=10.61.0.50;MAC=02:11:22:33:44:55"),
+        )
+        .unwrap();
+        assert_eq!(podman.0, Some("10.61.0.50".parse().unwrap()));
+        assert_eq!(podman.1, Some([2, 0x11, 0x22, 0x33, 0x44, 0x55]));
+        let capability = requested(
+            &conf(json!({"ips": ["10.61.0.50/24"], "mac": "02:11:22:33:44:55"})),
+            &args("IP=10.61.0.50"),
+        )
+        .unwrap();
+        assert_eq!(capability, podman, "agreeing sources are one request");
+    }
+
+    #[test]
+    fn what_cannot_be_one_request_is_refused_with_7() {
+        for (runtime, cni_args) in [
+            (json!({"ips": ["10.61.0.50", "10.61.0.51"]}), ""),
+            (json!({"ips": ["10.61.0.50"]}), "IP=10.61.0.51"),
+            (json!({}), "IP=ten.dot"),
+            (json!({"mac": "zz:11"}), ""),
+            (json!({"mac": "02:00:00:00:00:01"}), "MAC=02:00:00:00:00:02"),
+            (json!({"ips": "10.61.0.50"}), ""),
+        ] {
+            let error = requested(&conf(runtime.clone()), &args(cni_args)).unwrap_err();
+            assert_eq!(
+                error.code,
+                ErrorCode::InvalidNetworkConfig,
+                "{runtime} {cni_args}"
+            );
+        }
+    }
+
+    fn found() -> PodAttachment {
+        let lease: hulk_ipam::Lease = serde_json::from_value(json!({
+            "id": "l1", "address": "10.20.0.5/24", "network": "vpc", "subnet": "s",
+            "gateway": "10.20.0.1", "mac": null, "mtu": 1500, "gateway_mac": null,
+            "security_groups": [], "qos_policy": null, "node": "n", "owner": null
+        }))
+        .unwrap();
+        PodAttachment {
+            lease,
+            index: 3,
+            mac: Some([2, 0, 0, 0, 0, 9]),
+            mtu: 1500,
+            routes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn check_compares_the_prev_result_with_the_pod() {
+        let good = found().to_cni_result("eth0", Path::new("/var/run/netns/a"));
+        compare_prev_result(&good, "eth0", &found()).unwrap();
+
+        let mut other_address = good.clone();
+        other_address.ips[0].address = "10.20.0.99/24".parse().unwrap();
+        let error = compare_prev_result(&other_address, "eth0", &found()).unwrap_err();
+        assert!(error.msg.contains("10.20.0.99/24"), "{}", error.msg);
+
+        let mut other_mac = good.clone();
+        other_mac.interfaces[0].mac = Some("02:00:00:00:00:10".into());
+        assert!(compare_prev_result(&other_mac, "eth0", &found()).is_err());
+
+        let mut no_address = good.clone();
+        no_address.ips.clear();
+        assert!(compare_prev_result(&no_address, "eth0", &found()).is_err());
+
+        assert!(compare_prev_result(&good, "eth1", &found()).is_err());
+    }
 }
