@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
-pub use crate::lines::{ClientError, ServeLimits};
+pub use crate::lines::{AllowedPeers, ClientError, ServeLimits};
 use crate::lines::{LineService, Peer};
 use crate::{Node, PodAttachment, PodRequest};
 
@@ -218,6 +218,14 @@ impl<K: Kernel + 'static> LineService for PluginApi<K> {
         AgentReply::Failed(CniError::try_again_later(format!(
             "the agent did not finish within {after:?}"
         )))
+    }
+
+    fn refused(&self, peer: Peer) -> AgentReply {
+        // 103, as when the socket's mode keeps the caller out.
+        AgentReply::Failed(CniError::new(
+            ErrorCode::AgentUnavailable,
+            format!("the agent does not serve {peer} on this socket"),
+        ))
     }
 }
 

@@ -1,17 +1,150 @@
 //! The agent's HTTP endpoint: Prometheus' `/metrics` and `/healthz`.
+//!
+//! The port may be reachable from the network, so a client holds little:
+//! connections open at once are bounded (a slot taken before accepting, as
+//! on the agent's sockets), each connection lives a bounded time (a scrape
+//! takes milliseconds; Prometheus reconnects for the next one), and accept
+//! errors back off instead of spinning.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::routing::get;
 use hulk_pool::PoolManager;
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Sleep;
+
+use crate::lines::{AcceptBackoff, ConnectionSlots};
+
+/// Limits of the HTTP endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections open at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long a connection lives, whatever it does: a client sending its
+    /// request byte by byte cannot hold a slot, or a graceful shutdown,
+    /// longer than this.
+    pub connection_lifetime: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 32,
+            connection_lifetime: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A TCP listener that takes a connection slot before accepting and backs
+/// off after accept errors.
+struct BoundedListener {
+    listener: TcpListener,
+    slots: ConnectionSlots,
+    backoff: AcceptBackoff,
+    lifetime: Duration,
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = BoundedStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (BoundedStream, std::net::SocketAddr) {
+        let slot = self.slots.take().await;
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, address)) => {
+                    self.backoff.succeeded();
+                    let stream = BoundedStream {
+                        stream,
+                        deadline: Box::pin(tokio::time::sleep(self.lifetime)),
+                        _slot: slot,
+                    };
+                    return (stream, address);
+                }
+                Err(error) => self.backoff.failed(&error, "a metrics").await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection that fails its reads and writes once its lifetime is over
+/// (hyper then closes it) and gives its slot back when dropped.
+struct BoundedStream {
+    stream: TcpStream,
+    deadline: Pin<Box<Sleep>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl BoundedStream {
+    /// `Some(error)` once the lifetime is over; otherwise registers the
+    /// task to be woken when it is.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        self.deadline.as_mut().poll(cx).is_ready().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "metrics connection lifetime over",
+            )
+        })
+    }
+}
+
+impl AsyncRead for BoundedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match this.expired(cx) {
+            Some(error) => Poll::Ready(Err(error)),
+            None => Pin::new(&mut this.stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BoundedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match this.expired(cx) {
+            Some(error) => Poll::Ready(Err(error)),
+            None => Pin::new(&mut this.stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match this.expired(cx) {
+            Some(error) => Poll::Ready(Err(error)),
+            None => Pin::new(&mut this.stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
 
 /// Serves Prometheus' `/metrics` (pool gauges refreshed per scrape) and
-/// `/healthz` until `shutdown`.
+/// `/healthz` until `shutdown`, within `limits`.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: TcpListener,
+    limits: HttpLimits,
     pools: Arc<PoolManager>,
     registry: Registry,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -48,6 +181,12 @@ pub async fn serve(
                 break;
             }
         }
+    };
+    let listener = BoundedListener {
+        listener,
+        slots: ConnectionSlots::new(limits.max_connections),
+        backoff: AcceptBackoff::new(),
+        lifetime: limits.connection_lifetime,
     };
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(stopped)

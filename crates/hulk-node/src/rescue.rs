@@ -397,6 +397,10 @@ impl<K: Kernel + 'static> LineService for RescueApi<K> {
     fn timed_out(&self, after: Duration) -> RescueReply {
         failed(format!("the agent did not finish within {after:?}"))
     }
+
+    fn refused(&self, peer: Peer) -> RescueReply {
+        failed(format!("the agent does not serve {peer} on this socket"))
+    }
 }
 
 /// Serves `api` on `listener` until `shutdown` turns true.

@@ -73,6 +73,7 @@ async fn start(socket: &Path) -> tokio::sync::watch::Sender<bool> {
     let limits = ServeLimits {
         max_in_flight: 2,
         request_timeout: Duration::from_secs(5),
+        ..ServeLimits::default()
     };
     let api = Arc::new(PluginApi::new(node, AgentMetrics::default()));
     tokio::spawn(serve(api, listener, limits, stopped));

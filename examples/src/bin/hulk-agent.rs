@@ -2,8 +2,7 @@
 //! CNI plugin on a Unix socket. Wiring only; the work is in hulk-node.
 
 use std::io::IsTerminal;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,8 @@ use hulk_node::agent::{AgentMetrics, PluginApi, ServeLimits, serve};
 use hulk_node::config::{AgentConfig, BackendSection, KubernetesSection};
 use hulk_node::del_notes::DelNotes;
 use hulk_node::kube::KubeClient;
+use hulk_node::lines::bind;
+use hulk_node::metrics::HttpLimits;
 use hulk_node::rescue::{self, RescueApi};
 use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
 use hulk_openstack::neutron::{NeutronAuth, NeutronClient};
@@ -219,13 +220,17 @@ async fn main() -> Result<(), Failure> {
         tracing::info!(%address, "serving /metrics and /healthz");
         background.spawn(hulk_node::metrics::serve(
             listener,
+            HttpLimits::default(),
             pools.clone(),
             registry,
             stopped.clone(),
         ));
     }
-    let listener = bind(&config.socket, 0o660)?;
-    let rescue_listener = bind(&config.rescue_socket, 0o600)?;
+    // Bound with their modes from the start; refused if another agent
+    // serves them (see `hulk_node::lines::bind`). Each file is removed when
+    // its `SocketFile` drops, on an error return too, if still ours.
+    let (listener, socket_file) = bind(&config.socket, 0o660).await?;
+    let (rescue_listener, rescue_file) = bind(&config.rescue_socket, 0o600).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::spawn(async move {
         tokio::select! {
@@ -236,13 +241,21 @@ async fn main() -> Result<(), Failure> {
         let _ = stop.send(true);
     });
     tracing::info!(socket = %config.socket.display(), node = %config.node_name, "agent ready");
+    // Both sockets serve root only (`ServeLimits::default()`): the runtime
+    // runs the plugin as root and hulkctl is an operator's tool. The file
+    // modes keep others from connecting; the uid check also covers a group
+    // member (agent.sock is 0660) and a mode changed by hand.
     let limits = ServeLimits {
         max_in_flight: config.max_in_flight,
         request_timeout: Duration::from_secs(config.request_timeout_seconds),
+        ..ServeLimits::default()
     };
+    // Its own small bound: an operator's few calls still get through when
+    // the plugin's socket is flooded.
     let rescue_limits = ServeLimits {
         max_in_flight: 4,
-        ..limits
+        max_connections: 16,
+        ..limits.clone()
     };
     background.spawn(rescue::serve(
         Arc::new(RescueApi::new(node.clone())),
@@ -259,22 +272,9 @@ async fn main() -> Result<(), Failure> {
     .await;
     let _ = stop_marks.send(true);
     while background.join_next().await.transpose()?.is_some() {}
-    for socket in [&config.socket, &config.rescue_socket] {
-        let _ = std::fs::remove_file(socket);
-    }
+    // Removed only if still ours (see `SocketFile`).
+    drop((socket_file, rescue_file));
     Ok(())
-}
-
-/// Binds a Unix socket with `mode`, replacing a stale one.
-fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, Failure> {
-    if let Some(directory) = path.parent() {
-        std::fs::create_dir_all(directory)?;
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|error| format!("{}: {error}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
 }
 
 fn kubernetes(section: &KubernetesSection) -> Result<KubeClient, Failure> {
