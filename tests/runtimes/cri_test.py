@@ -123,11 +123,11 @@ disabled_plugins = [
             )
         return path
 
-    def use(self, which):
+    def use(self, which, version="1.0.0"):
         """The one network the CRI plugin uses: ours or the reference."""
         for name in os.listdir(self.conf_dir):
             os.unlink(os.path.join(self.conf_dir, name))
-        conf = self.node.conflist(which, "1.0.0")
+        conf = self.node.conflist(which, version)
         write_json(os.path.join(self.conf_dir, f"10-{conf['name']}.conflist"), conf)
 
     def start(self):
@@ -402,6 +402,36 @@ def agent_killed_during_stop(report, node, cri, containerd, count=6):
         check(not node.leftovers(), node.leftovers())
 
 
+def version_1_1_0(report, node, cri, containerd):
+    with report.case("CRI, cniVersion 1.1.0 (expected failure): RunPodSandbox fails; containerd's "
+                     "teardown DEL returns the address"):
+        containerd.use("ours", "1.1.0")
+        seen = {}
+
+        def refused():
+            try:
+                sandbox = cri.run_sandbox("v110", "uid-v110")
+            except cri.grpc.RpcError as error:
+                seen["error"] = error.details()
+                return True
+            # containerd has not reloaded the configuration yet.
+            status, netns = cri.status(sandbox)
+            record_netns(containerd, netns)
+            cri.stop(sandbox)
+            cri.remove(sandbox)
+            return False
+
+        try:
+            wait_until(refused, 30, 0.5, "containerd to load the 1.1.0 configuration")
+        finally:
+            containerd.use("ours")
+        report.note(f"RunPodSandbox: {seen['error'][:300]}")
+        check("1.1.0" in seen["error"], seen["error"])
+        right_after = {a: o["container_id"][:12] for a, o in node.held().items() if o.get("pod") == "hkrt/v110"}
+        report.note(f"held right after the failed RunPodSandbox: {right_after or 'nothing'}")
+        node.wait_nothing_held(15)
+
+
 def bench(report, node, cri, containerd, samples):
     rows = []
     for which, prefix, label in (("ours", OURS_PREFIX, "hulk-vpc-cni -> hulk-agent"),
@@ -463,6 +493,7 @@ def main(report, node, work, samples):
         one_sandbox(report, node, cri, containerd)
         many(report, node, cri, containerd)
         agent_killed_during_stop(report, node, cri, containerd)
+        version_1_1_0(report, node, cri, containerd)
         if samples:
             with report.case(f"CRI latency ({samples} samples each)"):
                 rows = bench(report, node, cri, containerd, samples)

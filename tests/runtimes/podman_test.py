@@ -36,6 +36,9 @@ IMAGE = "localhost/hkrt-busybox:1"
 # PID 1 exits on SIGTERM, so stop and rm do not wait out their timeout.
 COMMAND = ["sh", "-c", "trap 'exit 0' TERM; sleep 100000 & wait"]
 STATIC_IP_ENV = "HULK_RT_EXPECT_STATIC_IP"
+# Our plugin in a cniVersion 1.1.0 conflist, which podman's libcni 1.1.2
+# cannot read the result of.
+V110_NET = "hkrt-vpc-110"
 
 
 def podman_dir(work):
@@ -90,6 +93,9 @@ runroot = "{directory}/run"
         conf.write("unqualified-search-registries = []\n")
     write_json(os.path.join(networks, f"{OURS_NET}.conflist"), node.conflist("ours", "1.0.0"))
     write_json(os.path.join(networks, f"{REF_NET}.conflist"), node.conflist("ref", "1.0.0"))
+    write_json(
+        os.path.join(networks, f"{V110_NET}.conflist"), node.conflist("ours", "1.1.0", name=V110_NET)
+    )
 
 
 def busybox_rootfs(path):
@@ -348,6 +354,18 @@ def static_ip_and_reload(report, node, podman):
         node.wait_nothing_held(10)
 
 
+def version_1_1_0(report, node, podman):
+    name = "hkrt-v110"
+    with report.case("podman, cniVersion 1.1.0 (expected failure): run fails; the address does not stay held"):
+        rc, _, err = podman.run_container(name, V110_NET, check_rc=False)
+        report.note(f"podman run: rc={rc}: {err.strip().splitlines()[-1] if err.strip() else ''}")
+        check(rc != 0, "podman accepted a 1.1.0 result")
+        right_after = {a: o["container_id"][:12] for a, o in node.held().items() if o.get("cni_network") == V110_NET}
+        report.note(f"held right after the failed run: {right_after or 'nothing (podman DELs after a failed ADD)'}")
+        podman("rm", "-f", name, check_rc=False)
+        node.wait_nothing_held(15)
+
+
 def bench(report, node, podman, samples):
     rows = []
     for network, label in ((OURS_NET, "hulk-vpc-cni -> hulk-agent"), (REF_NET, "reference macvlan + host-local")):
@@ -380,6 +398,7 @@ def main(report, node, work, samples):
     twenty_at_once(report, node, podman)
     agent_killed(report, node, podman)
     static_ip_and_reload(report, node, podman)
+    version_1_1_0(report, node, podman)
     if samples:
         with report.case(f"podman latency ({samples} samples each)"):
             rows = bench(report, node, podman, samples)
