@@ -1,12 +1,14 @@
 //! What the binaries' tests share: a container runtime's exec of the CNI
-//! plugin, scratch directories and loopback ports.
+//! plugin, scratch directories and loopback ports, `ip` and `hulkctl` as a
+//! test reads them, and the fake cloud IPAM service.
 
 // Each test binary uses only part of this module.
 #![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -27,12 +29,26 @@ pub fn exec_cni(
     pod: &str,
     conf: &Value,
 ) -> Outcome {
+    exec_cni_on(plugin, command, container, netns, "eth0", pod, conf)
+}
+
+/// [`exec_cni`] for interface `ifname` (`CNI_IFNAME`): a pod's second
+/// network, as Multus asks for one.
+pub fn exec_cni_on(
+    plugin: &Path,
+    command: &str,
+    container: &str,
+    netns: &Path,
+    ifname: &str,
+    pod: &str,
+    conf: &Value,
+) -> Outcome {
     let mut child = Command::new(plugin)
         .env_clear()
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container)
         .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
+        .env("CNI_IFNAME", ifname)
         .env(
             "CNI_ARGS",
             format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME={pod}"),
@@ -76,4 +92,109 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .expect("a free loopback port")
         .port()
+}
+
+/// Runs `ip` with `args`, panicking with its stderr on failure.
+pub fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(
+        output.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// What `ip -j` prints for `args` (`["-n", ns, "addr"]`): its JSON, or
+/// `None` when `ip` fails (a namespace deleted meanwhile).
+pub fn ip_json(args: &[&str]) -> Option<Value> {
+    let output = Command::new("ip")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("ip runs");
+    if !output.status.success() {
+        return None;
+    }
+    // `ip -j route` prints nothing at all for an empty table.
+    if output.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Some(Value::Array(Vec::new()));
+    }
+    Some(serde_json::from_slice(&output.stdout).expect("ip -j prints JSON"))
+}
+
+/// Deletes named network namespace `name` if it exists.
+pub fn delete_netns(name: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Runs `hulkctl --json` against the rescue socket `socket`: its exit code
+/// and its answer (`null` when it printed none, e.g. the agent is down).
+pub fn hulkctl(socket: &Path, args: &[&str]) -> (i32, Value) {
+    let output = Command::new(env!("CARGO_BIN_EXE_hulkctl"))
+        .arg("--socket")
+        .arg(socket)
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("hulkctl runs");
+    let answer = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (output.status.code().unwrap_or(-1), answer)
+}
+
+/// The bearer token [`UltronFake`] asks for.
+pub const ULTRON_TOKEN: &str = "e2e-token";
+
+/// `hulk-ultron-fake` on a free loopback port: a cloud IPAM service that
+/// outlives agent restarts, as a cloud does. Killed on drop.
+pub struct UltronFake {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl UltronFake {
+    /// Serves `subnet`, adding `latency_ms` to every call.
+    pub fn start(subnet: &str, latency_ms: u64) -> UltronFake {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_hulk-ultron-fake"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--subnet", subnet])
+            .args(["--latency-ms", &latency_ms.to_string()])
+            .env("HULK_ULTRON_TOKEN", ULTRON_TOKEN)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the fake cloud starts");
+        let fake = UltronFake { child, port };
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the fake cloud did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        fake
+    }
+
+    /// The agent's `[backend]` section for it, its token in `token_file`
+    /// (written here).
+    pub fn backend(&self, token_file: &Path) -> String {
+        std::fs::write(token_file, ULTRON_TOKEN).expect("token written");
+        format!(
+            "type = \"ultron\"\nurl = \"http://127.0.0.1:{}\"\ntoken_file = \"{}\"\ncluster = \"e2e\"",
+            self.port,
+            token_file.display()
+        )
+    }
+}
+
+impl Drop for UltronFake {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
