@@ -153,6 +153,7 @@ rescue_socket = "{dir}/rescue.sock"
 state_file = "{dir}/pool.redb"
 node_netns = "{netns}"
 gc_interval_seconds = 3600
+pending_del_dir = "{dir}/pending-dels"
 [network]
 parent = "eth1"
 kind = "ipvlan"
@@ -258,6 +259,9 @@ cluster = "e2e"
             "type": "hulk-vpc-cni",
             "agentSocket": self.dir.join("agent.sock"),
             "agentTimeoutSeconds": 120,
+            // The agent's `pending_del_dir`: a DEL the agent missed is
+            // noted here and replayed by it, inside this test's scratch dir.
+            "pendingDelDir": self.dir.join("pending-dels"),
         })
     }
 
@@ -776,7 +780,7 @@ fn a_lost_state_file_is_rebuilt_from_the_clouds_marks_of_who_holds_what() {
 
 #[test]
 #[ignore = "needs ipvlan: runs in the VM via scripts/vm-tests"]
-fn a_del_while_the_agent_is_down_tears_down_locally_and_gc_reclaims_the_address() {
+fn a_del_while_the_agent_is_down_is_noted_and_replayed_when_the_agent_starts() {
     let mut vpc = Vpc::new("e2d");
     vpc.start_agent();
     let (gone, kept) = (vpc.pod("gone"), vpc.pod("kept"));
@@ -788,14 +792,21 @@ fn a_del_while_the_agent_is_down_tears_down_locally_and_gc_reclaims_the_address(
     assert_eq!(status["code"], 50, "{status}");
     vpc.del("sandbox-gone", &gone, Some(&gone_result)).unwrap();
     assert_eq!(link_names(&gone), "", "DEL without the agent left eth0");
+    let notes = std::fs::read_dir(vpc.dir.join("pending-dels"))
+        .unwrap()
+        .count();
+    assert_eq!(notes, 1, "the DEL left no note for the agent");
 
+    // The agent replays the note before it serves: the address is back
+    // without any GC.
     vpc.start_agent();
     let held: Vec<String> = vpc.assigned().into_iter().map(|(owner, _)| owner).collect();
-    assert_eq!(
-        held,
-        ["sandbox-gone", "sandbox-kept"],
-        "the agent missed the DEL"
-    );
+    assert_eq!(held, ["sandbox-kept"], "the agent did not replay the DEL");
+    let notes = std::fs::read_dir(vpc.dir.join("pending-dels"))
+        .unwrap()
+        .count();
+    assert_eq!(notes, 0, "the replayed note stayed");
+    // The runtime's GC afterwards changes nothing.
     vpc.gc(&["sandbox-kept"]);
     assert_eq!(
         vpc.assigned(),
