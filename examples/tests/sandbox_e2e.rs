@@ -598,13 +598,13 @@ fn a_second_network_keeps_the_first_networks_default_route() {
     assert_eq!(node.assigned(), []);
 
     // Attached again, then the first network leaves: ours stays.
-    node.cni("ADD", "c", &pod, "eth1", &conf).unwrap();
+    let again = node.cni("ADD", "c", &pod, "eth1", &conf).unwrap();
     ip(&["-n", &node.node_ns(), "link", "del", "first0"]);
     let left = default_routes(&pod);
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0].0, "eth1", "{left:?}");
     let mut with_prev = conf.clone();
-    with_prev["prevResult"] = result;
+    with_prev["prevResult"] = again;
     node.cni("CHECK", "c", &pod, "eth1", &with_prev).unwrap();
     node.cni("DEL", "c", &pod, "eth1", &conf).unwrap();
     assert_eq!(links(&pod).unwrap(), ["lo"]);
@@ -1019,14 +1019,19 @@ fn chaos_round(
     }
     broken.extend(broken_invariants(node, &live));
     if !broken.is_empty() {
-        eprintln!(
-            "round {round}: scripts {:#?}\noutcomes {outcomes:#?}\nkill after {kill_after:?}\nleases {:#?}\nattachments {:#?}",
-            pods,
-            node.assigned(),
-            node.attachments()
-        );
+        // One line per pod, lease and record: the evidence of the round.
+        eprintln!("round {round}: killed after {kill_after:?}");
+        for (pod, outcome) in pods.iter().zip(&outcomes) {
+            eprintln!("  {} {:?}: {outcome:?}", pod.container, pod.script);
+        }
+        for held in node.assigned() {
+            eprintln!("  lease {held:?}");
+        }
+        for record in node.attachments() {
+            eprintln!("  record {record}");
+        }
         for netns in live.values() {
-            eprintln!("{netns}: {:?} {:?}", links(netns), addresses(netns));
+            eprintln!("  {netns}: {:?} {:?}", links(netns), addresses(netns));
         }
     }
 
