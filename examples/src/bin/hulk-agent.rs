@@ -134,6 +134,14 @@ async fn main() -> Result<(), Failure> {
         println!("{}: valid", args.config.display());
         return Ok(());
     }
+    // First, before anything touches the node: a second agent started on
+    // the same paths stops here instead of restoring and replaying DELs
+    // under the running one. Bound with their modes from the start (see
+    // `hulk_node::lines::bind`); until serving starts, callers wait in the
+    // backlog. Each file is removed when its `SocketFile` drops, on an
+    // error return too, if still ours.
+    let (listener, socket_file) = bind(&config.socket, 0o660).await?;
+    let (rescue_listener, rescue_file) = bind(&config.rescue_socket, 0o600).await?;
 
     let backend = backend(&config.backend)?;
     let store: Arc<dyn PoolStore> = match &config.state_file {
@@ -226,11 +234,6 @@ async fn main() -> Result<(), Failure> {
             stopped.clone(),
         ));
     }
-    // Bound with their modes from the start; refused if another agent
-    // serves them (see `hulk_node::lines::bind`). Each file is removed when
-    // its `SocketFile` drops, on an error return too, if still ours.
-    let (listener, socket_file) = bind(&config.socket, 0o660).await?;
-    let (rescue_listener, rescue_file) = bind(&config.rescue_socket, 0o600).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::spawn(async move {
         tokio::select! {
