@@ -246,12 +246,13 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
     assert_eq!(eth0.index, attached.index);
     let addresses = kernel.addresses(kernel.host(), "eth0").await.unwrap();
     assert!(addresses.contains(&attached.lease.address), "{addresses:?}");
-    assert_eq!(
-        call(&socket, &AgentRequest::Check(pod.clone()), timeout)
-            .await
-            .unwrap(),
-        AgentReply::Done
-    );
+    match call(&socket, &AgentRequest::Check(pod.clone()), timeout)
+        .await
+        .unwrap()
+    {
+        AgentReply::Checked(found) => assert_eq!(found.lease.address, attached.lease.address),
+        other => panic!("CHECK answered {other:?}"),
+    }
     assert_eq!(
         call(&socket, &AgentRequest::Del(pod.clone()), timeout)
             .await

@@ -262,3 +262,23 @@ async fn a_refused_token_says_so_once_and_never_shows_the_token() {
     assert_eq!(text.matches("authentication failed").count(), 1, "{text}");
     assert!(!text.contains("wrong-token-4711"), "{text}");
 }
+
+#[tokio::test]
+async fn a_short_answer_is_passed_on_not_thrown_away() {
+    // A buggy service answers one address short: the client hands on the
+    // ones it got (the pool adopts them) instead of stranding them all.
+    let short = FaultPlan {
+        on_call: BTreeMap::from([(1, Fault::ShortAnswer(1))]),
+        ..FaultPlan::default()
+    };
+    let backend = Arc::new(Faulty::new(
+        MockBackend::new("10.34.0.0/24".parse().unwrap()),
+        short,
+    ));
+    let base = serve(backend.clone()).await;
+    let ultron = client(&base, "s3cret", "prod");
+    let leases = ultron.allocate(&request("node-1", 4)).await.unwrap();
+    assert_eq!(leases.len(), 3);
+    let held = ultron.list(&ListScope::Node("node-1".into())).await.unwrap();
+    assert_eq!(held.len(), 3, "nothing held that the client did not hand on");
+}

@@ -366,16 +366,35 @@ impl IpamBackend for UltronBackend {
             .call_expecting(Method::POST, "/allocations", &[], Some(&to_json(&body)))
             .await?;
         if page.addresses.len() != request.count {
-            return Err(IpamError::Protocol(format!(
-                "asked for {} addresses, got {}",
-                request.count,
-                page.addresses.len()
-            )));
+            // Every address the service answered is ours now: refusing the
+            // whole answer would strand them. The pool adopts what fits and
+            // gives back the rest.
+            tracing::warn!(
+                asked = request.count,
+                got = page.addresses.len(),
+                "the IPAM service answered another number of addresses than asked"
+            );
         }
-        page.addresses
-            .into_iter()
-            .map(WireAddress::into_lease)
-            .collect()
+        let mut leases = Vec::with_capacity(page.addresses.len());
+        for address in page.addresses {
+            let id = address.id.clone();
+            match address.into_lease() {
+                Ok(lease) => leases.push(lease),
+                // Unusable, but held for us: give it back by its id.
+                Err(error) => {
+                    tracing::warn!(%id, %error, "unusable address in an allocation; released");
+                    if let Err(error) = self.release(&id).await {
+                        tracing::warn!(%id, %error, "cannot release an unusable address; the orphan sweep will");
+                    }
+                }
+            }
+        }
+        if leases.is_empty() && request.count > 0 {
+            return Err(IpamError::Protocol(
+                "the allocation answered no usable address".into(),
+            ));
+        }
+        Ok(leases)
     }
 
     async fn release(&self, id: &str) -> Result<(), IpamError> {
