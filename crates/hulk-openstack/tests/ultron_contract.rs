@@ -279,6 +279,13 @@ async fn a_short_answer_is_passed_on_not_thrown_away() {
     let ultron = client(&base, "s3cret", "prod");
     let leases = ultron.allocate(&request("node-1", 4)).await.unwrap();
     assert_eq!(leases.len(), 3);
-    let held = ultron.list(&ListScope::Node("node-1".into())).await.unwrap();
-    assert_eq!(held.len(), 3, "nothing held that the client did not hand on");
+    let held = ultron
+        .list(&ListScope::Node("node-1".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        held.len(),
+        3,
+        "nothing held that the client did not hand on"
+    );
 }
