@@ -337,6 +337,29 @@ impl NodeError {
     }
 }
 
+/// What keeps the agent from serving ADDs although it runs: its store
+/// cannot write (every ADD and DEL would fail with 106; the store reopens
+/// its file before each try), or the backend refuses the node's
+/// credentials (no refill can succeed). STATUS answers 50 with these, and
+/// `/healthz` reports them (see [`metrics`]).
+pub fn agent_problems(pools: &PoolManager) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(reason) = pools.store().failing() {
+        problems.push(format!("the pool store cannot write: {reason}"));
+    }
+    let backend = pools.backend_health();
+    if backend.auth_failing {
+        let last = backend
+            .last_error
+            .map_or_else(String::new, |failure| format!(": {}", failure.message));
+        problems.push(format!(
+            "the {} backend refuses the node's credentials{last}",
+            pools.backend_name()
+        ));
+    }
+    problems
+}
+
 /// The nftables chains of this namespace that can shadow kube-proxy's
 /// iptables rules (`None` without `nft`), or why they could not be read.
 pub async fn nftables_shadowing() -> Result<Option<Vec<hulk_netns::NftFinding>>, String> {
@@ -1152,8 +1175,12 @@ impl<K: Kernel> Node<K> {
             .filter(|key| self.pools.stats(key).degraded)
             .map(|key| key.subnet)
             .collect();
-        let pools_degraded = (!degraded.is_empty())
-            .then(|| format!("address pools degraded: {}", degraded.join(", ")));
+        let mut unavailable: Vec<String> = (!degraded.is_empty())
+            .then(|| format!("address pools degraded: {}", degraded.join(", ")))
+            .into_iter()
+            .collect();
+        unavailable.extend(agent_problems(&self.pools));
+        let pools_degraded = (!unavailable.is_empty()).then(|| unavailable.join("; "));
         let broken = match self.inspect().await {
             Ok(state) if !state.host_link_present => {
                 Some(format!("{} is missing", self.network.host_link))

@@ -140,6 +140,27 @@ impl AsyncWrite for BoundedStream {
     }
 }
 
+/// `/healthz`: 503 with the reason while the pool store cannot write (a
+/// liveness probe then restarts an agent that does not recover by
+/// itself), else 200: `ok`, or `degraded: ...` when the backend refuses
+/// the node's credentials (a restart would not help, and an agent in a
+/// restart loop could not serve DEL either; STATUS says 50 meanwhile).
+async fn healthz(pools: Arc<PoolManager>) -> (StatusCode, String) {
+    let store_failing = pools.store().failing().is_some();
+    let problems = crate::agent_problems(&pools);
+    match (store_failing, problems.is_empty()) {
+        (true, _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("failing: {}\n", problems.join("; ")),
+        ),
+        (false, true) => (StatusCode::OK, "ok\n".to_owned()),
+        (false, false) => (
+            StatusCode::OK,
+            format!("degraded: {}\n", problems.join("; ")),
+        ),
+    }
+}
+
 /// Serves Prometheus' `/metrics` (pool gauges refreshed per scrape) and
 /// `/healthz` until `shutdown`, within `limits`.
 pub async fn serve(
@@ -150,6 +171,7 @@ pub async fn serve(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let registry = Arc::new(registry);
+    let health = pools.clone();
     let scrape = move || {
         let (pools, registry) = (pools.clone(), registry.clone());
         async move {
@@ -174,7 +196,7 @@ pub async fn serve(
     };
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(move || healthz(health.clone())));
     let stopped = async move {
         while !*shutdown.borrow_and_update() {
             if shutdown.changed().await.is_err() {

@@ -386,3 +386,78 @@ async fn an_ipvlan_pod_can_have_only_its_parents_mac() {
         "b's address went back"
     );
 }
+
+/// A store whose writes can be made to fail, as a full disk does.
+#[derive(Default)]
+struct FlakyStore {
+    inner: MemoryStore,
+    full: std::sync::atomic::AtomicBool,
+}
+
+impl hulk_pool::PoolStore for FlakyStore {
+    fn load(&self) -> Result<hulk_pool::Snapshot, hulk_pool::StoreError> {
+        self.inner.load()
+    }
+
+    fn apply(&self, ops: &[hulk_pool::StoreOp]) -> Result<(), hulk_pool::StoreError> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(hulk_pool::StoreError::Database(
+                "No space left on device".into(),
+            ));
+        }
+        self.inner.apply(ops)
+    }
+
+    fn failing(&self) -> Option<String> {
+        self.full
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then(|| "No space left on device".to_owned())
+    }
+}
+
+#[tokio::test]
+async fn status_tells_the_truth_about_the_store_and_the_backends_credentials() {
+    let kernel = FakeKernel::new();
+    kernel.add_parent("eth1", 1500);
+    let store = Arc::new(FlakyStore::default());
+    let refusing = hulk_ipam::FaultPlan {
+        error_rate: 1.0,
+        random_error: IpamError::Auth("401 Unauthorized".into()),
+        ..hulk_ipam::FaultPlan::default()
+    };
+    let backend = Arc::new(hulk_ipam::Faulty::new(
+        MockBackend::new("10.20.0.0/24".parse().unwrap()),
+        refusing,
+    ));
+    let pools = PoolManager::open(
+        backend,
+        store.clone(),
+        Arc::new(SystemClock),
+        "node-1",
+        PoolConfig::default(),
+    )
+    .await
+    .unwrap();
+    let node = Node::new(pools, Datapath::new(kernel), network(), key());
+    node.restore().await.unwrap();
+    node.status().await.unwrap();
+    hulk_node::agent_problems(node.pools())
+        .is_empty()
+        .then_some(())
+        .unwrap();
+
+    for _ in 0..hulk_pool::AUTH_FAILING_AFTER {
+        let _ = node.pools().warm_up(&key()).await;
+    }
+    let error = node.status().await.unwrap_err();
+    assert_eq!(error.code, ErrorCode::PluginNotAvailable, "{}", error.msg);
+    assert!(error.msg.contains("credentials"), "{}", error.msg);
+
+    store.full.store(true, std::sync::atomic::Ordering::SeqCst);
+    let error = node.status().await.unwrap_err();
+    assert!(
+        error.msg.contains("pool store cannot write"),
+        "{}",
+        error.msg
+    );
+}

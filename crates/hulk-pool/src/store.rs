@@ -136,6 +136,12 @@ pub trait PoolStore: Send + Sync {
     fn load(&self) -> Result<Snapshot, StoreError>;
     /// Applies `ops` all or none.
     fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError>;
+    /// Why the store cannot write now, if its last write failed and it has
+    /// not recovered since (for STATUS and the liveness check); `None`
+    /// while it works.
+    fn failing(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A store in memory (tests, benchmarks, embedding without durability).
@@ -204,8 +210,17 @@ const DRAINED: TableDefinition<&str, ()> = TableDefinition::new("drained");
 const ATTACHMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("attachments");
 
 /// A store in one redb file: ACID, crash-safe, one writer at a time.
+///
+/// After a failed write (a full disk, a read-only remount) redb refuses
+/// every later transaction until the file is opened again, so a store
+/// that failed reopens its file before the next operation: once the disk
+/// has room again the store works again, without an agent restart.
 pub struct RedbStore {
-    database: Database,
+    path: std::path::PathBuf,
+    /// The open database; `None` between a failed reopen and the next try.
+    database: Mutex<Option<Database>>,
+    /// Why the last operation failed, until one succeeds.
+    failure: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -218,9 +233,35 @@ fn database_error(error: impl std::fmt::Display) -> StoreError {
     StoreError::Database(error.to_string())
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl RedbStore {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the store at `path`. An existing file of 0
+    /// bytes (a truncated copy, a failed restore) becomes a new store, said
+    /// loudly: every address and attachment it held is forgotten, and only
+    /// the cloud's holder marks can bring them back.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        if std::fs::metadata(path).is_ok_and(|metadata| metadata.len() == 0) {
+            tracing::error!(
+                path = %path.display(),
+                "the pool state file is empty (0 bytes): starting a new store; \
+                 what it held is rebuilt only from the cloud's holder marks"
+            );
+        }
+        let database = RedbStore::create(path)?;
+        Ok(RedbStore {
+            path: path.to_path_buf(),
+            database: Mutex::new(Some(database)),
+            failure: Mutex::new(None),
+        })
+    }
+
+    /// Opens the file and makes sure every table exists.
+    fn create(path: &Path) -> Result<Database, StoreError> {
         let database = Database::create(path).map_err(database_error)?;
         // Create the tables once so that reads never meet a missing table.
         let transaction = database.begin_write().map_err(database_error)?;
@@ -231,93 +272,139 @@ impl RedbStore {
             .open_table(ATTACHMENTS)
             .map_err(database_error)?;
         transaction.commit().map_err(database_error)?;
-        Ok(RedbStore { database })
+        Ok(database)
+    }
+
+    /// Runs `work` on the database, reopening the file first when the last
+    /// operation failed, and remembering the outcome for
+    /// [`PoolStore::failing`].
+    fn with_database<T>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut database = lock(&self.database);
+        if lock(&self.failure).is_some() {
+            // The old handle must close before the file can open again.
+            database.take();
+            match RedbStore::create(&self.path) {
+                Ok(reopened) => {
+                    tracing::info!(path = %self.path.display(), "pool store reopened after a failure");
+                    *database = Some(reopened);
+                }
+                Err(error) => {
+                    *lock(&self.failure) = Some(error.to_string());
+                    return Err(error);
+                }
+            }
+        }
+        let outcome = match database.as_ref() {
+            Some(open) => work(open),
+            None => Err(StoreError::Database("the store is not open".into())),
+        };
+        *lock(&self.failure) = match &outcome {
+            // A record that does not decode is not the file's fault.
+            Err(error @ StoreError::Database(_)) => Some(error.to_string()),
+            _ => None,
+        };
+        outcome
     }
 }
 
 impl PoolStore for RedbStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
-        let transaction = self.database.begin_read().map_err(database_error)?;
-        let mut snapshot = Snapshot::default();
-        let addresses = transaction.open_table(ADDRESSES).map_err(database_error)?;
-        for entry in addresses.iter().map_err(database_error)? {
-            let (key, value) = entry.map_err(database_error)?;
-            let record: AddressRecord = serde_json::from_slice(value.value())?;
-            snapshot.addresses.insert(key.value().to_owned(), record);
-        }
-        let intents = transaction.open_table(INTENTS).map_err(database_error)?;
-        for entry in intents.iter().map_err(database_error)? {
-            let (key, value) = entry.map_err(database_error)?;
-            let intent: Intent = serde_json::from_slice(value.value())?;
-            snapshot.intents.insert(key.value(), intent);
-        }
-        let drained = transaction.open_table(DRAINED).map_err(database_error)?;
-        for entry in drained.iter().map_err(database_error)? {
-            let (key, _) = entry.map_err(database_error)?;
-            snapshot.drained.insert(serde_json::from_str(key.value())?);
-        }
-        let attachments = transaction
-            .open_table(ATTACHMENTS)
-            .map_err(database_error)?;
-        for entry in attachments.iter().map_err(database_error)? {
-            let (key, value) = entry.map_err(database_error)?;
-            snapshot
-                .attachments
-                .insert(key.value().to_owned(), value.value().to_vec());
-        }
-        Ok(snapshot)
+        self.with_database(load_from)
     }
 
     fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
-        let transaction = self.database.begin_write().map_err(database_error)?;
-        {
-            let mut addresses = transaction.open_table(ADDRESSES).map_err(database_error)?;
-            let mut intents = transaction.open_table(INTENTS).map_err(database_error)?;
-            let mut drained = transaction.open_table(DRAINED).map_err(database_error)?;
-            let mut attachments = transaction
-                .open_table(ATTACHMENTS)
-                .map_err(database_error)?;
-            for op in ops {
-                match op {
-                    StoreOp::PutAddress(record) => {
-                        let bytes = serde_json::to_vec(record)?;
-                        addresses
-                            .insert(record.lease.id.as_str(), bytes.as_slice())
-                            .map_err(database_error)?;
-                    }
-                    StoreOp::RemoveAddress(id) => {
-                        addresses.remove(id.as_str()).map_err(database_error)?;
-                    }
-                    StoreOp::PutIntent(intent) => {
-                        let bytes = serde_json::to_vec(intent)?;
-                        intents
-                            .insert(intent.id, bytes.as_slice())
-                            .map_err(database_error)?;
-                    }
-                    StoreOp::RemoveIntent(id) => {
-                        intents.remove(*id).map_err(database_error)?;
-                    }
-                    StoreOp::SetDrained(key, true) => {
-                        let key = serde_json::to_string(key)?;
-                        drained.insert(key.as_str(), ()).map_err(database_error)?;
-                    }
-                    StoreOp::SetDrained(key, false) => {
-                        let key = serde_json::to_string(key)?;
-                        drained.remove(key.as_str()).map_err(database_error)?;
-                    }
-                    StoreOp::PutAttachment { key, record } => {
-                        attachments
-                            .insert(key.as_str(), record.as_slice())
-                            .map_err(database_error)?;
-                    }
-                    StoreOp::RemoveAttachment(key) => {
-                        attachments.remove(key.as_str()).map_err(database_error)?;
-                    }
+        self.with_database(|database| apply_in(database, ops))
+    }
+
+    fn failing(&self) -> Option<String> {
+        lock(&self.failure).clone()
+    }
+}
+
+fn load_from(database: &Database) -> Result<Snapshot, StoreError> {
+    let transaction = database.begin_read().map_err(database_error)?;
+    let mut snapshot = Snapshot::default();
+    let addresses = transaction.open_table(ADDRESSES).map_err(database_error)?;
+    for entry in addresses.iter().map_err(database_error)? {
+        let (key, value) = entry.map_err(database_error)?;
+        let record: AddressRecord = serde_json::from_slice(value.value())?;
+        snapshot.addresses.insert(key.value().to_owned(), record);
+    }
+    let intents = transaction.open_table(INTENTS).map_err(database_error)?;
+    for entry in intents.iter().map_err(database_error)? {
+        let (key, value) = entry.map_err(database_error)?;
+        let intent: Intent = serde_json::from_slice(value.value())?;
+        snapshot.intents.insert(key.value(), intent);
+    }
+    let drained = transaction.open_table(DRAINED).map_err(database_error)?;
+    for entry in drained.iter().map_err(database_error)? {
+        let (key, _) = entry.map_err(database_error)?;
+        snapshot.drained.insert(serde_json::from_str(key.value())?);
+    }
+    let attachments = transaction
+        .open_table(ATTACHMENTS)
+        .map_err(database_error)?;
+    for entry in attachments.iter().map_err(database_error)? {
+        let (key, value) = entry.map_err(database_error)?;
+        snapshot
+            .attachments
+            .insert(key.value().to_owned(), value.value().to_vec());
+    }
+    Ok(snapshot)
+}
+
+fn apply_in(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
+    let transaction = database.begin_write().map_err(database_error)?;
+    {
+        let mut addresses = transaction.open_table(ADDRESSES).map_err(database_error)?;
+        let mut intents = transaction.open_table(INTENTS).map_err(database_error)?;
+        let mut drained = transaction.open_table(DRAINED).map_err(database_error)?;
+        let mut attachments = transaction
+            .open_table(ATTACHMENTS)
+            .map_err(database_error)?;
+        for op in ops {
+            match op {
+                StoreOp::PutAddress(record) => {
+                    let bytes = serde_json::to_vec(record)?;
+                    addresses
+                        .insert(record.lease.id.as_str(), bytes.as_slice())
+                        .map_err(database_error)?;
+                }
+                StoreOp::RemoveAddress(id) => {
+                    addresses.remove(id.as_str()).map_err(database_error)?;
+                }
+                StoreOp::PutIntent(intent) => {
+                    let bytes = serde_json::to_vec(intent)?;
+                    intents
+                        .insert(intent.id, bytes.as_slice())
+                        .map_err(database_error)?;
+                }
+                StoreOp::RemoveIntent(id) => {
+                    intents.remove(*id).map_err(database_error)?;
+                }
+                StoreOp::SetDrained(key, true) => {
+                    let key = serde_json::to_string(key)?;
+                    drained.insert(key.as_str(), ()).map_err(database_error)?;
+                }
+                StoreOp::SetDrained(key, false) => {
+                    let key = serde_json::to_string(key)?;
+                    drained.remove(key.as_str()).map_err(database_error)?;
+                }
+                StoreOp::PutAttachment { key, record } => {
+                    attachments
+                        .insert(key.as_str(), record.as_slice())
+                        .map_err(database_error)?;
+                }
+                StoreOp::RemoveAttachment(key) => {
+                    attachments.remove(key.as_str()).map_err(database_error)?;
                 }
             }
         }
-        transaction.commit().map_err(database_error)
     }
+    transaction.commit().map_err(database_error)
 }
 
 #[cfg(test)]
