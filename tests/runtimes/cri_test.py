@@ -335,24 +335,29 @@ def agent_killed_during_stop(report, node, cri, containerd, count=6):
             record_netns(containerd, sandboxes[-1][2])
 
         def chaos():
-            time.sleep(0.15)
+            time.sleep(0.25)
             node.kill_agent()
-            time.sleep(2)
+            time.sleep(1.5)
             node.start_agent()
 
-        def stop(entry):
+        def stop(indexed):
+            # Spread: the first Stops reach the agent, the others do not.
+            index, entry = indexed
+            time.sleep(index * 0.1)
             try:
                 cri.stop(entry[0])
                 return "ok"
             except cri.grpc.RpcError as error:
                 return f"{error.code().name}: {error.details()[:160]}"
 
+        notes_before = sum(1 for line in open(node.plugin_log) if "noted the DEL" in line)
         killer = threading.Thread(target=chaos)
         killer.start()
         with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
-            outcomes = list(pool.map(stop, sandboxes))
+            outcomes = list(pool.map(stop, enumerate(sandboxes)))
         killer.join()
-        report.note(f"first StopPodSandbox: {outcomes}")
+        notes = sum(1 for line in open(node.plugin_log) if "noted the DEL" in line) - notes_before
+        report.note(f"first StopPodSandbox: {outcomes}; {notes} DELs noted for the agent while it was down")
         # The kubelet stops again, then removes (twice here).
         for entry in sandboxes:
             cri.stop(entry[0])

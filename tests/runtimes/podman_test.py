@@ -202,16 +202,19 @@ def lifecycle(report, node, podman, network, prefix):
             check(not node.host_local_leases(), f"host-local leases: {node.host_local_leases()}")
 
 
-def parallel(commands, workers):
-    """Runs argument lists at once: [(rc, out, err, seconds)]."""
+def parallel(commands, workers, spread=0.0):
+    """Runs (argument list, env) pairs at once, the i-th `i * spread`
+    seconds after the first: [(rc, out, err, seconds)]."""
 
-    def one(args):
+    def one(indexed):
+        index, (args, env) = indexed
+        time.sleep(index * spread)
         started = time.monotonic()
-        rc, out, err = run(args[0], check_rc=False, env=args[1], timeout=300)
+        rc, out, err = run(args, check_rc=False, env=env, timeout=300)
         return rc, out, err, time.monotonic() - started
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, commands))
+        return list(pool.map(one, enumerate(commands)))
 
 
 def twenty_at_once(report, node, podman, count=20):
@@ -266,27 +269,30 @@ def agent_killed(report, node, podman):
         for name in running:
             podman.run_container(name, OURS_NET)
         starting = [f"hkrt-kill-new-{i}" for i in range(8)]
-        commands = [
-            (podman.command("run", "-d", "--network", OURS_NET, "--name", n, IMAGE, *COMMAND), podman.env) for n in starting
-        ]
-        commands += [(podman.command("stop", n), podman.env) for n in running[:3]]
-        commands += [(podman.command("rm", "-f", n), podman.env) for n in running[3:]]
-        outcome = {}
+        runs = [podman.command("run", "-d", "--network", OURS_NET, "--name", n, IMAGE, *COMMAND) for n in starting]
+        stops = [podman.command("stop", n) for n in running[:3]] + [podman.command("rm", "-f", n) for n in running[3:]]
+        # Interleaved and spread over ~2 s: some reach the agent before the
+        # kill, some while it is down, some after its restart.
+        commands = []
+        while runs or stops:
+            for queue in (runs, runs, stops):
+                if queue:
+                    commands.append((queue.pop(0), podman.env))
 
         def chaos():
-            time.sleep(0.6)
+            time.sleep(0.5)
             node.kill_agent()
-            outcome["killed"] = time.monotonic()
-            time.sleep(1.5)
+            time.sleep(0.8)
             node.start_agent()
-            outcome["restarted"] = time.monotonic()
 
         killer = threading.Thread(target=chaos)
         killer.start()
-        results = parallel(commands, len(commands))
+        results = parallel(commands, len(commands), spread=0.15)
         killer.join()
         failures = [r[2].strip().splitlines()[-1] if r[2].strip() else f"rc {r[0]}" for r in results if r[0] != 0]
-        report.note(f"{len(commands)} commands, {len(failures)} failed while the agent was down: {failures[:3]}")
+        report.note(f"{len(commands)} commands, {len(failures)} failed while the agent was down")
+        for failure in sorted(set(f[:220] for f in failures)):
+            report.note(f"  {failure}")
         # While running containers keep theirs, the agent holds exactly the
         # running containers' addresses once its liveness pass and the DEL
         # notes have done their part.

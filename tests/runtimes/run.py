@@ -34,7 +34,6 @@ def build_libcni_client(work):
         **os.environ,
         "GO111MODULE": "off",
         "GOPATH": f"/usr/share/gocode:{gopath}",
-        "GOCACHE": os.environ.get("HULK_RT_GOCACHE", os.path.join(gopath, "cache")),
         "GOFLAGS": "",
     }
     subprocess.run(
