@@ -383,6 +383,10 @@ pub struct Node<K> {
     /// Attachments whose sandbox the last liveness pass found gone, with
     /// how many passes in a row did.
     gone: Mutex<std::collections::HashMap<AttachmentId, u32>>,
+    /// Attachments this agent process completed and answered: a second
+    /// ADD of one is the caller's error (one an earlier process completed
+    /// may never have been answered).
+    answered: Mutex<HashSet<AttachmentId>>,
     del_notes: Option<del_notes::DelNotes>,
 }
 
@@ -395,6 +399,12 @@ enum PodSide {
     Recorded,
     /// Nothing: ADD built nothing there.
     Untouched,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn now_ms() -> u64 {
@@ -430,6 +440,7 @@ impl<K: Kernel> Node<K> {
             attachments,
             serializer: Serializer::default(),
             gone: Mutex::default(),
+            answered: Mutex::default(),
             del_notes: None,
         }
     }
@@ -557,7 +568,9 @@ impl<K: Kernel> Node<K> {
             }
         };
         let netns_id = self.sandbox_identity(netns).await?;
-        self.clear_earlier(&id, netns, netns_id).await?;
+        if let Some(done) = self.clear_earlier(request, netns, netns_id).await? {
+            return Ok(done);
+        }
         let mut record = AttachmentRecord {
             owner: request.owner(),
             netns: netns.to_path_buf(),
@@ -629,6 +642,7 @@ impl<K: Kernel> Node<K> {
             self.undo(&record).await;
             return Err(error.into());
         }
+        lock(&self.answered).insert(id.clone());
         Ok(PodAttachment::of(lease, &attached))
     }
 
@@ -662,32 +676,69 @@ impl<K: Kernel> Node<K> {
     }
 
     /// Before an ADD: what an earlier ADD of the same attachment left.
-    /// Completed in this sandbox: the spec's error. Half-built in this
-    /// sandbox (a crash or cancellation mid-ADD): the interface is cleared
-    /// (the address stays assigned and is reused). Of another sandbox:
-    /// torn down as a DEL would.
+    /// - Of another sandbox: torn down as a DEL would.
+    /// - Half-built in this sandbox (a crash or cancellation mid-ADD): the
+    ///   interface is cleared (the address stays assigned and is reused).
+    /// - Completed in this sandbox by this agent process, which answered
+    ///   it: the spec's error for a second ADD.
+    /// - Completed by an earlier agent process: that agent may have been
+    ///   killed between recording the ADD and answering it, so the
+    ///   runtime may never have seen the success. If the interface is
+    ///   still as built, the recorded result is the answer (returned as
+    ///   `Some`); if not, it is cleared and built again.
     async fn clear_earlier(
         &self,
-        id: &AttachmentId,
+        request: &PodRequest,
         netns: &Path,
         netns_id: NsId,
-    ) -> Result<(), NodeError> {
-        let Some(earlier) = self.attachments.get(id) else {
-            return Ok(());
+    ) -> Result<Option<PodAttachment>, NodeError> {
+        let id = request.attachment_id();
+        let Some(earlier) = self.attachments.get(&id) else {
+            return Ok(None);
         };
         if earlier.netns_id != Some(netns_id) {
             tracing::info!(attachment = %id, "ADD in a new sandbox: tearing down the earlier one's");
-            return self.teardown(&earlier, PodSide::Recorded).await;
+            self.teardown(&earlier, PodSide::Recorded).await?;
+            return Ok(None);
         }
-        if earlier.phase == Phase::Ready {
-            return Err(NodeError::AlreadyAttached(id.clone()));
-        }
+        let ownership = match (&earlier.phase, &earlier.created) {
+            (Phase::Ready, _) if lock(&self.answered).contains(&id) => {
+                return Err(NodeError::AlreadyAttached(id));
+            }
+            (Phase::Ready, Some(created)) => {
+                if let Some(done) = self.still_built(request, netns, created).await? {
+                    tracing::info!(attachment = %id, "ADD repeated after an agent restart: answering what the earlier agent built");
+                    lock(&self.answered).insert(id);
+                    return Ok(Some(done));
+                }
+                Ownership::Recorded(created)
+            }
+            _ => Ownership::Unrecorded,
+        };
         let cleared = self
             .datapath
-            .detach_owned(Some(netns), &id.ifname, Ownership::Unrecorded, None)
+            .detach_owned(Some(netns), &id.ifname, ownership, None)
             .await?;
-        tracing::info!(attachment = %id, ?cleared, "rebuilding an interface a earlier ADD left half-built");
-        Ok(())
+        tracing::info!(attachment = %id, ?cleared, "rebuilding an interface an earlier ADD left half-built");
+        Ok(None)
+    }
+
+    /// What an earlier ADD built, if the interface is still as it was.
+    async fn still_built(
+        &self,
+        request: &PodRequest,
+        netns: &Path,
+        created: &Attached,
+    ) -> Result<Option<PodAttachment>, NodeError> {
+        let Some(lease) = self.pools.lease_of(&request.owner()) else {
+            return Ok(None);
+        };
+        let mac = self.requested_mac(request).await?;
+        let spec = self.pod_network(request, &lease, mac)?;
+        Ok(match self.datapath.check(netns, &spec).await {
+            Ok(_) => Some(PodAttachment::of(lease, created)),
+            Err(_) => None,
+        })
     }
 
     /// Undoes a failed or abandoned ADD: the interface if ADD built it
@@ -824,6 +875,7 @@ impl<K: Kernel> Node<K> {
         }
         self.release_everywhere(&record.owner).await?;
         self.attachments.remove(&record.id())?;
+        lock(&self.answered).remove(&record.id());
         Ok(())
     }
 
@@ -1007,10 +1059,7 @@ impl<K: Kernel> Node<K> {
                 }
             }
         }
-        *self
-            .gone
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = gone_now;
+        *lock(&self.gone) = gone_now;
         let mut collected = Vec::with_capacity(due.len());
         let mut first_error = None;
         for id in due {
@@ -1044,12 +1093,7 @@ impl<K: Kernel> Node<K> {
     }
 
     fn gone_passes(&self, id: &AttachmentId) -> u32 {
-        self.gone
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(id)
-            .copied()
-            .unwrap_or(0)
+        lock(&self.gone).get(id).copied().unwrap_or(0)
     }
 
     /// Replays the DELs the plugin noted while the agent was unreachable

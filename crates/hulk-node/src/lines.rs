@@ -604,10 +604,18 @@ pub async fn call<Request: Serialize, Reply: DeserializeOwned>(
         bytes.push(b'\n');
         stream.write_all(&bytes).await.map_err(io)?;
         let mut line = String::new();
-        BufReader::new(stream)
+        let read = BufReader::new(stream)
             .read_line(&mut line)
             .await
             .map_err(io)?;
+        // The connection closed before any answer: the agent went away
+        // (killed mid-request), which is not an unreadable answer.
+        if read == 0 {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the agent closed the connection without answering",
+            )));
+        }
         Ok(serde_json::from_str(&line)?)
     };
     tokio::time::timeout(timeout, exchange)

@@ -418,3 +418,26 @@ async fn attachments_survive_a_restart_of_the_node() {
     second.del(&pod("a")).await.unwrap();
     assert_eq!(second.pools().stats(&key()).assigned, 0);
 }
+
+#[tokio::test]
+async fn an_add_an_earlier_agent_completed_but_may_not_have_answered_is_answered_again() {
+    // Killed between recording "ready" and answering: the runtime saw a
+    // failure and retries the ADD without a DEL. The restarted agent
+    // answers what was built; its own answered ADDs stay the spec's error.
+    let store: Arc<dyn PoolStore> = Arc::new(MemoryStore::default());
+    let (kernel, _) = kernel(&["a"]);
+    let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()));
+    let first = node_over(backend.clone(), store.clone(), kernel.clone(), true).await;
+    let built = first.add(&pod("a")).await.unwrap();
+    drop(first);
+    let second = node_over(backend, store, kernel, false).await;
+    let again = second.add(&pod("a")).await.unwrap();
+    assert_eq!(again.lease.address, built.lease.address);
+    assert_eq!(again.index, built.index, "the same interface, not rebuilt");
+    assert!(matches!(
+        second.add(&pod("a")).await,
+        Err(NodeError::AlreadyAttached(_))
+    ));
+    second.del(&pod("a")).await.unwrap();
+    assert_eq!(second.pools().stats(&key()).assigned, 0);
+}
