@@ -515,9 +515,9 @@ async fn status_tells_the_truth_under_a_thousand_concurrent_calls() {
     let started = Instant::now();
     let calls = (0..1000).map(|_| {
         let socket = socket.clone();
-        tokio::spawn(async move {
-            call(&socket, &AgentRequest::Status, Duration::from_secs(60)).await
-        })
+        tokio::spawn(
+            async move { call(&socket, &AgentRequest::Status, Duration::from_secs(60)).await },
+        )
     });
     let mut answers = std::collections::BTreeMap::<String, usize>::new();
     for call in calls {
