@@ -160,6 +160,16 @@ subnet = "subnet-a"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The sockets are bound before the agent restores the node and
+        // opens its pools; requests wait in the backlog meanwhile. Ready
+        // is when the rescue socket answers.
+        let (code, answer) =
+            support::hulkctl(&self.rescue_socket(), &["--timeout", "60", "status"]);
+        assert!(
+            code == 0 || code == 1,
+            "the agent did not answer: {answer} {}",
+            self.log(self.starts)
+        );
         self.agent = Some(agent);
     }
 

@@ -207,7 +207,13 @@ async fn a_del_during_an_add_cancels_it_and_waits_for_the_undo() {
         tokio::spawn(async move { node.add(&pod("a")).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
     node.del(&pod("a")).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(500),
+        "DEL waited {waited:?} for the cancelled ADD"
+    );
     let error = adding.await.unwrap().unwrap_err();
     assert!(matches!(error, NodeError::Abandoned { .. }), "{error}");
     tokio::time::sleep(Duration::from_millis(1600)).await;
