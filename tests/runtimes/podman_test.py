@@ -306,7 +306,10 @@ def agent_killed(report, node, podman):
             wait_until(settled, 20, 0.5, "the agent to hold exactly the running containers' addresses")
         except Failure:
             raise Failure(last["diff"])
-        report.note(f"after the restart: {len(node.held())} running containers hold their addresses")
+        states = {}
+        for container in podman.all():
+            states[container.get("State")] = states.get(container.get("State"), 0) + 1
+        report.note(f"after the restart: {len(node.held())} running containers hold their addresses; states {states}")
         run(podman.command("rm", "-af"), env=podman.env, timeout=300)
         node.wait_nothing_held(20)
         left = {n for n in named_netns() if n.startswith("cni-")} - before
