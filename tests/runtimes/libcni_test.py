@@ -10,7 +10,6 @@ import json
 import os
 
 from harness import (
-    NODE_NETNS,
     OURS_PREFIX,
     REF_PREFIX,
     Failure,

@@ -12,7 +12,6 @@ from a busybox-static rootfs (no registry needed).
 import concurrent.futures
 import json
 import os
-import shutil
 import tarfile
 import threading
 import time

@@ -36,6 +36,8 @@ def build_libcni_client(work):
         "GOPATH": f"/usr/share/gocode:{gopath}",
         "GOFLAGS": "",
     }
+    if "HOME" not in os.environ and "GOCACHE" not in os.environ:
+        env["GOCACHE"] = os.path.join(gopath, "cache")
     subprocess.run(
         ["go", "build", "-o", binary, "."],
         cwd=os.path.join(HERE, "libcni"),
