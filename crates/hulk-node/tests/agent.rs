@@ -3,20 +3,20 @@
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hulk_cni::{Attachment, ErrorCode};
-use hulk_ipam::{MockBackend, PoolKey};
 use hulk_netns::fake::FakeKernel;
-use hulk_netns::{Datapath, NodeNetwork, SlaveKind};
+use hulk_node::PodRequest;
 use hulk_node::agent::{
     AgentMetrics, AgentReply, AgentRequest, ClientError, PluginApi, ServeLimits, call, serve,
 };
-use hulk_node::{Node, PodRequest};
-use hulk_pool::{MemoryStore, PoolConfig, PoolManager, SystemClock};
+use hulk_pool::PoolConfig;
 use tokio::io::AsyncWriteExt;
 
 const PODS: usize = 20;
@@ -42,31 +42,13 @@ async fn start(socket: &Path) -> tokio::sync::watch::Sender<bool> {
     for n in 0..PODS {
         kernel.add_namespace(format!("/var/run/netns/p{n}"));
     }
-    let key = PoolKey::new("vpc", "subnet-a", ["sg"], None);
-    let pools = PoolManager::open(
-        Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap())),
-        Arc::new(MemoryStore::default()),
-        Arc::new(SystemClock),
-        "node-1",
-        PoolConfig {
-            warm_up: 32,
-            batch: 32,
-            max_idle: 40,
-            ..PoolConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    pools.warm_up(&key).await.unwrap();
-    let network = NodeNetwork {
-        parent: "eth1".into(),
-        kind: SlaveKind::default(),
-        host_link: "hulk0".into(),
-        node_address: "10.20.0.250/24".parse().unwrap(),
-        service_cidrs: vec![],
+    let config = PoolConfig {
+        warm_up: 32,
+        batch: 32,
+        max_idle: 40,
+        ..PoolConfig::default()
     };
-    let node = Arc::new(Node::new(pools, Datapath::new(kernel), network, key));
-    node.restore().await.unwrap();
+    let node = support::mock_node(kernel, config).await;
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket).unwrap();
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -5,45 +5,19 @@
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod support;
+
+use support::{key, network, pod};
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use hulk_cni::{Attachment, ErrorCode};
-use hulk_ipam::{IpamError, MockBackend, PoolKey};
+use hulk_ipam::{IpamError, MockBackend};
 use hulk_netns::fake::{FakeKernel, FakeNs};
-use hulk_netns::{Datapath, DatapathError, Kernel, NodeNetwork, SlaveKind};
+use hulk_netns::{Datapath, DatapathError, Kernel};
 use hulk_node::{Node, NodeError, PodRequest};
 use hulk_pool::{MemoryStore, PoolConfig, PoolError, PoolManager, SystemClock};
-
-fn key() -> PoolKey {
-    PoolKey::new("vpc", "subnet-a", ["sg"], None)
-}
-
-fn network() -> NodeNetwork {
-    NodeNetwork {
-        parent: "eth1".into(),
-        kind: SlaveKind::default(),
-        host_link: "hulk0".into(),
-        node_address: "10.20.0.250/24".parse().unwrap(),
-        service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
-    }
-}
-
-fn pod(name: &str) -> PodRequest {
-    PodRequest {
-        container_id: name.into(),
-        ifname: "eth0".into(),
-        netns: Some(PathBuf::from(format!("/var/run/netns/{name}"))),
-        pod: Some(format!("default/{name}")),
-        pool: None,
-        cni_network: Some("vpc".into()),
-        pod_uid: None,
-        timeout_ms: None,
-        address: None,
-        mac: None,
-    }
-}
 
 async fn node(pods: &[&str]) -> (Node<FakeKernel>, Vec<FakeNs>) {
     let kernel = FakeKernel::new();

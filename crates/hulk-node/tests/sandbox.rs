@@ -8,32 +8,22 @@
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
+use support::{key, network};
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hulk_cni::ErrorCode;
-use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MockBackend, PoolKey};
+use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MockBackend};
 use hulk_netns::fake::{FakeKernel, FakeNs};
-use hulk_netns::{Datapath, Kernel, NodeNetwork, SlaveKind};
+use hulk_netns::{Datapath, Kernel, SlaveKind};
 use hulk_node::attachments::Phase;
 use hulk_node::del_notes::DelNotes;
 use hulk_node::{Node, NodeError, PodRequest};
 use hulk_pool::{MemoryStore, PoolConfig, PoolManager, PoolStore, SystemClock};
-
-fn key() -> PoolKey {
-    PoolKey::new("vpc", "subnet-a", ["sg"], None)
-}
-
-fn network() -> NodeNetwork {
-    NodeNetwork {
-        parent: "eth1".into(),
-        kind: SlaveKind::default(),
-        host_link: "hulk0".into(),
-        node_address: "10.20.0.250/24".parse().unwrap(),
-        service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
-    }
-}
 
 fn netns(name: &str) -> PathBuf {
     PathBuf::from(format!("/var/run/netns/{name}"))

@@ -9,6 +9,8 @@
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::io::{BufRead, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -19,14 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hulk_cni::ErrorCode;
-use hulk_ipam::{MockBackend, PoolKey};
 use hulk_netns::fake::FakeKernel;
-use hulk_netns::{Datapath, NodeNetwork, SlaveKind};
 use hulk_node::Node;
 use hulk_node::agent::{AgentMetrics, AgentReply, AgentRequest, PluginApi, call};
 use hulk_node::lines::{AllowedPeers, BindError, ServeLimits, bind};
 use hulk_node::rescue::{RescueApi, RescueReply, RescueRequest};
-use hulk_pool::{MemoryStore, PoolConfig, PoolManager, SystemClock};
+use hulk_pool::PoolConfig;
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -62,30 +62,11 @@ async fn node() -> Arc<Node<FakeKernel>> {
     let kernel = FakeKernel::new();
     kernel.add_parent("eth1", 1500);
     kernel.add_namespace("/var/run/netns/p0");
-    let key = PoolKey::new("vpc", "subnet-a", ["sg"], None);
-    let pools = PoolManager::open(
-        Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap())),
-        Arc::new(MemoryStore::default()),
-        Arc::new(SystemClock),
-        "node-1",
-        PoolConfig {
-            warm_up: 4,
-            ..PoolConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    pools.warm_up(&key).await.unwrap();
-    let network = NodeNetwork {
-        parent: "eth1".into(),
-        kind: SlaveKind::default(),
-        host_link: "hulk0".into(),
-        node_address: "10.20.0.250/24".parse().unwrap(),
-        service_cidrs: vec![],
+    let config = PoolConfig {
+        warm_up: 4,
+        ..PoolConfig::default()
     };
-    let node = Arc::new(Node::new(pools, Datapath::new(kernel), network, key));
-    node.restore().await.unwrap();
-    node
+    support::mock_node(kernel, config).await
 }
 
 /// A running server; dropping it does not stop it (the test's runtime
