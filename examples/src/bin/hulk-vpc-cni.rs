@@ -144,24 +144,12 @@ fn requested(config: &NetConf, args: &CniArgs) -> Result<(Option<IpAddr>, Option
             addresses.push((text.to_owned(), "runtimeConfig.ips"));
         }
     }
-    let mut address: Option<IpAddr> = None;
-    for (text, source) in addresses.iter().filter(|(text, _)| !text.is_empty()) {
-        let parsed = text
-            .parse::<IpNet>()
+    let address = agreeing(&addresses, "IP address", |text| {
+        text.parse::<IpNet>()
             .map(|net| net.addr())
             .or_else(|_| text.parse::<IpAddr>())
-            .map_err(|_| {
-                CniError::invalid_config(format!("{source}: {text:?} is not an IP address"))
-            })?;
-        match address {
-            Some(earlier) if earlier != parsed => {
-                return Err(CniError::invalid_config(format!(
-                    "one address per interface: the runtime asks for both {earlier} and {parsed}"
-                )));
-            }
-            _ => address = Some(parsed),
-        }
-    }
+            .ok()
+    })?;
     let mut macs: Vec<(String, &str)> = Vec::new();
     if let Some(value) = args.get("MAC") {
         macs.push((value.to_owned(), "CNI_ARGS MAC"));
@@ -172,26 +160,35 @@ fn requested(config: &NetConf, args: &CniArgs) -> Result<(Option<IpAddr>, Option
             .ok_or_else(|| CniError::invalid_config("runtimeConfig.mac must be a string"))?;
         macs.push((text.to_owned(), "runtimeConfig.mac"));
     }
-    let mut mac: Option<Mac> = None;
-    for (text, source) in macs.iter().filter(|(text, _)| !text.is_empty()) {
-        let parsed = text
-            .parse::<MacAddr>()
-            .map_err(|_| {
-                CniError::invalid_config(format!("{source}: {text:?} is not a MAC address"))
-            })?
-            .octets();
-        match mac {
-            Some(earlier) if earlier != parsed => {
+    let mac = agreeing(&macs, "MAC address", |text| {
+        text.parse::<MacAddr>().ok().map(MacAddr::octets)
+    })?;
+    Ok((address, mac))
+}
+
+/// The one value the runtime's `(text, source)` requests name, parsed by
+/// `parse`: none when there is none, an error (7) when one does not parse
+/// or two disagree (one address, one MAC per interface).
+fn agreeing<T: PartialEq + Copy>(
+    requests: &[(String, &str)],
+    what: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, CniError> {
+    let mut agreed: Option<T> = None;
+    for (text, source) in requests.iter().filter(|(text, _)| !text.is_empty()) {
+        let parsed = parse(text).ok_or_else(|| {
+            CniError::invalid_config(format!("{source}: {text:?} is not an {what}"))
+        })?;
+        match agreed {
+            Some(agreed_so_far) if agreed_so_far != parsed => {
                 return Err(CniError::invalid_config(format!(
-                    "the runtime asks for two MACs: {} and {}",
-                    format_mac(&earlier),
-                    format_mac(&parsed)
+                    "one {what} per interface: the runtime asks for two ({source} says {text:?})"
                 )));
             }
-            _ => mac = Some(parsed),
+            _ => agreed = Some(parsed),
         }
     }
-    Ok((address, mac))
+    Ok(agreed)
 }
 
 /// CHECK's comparison of the runtime's `prevResult` with what the agent
