@@ -2,11 +2,21 @@
 //! the warm pool (addresses) and the datapath (interfaces), and the one
 //! place where their failures become CNI error codes.
 //!
-//! - [`Node::add`]: an address from the pod's pool, then the interface;
-//!   if the interface cannot be built the address goes back. A retried ADD
-//!   finds the same address and the same interface and succeeds.
-//! - [`Node::del`]: tears down the interface and returns the address;
-//!   anything already gone counts as done.
+//! The sandbox is the unit of truth: every attachment (container id and
+//! interface) is recorded with its sandbox and what ADD built
+//! ([`attachments`]) before ADD touches anything, and operations on one
+//! attachment run one at a time.
+//!
+//! - [`Node::add`]: the record, an address from the pod's pool, then the
+//!   interface; if the interface cannot be built, or the caller gave up,
+//!   everything goes back. A retry after a crash mid-ADD rebuilds a
+//!   half-built interface with the same address.
+//! - [`Node::del`]: cancels an ADD in progress, then tears down exactly
+//!   what the record says, in the recorded sandbox only, and returns the
+//!   address; anything already gone counts as done.
+//! - [`Node::collect_gone_sandboxes`]: the liveness pass, with or without
+//!   Kubernetes; [`Node::replay_del_notes`]: the DELs the plugin did while
+//!   the agent was down ([`del_notes`]).
 //! - [`Node::restore`]: after a reboot or an agent restart, re-applies the
 //!   node-level datapath for the pods that still hold addresses.
 //! - [`NodeError::to_cni`]: the mapping to CNI codes (11 try again later,
