@@ -1038,7 +1038,7 @@ impl<K: Kernel> Node<K> {
 
     /// The liveness pass: an attachment whose sandbox is gone (its netns
     /// path removed, no namespace, or another namespace now) on
-    /// [`GONE_PASSES`] passes in a row is torn down and its address goes
+    /// two passes in a row is torn down and its address goes
     /// back, with or without Kubernetes: a runtime that lost its DEL
     /// (agent down, runtime crashed) never strands an address, and a pod's
     /// old sandbox does not keep one because the pod lives on in a newer
