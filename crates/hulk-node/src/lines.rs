@@ -602,19 +602,24 @@ pub async fn call<Request: Serialize, Reply: DeserializeOwned>(
         let mut stream = UnixStream::connect(socket).await.map_err(io)?;
         let mut bytes = serde_json::to_vec(request)?;
         bytes.push(b'\n');
-        stream.write_all(&bytes).await.map_err(io)?;
+        // A server that refuses the caller answers without reading the
+        // request and closes: the write then fails, but the answer waits
+        // to be read, and it says more than the broken pipe.
+        let written = stream.write_all(&bytes).await;
         let mut line = String::new();
-        let read = BufReader::new(stream)
-            .read_line(&mut line)
-            .await
-            .map_err(io)?;
-        // The connection closed before any answer: the agent went away
-        // (killed mid-request), which is not an unreadable answer.
-        if read == 0 {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the agent closed the connection without answering",
-            )));
+        let read = BufReader::new(stream).read_line(&mut line).await;
+        match (written, read) {
+            (_, Ok(read)) if read > 0 => {}
+            (Err(error), _) => return Err(io(error)),
+            (Ok(()), Err(error)) => return Err(io(error)),
+            // The connection closed before any answer: the agent went
+            // away (killed mid-request), which is not an unreadable answer.
+            (Ok(()), Ok(_)) => {
+                return Err(io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the agent closed the connection without answering",
+                )));
+            }
         }
         Ok(serde_json::from_str(&line)?)
     };

@@ -349,7 +349,12 @@ async fn non_root_peers_are_kept_out_by_mode_and_by_uid() {
     // 0666: the mode lets nobody in; the uid check refuses it.
     let _plugin = plugin_server(&dir.socket(), ServeLimits::default()).await;
     let outcome = status_as_nobody(&dir.socket()).await;
-    let reply: AgentReply = serde_json::from_str(outcome.strip_prefix("REPLY ").unwrap()).unwrap();
+    let reply: AgentReply = serde_json::from_str(
+        outcome
+            .strip_prefix("REPLY ")
+            .unwrap_or_else(|| panic!("nobody got no reply: {outcome}")),
+    )
+    .unwrap();
     assert!(
         matches!(&reply, AgentReply::Failed(error)
             if error.code == ErrorCode::AgentUnavailable && error.msg.contains("uid 65534")),
