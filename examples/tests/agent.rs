@@ -134,16 +134,14 @@ async fn start_agent(
         node,
         pod,
     );
-    let socket = dir.join("agent.sock");
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the agent did not come up"
-        );
-        assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Blocking here is fine: the agent is another process and nothing
+    // else runs on this test's runtime yet.
+    support::wait_until_ready(
+        &mut agent.0,
+        &dir.join("rescue.sock"),
+        Duration::from_secs(30),
+        || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default(),
+    );
     agent
 }
 

@@ -148,27 +148,11 @@ subnet = "subnet-a"
             .stderr(log)
             .spawn()
             .unwrap();
-        let started = Instant::now();
-        while !(self.dir.join("agent.sock").exists() && self.rescue_socket().exists()) {
-            if let Some(status) = agent.try_wait().unwrap() {
-                panic!("the agent exited ({status}): {}", self.log(self.starts));
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the agent did not come up: {}",
-                self.log(self.starts)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // The sockets are bound before the agent restores the node and
-        // opens its pools; requests wait in the backlog meanwhile. Ready
-        // is when the rescue socket answers.
-        let (code, answer) =
-            support::hulkctl(&self.rescue_socket(), &["--timeout", "60", "status"]);
-        assert!(
-            code == 0 || code == 1,
-            "the agent did not answer: {answer} {}",
-            self.log(self.starts)
+        support::wait_until_ready(
+            &mut agent,
+            &self.rescue_socket(),
+            Duration::from_secs(60),
+            || self.log(self.starts),
         );
         self.agent = Some(agent);
     }

@@ -183,8 +183,9 @@ cluster = "e2e"
         )
         .unwrap();
         std::fs::write(self.dir.join("token"), CLOUD_TOKEN).unwrap();
-        let socket = self.dir.join("agent.sock");
-        let _ = std::fs::remove_file(&socket);
+        for socket in ["agent.sock", "rescue.sock"] {
+            let _ = std::fs::remove_file(self.dir.join(socket));
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -196,18 +197,12 @@ cluster = "e2e"
             .stderr(log)
             .spawn()
             .unwrap();
-        let started = Instant::now();
-        while !socket.exists() {
-            if let Some(status) = agent.try_wait().unwrap() {
-                panic!("the agent exited ({status}): {}", self.agent_log());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the agent did not come up: {}",
-                self.agent_log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        support::wait_until_ready(
+            &mut agent,
+            &self.dir.join("rescue.sock"),
+            Duration::from_secs(60),
+            || self.agent_log(),
+        );
         self.agent = Some(agent);
     }
 

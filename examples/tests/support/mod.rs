@@ -145,6 +145,39 @@ pub fn hulkctl(socket: &Path, args: &[&str]) -> (i32, Value) {
     (output.status.code().unwrap_or(-1), answer)
 }
 
+/// Waits until the agent `agent`, started with rescue socket `rescue`, is
+/// ready: its sockets are bound first, before it restores the node and
+/// replays DELs (requests wait in the backlog meanwhile), so a socket file
+/// is no readiness signal; an answer on the rescue socket is. Panics with
+/// `log()` when the agent exits or does not answer within `limit`.
+pub fn wait_until_ready(
+    agent: &mut Child,
+    rescue: &Path,
+    limit: Duration,
+    log: impl Fn() -> String,
+) {
+    let started = Instant::now();
+    while !rescue.exists() {
+        if let Some(status) = agent.try_wait().expect("the agent can be waited for") {
+            panic!("the agent exited ({status}): {}", log());
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the agent did not bind its sockets: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let timeout = limit.saturating_sub(started.elapsed()).as_secs().max(1);
+    let (code, answer) = hulkctl(rescue, &["--timeout", &timeout.to_string(), "status"]);
+    // 0: ready; 1: answered, with something not ready (e.g. the cloud).
+    assert!(
+        code == 0 || code == 1,
+        "the agent did not answer ({code}): {answer} {}",
+        log()
+    );
+}
+
 /// The bearer token [`UltronFake`] asks for.
 pub const ULTRON_TOKEN: &str = "e2e-token";
 
