@@ -50,6 +50,7 @@ fn durable_latency() {
             batch: 256,
             warm_up: 2048,
             max_total: 4000,
+            max_held: Some(4000),
             ..PoolConfig::default()
         };
         let pools = PoolManager::open(backend, store, Arc::new(SystemClock), "node", config)
@@ -146,6 +147,7 @@ fn burst_of_200() {
                 batch,
                 warm_up,
                 max_total: 400,
+                max_held: Some(400),
                 assign_timeout: Duration::from_secs(120),
                 refill_interval: Duration::from_secs(1),
                 ..PoolConfig::default()

@@ -23,6 +23,7 @@ fn config() -> PoolConfig {
         batch: 64,
         warm_up: 256,
         max_total: 4000,
+        max_held: Some(4000),
         // No cooldown here: the bench measures the engine's hot path.
         reuse_cooldown: Duration::ZERO,
         idle_reclaim_after: None,

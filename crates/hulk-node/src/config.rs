@@ -199,6 +199,8 @@ pub struct PoolKnobs {
     pub warm_up: usize,
     /// See `PoolConfig::max_total`.
     pub max_total: usize,
+    /// See `PoolConfig::max_held`; absent: twice `max_total`.
+    pub max_held: Option<usize>,
     /// See `PoolConfig::reuse_cooldown`.
     pub reuse_cooldown_seconds: u64,
     /// See `PoolConfig::assign_timeout`.
@@ -214,6 +216,7 @@ impl Default for PoolKnobs {
             batch: defaults.batch,
             warm_up: defaults.warm_up,
             max_total: defaults.max_total,
+            max_held: defaults.max_held,
             reuse_cooldown_seconds: defaults.reuse_cooldown.as_secs(),
             assign_timeout_seconds: defaults.assign_timeout.as_secs(),
         }
@@ -332,6 +335,7 @@ impl AgentConfig {
             batch: knobs.batch,
             warm_up: knobs.warm_up,
             max_total: knobs.max_total,
+            max_held: knobs.max_held,
             reuse_cooldown: Duration::from_secs(knobs.reuse_cooldown_seconds),
             assign_timeout: Duration::from_secs(knobs.assign_timeout_seconds),
             ..PoolConfig::default()

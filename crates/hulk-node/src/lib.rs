@@ -313,6 +313,7 @@ impl NodeError {
             NodeError::Pool(
                 PoolError::Empty { .. }
                 | PoolError::Degraded { .. }
+                | PoolError::Full { .. }
                 | PoolError::AddressUnavailable { .. },
             ) => ErrorCode::TryAgainLater,
             // The one request a pod shapes: its fixed address.

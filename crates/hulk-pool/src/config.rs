@@ -13,8 +13,16 @@ pub struct PoolConfig {
     pub batch: usize,
     /// Addresses allocated when the pool starts.
     pub warm_up: usize,
-    /// The most addresses the pool holds, idle or not (the node's pod capacity).
+    /// The most addresses assigned to pods at once: the node's pod
+    /// capacity (kubelet's `--max-pods`). An ADD beyond it is refused at
+    /// once ([`crate::PoolError::Full`]).
     pub max_total: usize,
+    /// The most addresses the pool holds from the backend in any state
+    /// (idle, assigned, cooling down, being returned or allocated): the
+    /// cloud cost bound. `None`: twice `max_total`, so that every pod at
+    /// capacity can be replaced within one `reuse_cooldown` while the old
+    /// addresses cool down ([`PoolConfig::held_cap`]).
+    pub max_held: Option<usize>,
     /// How long a released address waits before it is handed out again,
     /// so Service endpoints pointing at the old pod converge first.
     pub reuse_cooldown: Duration,
@@ -42,6 +50,7 @@ impl Default for PoolConfig {
             batch: 8,
             warm_up: 8,
             max_total: 110,
+            max_held: None,
             reuse_cooldown: Duration::from_secs(30),
             idle_reclaim_after: Some(Duration::from_secs(3600)),
             assign_timeout: Duration::from_secs(30),
@@ -54,6 +63,13 @@ impl Default for PoolConfig {
 }
 
 impl PoolConfig {
+    /// The most addresses the pool holds from the backend: `max_held`, or
+    /// twice `max_total` (saturating).
+    pub fn held_cap(&self) -> usize {
+        self.max_held
+            .unwrap_or_else(|| self.max_total.saturating_mul(2))
+    }
+
     /// Checks the knobs against each other; the message names the fields.
     pub fn validate(&self) -> Result<(), String> {
         let problems: Vec<String> = [
@@ -73,6 +89,13 @@ impl PoolConfig {
                 format!(
                     "warm_up ({}) is above max_total ({})",
                     self.warm_up, self.max_total
+                )
+            }),
+            (self.held_cap() < self.max_total).then(|| {
+                format!(
+                    "max_held ({}) is below max_total ({}): pods could never fill the node",
+                    self.held_cap(),
+                    self.max_total
                 )
             }),
             (self.batch == 0).then(|| "batch must be at least 1".to_owned()),

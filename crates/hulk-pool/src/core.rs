@@ -212,7 +212,31 @@ pub struct PoolCore {
     pub(crate) backoff_until_ms: u64,
     /// The last failed allocation, kept after later successes.
     pub(crate) last_failure: Option<BackendFailure>,
+    /// Set when the backend said "exhausted" (or quota): the most one
+    /// allocation asks for, until one succeeds or the pause the refusal
+    /// asked for ends. Backends allocate all or none, so a subnet with 2
+    /// free addresses refuses a batch of 4 for good; halving finds what is
+    /// left. While it holds, the subnet is tight: idle addresses are not
+    /// given back (a freed one may be the last).
+    pub(crate) narrowed: Option<Narrowed>,
+    /// How long successful allocations take, in milliseconds (a moving
+    /// average); `None` before the first.
+    pub(crate) allocation_ms: Option<u64>,
 }
+
+/// The narrower allocations after an "exhausted" ([`PoolCore`]'s
+/// `narrowed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Narrowed {
+    /// The most one allocation asks for.
+    most: usize,
+    /// Until when (Unix milliseconds): the refusal's pause.
+    until_ms: u64,
+}
+
+/// The weight of the newest sample in [`PoolCore::note_allocation`]'s
+/// moving average: a quarter, so one slow call moves it without ruling it.
+const LATENCY_WEIGHT: f64 = 0.25;
 
 impl PoolCore {
     /// Adds or replaces a record, indexing it by its state (a replaced
@@ -383,33 +407,171 @@ impl PoolCore {
         self.insert(record);
     }
 
-    /// How many more addresses `max_total` lets the pool take, counting
-    /// those being allocated.
+    /// How many more addresses the pool may hold from the backend
+    /// ([`PoolConfig::held_cap`]), counting those being allocated.
     pub fn room(&self, config: &PoolConfig) -> usize {
         config
-            .max_total
+            .held_cap()
             .saturating_sub(self.records.len().saturating_add(self.in_flight))
     }
 
+    /// Whether one more pod may get an address: fewer than `max_total`
+    /// addresses are assigned or being allocated for a pod (a fixed one).
+    /// Cooling and idle addresses do not count: they hold no pod.
+    pub fn pod_room(&self, config: &PoolConfig) -> bool {
+        self.owners
+            .len()
+            .saturating_add(self.pending_addresses.len())
+            < config.max_total
+    }
+
+    /// How far ahead a cooling address counts as supply: one that turns
+    /// idle before an allocation would answer serves a waiting ADD no
+    /// later than the backend would. That is the allocations' average
+    /// time, within `assign_timeout`; the whole `assign_timeout` before
+    /// the first allocation and while the subnet is tight (every address
+    /// the cloud has not got to give counts then).
+    fn supply_horizon_ms(&self, config: &PoolConfig, now_ms: u64) -> u64 {
+        let deadline = millis(config.assign_timeout);
+        match self.allocation_ms {
+            Some(latency) if !self.tight_at(now_ms) => latency.min(deadline),
+            _ => deadline,
+        }
+    }
+
+    /// Whether the subnet is tight: the backend refused for want of
+    /// addresses (or quota), and its pause has not ended.
+    pub fn tight_at(&self, now_ms: u64) -> bool {
+        self.degraded_at(now_ms).is_some() || self.narrowed_at(now_ms).is_some()
+    }
+
+    /// The narrower allocations, while they hold.
+    fn narrowed_at(&self, now_ms: u64) -> Option<Narrowed> {
+        self.narrowed.filter(|narrowed| narrowed.until_ms > now_ms)
+    }
+
+    /// Cooling addresses (not fixed ones, which go back to the backend)
+    /// that turn idle by `until_ms`.
+    fn cooling_by(&self, until_ms: u64) -> usize {
+        self.records
+            .values()
+            .filter(|record| {
+                !record.fixed
+                    && matches!(record.state, AddressState::Cooldown { until_ms: due } if due <= until_ms)
+            })
+            .count()
+    }
+
+    /// What the pool wants idle now: `min_idle`, or more when more ADDs
+    /// wait. The one demand both refills and returns are judged by.
+    fn demand(&self, config: &PoolConfig) -> usize {
+        config.min_idle.max(self.waiters)
+    }
+
     /// How many addresses a refill should allocate now, counted as in
-    /// flight until [`PoolCore::finish_refill`]: toward `min_idle` (or the
-    /// number of waiting assignments), in one batch, never past `max_idle`
-    /// or `max_total`, and nothing while degraded, backing off or draining.
+    /// flight until [`PoolCore::finish_refill`]: toward the demand
+    /// (`min_idle`, or the number of waiting assignments), counting as
+    /// supply the idle addresses, those being allocated and the cooling
+    /// ones that turn idle within the supply horizon (see
+    /// [`PoolCore::supply_horizon_ms`]); in one batch (or less after an
+    /// "exhausted": see `ask_limit`), never past `max_idle` or the holding
+    /// cap, and nothing while degraded, backing off or draining.
     pub fn plan_refill(&mut self, config: &PoolConfig, now_ms: u64) -> usize {
-        let idle = self.idle.len() + self.in_flight;
-        let target = config.min_idle.max(self.waiters);
-        let room = self.room(config);
+        let horizon = now_ms.saturating_add(self.supply_horizon_ms(config, now_ms));
+        let supply = self.idle.len() + self.in_flight + self.cooling_by(horizon);
+        let target = self.demand(config);
         let paused = self.draining || self.paused_until(now_ms).is_some();
-        let want = if paused || idle >= target {
+        let want = if paused || supply >= target {
             0
         } else {
-            config
-                .batch
-                .min(room)
-                .min(config.max_idle.max(target).saturating_sub(idle))
+            self.batch(config, now_ms)
+                .min(self.room(config))
+                .min(config.max_idle.max(target).saturating_sub(supply))
         };
         self.in_flight += want;
         want
+    }
+
+    /// The most one allocation asks for: `batch`, or less after an
+    /// "exhausted" (`narrowed`).
+    fn batch(&self, config: &PoolConfig, now_ms: u64) -> usize {
+        self.narrowed_at(now_ms)
+            .map_or(config.batch, |narrowed| narrowed.most.min(config.batch))
+    }
+
+    /// When the refiller should look again at the latest: when a pause or
+    /// back-off ends, or the next cooling address turns idle (waiting ADDs
+    /// may be counting on it). `None`: nothing is due.
+    pub fn next_due(&self, now_ms: u64) -> Option<u64> {
+        let cooled = self
+            .records
+            .values()
+            .filter_map(|record| match record.state {
+                AddressState::Cooldown { until_ms } if until_ms > now_ms => Some(until_ms),
+                _ => None,
+            })
+            .min();
+        match (self.paused_until(now_ms), cooled) {
+            (Some(paused), Some(cooled)) => Some(paused.min(cooled)),
+            (paused, cooled) => paused.or(cooled),
+        }
+    }
+
+    /// Folds how long a successful allocation took into the average the
+    /// supply horizon uses.
+    pub fn note_allocation(&mut self, took_ms: u64) {
+        self.allocation_ms = Some(match self.allocation_ms {
+            None => took_ms,
+            // `as` saturates; both values fit an f64 closely enough.
+            Some(average) => {
+                (average as f64 * (1.0 - LATENCY_WEIGHT) + took_ms as f64 * LATENCY_WEIGHT) as u64
+            }
+        });
+    }
+
+    /// Which idle addresses to give back now, taken out of the idle index
+    /// (the caller stores them as being released, or puts them back with
+    /// [`PoolCore::untake`] if that fails), and the cooled fixed ones
+    /// ([`PoolCore::cooled_fixed`]). Judged by the same demand as refills:
+    /// beyond `max_idle` or beyond the waiting ADDs, whichever is more,
+    /// and those beyond that floor idle since before `reclaim_before_ms`
+    /// (Unix milliseconds). Nothing idle goes back while the subnet is
+    /// tight (an "exhausted" or a refusal: a freed address may be the last
+    /// one); everything idle goes back while draining.
+    pub fn plan_shrink(
+        &mut self,
+        config: &PoolConfig,
+        now_ms: u64,
+        reclaim_before_ms: Option<u64>,
+    ) -> Vec<String> {
+        let mut victims = Vec::new();
+        let (floor, ceiling) = if self.draining {
+            (0, 0)
+        } else if self.tight_at(now_ms) {
+            (usize::MAX, usize::MAX)
+        } else {
+            let demand = self.demand(config);
+            (demand, config.max_idle.max(demand))
+        };
+        while self.idle.len() > floor {
+            let Some(oldest) = self.idle.front().cloned() else {
+                break;
+            };
+            let Some(since_ms) = self.records.get(&oldest).map(|record| record.since_ms) else {
+                // An index entry without a record: drop it.
+                self.idle.pop_front();
+                continue;
+            };
+            let too_many = self.idle.len() > ceiling;
+            let stale = reclaim_before_ms.is_some_and(|before| since_ms < before);
+            if !(too_many || stale) {
+                break;
+            }
+            self.idle.pop_front();
+            victims.push(oldest);
+        }
+        victims.extend(self.cooled_fixed(now_ms));
+        victims
     }
 
     /// How many addresses a warm-up batch should allocate now, counted as
@@ -417,21 +579,21 @@ impl PoolCore {
     /// ones, in one batch, never past `max_total`; nothing while draining.
     /// Back-off does not hold a warm-up back: it is asked for once, and
     /// reports its failure to its caller.
-    pub fn plan_warm_up(&mut self, config: &PoolConfig) -> usize {
+    pub fn plan_warm_up(&mut self, config: &PoolConfig, now_ms: u64) -> usize {
         if self.draining {
             return 0;
         }
         let have = self.idle.len() + self.in_flight;
-        let want = config
-            .batch
+        let want = self
+            .batch(config, now_ms)
             .min(config.warm_up.saturating_sub(have))
             .min(self.room(config));
         self.in_flight += want;
         want
     }
 
-    /// Counts one address (a pod's fixed one) as in flight if `max_total`
-    /// leaves room for it; `false` when the pool is full.
+    /// Counts one address (a pod's fixed one) as in flight if the holding
+    /// cap leaves room for it; `false` when the pool holds its most.
     pub fn reserve_one(&mut self, config: &PoolConfig) -> bool {
         let room = self.room(config) > 0;
         if room {
@@ -493,7 +655,7 @@ impl PoolCore {
         // This allocation's own reservation is the room it may fill.
         let others_in_flight = self.in_flight.saturating_sub(asked);
         let room = config
-            .max_total
+            .held_cap()
             .saturating_sub(self.records.len().saturating_add(others_in_flight))
             .min(asked);
         let mut screened = Screened {
@@ -533,6 +695,7 @@ impl PoolCore {
                 self.degraded = None;
                 self.failures = 0;
                 self.backoff_until_ms = 0;
+                self.narrowed = None;
             }
             RefillEnd::Failed {
                 failure,
@@ -542,7 +705,28 @@ impl PoolCore {
                 self.failures = self.failures.saturating_add(1);
                 self.last_failure = Some(failure);
                 match refusal {
-                    Some(refusal) => self.degraded = Some(refusal),
+                    // All or none: fewer may still be there. Ask again at
+                    // once for half, down to one; only "exhausted" for a
+                    // single address degrades the pool.
+                    Some(refusal) if refusal.exhausted && planned > 1 => {
+                        let half = (planned / 2).max(1);
+                        let most = self
+                            .narrowed_at(now_ms)
+                            .map_or(half, |narrowed| narrowed.most.min(half));
+                        self.narrowed = Some(Narrowed {
+                            most,
+                            until_ms: refusal.until_ms,
+                        });
+                    }
+                    Some(refusal) => {
+                        if refusal.exhausted {
+                            self.narrowed = Some(Narrowed {
+                                most: 1,
+                                until_ms: refusal.until_ms,
+                            });
+                        }
+                        self.degraded = Some(refusal);
+                    }
                     None => {
                         let window = millis(backoff_window(self.failures));
                         let half = window / 2;
@@ -643,6 +827,82 @@ mod tests {
         }
     }
 
+    fn demand_config() -> PoolConfig {
+        PoolConfig {
+            // Demand is the waiting ADDs alone.
+            min_idle: 0,
+            max_idle: 0,
+            batch: 8,
+            max_total: 20,
+            assign_timeout: Duration::from_secs(30),
+            ..PoolConfig::default()
+        }
+    }
+
+    #[test]
+    fn cooling_addresses_due_before_an_allocation_would_answer_count_as_supply() {
+        let config = demand_config();
+        let mut core = PoolCore::default();
+        // Two addresses turn idle in 3 s, one in 20 s; two ADDs wait.
+        core.insert(record("a", 2, AddressState::Cooldown { until_ms: 3_000 }));
+        core.insert(record("b", 3, AddressState::Cooldown { until_ms: 3_000 }));
+        core.insert(record("c", 4, AddressState::Cooldown { until_ms: 20_000 }));
+        core.waiters = 2;
+        // Before any allocation, the whole assign_timeout is the horizon.
+        assert_eq!(core.plan_refill(&config, 0), 0);
+        assert_eq!(core.next_due(0), Some(3_000));
+        // Allocations take 10 s: the one due in 20 s does not count.
+        core.note_allocation(10_000);
+        core.waiters = 3;
+        assert_eq!(core.plan_refill(&config, 0), 1);
+        core.finish_refill(1, RefillEnd::Abandoned, 0);
+        // Allocations take 1 s: nothing cooling counts.
+        for _ in 0..40 {
+            core.note_allocation(1_000);
+        }
+        assert_eq!(core.allocation_ms, Some(1_000));
+        assert_eq!(core.plan_refill(&config, 0), 3);
+    }
+
+    #[test]
+    fn an_exhausted_batch_is_halved_down_to_one_then_degrades() {
+        let config = demand_config();
+        let mut core = PoolCore {
+            waiters: 8,
+            ..PoolCore::default()
+        };
+        let exhausted = |now_ms| RefillEnd::Failed {
+            failure: BackendFailure {
+                operation: "allocate".into(),
+                kind: "exhausted".into(),
+                message: "no".into(),
+                at_ms: now_ms,
+            },
+            refusal: Some(Refusal::new(
+                now_ms,
+                Duration::from_secs(60),
+                "no".into(),
+                true,
+            )),
+            jitter: 0.5,
+        };
+        let mut asked = Vec::new();
+        loop {
+            let want = core.plan_refill(&config, 0);
+            if want == 0 {
+                break;
+            }
+            asked.push(want);
+            core.finish_refill(want, exhausted(0), 0);
+        }
+        assert_eq!(asked, [8, 4, 2, 1]);
+        assert!(core.degraded_at(0).is_some());
+        assert!(core.tight_at(59_999));
+        // The pause over, whole batches again.
+        assert!(!core.tight_at(60_000));
+        assert_eq!(core.plan_refill(&config, 60_000), 8);
+    }
+
     #[test]
     fn a_replaced_record_leaves_no_stale_index_entry() {
         let mut core = PoolCore::default();
@@ -674,6 +934,7 @@ mod tests {
     fn answers_are_screened_against_the_pool_others_and_themselves() {
         let config = PoolConfig {
             max_total: 4,
+            max_held: Some(4),
             ..PoolConfig::default()
         };
         let key = PoolKey::new("vpc", "s", ["sg"], None);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use hulk_ipam::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, Owner, PoolKey};
 use tokio::sync::{Notify, RwLock, watch};
 
@@ -27,6 +27,10 @@ const DRAINED: &str = "drained by an operator; a refill resumes it";
 
 /// The most batch calls one refill pass runs at once.
 const MAX_PARALLEL_BATCHES: usize = 4;
+/// Addresses returned to the backend at once in a refill pass: a queue of
+/// surplus drains in a fraction of the time one at a time takes, without
+/// flooding the cloud's API (the rate limiter still applies).
+const RETURNS_IN_PARALLEL: usize = 4;
 
 /// How long [`PoolManager::run_refillers`] waits before restarting a
 /// refiller that panicked or ended, so that one dying at once does not
@@ -82,6 +86,17 @@ pub enum PoolError {
         reason: String,
         /// The subnet or quota is used up: retrying soon will not help.
         exhausted: bool,
+    },
+    /// The pool's pods hold `max_total` addresses, the node's pod capacity;
+    /// one must go before another comes.
+    #[error(
+        "pool {subnet} is full: pods hold max_total ({max_total}) addresses; one must go first"
+    )]
+    Full {
+        /// The pool's subnet.
+        subnet: String,
+        /// The pod capacity that is reached.
+        max_total: usize,
     },
     /// A specific address cannot be assigned now: another pod holds it, it
     /// is being released or allocated, or another pool has it.
@@ -649,6 +664,12 @@ impl PoolManager {
                 if let Some(lease) = state.assigned_lease(owner) {
                     break Ok(lease);
                 }
+                if !state.pod_room(&pool.config) {
+                    break Err(PoolError::Full {
+                        subnet: key.subnet.clone(),
+                        max_total: pool.config.max_total,
+                    });
+                }
                 let now = self.clock.now_ms();
                 if let Err(error) = self.promote_cooled_locked(&mut state, now) {
                     break Err(error);
@@ -739,6 +760,12 @@ impl PoolManager {
                     )))
                 };
             }
+            if !state.pod_room(&pool.config) {
+                return Err(PoolError::Full {
+                    subnet: key.subnet.clone(),
+                    max_total: pool.config.max_total,
+                });
+            }
             match state.take_address(owner, address, self.clock.now_ms()) {
                 Ok(Some(record)) => {
                     if let Err(error) = self.store.apply(&[StoreOp::put(record.clone())]) {
@@ -791,7 +818,7 @@ impl PoolManager {
     }
 
     /// One backend allocation of `address`, recorded as `owner`'s, behind
-    /// an intent record as every allocation is, within `max_total`.
+    /// an intent record as every allocation is, within the holding cap.
     async fn allocate_for(
         &self,
         pool: &Pool,
@@ -802,8 +829,8 @@ impl PoolManager {
             return Err(PoolError::AddressUnavailable {
                 address,
                 reason: format!(
-                    "the pool holds its most addresses (max_total {}); one must go first",
-                    pool.config.max_total
+                    "the pool holds its most addresses (max_held {}); one must go first",
+                    pool.config.held_cap()
                 ),
             });
         }
@@ -1128,7 +1155,7 @@ impl PoolManager {
         let pool = self.pool(key);
         pool.lock().draining = true;
         pool.announce();
-        self.shrink(&pool).await
+        self.return_surplus(&pool).await
     }
 
     /// Ends a drain of `key`'s pool and runs a refill pass.
@@ -1139,27 +1166,38 @@ impl PoolManager {
         self.refill(key).await
     }
 
-    /// One refill pass of `key`'s pool: allocates toward `min_idle` (and
-    /// for waiting assignments) in batches (up to four in parallel), returns idle addresses beyond
-    /// `max_idle` or unused past `idle_reclaim_after`.
+    /// One refill pass of `key`'s pool, with one demand plan for both
+    /// directions (see [`PoolCore::plan_refill`] and
+    /// [`PoolCore::plan_shrink`]): allocates toward `min_idle` (and for
+    /// waiting assignments) in batches (up to four in parallel) while it
+    /// returns idle addresses beyond `max_idle` or unused past
+    /// `idle_reclaim_after`, a few at a time. The refiller
+    /// ([`PoolManager::run_refiller`]) runs the two directions as separate
+    /// loops, so that returns never hold up the allocations waiting ADDs
+    /// need.
     pub async fn refill(&self, key: &PoolKey) -> Result<RefillOutcome, PoolError> {
         let pool = self.pool(key);
         self.promote_cooled(&pool)?;
-        let mut outcome = RefillOutcome {
-            released: self.shrink(&pool).await?,
-            ..RefillOutcome::default()
-        };
-        // More waiting assignments than one batch serves get several
-        // batches in parallel: a burst then waits one backend call, not one
-        // per batch.
+        let (released, allocated) =
+            futures::future::join(self.return_surplus(&pool), self.allocate_pass(&pool)).await;
+        let mut outcome = allocated?;
+        outcome.released = released?;
+        Ok(outcome)
+    }
+
+    /// Allocates what [`PoolCore::plan_refill`] asks for. More waiting
+    /// assignments than one batch serves get several batches in parallel:
+    /// a burst then waits one backend call, not one per batch.
+    async fn allocate_pass(&self, pool: &Pool) -> Result<RefillOutcome, PoolError> {
         let mut batches = Vec::new();
         while batches.len() < MAX_PARALLEL_BATCHES {
             let want = pool.lock().plan_refill(&pool.config, self.clock.now_ms());
             if want == 0 {
                 break;
             }
-            batches.push(self.allocate_into(&pool, want));
+            batches.push(self.allocate_into(pool, want));
         }
+        let mut outcome = RefillOutcome::default();
         for result in futures::future::join_all(batches).await {
             match result? {
                 Ok(allocated) => outcome.allocated += allocated,
@@ -1167,6 +1205,13 @@ impl PoolManager {
             }
         }
         Ok(outcome)
+    }
+
+    /// Returns to the backend what [`PoolCore::plan_shrink`] picks;
+    /// how many went back.
+    async fn return_surplus(&self, pool: &Pool) -> Result<usize, PoolError> {
+        let returns = self.pick_returns(pool)?;
+        self.return_addresses(pool, returns).await
     }
 
     /// Allocates `count` addresses (already counted in `in_flight`) behind
@@ -1189,11 +1234,14 @@ impl PoolManager {
         let intent_id = intent.id;
         self.store.apply(&[StoreOp::PutIntent(intent)])?;
         let request = AllocationRequest::new(pool.key.clone(), self.node.clone(), count);
+        let started_ms = self.clock.now_ms();
         let result = self
             .timed("allocate", self.backend.allocate(&request))
             .await;
         match result {
             Ok(leases) => {
+                pool.lock()
+                    .note_allocation(self.clock.now_ms().saturating_sub(started_ms));
                 let adopted = self
                     .take_answer(
                         pool,
@@ -1256,71 +1304,70 @@ impl PoolManager {
         Some((record, intent))
     }
 
-    /// Returns idle addresses beyond `max_idle`, and those beyond
-    /// `min_idle` idle for longer than `idle_reclaim_after`; every idle
-    /// address of a draining pool.
-    async fn shrink(&self, pool: &Pool) -> Result<usize, PoolError> {
+    /// Takes the addresses [`PoolCore::plan_shrink`] picks out of service,
+    /// durably: each is stored as being released, behind a release intent
+    /// (a crash finishes the job). Nothing changes if the store fails.
+    fn pick_returns(&self, pool: &Pool) -> Result<Vec<(AddressRecord, Intent)>, PoolError> {
         let now = self.clock.now_ms();
-        let victims: Vec<(AddressRecord, Intent)> = {
-            let mut state = pool.lock();
-            let config = &pool.config;
-            let reclaim_before = config
-                .idle_reclaim_after
-                .map(|after| now.saturating_sub(millis(after)));
-            let (floor, ceiling) = if state.draining {
-                (0, 0)
-            } else {
-                (config.min_idle, config.max_idle)
-            };
-            let mut victims = Vec::new();
-            while state.idle.len() > floor {
-                let Some(oldest) = state.idle.front().cloned() else {
-                    break;
-                };
-                let Some(since_ms) = state.records.get(&oldest).map(|record| record.since_ms)
-                else {
-                    // An index entry without a record: drop it.
-                    state.idle.pop_front();
-                    continue;
-                };
-                let too_many = state.idle.len() > ceiling;
-                let stale = reclaim_before.is_some_and(|before| since_ms < before);
-                if !(too_many || stale) {
-                    break;
-                }
-                state.idle.pop_front();
-                victims.extend(self.release_victim(&state, &oldest));
+        let reclaim_before = pool
+            .config
+            .idle_reclaim_after
+            .map(|after| now.saturating_sub(millis(after)));
+        let mut state = pool.lock();
+        let picked = state.plan_shrink(&pool.config, now, reclaim_before);
+        let victims: Vec<(AddressRecord, Intent)> = picked
+            .iter()
+            .filter_map(|id| self.release_victim(&state, id))
+            .collect();
+        let ops: Vec<StoreOp> = victims
+            .iter()
+            .flat_map(|(record, intent)| {
+                [
+                    StoreOp::put(record.clone()),
+                    StoreOp::PutIntent(intent.clone()),
+                ]
+            })
+            .collect();
+        if let Err(error) = self.store.apply(&ops) {
+            // Fixed addresses were never idle.
+            for (record, _) in victims.iter().rev().filter(|(record, _)| !record.fixed) {
+                state.untake(record);
             }
-            for id in state.cooled_fixed(now) {
-                victims.extend(self.release_victim(&state, &id));
-            }
-            let ops: Vec<StoreOp> = victims
-                .iter()
-                .flat_map(|(record, intent)| {
-                    [
-                        StoreOp::put(record.clone()),
-                        StoreOp::PutIntent(intent.clone()),
-                    ]
+            return Err(error.into());
+        }
+        for (record, _) in &victims {
+            state
+                .records
+                .insert(record.lease.id.clone(), record.clone());
+        }
+        Ok(victims)
+    }
+
+    /// Returns `victims` ([`PoolManager::pick_returns`]) to the backend, a
+    /// few calls at a time: one call each (no backend has a bulk release).
+    /// A failed return keeps the address as it was (a fixed one cooled
+    /// down, others idle) for a later pass. Returns how many went back.
+    async fn return_addresses(
+        &self,
+        pool: &Pool,
+        victims: Vec<(AddressRecord, Intent)>,
+    ) -> Result<usize, PoolError> {
+        let now = self.clock.now_ms();
+        let results: Vec<(AddressRecord, Intent, Result<(), IpamError>)> =
+            futures::stream::iter(victims)
+                .map(|(record, intent)| async move {
+                    let result = self
+                        .timed("release", self.backend.release(&record.lease.id))
+                        .await;
+                    (record, intent, result)
                 })
-                .collect();
-            if let Err(error) = self.store.apply(&ops) {
-                // Fixed addresses were never idle.
-                for (record, _) in victims.iter().rev().filter(|(record, _)| !record.fixed) {
-                    state.idle.push_front(record.lease.id.clone());
-                }
-                return Err(error.into());
-            }
-            for (record, _) in &victims {
-                state
-                    .records
-                    .insert(record.lease.id.clone(), record.clone());
-            }
-            victims
-        };
+                .buffer_unordered(RETURNS_IN_PARALLEL)
+                .collect()
+                .await;
         let mut released = 0;
-        for (record, intent) in victims {
+        for (record, intent, result) in results {
             let id = record.lease.id.clone();
-            match self.timed("release", self.backend.release(&id)).await {
+            match result {
                 Ok(()) | Err(IpamError::NotFound(_)) => {
                     self.store.apply(&[
                         StoreOp::RemoveAddress(id.clone()),
@@ -1330,8 +1377,6 @@ impl PoolManager {
                     released += 1;
                 }
                 Err(error) => {
-                    // Keep it as it was (a fixed address cooled down, others
-                    // idle), the intent removed; a later pass retries.
                     tracing::warn!(lease = %id, %error, "cannot return an address");
                     let mut kept = record.clone();
                     kept.state = if record.fixed {
@@ -1357,11 +1402,16 @@ impl PoolManager {
         let pool = self.pool(key);
         let mut allocated = 0;
         loop {
-            let count = pool.lock().plan_warm_up(&pool.config);
+            let count = pool.lock().plan_warm_up(&pool.config, self.clock.now_ms());
             if count == 0 {
                 return Ok(allocated);
             }
-            allocated += self.allocate_into(&pool, count).await??;
+            match self.allocate_into(&pool, count).await? {
+                Ok(adopted) => allocated += adopted,
+                // "Exhausted" for several: the next batch asks for fewer.
+                Err(IpamError::Exhausted { .. } | IpamError::Quota(_)) if count > 1 => {}
+                Err(error) => return Err(error.into()),
+            }
         }
     }
 
@@ -1444,19 +1494,36 @@ impl PoolManager {
     }
 
     /// Runs the refiller of `key` until `shutdown` turns true (or its
-    /// sender is dropped): woken by assignments and releases, every
-    /// `refill_interval`, and when a pause or back-off ends.
-    pub async fn run_refiller(self: Arc<Self>, key: PoolKey, mut shutdown: watch::Receiver<bool>) {
+    /// sender is dropped): two loops on one task, one allocating (woken by
+    /// assignments, every `refill_interval`, and when a pause, back-off or
+    /// cooldown ends) and one returning surplus (woken by every change of
+    /// the pool, and on the same clock), so that neither waits for the
+    /// other's backend calls.
+    pub async fn run_refiller(self: Arc<Self>, key: PoolKey, shutdown: watch::Receiver<bool>) {
         let pool = self.pool(&key);
         let _running = Running::new(&pool);
+        futures::future::join(
+            self.allocation_loop(&pool, shutdown.clone()),
+            self.return_loop(&pool, shutdown),
+        )
+        .await;
+    }
+
+    /// How long a refiller loop of `pool` may sleep: until the next pause,
+    /// back-off or cooldown ends, at most `refill_interval`.
+    fn refiller_sleep(&self, pool: &Pool) -> Duration {
+        let now = self.clock.now_ms();
+        pool.lock()
+            .next_due(now)
+            .map_or(pool.config.refill_interval, |until| {
+                Duration::from_millis(until.saturating_sub(now))
+            })
+            .min(pool.config.refill_interval)
+    }
+
+    /// The allocating half of [`PoolManager::run_refiller`].
+    async fn allocation_loop(&self, pool: &Pool, mut shutdown: watch::Receiver<bool>) {
         while !*shutdown.borrow_and_update() {
-            let now = self.clock.now_ms();
-            let pause = pool
-                .lock()
-                .paused_until(now)
-                .map_or(pool.config.refill_interval, |until| {
-                    Duration::from_millis(until.saturating_sub(now))
-                });
             tokio::select! {
                 changed = shutdown.changed() => {
                     if changed.is_err() {
@@ -1465,17 +1532,56 @@ impl PoolManager {
                     continue;
                 }
                 () = pool.wake_refiller.notified() => {}
-                () = tokio::time::sleep(pause.min(pool.config.refill_interval)) => {}
+                () = tokio::time::sleep(self.refiller_sleep(pool)) => {}
             }
             loop {
-                match self.refill(&key).await {
-                    Ok(outcome) if outcome.allocated > 0 || outcome.released > 0 => continue,
+                let pass = match self.promote_cooled(pool) {
+                    Ok(()) => self.allocate_pass(pool).await,
+                    Err(error) => Err(error),
+                };
+                match pass {
+                    Ok(outcome) if outcome.allocated > 0 => continue,
+                    // A failure that neither paused nor backed the pool
+                    // off asked for too many at once: ask for fewer now.
+                    Ok(outcome)
+                        if outcome.error.is_some()
+                            && pool.lock().paused_until(self.clock.now_ms()).is_none() =>
+                    {
+                        continue;
+                    }
                     Ok(_) => break,
                     Err(error) => {
-                        tracing::error!(pool = %key.subnet, %error, "refill pass failed");
+                        tracing::error!(pool = %pool.key.subnet, %error, "refill pass failed");
                         break;
                     }
                 }
+            }
+        }
+    }
+
+    /// The returning half of [`PoolManager::run_refiller`].
+    async fn return_loop(&self, pool: &Pool, mut shutdown: watch::Receiver<bool>) {
+        let mut changes = pool.changed.subscribe();
+        while !*shutdown.borrow_and_update() {
+            let pass = match self.promote_cooled(pool) {
+                Ok(()) => self.return_surplus(pool).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = pass {
+                tracing::error!(pool = %pool.key.subnet, %error, "return pass failed");
+            }
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep(self.refiller_sleep(pool)) => {}
             }
         }
     }

@@ -72,6 +72,7 @@ fn config() -> PoolConfig {
         batch: 3,
         warm_up: 3,
         max_total: 20,
+        max_held: Some(20),
         idle_reclaim_after: None,
         assign_timeout: Duration::from_millis(100),
         ..PoolConfig::default()
@@ -500,9 +501,10 @@ async fn refused_credentials_show_in_the_backend_health() {
 }
 
 #[tokio::test]
-async fn max_total_caps_warm_up_fixed_addresses_and_adoption() {
+async fn the_holding_cap_bounds_warm_up_fixed_addresses_and_adoption() {
     let mut small = config();
     small.max_total = 5;
+    small.max_held = Some(5);
     small.max_idle = 4;
     small.warm_up = 4;
     small.batch = 4;

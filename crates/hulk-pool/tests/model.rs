@@ -89,7 +89,9 @@ fn config() -> PoolConfig {
         max_idle: 3,
         batch: 2,
         warm_up: 2,
-        max_total: 5,
+        // Below the holding cap, so both limits are met.
+        max_total: 4,
+        max_held: Some(6),
         reuse_cooldown: Duration::from_millis(COOLDOWN_MS),
         idle_reclaim_after: Some(Duration::from_secs(60)),
         assign_timeout: Duration::from_millis(10),
@@ -194,6 +196,14 @@ async fn run(faults: BTreeMap<u64, Fault>, ops: Vec<Op>) -> Result<(), TestCaseE
                             "refused although idle addresses were ready"
                         );
                     }
+                    Err(PoolError::Full { .. }) => {
+                        prop_assert!(!model.held.contains_key(&n));
+                        prop_assert!(
+                            model.held.len() >= config().max_total,
+                            "refused as full with {} pods",
+                            model.held.len()
+                        );
+                    }
                     Err(error) => return Err(TestCaseError::fail(format!("assign: {error}"))),
                 }
             }
@@ -266,7 +276,8 @@ async fn run(faults: BTreeMap<u64, Fault>, ops: Vec<Op>) -> Result<(), TestCaseE
             records,
             "backend and store disagree: leak or double"
         );
-        prop_assert!(records <= config().max_total);
+        prop_assert!(records <= config().held_cap());
+        prop_assert!(stats.assigned <= config().max_total);
         let addresses: HashSet<_> = stored
             .values()
             .map(|record| record.lease.address.addr())

@@ -97,6 +97,7 @@ fn config() -> PoolConfig {
         batch: 3,
         warm_up: 3,
         max_total: 20,
+        max_held: Some(20),
         reuse_cooldown: Duration::from_secs(30),
         idle_reclaim_after: None,
         assign_timeout: Duration::from_secs(2),
@@ -175,26 +176,38 @@ async fn without_a_refill_an_assignment_gives_up_in_time() {
     assert!(matches!(error, PoolError::Empty { .. }), "{error}");
 }
 
+fn exhausted() -> Fault {
+    Fault::Error(IpamError::Exhausted {
+        subnet: "subnet-a".into(),
+    })
+}
+
 #[tokio::test]
-async fn exhaustion_degrades_the_pool_until_the_backoff_passes() {
+async fn exhaustion_for_one_address_degrades_the_pool_until_the_backoff_passes() {
     let plan = FaultPlan {
-        // Call 1 is the sweep at open.
-        on_call: BTreeMap::from([(
-            2,
-            Fault::Error(IpamError::Exhausted {
-                subnet: "subnet-a".into(),
-            }),
-        )]),
+        // Call 1 is the sweep at open; call 2 asks for a batch of 3, call
+        // 3 for 1 (half of 3).
+        on_call: BTreeMap::from([(2, exhausted()), (3, exhausted())]),
         ..FaultPlan::default()
     };
+    // One idle address wanted: the narrowed retry is one call, not two
+    // parallel batches of one.
+    let mut one = config();
+    one.min_idle = 1;
     let (backend, clock, pools) = in_memory_with(
         Faulty::new(MockBackend::new("10.0.0.0/24".parse().unwrap()), plan),
-        config(),
+        one,
     )
     .await;
     let outcome = pools.refill(&key()).await.unwrap();
     assert!(matches!(outcome.error, Some(IpamError::Exhausted { .. })));
-    assert!(pools.stats(&key()).degraded);
+    assert!(
+        !pools.stats(&key()).degraded,
+        "a batch refused whole may still find fewer"
+    );
+    let outcome = pools.refill(&key()).await.unwrap();
+    assert!(matches!(outcome.error, Some(IpamError::Exhausted { .. })));
+    assert!(pools.stats(&key()).degraded, "not even one address is left");
     let error = pools.assign(&key(), &owner(1)).await.unwrap_err();
     assert!(
         matches!(
@@ -211,14 +224,218 @@ async fn exhaustion_degrades_the_pool_until_the_backoff_passes() {
         0,
         "no calls while degraded"
     );
-    assert_eq!(backend.calls(), 2, "the sweep and the refused allocation");
+    assert_eq!(backend.calls(), 3, "the sweep and the refused allocations");
     clock.advance(Duration::from_secs(61));
     assert_eq!(
         pools.refill(&key()).await.unwrap().allocated,
         3,
-        "one batch"
+        "one whole batch once the pause is over"
     );
     assert!(!pools.stats(&key()).degraded);
+}
+
+#[tokio::test]
+async fn an_exhausted_subnet_is_asked_for_fewer_until_what_is_left_is_found() {
+    // A /28 (13 addresses besides the gateway) where another node holds
+    // 11: 2 are free, and batches of 4 are refused whole.
+    let backend = Arc::new(MockBackend::new("10.0.0.0/28".parse().unwrap()));
+    let others = backend
+        .allocate(&AllocationRequest::new(key(), "node-2", 11))
+        .await
+        .unwrap();
+    assert_eq!(others.len(), 11);
+    let mut wide = config();
+    wide.batch = 4;
+    wide.min_idle = 4;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        Arc::new(ManualClock::default()),
+        wide,
+    )
+    .await;
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    let first = pools.assign(&key(), &owner(1)).await.unwrap();
+    let second = pools.assign(&key(), &owner(2)).await.unwrap();
+    assert_ne!(first.address, second.address);
+    assert_eq!(backend.allocated(), 13, "both free addresses taken");
+    let third = pools.assign(&key(), &owner(3)).await.unwrap_err();
+    assert!(
+        matches!(
+            third,
+            PoolError::Degraded {
+                exhausted: true,
+                ..
+            } | PoolError::Empty { .. }
+        ),
+        "{third}"
+    );
+    stop.send(true).unwrap();
+    refiller.await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_addresses_are_kept_while_the_subnet_is_tight() {
+    let plan = FaultPlan {
+        // 1: the sweep; 2: the warm-up; 3: a refill for min_idle.
+        on_call: BTreeMap::from([(3, exhausted())]),
+        ..FaultPlan::default()
+    };
+    let mut knobs = config();
+    knobs.min_idle = 1;
+    knobs.max_idle = 1;
+    knobs.reuse_cooldown = Duration::ZERO;
+    let (backend, clock, pools) = in_memory_with(
+        Faulty::new(MockBackend::new("10.0.0.0/24".parse().unwrap()), plan),
+        knobs,
+    )
+    .await;
+    assert_eq!(pools.warm_up(&key()).await.unwrap(), 3);
+    for n in 1..=3 {
+        pools.assign(&key(), &owner(n)).await.unwrap();
+    }
+    let refused = pools.refill(&key()).await.unwrap();
+    assert!(matches!(refused.error, Some(IpamError::Exhausted { .. })));
+    for n in 1..=3 {
+        pools.release(&key(), &owner(n)).await.unwrap();
+    }
+    let tight = pools.refill(&key()).await.unwrap();
+    assert_eq!(tight.released, 0, "a freed address may be the last one");
+    assert_eq!(pools.stats(&key()).idle, 3);
+    assert_eq!(backend.inner().allocated(), 3);
+    clock.advance(Duration::from_secs(61));
+    let eased = pools.refill(&key()).await.unwrap();
+    assert_eq!(eased.released, 2, "beyond max_idle once the pause is over");
+    assert_eq!(backend.inner().allocated(), 1);
+}
+
+#[tokio::test]
+async fn cooling_addresses_do_not_count_against_pod_capacity() {
+    let mut four_pods = config();
+    four_pods.max_total = 4;
+    four_pods.max_held = None;
+    four_pods.max_idle = 2;
+    four_pods.min_idle = 0;
+    four_pods.warm_up = 0;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let pools = manager(
+        Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap())),
+        Arc::new(MemoryStore::default()),
+        Arc::new(ManualClock::default()),
+        four_pods,
+    )
+    .await;
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    for n in 1..=4 {
+        pools.assign(&key(), &owner(n)).await.unwrap();
+    }
+    let full = pools.assign(&key(), &owner(5)).await.unwrap_err();
+    assert!(
+        matches!(full, PoolError::Full { max_total: 4, .. }),
+        "{full}"
+    );
+    pools.release(&key(), &owner(1)).await.unwrap();
+    pools.release(&key(), &owner(2)).await.unwrap();
+    // Two cool down for 30 s; two pods may come meanwhile.
+    pools.assign(&key(), &owner(5)).await.unwrap();
+    pools.assign(&key(), &owner(6)).await.unwrap();
+    let stats = pools.stats(&key());
+    assert_eq!((stats.assigned, stats.cooldown), (4, 2));
+    let full = pools.assign(&key(), &owner(7)).await.unwrap_err();
+    assert!(matches!(full, PoolError::Full { .. }), "{full}");
+    stop.send(true).unwrap();
+    refiller.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn returns_never_hold_up_the_allocations_waiting_adds_need() {
+    // Releases hang for good (calls 3 to 6 are the first returns); an ADD
+    // that needs an allocation must get one all the same.
+    let plan = FaultPlan {
+        on_call: (3..=6).map(|call| (call, Fault::Hang)).collect(),
+        ..FaultPlan::default()
+    };
+    let mut knobs = config();
+    knobs.min_idle = 0;
+    knobs.max_idle = 0;
+    knobs.warm_up = 10;
+    knobs.batch = 10;
+    knobs.assign_timeout = Duration::from_secs(10);
+    let backend = Arc::new(Faulty::new(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        plan,
+    ));
+    let clock = Arc::new(ManualClock::default());
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        clock,
+        knobs,
+    )
+    .await;
+    assert_eq!(pools.warm_up(&key()).await.unwrap(), 10);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    // Let the return loop take the surplus out of service.
+    while pools.stats(&key()).idle > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let lease = pools.assign(&key(), &owner(1)).await;
+    assert!(lease.is_ok(), "{lease:?}");
+    stop.send(true).unwrap();
+    refiller.abort();
+}
+
+#[tokio::test]
+async fn a_burst_keeps_what_waiting_adds_are_about_to_take() {
+    let mut burst = config();
+    burst.min_idle = 2;
+    burst.max_idle = 4;
+    burst.batch = 4;
+    burst.warm_up = 0;
+    burst.assign_timeout = Duration::from_secs(20);
+    burst.max_total = 40;
+    burst.max_held = Some(60);
+    let (backend, pools) = {
+        let backend = Arc::new(Faulty::new(
+            MockBackend::new("10.0.0.0/24".parse().unwrap()),
+            FaultPlan::fixed_latency(Duration::from_millis(50)),
+        ));
+        let pools = manager(
+            backend.clone(),
+            Arc::new(MemoryStore::default()),
+            Arc::new(ManualClock::default()),
+            burst,
+        )
+        .await;
+        (backend, pools)
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    pools.metrics().register(&mut registry);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    let adds = (0..24).map(|n| {
+        let pools = pools.clone();
+        async move { pools.assign(&key(), &owner(n)).await }
+    });
+    let leases = futures::future::join_all(adds).await;
+    assert!(leases.iter().all(Result::is_ok), "{leases:?}");
+    stop.send(true).unwrap();
+    refiller.await.unwrap();
+    let held = backend.inner().allocated();
+    let stats = pools.stats(&key());
+    assert_eq!(stats.assigned, 24);
+    assert!(
+        held <= 24 + 4,
+        "{held} held: more than the pods and max_idle"
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        !text.contains(r#"operation="release""#),
+        "something went back mid-burst:\n{text}"
+    );
 }
 
 #[tokio::test]
@@ -625,7 +842,9 @@ async fn nonsense_configuration_is_refused() {
 async fn metrics_count_pools_calls_and_errors() {
     let plan = FaultPlan {
         // Call 1 is the sweep at open, 2 the warm-up.
-        on_call: BTreeMap::from([(3, Fault::Error(IpamError::Quota("ports".into())))]),
+        on_call: (3..=4)
+            .map(|call| (call, Fault::Error(IpamError::Quota("ports".into()))))
+            .collect(),
         ..FaultPlan::default()
     };
     let (_, pools) = in_memory(Faulty::new(
@@ -638,7 +857,9 @@ async fn metrics_count_pools_calls_and_errors() {
     pools.warm_up(&key()).await.unwrap();
     pools.assign(&key(), &owner(1)).await.unwrap();
     pools.assign(&key(), &owner(2)).await.unwrap();
-    // One idle, below min_idle: the refill's call is refused (quota).
+    // One idle, below min_idle: the refill's call is refused (quota),
+    // and so is the next one, for fewer.
+    pools.refill(&key()).await.unwrap();
     pools.refill(&key()).await.unwrap();
     pools.refresh_metrics();
     let mut text = String::new();
@@ -650,8 +871,8 @@ async fn metrics_count_pools_calls_and_errors() {
         format!("hulk_pool_addresses{{{labels}}} 3"),
         format!("hulk_pool_degraded{{{labels}}} 1"),
         format!("hulk_pool_refills_total{{{labels}}} 1"),
-        r#"hulk_pool_backend_errors_total{operation="allocate",kind="quota"} 1"#.to_owned(),
-        r#"hulk_pool_backend_call_seconds_count{operation="allocate"} 2"#.to_owned(),
+        r#"hulk_pool_backend_errors_total{operation="allocate",kind="quota"} 2"#.to_owned(),
+        r#"hulk_pool_backend_call_seconds_count{operation="allocate"} 3"#.to_owned(),
         format!("hulk_pool_assign_seconds_count{{{labels}}} 2"),
     ] {
         assert!(text.contains(&line), "missing {line} in\n{text}");

@@ -25,6 +25,7 @@ fn config() -> PoolConfig {
         batch: 2,
         warm_up: 0,
         max_total: 5,
+        max_held: Some(5),
         reuse_cooldown: Duration::ZERO,
         ..PoolConfig::default()
     }

@@ -39,6 +39,7 @@ async fn a_hundred_thousand_operations_keep_every_invariant() {
         batch: 32,
         warm_up: 96,
         max_total: 1000,
+        max_held: Some(1000),
         reuse_cooldown: Duration::from_millis(2),
         idle_reclaim_after: None,
         assign_timeout: Duration::from_secs(5),
