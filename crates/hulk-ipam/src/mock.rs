@@ -16,7 +16,6 @@ use crate::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, MacAddr
 pub struct MockBackend {
     subnet: IpNet,
     gateway: IpAddr,
-    gateway_mac: Option<MacAddr>,
     mtu: u32,
     state: Mutex<MockState>,
 }
@@ -26,6 +25,7 @@ struct MockState {
     by_address: BTreeMap<IpAddr, String>,
     leases: HashMap<String, Lease>,
     next_id: u64,
+    gateway_mac: Option<MacAddr>,
 }
 
 /// The MTU a mock lease reports (an overlay VPC's).
@@ -44,7 +44,6 @@ impl MockBackend {
         MockBackend {
             subnet: subnet.trunc(),
             gateway,
-            gateway_mac: None,
             mtu: MOCK_MTU,
             state: Mutex::new(MockState::default()),
         }
@@ -52,9 +51,19 @@ impl MockBackend {
 
     /// Leases that also carry the gateway's MAC, so that the datapath
     /// installs its permanent neighbour entry as with a real cloud.
-    pub fn with_gateway_mac(mut self, mac: MacAddr) -> Self {
-        self.gateway_mac = Some(mac);
+    pub fn with_gateway_mac(self, mac: MacAddr) -> Self {
+        self.set_gateway_mac(Some(mac));
         self
+    }
+
+    /// The gateway's MAC changes, as when a cloud moves its router: every
+    /// lease, handed out or to come, reports `mac` from now on.
+    pub fn set_gateway_mac(&self, mac: Option<MacAddr>) {
+        let mut state = self.lock();
+        state.gateway_mac = mac;
+        for lease in state.leases.values_mut() {
+            lease.gateway_mac = mac;
+        }
     }
 
     /// How many addresses are handed out now.
@@ -70,7 +79,13 @@ impl MockBackend {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lease(&self, id: String, address: IpAddr, request: &AllocationRequest) -> Lease {
+    fn lease(
+        &self,
+        id: String,
+        address: IpAddr,
+        request: &AllocationRequest,
+        gateway_mac: Option<MacAddr>,
+    ) -> Lease {
         let octets = match address {
             IpAddr::V4(v4) => v4.octets().to_vec(),
             IpAddr::V6(v6) => v6.octets().to_vec(),
@@ -85,7 +100,7 @@ impl MockBackend {
             gateway: Some(self.gateway),
             mac: Some(MacAddr([0xfa, 0x16, 0x3e, tail[0], tail[1], tail[2]])),
             mtu: Some(self.mtu),
-            gateway_mac: self.gateway_mac,
+            gateway_mac,
             security_groups: request.key.security_groups.clone(),
             qos_policy: request.key.qos_policy.clone(),
             node: request.node.clone(),
@@ -132,7 +147,7 @@ impl IpamBackend for MockBackend {
         for address in free {
             state.next_id += 1;
             let id = format!("mock-{}", state.next_id);
-            let lease = self.lease(id.clone(), address, request);
+            let lease = self.lease(id.clone(), address, request, state.gateway_mac);
             state.by_address.insert(address, id.clone());
             state.leases.insert(id, lease.clone());
             leases.push(lease);

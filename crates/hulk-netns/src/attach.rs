@@ -549,6 +549,50 @@ impl<K: Kernel> Datapath<K> {
         Ok(detached)
     }
 
+    /// Re-pins the gateway's permanent neighbour entry on a pod interface
+    /// ADD built (`recorded`, named `ifname` in the namespace at `netns`)
+    /// to `mac`, the MAC the cloud now reports for `gateway`: the entry
+    /// ADD pinned would otherwise keep sending the pod's traffic to a MAC
+    /// the VPC no longer answers. Touches only the recorded link in the
+    /// recorded namespace: `Ok(None)` when the namespace is gone or is
+    /// another one now, or the link is not the recorded one (nothing of
+    /// ours to re-pin); else the entry as installed. The node's own
+    /// namespace is refused ([`DatapathError::HostNamespace`]).
+    pub async fn repin_gateway(
+        &self,
+        netns: &Path,
+        ifname: &str,
+        recorded: &Attached,
+        gateway: IpAddr,
+        mac: Mac,
+    ) -> Result<Option<Neighbour>, DatapathError> {
+        let kernel = &self.kernel;
+        let pod = match self.open(netns).await {
+            Ok(pod) => pod,
+            Err(DatapathError::NamespaceNotFound(_) | DatapathError::NotANamespace(..)) => {
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
+        };
+        if let (Some(recorded_id), Some(found)) = (recorded.netns, kernel.identity(&pod))
+            && recorded_id != found
+        {
+            return Ok(None);
+        }
+        let Some(link) = kernel.link(&pod, ifname).await? else {
+            return Ok(None);
+        };
+        if !Ownership::Recorded(recorded).owns(&link) {
+            return Ok(None);
+        }
+        kernel.replace_neighbour(&pod, ifname, gateway, mac).await?;
+        Ok(Some(Neighbour {
+            ip: gateway,
+            mac: Some(mac),
+            permanent: true,
+        }))
+    }
+
     /// CHECK: compares the pod's interface, address, routes, gateway
     /// neighbour and host route with `spec`, and lists every difference
     /// (an MTU below `spec`'s, or its parent's when that is lower, is none:
@@ -709,6 +753,49 @@ mod tests {
         assert_eq!(namespace.links.keys().collect::<Vec<_>>(), ["lo"]);
         assert!(namespace.routes.is_empty());
         assert!(datapath.kernel().host_namespace().routes.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_gateway_is_repinned_only_on_the_recorded_link() {
+        let (datapath, pod) = node();
+        let attached = datapath.attach(Path::new(NETNS), &spec()).await.unwrap();
+        let moved: Mac = [0xfa, 0x16, 0x3e, 0, 0, 2];
+        let gateway = spec().gateway;
+        let pinned = datapath
+            .repin_gateway(Path::new(NETNS), "eth0", &attached, gateway, moved)
+            .await
+            .unwrap();
+        assert_eq!(pinned.and_then(|entry| entry.mac), Some(moved));
+        let eth0 = &datapath.kernel().namespace(pod).links["eth0"];
+        assert_eq!(eth0.neighbours.len(), 1, "replaced, not added");
+        assert_eq!(eth0.neighbours[0].mac, Some(moved));
+        assert!(eth0.neighbours[0].permanent);
+        // Another link under the name (the record says another index), or
+        // a namespace that is gone: nothing of ours to re-pin.
+        let other = Attached {
+            index: attached.index + 100,
+            ..attached.clone()
+        };
+        let untouched = datapath
+            .repin_gateway(Path::new(NETNS), "eth0", &other, gateway, GATEWAY_MAC)
+            .await
+            .unwrap();
+        assert_eq!(untouched, None);
+        assert_eq!(
+            datapath.kernel().namespace(pod).links["eth0"].neighbours[0].mac,
+            Some(moved)
+        );
+        let gone = datapath
+            .repin_gateway(
+                Path::new("/var/run/netns/gone"),
+                "eth0",
+                &attached,
+                gateway,
+                moved,
+            )
+            .await
+            .unwrap();
+        assert_eq!(gone, None);
     }
 
     #[tokio::test]

@@ -302,6 +302,18 @@ pub enum NodeError {
     },
 }
 
+/// What [`Node::restore`] (at start) and [`Node::reapply`] (an
+/// operator's `hulkctl reapply`) re-applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reapplied {
+    /// The node-level datapath: host slave, sysctls, host routes.
+    #[serde(flatten)]
+    pub node: RestoreReport,
+    /// Pods whose gateway neighbour entry was re-pinned to the MAC the
+    /// cloud now reports.
+    pub gateways_repinned: usize,
+}
+
 impl NodeError {
     /// The CNI error for this failure: the one mapping of the project.
     pub fn to_cni(&self) -> CniError {
@@ -1191,9 +1203,10 @@ impl<K: Kernel> Node<K> {
             if passes.is_multiple_of(10) {
                 match self.pools.sweep_orphans().await {
                     Ok(sweep) if sweep == OrphanSweep::default() => {}
-                    Ok(sweep) => tracing::warn!(?sweep, "the backend held addresses nobody knew"),
+                    Ok(sweep) => tracing::warn!(?sweep, "the backend and the store differed"),
                     Err(error) => tracing::warn!(%error, "orphan sweep failed"),
                 }
+                self.repin_gateways().await;
             }
         }
     }
@@ -1267,9 +1280,97 @@ impl<K: Kernel> Node<K> {
     }
 
     /// Re-applies the node-level datapath (host slave, sysctls, a host
-    /// route per pod holding an address) after a reboot or restart.
-    pub async fn restore(&self) -> Result<RestoreReport, NodeError> {
+    /// route per pod holding an address) after a reboot or restart, and
+    /// re-pins running pods' gateway entries to what the pools now know
+    /// ([`Node::repin_gateways`]).
+    pub async fn restore(&self) -> Result<Reapplied, NodeError> {
         let live: Vec<IpAddr> = self.pools.assigned_addresses();
-        Ok(self.datapath.restore_node(&self.network, &live).await?)
+        let node = self.datapath.restore_node(&self.network, &live).await?;
+        Ok(Reapplied {
+            node,
+            gateways_repinned: self.repin_gateways().await,
+        })
+    }
+
+    /// An operator's re-apply (`hulkctl reapply`): first what the cloud
+    /// now says of this node's addresses (the orphan sweep, which
+    /// refreshes lease facts such as the gateway's MAC; a cloud that does
+    /// not answer is logged and what is known is applied), then
+    /// [`Node::restore`].
+    pub async fn reapply(&self) -> Result<Reapplied, NodeError> {
+        if let Err(error) = self.pools.sweep_orphans().await {
+            tracing::warn!(%error, "cannot refresh what the backend says of this node's addresses");
+        }
+        self.restore().await
+    }
+
+    /// Re-pins the gateway's permanent neighbour entry in every ready
+    /// attachment whose pinned MAC is not the one its lease now carries
+    /// (the orphan sweep refreshes lease facts from the cloud: at start,
+    /// every tenth collector pass, and on `hulkctl reapply`). Each under
+    /// its attachment's turn, so it never races the attachment's DEL, and
+    /// only on the recorded link in the recorded sandbox; the record is
+    /// updated to what is pinned. Returns how many pods were re-pinned;
+    /// failures are logged and retried on the next call.
+    pub async fn repin_gateways(&self) -> usize {
+        let mut repinned = 0;
+        for record in self.attachments.all() {
+            if self.gateway_to_pin(&record).is_none() {
+                continue;
+            }
+            let id = record.id();
+            let _turn = self.serializer.turn(&id).await;
+            // Judged again under the turn: a DEL or a new ADD may have
+            // changed the record meanwhile.
+            let Some(mut record) = self.attachments.get(&id) else {
+                continue;
+            };
+            let Some((gateway, mac)) = self.gateway_to_pin(&record) else {
+                continue;
+            };
+            let Some(created) = record.created.as_mut() else {
+                continue;
+            };
+            match self
+                .datapath
+                .repin_gateway(&record.netns, &record.owner.ifname, created, gateway, mac)
+                .await
+            {
+                Ok(Some(entry)) => {
+                    created.neighbours.retain(|known| known.ip != gateway);
+                    created.neighbours.push(entry);
+                    if let Err(error) = self.attachments.put(record) {
+                        tracing::warn!(attachment = %id, %error, "cannot record the re-pinned gateway");
+                    }
+                    tracing::info!(attachment = %id, %gateway, "gateway entry re-pinned to the MAC the cloud reports");
+                    repinned += 1;
+                }
+                // The sandbox or its interface is gone: the liveness pass
+                // and DEL take it from here.
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(attachment = %id, %error, "cannot re-pin the pod's gateway entry");
+                }
+            }
+        }
+        repinned
+    }
+
+    /// The gateway and MAC a ready attachment should have pinned, when it
+    /// has another (or none) pinned: its lease's, as the pools know it.
+    fn gateway_to_pin(&self, record: &AttachmentRecord) -> Option<(IpAddr, hulk_netns::Mac)> {
+        if record.phase != Phase::Ready {
+            return None;
+        }
+        let created = record.created.as_ref()?;
+        let lease = self.pools.lease_of(&record.owner)?;
+        let gateway = lease.gateway?;
+        let mac = lease.gateway_mac?.octets();
+        let pinned = created
+            .neighbours
+            .iter()
+            .find(|entry| entry.ip == gateway)
+            .and_then(|entry| entry.mac);
+        (pinned != Some(mac)).then_some((gateway, mac))
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hulk_ipam::{Owner, PoolKey};
-use hulk_netns::{Kernel, NftFinding, NodeState, RestoreReport};
+use hulk_netns::{Kernel, NftFinding, NodeState};
 use hulk_pool::{AddressRecord, OrphanSweep, PoolStats};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -164,7 +164,7 @@ pub enum RescueReply {
         error: Option<String>,
     },
     /// For [`RescueRequest::Reapply`].
-    Reapplied(RestoreReport),
+    Reapplied(crate::Reapplied),
     /// For [`RescueRequest::Gc`].
     Collected {
         /// Assignments released (their pod missing on two passes).
@@ -362,7 +362,7 @@ impl<K: Kernel + 'static> RescueApi<K> {
                     error: refused,
                 })
             }
-            RescueRequest::Reapply => self.node.restore().await.map(RescueReply::Reapplied),
+            RescueRequest::Reapply => self.node.reapply().await.map(RescueReply::Reapplied),
             RescueRequest::Gc => self.gc().await,
         };
         outcome.unwrap_or_else(failed)

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hulk_cni::ErrorCode;
-use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MockBackend};
+use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MacAddr, MockBackend};
 use hulk_netns::fake::{FakeKernel, FakeNs};
 use hulk_netns::{Datapath, Kernel, SlaveKind};
 use hulk_node::attachments::Phase;
@@ -436,4 +436,48 @@ async fn an_add_an_earlier_agent_completed_but_may_not_have_answered_is_answered
     ));
     second.del(&pod("a")).await.unwrap();
     assert_eq!(second.pools().stats(&key()).assigned, 0);
+}
+
+/// The gateway MAC pinned on eth0 in `pod`.
+fn pinned_gateway(kernel: &FakeKernel, pod: FakeNs) -> Option<hulk_netns::Mac> {
+    let namespace = kernel.namespace(pod);
+    let neighbours = &namespace.links.get("eth0")?.neighbours;
+    assert!(neighbours.len() <= 1, "{neighbours:?}");
+    neighbours.first().and_then(|entry| entry.mac)
+}
+
+#[tokio::test]
+async fn a_gateway_mac_the_cloud_moves_is_repinned_in_running_pods_and_given_to_new_ones() {
+    let old = MacAddr([0xfa, 0x16, 0x3e, 0, 0, 1]);
+    let new = MacAddr([0xfa, 0x16, 0x3e, 0, 0, 2]);
+    let newer = MacAddr([0xfa, 0x16, 0x3e, 0, 0, 3]);
+    let (kernel, namespaces) = kernel(&["a", "b"]);
+    let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()).with_gateway_mac(old));
+    let store: Arc<dyn PoolStore> = Arc::new(MemoryStore::default());
+    let node = node_over(backend.clone(), store.clone(), kernel.clone(), true).await;
+    node.add(&pod("a")).await.unwrap();
+    assert_eq!(pinned_gateway(&kernel, namespaces[0]), Some(old.octets()));
+
+    // The cloud moves its router: an operator's reapply picks it up.
+    backend.set_gateway_mac(Some(new));
+    let reapplied = node.reapply().await.unwrap();
+    assert_eq!(reapplied.gateways_repinned, 1);
+    assert_eq!(pinned_gateway(&kernel, namespaces[0]), Some(new.octets()));
+    let record = node.attachments().get(&pod("a").attachment_id()).unwrap();
+    let recorded = &record.created.unwrap().neighbours;
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].mac, Some(new.octets()), "the record follows");
+    // A pod from the warm pool gets the new facts too.
+    node.add(&pod("b")).await.unwrap();
+    assert_eq!(pinned_gateway(&kernel, namespaces[1]), Some(new.octets()));
+    assert_eq!(node.reapply().await.unwrap().gateways_repinned, 0);
+
+    // Moved again while the agent is down: the restart picks it up.
+    drop(node);
+    backend.set_gateway_mac(Some(newer));
+    let restarted = node_over(backend.clone(), store, kernel.clone(), false).await;
+    for namespace in &namespaces {
+        assert_eq!(pinned_gateway(&kernel, *namespace), Some(newer.octets()));
+    }
+    assert_eq!(restarted.repin_gateways().await, 0);
 }

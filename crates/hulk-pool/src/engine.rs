@@ -12,6 +12,7 @@ use futures::{FutureExt, StreamExt};
 use hulk_ipam::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, Owner, PoolKey};
 use tokio::sync::{Notify, RwLock, watch};
 
+mod facts;
 mod owner_marks;
 
 pub use owner_marks::OrphanSweep;

@@ -180,8 +180,9 @@ async fn main() -> Result<(), Failure> {
     // DELs the plugin did while the agent was down, then serve.
     let restored = node.restore().await?;
     tracing::info!(
-        routes = restored.routes_installed,
-        stale = restored.stale_routes_removed.len(),
+        routes = restored.node.routes_installed,
+        stale = restored.node.stale_routes_removed.len(),
+        gateways_repinned = restored.gateways_repinned,
         "node state restored"
     );
     let replayed = node.replay_del_notes().await;

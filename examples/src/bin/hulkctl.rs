@@ -230,9 +230,11 @@ fn render(reply: &RescueReply) -> String {
         RescueReply::Reapplied(report) => {
             let _ = writeln!(
                 out,
-                "node configuration re-applied: {} pod routes installed, {} stale removed",
-                report.routes_installed,
-                report.stale_routes_removed.len()
+                "node configuration re-applied: {} pod routes installed, {} stale removed, \
+                 {} pod gateway entries re-pinned",
+                report.node.routes_installed,
+                report.node.stale_routes_removed.len(),
+                report.gateways_repinned
             );
         }
         RescueReply::Collected {

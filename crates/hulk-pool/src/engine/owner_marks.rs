@@ -43,6 +43,10 @@ pub struct OrphanSweep {
     /// it (an address the node holds, or outside the pool's subnet), or
     /// for an interface that holds another address: left alone.
     pub left_alone: usize,
+    /// Addresses the pools know whose facts the backend now reports
+    /// otherwise (e.g. the gateway's MAC): taken in (see
+    /// `PoolManager::sweep_orphans`).
+    pub facts_refreshed: usize,
 }
 
 /// What [`PoolManager::adopt`] did with an orphan.
@@ -169,12 +173,15 @@ impl PoolManager {
     /// Unknown ones (left by an interrupted allocation, or forgotten with
     /// a lost store) are adopted into the pool the backend names, as idle
     /// or as the marked holder's; see [`OrphanSweep`] for the rest. Known
-    /// ones whose mark is stale are queued for marking.
+    /// ones whose mark is stale are queued for marking, and their facts
+    /// (gateway, its MAC, MTU...) are refreshed from the listing.
     pub async fn sweep_orphans(&self) -> Result<OrphanSweep, PoolError> {
         let _gate = self.allocation_gate.write().await;
         let mut sweep = OrphanSweep::default();
         let scope = ListScope::Node(self.node.clone());
-        for lease in self.timed("list", self.backend.list(&scope)).await? {
+        let listing = self.timed("list", self.backend.list(&scope)).await?;
+        sweep.facts_refreshed = self.refresh_facts(&listing)?;
+        for lease in listing {
             if let Some(state) = self.state_of(&lease.id) {
                 let holder = match &state {
                     AddressState::Assigned(owner) => Some(owner_key(owner)),
