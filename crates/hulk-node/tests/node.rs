@@ -188,7 +188,7 @@ async fn restore_brings_back_host_routes_of_pods_holding_addresses() {
     let kernel = node.datapath().kernel();
     kernel.delete_link(kernel.host(), "hulk0").await.unwrap();
     let report = node.restore().await.unwrap();
-    assert_eq!(report.routes_installed, 1);
+    assert_eq!(report.node.routes_installed, 1);
     assert_eq!(
         host_routes(&node),
         [format!("{}/32 dev hulk0", attached.lease.address.addr())]
