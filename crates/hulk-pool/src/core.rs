@@ -451,8 +451,8 @@ impl PoolCore {
     }
 
     /// Cooling addresses (not fixed ones, which go back to the backend)
-    /// that turn idle by `until_ms`.
-    fn cooling_by(&self, until_ms: u64) -> usize {
+    /// that turn idle by `until_ms` (Unix milliseconds).
+    pub fn cooling_by(&self, until_ms: u64) -> usize {
         self.records
             .values()
             .filter(|record| {

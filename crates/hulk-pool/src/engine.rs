@@ -695,7 +695,14 @@ impl PoolManager {
                         exhausted: false,
                     });
                 }
-                if let Some(refusal) = state.degraded_at(now) {
+                // A cloud that refuses more addresses does not keep this
+                // ADD from one of the node's own coming out of cooldown
+                // before its deadline (more of them than ADDs waiting).
+                let ahead = state.waiters.saturating_sub(usize::from(waiting));
+                let deadline_ms = now.saturating_add(millis(pool.config.assign_timeout));
+                if let Some(refusal) = state.degraded_at(now)
+                    && state.cooling_by(deadline_ms) <= ahead
+                {
                     break Err(PoolError::Degraded {
                         subnet: key.subnet.clone(),
                         reason: refusal.reason.clone(),

@@ -1106,3 +1106,52 @@ async fn a_released_fixed_address_goes_back_to_the_backend_after_its_cooldown() 
     assert!(!addresses.contains(&fixed), "{addresses:?}");
     assert_eq!(backend.allocated(), addresses.len());
 }
+
+#[tokio::test]
+async fn in_a_full_subnet_an_add_waits_for_an_address_leaving_cooldown() {
+    // A /29: 5 addresses besides the gateway. This node holds one, another
+    // node the other four.
+    let backend = Arc::new(MockBackend::new("10.0.0.0/29".parse().unwrap()));
+    let mut knobs = config();
+    knobs.min_idle = 0;
+    knobs.max_idle = 1;
+    knobs.warm_up = 1;
+    knobs.reuse_cooldown = Duration::from_millis(500);
+    knobs.assign_timeout = Duration::from_secs(10);
+    let pools = PoolManager::open(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        Arc::new(hulk_pool::SystemClock),
+        "node-1",
+        knobs,
+    )
+    .await
+    .unwrap();
+    assert_eq!(pools.warm_up(&key()).await.unwrap(), 1);
+    let first = pools.assign(&key(), &owner(1)).await.unwrap();
+    backend
+        .allocate(&AllocationRequest::new(key(), "node-2", 4))
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    pools.release(&key(), &owner(1)).await.unwrap();
+    // The cloud says exhausted; the address coming out of cooldown serves.
+    let second = pools.assign(&key(), &owner(2)).await.unwrap();
+    assert_eq!(second.address, first.address);
+    assert!(pools.stats(&key()).degraded, "the subnet is full");
+    // With nothing cooling, a full subnet answers at once.
+    let refused = pools.assign(&key(), &owner(3)).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            PoolError::Degraded {
+                exhausted: true,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    stop.send(true).unwrap();
+    refiller.await.unwrap();
+}
