@@ -58,7 +58,7 @@ pub use core::{Anomaly, BACKOFF_FIRST, BACKOFF_MAX, BackendFailure, MAX_BACKEND_
 pub use engine::{
     AUTH_FAILING_AFTER, BackendHealth, Clock, MissingAssignments, OrphanSweep, PoolError,
     PoolManager, PoolStats, REFILLER_RESTART_DELAY, ReconcileReport, RefillOutcome, SystemClock,
-    sweep_cluster, sweep_node,
+    TokioClock, sweep_cluster, sweep_node,
 };
 pub use metrics::{AnomalyLabels, CallLabels, ErrorLabels, PoolLabels, PoolMetrics, error_kind};
 pub use store::{
