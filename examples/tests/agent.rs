@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use hulk_ipam::{AllocationRequest, IpamBackend, Lease, ListScope, PoolKey};
 use hulk_netns::rtnetlink::{LinkUnspec, LinkVeth};
 use hulk_netns::{Kernel, NETNS_RUN_DIR, NetlinkKernel, create_named_netns, delete_named_netns};
-use hulk_ipam::{AllocationRequest, IpamBackend, Lease, ListScope, PoolKey};
 use hulk_node::PodRequest;
+use hulk_node::agent::{AgentReply, AgentRequest, call};
 use hulk_pool::{AddressRecord, AddressState, Intent, IntentKind, PoolStore, RedbStore, StoreOp};
 use ipnet::IpNet;
-use hulk_node::agent::{AgentReply, AgentRequest, call};
 
 const NODE: &str = "hk-agent-test-node";
 const POD: &str = "hk-agent-test-pod";
@@ -758,8 +758,9 @@ async fn a_start_after_a_crash_mid_allocation_serves_while_the_cloud_is_unreacha
         &AgentRequest::Status,
         Duration::from_secs(10),
     )
-    .await;
-    assert!(status.is_ok(), "{status:?}");
+    .await
+    .unwrap();
+    assert!(matches!(status, AgentReply::Done), "{status:?}");
     let del = PodRequest {
         container_id: "sandbox-d".into(),
         ifname: "eth0".into(),
@@ -796,7 +797,10 @@ async fn a_start_after_a_crash_mid_allocation_serves_while_the_cloud_is_unreacha
         .map(|lease| lease.id)
         .collect();
     assert!(!held.contains(&returning.id), "not released: {held:?}");
-    assert!(held.contains(&orphan.id) && held.contains(&idle.id), "{held:?}");
+    assert!(
+        held.contains(&orphan.id) && held.contains(&idle.id),
+        "{held:?}"
+    );
     let _ = agent.0.kill();
     let _ = agent.0.wait();
     let snapshot = RedbStore::open(&dir.join("pool.redb"))

@@ -1085,7 +1085,9 @@ async fn a_start_while_the_backend_is_down_serves_and_a_later_sweep_settles_the_
     let backend = Arc::new(Faulty::new(
         mock,
         FaultPlan {
-            on_call: (1..=3).map(|call| (call, Fault::Error(down.clone()))).collect(),
+            on_call: (1..=3)
+                .map(|call| (call, Fault::Error(down.clone())))
+                .collect(),
             ..FaultPlan::default()
         },
     ));
