@@ -8,14 +8,18 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use hulk_ipam::{AllocationRequest, IpamBackend, Lease, ListScope, PoolKey};
 use hulk_netns::rtnetlink::{LinkUnspec, LinkVeth};
 use hulk_netns::{Kernel, NETNS_RUN_DIR, NetlinkKernel, create_named_netns, delete_named_netns};
 use hulk_node::PodRequest;
 use hulk_node::agent::{AgentReply, AgentRequest, call};
+use hulk_pool::{AddressRecord, AddressState, Intent, IntentKind, PoolStore, RedbStore, StoreOp};
+use ipnet::IpNet;
 
 const NODE: &str = "hk-agent-test-node";
 const POD: &str = "hk-agent-test-pod";
@@ -87,7 +91,7 @@ fn config(dir: &Path, node: &str, extra: &str, backend: &str) -> PathBuf {
 node_name = "test-node"
 socket = "{dir}/agent.sock"
 rescue_socket = "{dir}/rescue.sock"
-state_file = "{dir}/pool.redb"
+{state_file}
 node_netns = "{NETNS_RUN_DIR}/{node}"
 {extra}
 [network]
@@ -104,7 +108,8 @@ reuse_cooldown_seconds = 0
 [backend]
 {backend}
 "#,
-            dir = dir.display()
+            dir = dir.display(),
+            state_file = support::state_file_line(dir, backend),
         ),
     )
     .unwrap();
@@ -532,5 +537,283 @@ async fn status_tells_the_truth_under_a_thousand_concurrent_calls() {
         started.elapsed()
     );
     assert_eq!(answers.get("ready"), Some(&1000), "{answers:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+const LOST_NODE: &str = "hk-agent-lost-node";
+const LOST_POD: &str = "hk-agent-lost-pod";
+const DOWN_NODE: &str = "hk-agent-down-node";
+const DOWN_POD: &str = "hk-agent-down-pod";
+
+/// The agent's default pool, as `config` writes it.
+fn default_pool() -> PoolKey {
+    PoolKey::new("vpc", "subnet-a", Vec::<String>::new(), None)
+}
+
+/// An ADD of container `container`'s interface `ifname` in `pod`'s
+/// namespace: the address it got.
+async fn add(dir: &Path, pod: &str, container: &str, ifname: &str) -> IpNet {
+    let request = PodRequest {
+        container_id: container.into(),
+        ifname: ifname.into(),
+        netns: Some(Path::new(NETNS_RUN_DIR).join(pod)),
+        pod: Some(format!("default/{container}")),
+        pool: None,
+        cni_network: Some("vpc".into()),
+        pod_uid: None,
+        timeout_ms: None,
+        address: None,
+        mac: None,
+    };
+    let reply = call(
+        &dir.join("agent.sock"),
+        &AgentRequest::Add(request),
+        Duration::from_secs(40),
+    )
+    .await
+    .unwrap();
+    let AgentReply::Added(attached) = reply else {
+        panic!("ADD of {container}/{ifname} failed: {reply:?}");
+    };
+    attached.lease.address
+}
+
+/// Polls `hulkctl pools` until the default pool's `field` count is `want`.
+async fn wait_for_pool(dir: &Path, field: &str, want: u64) {
+    let started = Instant::now();
+    loop {
+        let (_, pools) = hulkctl(dir, &["pools"]);
+        if pools["pools"][0]["stats"][field] == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{field} never reached {want}: {pools}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn addresses_the_cloud_took_back_are_not_handed_out_after_a_gc() {
+    // The issue's input: a warm pool of 4, two of its idle addresses
+    // deleted in the cloud and allocated by another node, a sweep.
+    let dir = support::scratch_dir("agent-lost");
+    let fake = support::UltronFake::start("10.79.4.0/24", 0);
+    let backend = fake.backend(&dir.join("token"));
+    let _agent = start_agent(&dir, LOST_NODE, LOST_POD, "", &backend).await;
+    wait_for_pool(&dir, "idle", 4).await;
+    let (_, leases) = hulkctl(&dir, &["leases"]);
+    let idle: Vec<(String, String)> = leases["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|record| {
+            (
+                record["lease"]["id"].as_str().unwrap().to_owned(),
+                record["lease"]["address"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(idle.len(), 4, "{leases}");
+    let cloud = fake.client();
+    let taken: BTreeSet<String> = idle[..2]
+        .iter()
+        .map(|(_, address)| address.clone())
+        .collect();
+    for (id, _) in &idle[..2] {
+        cloud.release(id).await.unwrap();
+    }
+    let theirs: BTreeSet<String> = cloud
+        .allocate(&AllocationRequest::new(default_pool(), "other-node", 2))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|lease| lease.address.to_string())
+        .collect();
+    assert_eq!(theirs, taken, "the other node got the two addresses");
+
+    let (code, collected) = hulkctl(&dir, &["gc"]);
+    assert_eq!(code, 0, "{collected}");
+    assert_eq!(collected["orphans"]["dropped_idle"], 2, "{collected}");
+    let (_, leases) = hulkctl(&dir, &["leases"]);
+    for (id, address) in &idle[..2] {
+        assert!(
+            !leases.to_string().contains(&format!("\"{id}\"")),
+            "{address} still listed: {leases}"
+        );
+    }
+    // Our next ADDs: the two idle left, then one the refiller brings.
+    let mut ours = BTreeSet::new();
+    for (n, ifname) in ["eth0", "eth1", "eth2"].into_iter().enumerate() {
+        let address = add(&dir, LOST_POD, &format!("sandbox-l{n}"), ifname).await;
+        ours.insert(address.to_string());
+    }
+    assert_eq!(ours.len(), 3);
+    assert!(
+        ours.is_disjoint(&theirs),
+        "{ours:?} shares an address with the other node's {theirs:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A loopback port that forwards to `target` once [`Healing::heal`] is
+/// called, and refuses connections before: a cloud unreachable, then back.
+struct Healing {
+    port: u16,
+    target: u16,
+}
+
+impl Healing {
+    fn heal(&self) -> tokio::task::JoinHandle<()> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let target = self.target;
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_after_a_crash_mid_allocation_serves_while_the_cloud_is_unreachable() {
+    let dir = support::scratch_dir("agent-down");
+    let fake = support::UltronFake::start("10.79.5.0/24", 0);
+    // What the crashed run left: an idle address, one being returned, and
+    // one its interrupted allocation created that the store never got.
+    let cloud = fake.client();
+    let mut leases = cloud
+        .allocate(&AllocationRequest::new(default_pool(), "test-node", 3))
+        .await
+        .unwrap()
+        .into_iter();
+    let (idle, orphan, returning) = (
+        leases.next().unwrap(),
+        leases.next().unwrap(),
+        leases.next().unwrap(),
+    );
+    let record = |lease: &Lease, state| AddressRecord {
+        key: default_pool(),
+        lease: lease.clone(),
+        state,
+        since_ms: 0,
+        fixed: false,
+        lost: false,
+    };
+    {
+        let store = RedbStore::open(&dir.join("pool.redb")).unwrap();
+        store
+            .apply(&[
+                StoreOp::put(record(&idle, AddressState::Idle)),
+                StoreOp::put(record(&returning, AddressState::Releasing)),
+                StoreOp::PutIntent(Intent {
+                    id: 1,
+                    kind: IntentKind::Allocate {
+                        key: default_pool(),
+                        count: 1,
+                    },
+                }),
+                StoreOp::PutIntent(Intent {
+                    id: 2,
+                    kind: IntentKind::Release {
+                        lease_id: returning.id.clone(),
+                    },
+                }),
+            ])
+            .unwrap();
+    }
+    // The agent reaches the cloud through a port nothing listens on yet.
+    let path = Healing {
+        port: support::free_port(),
+        target: fake.port,
+    };
+    let backend = fake
+        .backend(&dir.join("token"))
+        .replace(&format!(":{}", fake.port), &format!(":{}", path.port));
+    let mut agent = start_agent(
+        &dir,
+        DOWN_NODE,
+        DOWN_POD,
+        "gc_interval_seconds = 3600",
+        &backend,
+    )
+    .await;
+    let (_, pools) = hulkctl(&dir, &["pools"]);
+    assert_eq!(pools["pools"][0]["stats"]["idle"], 1, "{pools}");
+    assert_eq!(pools["pools"][0]["stats"]["releasing"], 1, "{pools}");
+    // ADD, STATUS and DEL work from the store meanwhile.
+    let address = add(&dir, DOWN_POD, "sandbox-d", "eth0").await;
+    assert_eq!(address, idle.address);
+    let status = call(
+        &dir.join("agent.sock"),
+        &AgentRequest::Status,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(status, AgentReply::Done), "{status:?}");
+    let del = PodRequest {
+        container_id: "sandbox-d".into(),
+        ifname: "eth0".into(),
+        netns: Some(Path::new(NETNS_RUN_DIR).join(DOWN_POD)),
+        pod: None,
+        pool: None,
+        cni_network: Some("vpc".into()),
+        pod_uid: None,
+        timeout_ms: None,
+        address: None,
+        mac: None,
+    };
+    let reply = call(
+        &dir.join("agent.sock"),
+        &AgentRequest::Del(del),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(reply, AgentReply::Done), "{reply:?}");
+
+    // The cloud is back: a GC's sweep finishes the release and adopts
+    // what the interrupted allocation left.
+    let _forwarding = path.heal();
+    let (code, collected) = hulkctl(&dir, &["gc"]);
+    assert_eq!(code, 0, "{collected}");
+    assert_eq!(collected["orphans"]["adopted_idle"], 1, "{collected}");
+    wait_for_pool(&dir, "releasing", 0).await;
+    let held: Vec<String> = cloud
+        .list(&ListScope::Node("test-node".into()))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|lease| lease.id)
+        .collect();
+    assert!(!held.contains(&returning.id), "not released: {held:?}");
+    assert!(
+        held.contains(&orphan.id) && held.contains(&idle.id),
+        "{held:?}"
+    );
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
+    let snapshot = RedbStore::open(&dir.join("pool.redb"))
+        .unwrap()
+        .load()
+        .unwrap();
+    assert!(
+        !snapshot.intents.contains_key(&1) && !snapshot.intents.contains_key(&2),
+        "the start's intents are settled: {:?}",
+        snapshot.intents
+    );
+    assert!(snapshot.addresses.contains_key(&orphan.id));
+    assert!(!snapshot.addresses.contains_key(&returning.id));
+    drop(agent);
     std::fs::remove_dir_all(&dir).unwrap();
 }

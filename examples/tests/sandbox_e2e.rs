@@ -70,7 +70,7 @@ impl Node {
 node_name = "sandbox-node"
 socket = "{dir}/agent.sock"
 rescue_socket = "{dir}/rescue.sock"
-state_file = "{dir}/pool.redb"
+{state_file}
 pending_del_dir = "{dir}/pending-dels"
 node_netns = "{NETNS_RUN_DIR}/{tag}-n"
 {extra}
@@ -87,7 +87,8 @@ subnet = "subnet-a"
 [backend]
 {backend}
 "#,
-                dir = dir.display()
+                dir = dir.display(),
+                state_file = support::state_file_line(&dir, &backend),
             ),
         )
         .unwrap();

@@ -19,7 +19,10 @@ pub struct AgentConfig {
     /// The API socket the plugin connects to.
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
-    /// The pool store; without it, state lives in memory only.
+    /// The pool store; without it, state lives in memory only. Required
+    /// with a cloud backend, refused with the mock (whose leases live in
+    /// memory: a restart would hand out again what the store says pods
+    /// hold).
     #[serde(default)]
     pub state_file: Option<PathBuf>,
     /// The namespace holding the parent interface; default: the agent's
@@ -323,6 +326,19 @@ impl AgentConfig {
                     .into(),
             );
         }
+        // The mock keeps its leases in the agent's memory: restarted, it
+        // hands out from the start of its subnet again while the store
+        // says pods hold those addresses, so one address ends up in two
+        // pods.
+        if self.state_file.is_some() && matches!(self.backend, BackendSection::Mock { .. }) {
+            return Err(
+                "state_file cannot be used with backend.type = \"mock\": the mock keeps its \
+                 leases in memory, so after a restart it hands out again the addresses the \
+                 state file says pods hold, and one address ends up in two pods; remove \
+                 state_file (the mock is for demos and tests) or use a cloud backend"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -504,6 +520,26 @@ mod tests {
             panic!("not neutron");
         };
         assert_eq!(region, None);
+    }
+
+    #[test]
+    fn the_mock_backend_refuses_a_state_file() {
+        let with_state = MINIMAL.replace(
+            "node_name = \"node-1\"",
+            "node_name = \"node-1\"\nstate_file = \"/var/lib/hulk-vpc/pool.redb\"",
+        );
+        let error = AgentConfig::parse(&with_state).unwrap_err();
+        for named in ["state_file", "backend.type = \"mock\"", "two pods"] {
+            assert!(error.contains(named), "{named:?} not in {error}");
+        }
+        // The same through the environment, as a DaemonSet may set it.
+        let variables = [(
+            "HULK_AGENT__STATE_FILE".to_owned(),
+            "/var/lib/hulk-vpc/pool.redb".to_owned(),
+        )];
+        let error = AgentConfig::parse_with_overrides(MINIMAL, variables).unwrap_err();
+        assert!(error.contains("state_file cannot be used"), "{error}");
+        assert_eq!(AgentConfig::parse(MINIMAL).unwrap().state_file, None);
     }
 
     #[test]

@@ -1163,7 +1163,9 @@ impl<K: Kernel> Node<K> {
     /// ([`Node::collect_gone_sandboxes`]), a pass of
     /// [`Node::collect_dead_pods`], and every tenth pass an
     /// orphan sweep of the backend (a list call, kept rare for large
-    /// clusters).
+    /// clusters); every pass while the pools have intents a start could
+    /// not settle without the backend
+    /// ([`PoolManager::unsettled_intents`]).
     pub async fn run_collector(
         self: Arc<Self>,
         interval: std::time::Duration,
@@ -1200,10 +1202,12 @@ impl<K: Kernel> Node<K> {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "GC pass failed"),
             }
-            if passes.is_multiple_of(10) {
+            // Intents a start could not settle without the backend are
+            // settled by a sweep: sweep every pass until they are.
+            if passes.is_multiple_of(10) || self.pools.unsettled_intents() > 0 {
                 match self.pools.sweep_orphans().await {
                     Ok(sweep) if sweep == OrphanSweep::default() => {}
-                    Ok(sweep) => tracing::warn!(?sweep, "the backend and the store differed"),
+                    Ok(sweep) => tracing::warn!(?sweep, "the store and the backend disagreed"),
                     Err(error) => tracing::warn!(%error, "orphan sweep failed"),
                 }
                 self.repin_gateways().await;

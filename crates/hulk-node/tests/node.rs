@@ -435,3 +435,64 @@ async fn status_tells_the_truth_about_the_store_and_the_backends_credentials() {
         error.msg
     );
 }
+
+#[tokio::test]
+async fn the_collector_sweeps_every_pass_until_a_starts_intents_are_settled() {
+    use hulk_ipam::{Fault, FaultPlan, Faulty};
+    use hulk_pool::{Intent, IntentKind, PoolStore, StoreOp};
+
+    // A crash mid-allocation, then a start while the backend is down: its
+    // sweep (the list, call 1) fails and the allocation's intent stays.
+    let store = Arc::new(MemoryStore::default());
+    store
+        .apply(&[StoreOp::PutIntent(Intent {
+            id: 1,
+            kind: IntentKind::Allocate {
+                key: key(),
+                count: 1,
+            },
+        })])
+        .unwrap();
+    let backend = Faulty::new(
+        MockBackend::new("10.20.0.0/24".parse().unwrap()),
+        FaultPlan {
+            on_call: [(1, Fault::Error(IpamError::Transient("down".into())))].into(),
+            ..FaultPlan::default()
+        },
+    );
+    let pools = PoolManager::open(
+        Arc::new(backend),
+        store.clone(),
+        Arc::new(SystemClock),
+        "node-1",
+        PoolConfig::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pools.unsettled_intents(), 1);
+    let kernel = FakeKernel::new();
+    kernel.add_parent("eth1", 1500);
+    let node = Arc::new(Node::new(
+        pools.clone(),
+        Datapath::new(kernel),
+        network(),
+        key(),
+    ));
+    // Ten passes (the usual sweep) take two seconds; the intent must go
+    // on the first pass that reaches the backend.
+    let interval = Duration::from_millis(200);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let collector = tokio::spawn(node.run_collector(interval, stopped));
+    let started = std::time::Instant::now();
+    while pools.unsettled_intents() > 0 {
+        assert!(
+            started.elapsed() < interval * 7,
+            "still unsettled after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store.load().unwrap().intents.is_empty());
+    stop.send(true).unwrap();
+    collector.await.unwrap();
+}

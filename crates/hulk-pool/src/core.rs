@@ -245,16 +245,8 @@ impl PoolCore {
     pub fn insert(&mut self, record: AddressRecord) {
         let id = record.lease.id.clone();
         if let Some(old) = self.records.get(&id) {
-            match &old.state {
-                AddressState::Idle => self.idle.retain(|idle| *idle != id),
-                AddressState::Assigned(owner) => {
-                    let key = owner_key(owner);
-                    if self.owners.get(&key) == Some(&id) {
-                        self.owners.remove(&key);
-                    }
-                }
-                AddressState::Cooldown { .. } | AddressState::Releasing => {}
-            }
+            let state = old.state.clone();
+            self.unindex(&id, &state);
         }
         match &record.state {
             AddressState::Idle => self.idle.push_back(id.clone()),
@@ -264,6 +256,35 @@ impl PoolCore {
             AddressState::Cooldown { .. } | AddressState::Releasing => {}
         }
         self.records.insert(id, record);
+    }
+
+    /// Forgets the record of `id` and its index entries (an address the
+    /// backend no longer has); returns it, or `None` when there is none.
+    pub fn remove(&mut self, id: &str) -> Option<AddressRecord> {
+        let record = self.records.remove(id)?;
+        self.unindex(id, &record.state);
+        Some(record)
+    }
+
+    /// Removes the index entries of `id`'s record in `state`, so no index
+    /// names a record that left that state (or the pool).
+    fn unindex(&mut self, id: &str, state: &AddressState) {
+        match state {
+            AddressState::Idle => self.idle.retain(|idle| idle != id),
+            AddressState::Assigned(owner) => {
+                let key = owner_key(owner);
+                if self.owners.get(&key).is_some_and(|held| held == id) {
+                    self.owners.remove(&key);
+                }
+            }
+            AddressState::Cooldown { .. } | AddressState::Releasing => {}
+        }
+    }
+
+    /// The record of the address `owner` holds here, if any.
+    pub fn held_by(&self, owner: &Owner) -> Option<&AddressRecord> {
+        let id = self.owners.get(&owner_key(owner))?;
+        self.records.get(id)
     }
 
     /// Cooled-down addresses become idle (fixed ones go back to the backend
@@ -814,6 +835,7 @@ mod tests {
             state,
             since_ms: 0,
             fixed: false,
+            lost: false,
         }
     }
 

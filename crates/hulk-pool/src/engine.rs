@@ -253,6 +253,10 @@ pub struct PoolStats {
     pub releasing: usize,
     /// Being allocated now.
     pub in_flight: usize,
+    /// Of `assigned`, held by pods although the backend no longer has
+    /// them (flagged `lost` by an orphan sweep): dropped at their DEL.
+    #[serde(default)]
+    pub lost: usize,
     /// Whether refills are paused after a backend refusal.
     pub degraded: bool,
     /// The backend's refusal, while degraded.
@@ -354,6 +358,9 @@ pub struct PoolManager {
     adoption: Mutex<()>,
     /// How the backend answered lately.
     health: Mutex<BackendHealth>,
+    /// Intents loaded at open that wait for the backend
+    /// ([`PoolManager::unsettled_intents`]); never an intent of this run.
+    unsettled: Mutex<Vec<Intent>>,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
@@ -405,13 +412,17 @@ impl std::fmt::Debug for PoolManager {
 
 impl PoolManager {
     /// Opens the pools of `node` from `store`, repairing what a crash left
-    /// half-done: releases in flight are finished, and the backend's
-    /// addresses of this node that the store does not know are swept
-    /// ([`PoolManager::sweep_orphans`]: adopted into the pool the backend
-    /// names, as the marked pod's or idle, else released when no pod is
-    /// marked). A failed sweep fails the open
-    /// only after an interrupted allocation; otherwise the periodic sweep
-    /// retries it.
+    /// half-done: releases in flight are finished, and the store is
+    /// compared with the backend's addresses of this node
+    /// ([`PoolManager::sweep_orphans`]: unknown ones adopted into the pool
+    /// the backend names, as the marked pod's or idle, else released when
+    /// no pod is marked; known ones the backend lacks dropped or flagged
+    /// lost). The backend is not needed to open: a release it refuses now
+    /// stays pending (its address `Releasing`, never handed out), and a
+    /// failed sweep is logged; the next successful sweep finishes both and
+    /// removes the intents of interrupted allocations
+    /// ([`PoolManager::unsettled_intents`]). Errors: an invalid
+    /// configuration, or the store failed.
     pub async fn open(
         backend: Arc<dyn IpamBackend>,
         store: Arc<dyn PoolStore>,
@@ -440,29 +451,35 @@ impl PoolManager {
             holder_changed: Notify::new(),
             adoption: Mutex::new(()),
             health: Mutex::new(BackendHealth::default()),
+            unsettled: Mutex::new(Vec::new()),
         });
-        let mut allocation_interrupted = false;
+        // No start needs the backend: a release it does not take now is
+        // retried by every orphan sweep, and an interrupted allocation's
+        // intent stays until a sweep has adopted what it left.
+        let mut released = BTreeSet::new();
+        let mut unsettled = Vec::new();
         for intent in snapshot.intents.values() {
             match &intent.kind {
-                IntentKind::Release { lease_id } => {
-                    match manager
-                        .timed("release", manager.backend.release(lease_id))
-                        .await
-                    {
-                        Ok(()) | Err(IpamError::NotFound(_)) => {}
-                        Err(error) => return Err(error.into()),
+                IntentKind::Release { lease_id } => match manager.settle_release(intent).await {
+                    Ok(()) => {
+                        released.insert(lease_id.clone());
                     }
-                    manager.store.apply(&[
-                        StoreOp::RemoveAddress(lease_id.clone()),
-                        StoreOp::RemoveIntent(intent.id),
-                    ])?;
-                }
-                IntentKind::Allocate { .. } => allocation_interrupted = true,
+                    Err(PoolError::Backend(error)) => {
+                        tracing::warn!(
+                            lease = %lease_id,
+                            %error,
+                            "cannot finish a release interrupted by the last stop; \
+                             the orphan sweeps retry it"
+                        );
+                        unsettled.push(intent.clone());
+                    }
+                    Err(error) => return Err(error),
+                },
+                IntentKind::Allocate { .. } => unsettled.push(intent.clone()),
             }
         }
-        let released: BTreeSet<&String> = snapshot
-            .intents
-            .values()
+        let releasing: BTreeSet<&String> = unsettled
+            .iter()
             .filter_map(|intent| match &intent.kind {
                 IntentKind::Release { lease_id } => Some(lease_id),
                 IntentKind::Allocate { .. } => None,
@@ -473,7 +490,11 @@ impl PoolManager {
                 continue;
             }
             let mut record = record.clone();
-            if record.state == AddressState::Releasing {
+            if releasing.contains(&record.lease.id) {
+                // Never handed out: it goes back as soon as the backend
+                // answers.
+                record.state = AddressState::Releasing;
+            } else if record.state == AddressState::Releasing {
                 record.state = AddressState::Idle;
             }
             manager.pool(&record.key).lock().insert(record);
@@ -481,28 +502,67 @@ impl PoolManager {
         for key in &snapshot.drained {
             manager.pool(key).lock().draining = true;
         }
+        *manager
+            .unsettled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = unsettled;
         // Every start compares with the backend: an interrupted allocation
-        // leaves addresses nobody knows, a lost store forgets pods' ones.
+        // leaves addresses nobody knows, a lost store forgets pods' ones,
+        // and the cloud may have taken addresses back.
         match manager.sweep_orphans().await {
             Ok(sweep) => {
                 if sweep != OrphanSweep::default() {
-                    tracing::warn!(?sweep, "the backend held addresses the store did not know");
+                    tracing::warn!(?sweep, "the store and the backend disagreed");
                 }
-                let stale: Vec<StoreOp> = snapshot
-                    .intents
-                    .values()
-                    .filter(|intent| matches!(intent.kind, IntentKind::Allocate { .. }))
-                    .map(|intent| StoreOp::RemoveIntent(intent.id))
-                    .collect();
-                manager.store.apply(&stale)?;
             }
-            Err(error) if allocation_interrupted => return Err(error),
-            Err(error) => tracing::warn!(
-                %error,
-                "cannot compare the store with the backend at start; the periodic sweep will"
-            ),
+            Err(error) => {
+                let unsettled = manager.unsettled_intents();
+                tracing::warn!(
+                    %error,
+                    unsettled,
+                    "cannot compare the store with the backend at start; serving from the \
+                     store meanwhile, and the periodic orphan sweep retries (finishing the \
+                     unsettled intents of interrupted allocations and releases)"
+                );
+            }
         }
         Ok(manager)
+    }
+
+    /// How many intents loaded at open still wait for the backend: releases
+    /// it did not take yet, and allocations interrupted by the last stop
+    /// whose leftovers no orphan sweep has adopted yet. Each successful
+    /// [`PoolManager::sweep_orphans`] settles them; while any is left, an
+    /// embedder may sweep sooner than usual.
+    pub fn unsettled_intents(&self) -> usize {
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+
+    /// Finishes the release `intent` covers: the backend's release (its
+    /// `NotFound` counts as done), then the record and the intent leave
+    /// the store and the pool. Errors: the backend's ([`PoolError::Backend`],
+    /// nothing changed) or the store's.
+    async fn settle_release(&self, intent: &Intent) -> Result<(), PoolError> {
+        let IntentKind::Release { lease_id } = &intent.kind else {
+            return Ok(());
+        };
+        match self.timed("release", self.backend.release(lease_id)).await {
+            Ok(()) | Err(IpamError::NotFound(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
+        self.store.apply(&[
+            StoreOp::RemoveAddress(lease_id.clone()),
+            StoreOp::RemoveIntent(intent.id),
+        ])?;
+        for pool in self.all_pools() {
+            if pool.lock().remove(lease_id).is_some() {
+                pool.announce();
+            }
+        }
+        Ok(())
     }
 
     /// Gives `key`'s pool its own knobs. Set it before the pool is first
@@ -960,6 +1020,7 @@ impl PoolManager {
                     state: state.clone(),
                     since_ms: now,
                     fixed: wanted.is_some(),
+                    lost: false,
                 })
                 .collect();
             let releases: Vec<Intent> = screened
@@ -1085,10 +1146,30 @@ impl PoolManager {
     }
 
     /// Takes back `owner`'s address: it cools down, then serves again.
-    /// Releasing an owner that holds nothing succeeds.
+    /// An address the backend no longer has (flagged `lost` by
+    /// [`PoolManager::sweep_orphans`]) is dropped from the pool and the
+    /// store instead: another node may hold it, so it must never serve
+    /// here again, and there is nothing to return to the backend.
+    /// Releasing an owner that holds nothing succeeds. Errors: the store
+    /// refused the write (nothing changed).
     pub async fn release(&self, key: &PoolKey, owner: &Owner) -> Result<(), PoolError> {
         let pool = self.pool(key);
         let mut state = pool.lock();
+        if let Some(lost) = state.held_by(owner).filter(|record| record.lost) {
+            let lease_id = lost.lease.id.clone();
+            let address = lost.lease.address;
+            self.store
+                .apply(&[StoreOp::RemoveAddress(lease_id.clone())])?;
+            state.remove(&lease_id);
+            tracing::warn!(
+                lease = %lease_id,
+                %address,
+                container = %owner.container_id,
+                ifname = %owner.ifname,
+                "released an address the backend no longer has: dropped, not reused"
+            );
+            return Ok(());
+        }
         let cooldown_ms = millis(pool.config.reuse_cooldown);
         let Some(record) = state.cool_down(owner, self.clock.now_ms(), cooldown_ms) else {
             return Ok(());
@@ -1138,6 +1219,7 @@ impl PoolManager {
             cooldown,
             releasing,
             in_flight: state.in_flight(),
+            lost: state.records.values().filter(|record| record.lost).count(),
             degraded: degraded_reason.is_some(),
             degraded_reason,
             draining: state.draining,

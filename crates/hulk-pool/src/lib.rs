@@ -60,7 +60,9 @@ pub use engine::{
     PoolManager, PoolStats, REFILLER_RESTART_DELAY, ReconcileReport, RefillOutcome, SystemClock,
     TokioClock, sweep_cluster, sweep_node,
 };
-pub use metrics::{AnomalyLabels, CallLabels, ErrorLabels, PoolLabels, PoolMetrics, error_kind};
+pub use metrics::{
+    AnomalyLabels, CallLabels, ErrorLabels, LostLabels, PoolLabels, PoolMetrics, error_kind,
+};
 pub use store::{
     AddressRecord, AddressState, Intent, IntentKind, MemoryStore, PoolStore, RedbStore, Snapshot,
     StoreError, StoreOp,

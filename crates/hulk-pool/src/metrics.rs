@@ -55,6 +55,20 @@ pub struct AnomalyLabels {
     pub kind: String,
 }
 
+/// Labels of an address the backend no longer has while the pool held it.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LostLabels {
+    /// The pool's subnet.
+    pub subnet: String,
+    /// The pool's sorted security groups, comma-separated.
+    pub security_groups: String,
+    /// The pool's QoS policy, or empty.
+    pub qos_policy: String,
+    /// The record's state when the loss was found: `idle` or `cooldown`
+    /// (dropped from the pool) or `assigned` (a pod still uses it).
+    pub state: String,
+}
+
 /// The kind of an error, as a metric label.
 pub fn error_kind(error: &IpamError) -> &'static str {
     match error {
@@ -98,6 +112,10 @@ pub struct PoolMetrics {
     pub backend_anomalies: Family<AnomalyLabels, Counter>,
     /// Refillers restarted after they panicked or ended unexpectedly.
     pub refiller_restarts: Family<PoolLabels, Counter>,
+    /// Addresses an orphan sweep found gone from the backend while the
+    /// pool held them (the cloud took them back), by pool and the record's
+    /// state then; each is counted once.
+    pub leases_lost: Family<LostLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -119,6 +137,7 @@ impl Default for PoolMetrics {
             gc_releases: Counter::default(),
             backend_anomalies: Family::default(),
             refiller_restarts: Family::default(),
+            leases_lost: Family::default(),
         }
     }
 }
@@ -178,12 +197,31 @@ impl PoolMetrics {
             "Refillers restarted after a panic or an unexpected end",
             self.refiller_restarts.clone(),
         );
+        registry.register(
+            "leases_lost",
+            "Addresses the backend no longer had while the pool held them, by the record's state",
+            self.leases_lost.clone(),
+        );
     }
 
     pub(crate) fn anomaly(&self, anomaly: crate::core::Anomaly) {
         self.backend_anomalies
             .get_or_create(&AnomalyLabels {
                 kind: anomaly.kind().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one address of `key`'s pool found gone from the backend
+    /// while in `state` (a [`LostLabels::state`] value).
+    pub(crate) fn lease_lost(&self, key: &PoolKey, state: &str) {
+        let pool = PoolLabels::from(key);
+        self.leases_lost
+            .get_or_create(&LostLabels {
+                subnet: pool.subnet,
+                security_groups: pool.security_groups,
+                qos_policy: pool.qos_policy,
+                state: state.to_owned(),
             })
             .inc();
     }

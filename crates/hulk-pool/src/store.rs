@@ -42,6 +42,13 @@ pub struct AddressRecord {
     /// down, it goes back to the backend.
     #[serde(default)]
     pub fixed: bool,
+    /// The backend no longer has its lease (an orphan sweep did not find
+    /// it: the cloud took the address back, and may have given it to
+    /// another node) while a pod still held it. The pod keeps it until its
+    /// DEL, which drops the record instead of cooling it down, so the
+    /// address is never handed out again from this node.
+    #[serde(default)]
+    pub lost: bool,
 }
 
 /// What a backend call in flight was doing, written before the call and
@@ -431,6 +438,7 @@ mod tests {
             state,
             since_ms: 1,
             fixed: false,
+            lost: false,
         }
     }
 

@@ -14,8 +14,8 @@ use hulk_ipam::{
     MockBackend, Owner, PoolKey,
 };
 use hulk_pool::{
-    Clock, Intent, IntentKind, MemoryStore, OrphanSweep, PoolConfig, PoolError, PoolManager,
-    PoolStore, RedbStore, StoreOp,
+    AddressRecord, AddressState, Clock, Intent, IntentKind, LostLabels, MemoryStore, OrphanSweep,
+    PoolConfig, PoolError, PoolLabels, PoolManager, PoolStore, RedbStore, StoreOp,
 };
 
 /// A clock the test moves by hand.
@@ -1154,4 +1154,345 @@ async fn in_a_full_subnet_an_add_waits_for_an_address_leaving_cooldown() {
     );
     stop.send(true).unwrap();
     refiller.await.unwrap();
+}
+
+/// The record `store` holds for an address of `lease`, in `state`.
+fn stored(lease: hulk_ipam::Lease, state: AddressState) -> AddressRecord {
+    AddressRecord {
+        key: key(),
+        lease,
+        state,
+        since_ms: 0,
+        fixed: false,
+        lost: false,
+    }
+}
+
+/// How many addresses of `key()`'s pool the sweeps found gone from the
+/// backend while in `state`.
+fn lost_count(pools: &PoolManager, state: &str) -> u64 {
+    let labels = PoolLabels::from(&key());
+    pools
+        .metrics()
+        .leases_lost
+        .get_or_create(&LostLabels {
+            subnet: labels.subnet,
+            security_groups: labels.security_groups,
+            qos_policy: labels.qos_policy,
+            state: state.into(),
+        })
+        .get()
+}
+
+#[tokio::test]
+async fn idle_addresses_the_cloud_took_back_are_never_handed_out_again() {
+    // The input: a warm pool of 4, two of its idle addresses
+    // deleted in the cloud, a sweep, another node allocating them.
+    let (backend, clock, pools) = in_memory_with(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        PoolConfig {
+            warm_up: 4,
+            batch: 4,
+            ..config()
+        },
+    )
+    .await;
+    assert_eq!(pools.warm_up(&key()).await.unwrap(), 4);
+    let records = pools.records();
+    let taken: Vec<&AddressRecord> = records.iter().take(2).collect();
+    for record in &taken {
+        backend.release(&record.lease.id).await.unwrap();
+    }
+    let taken_addresses: HashSet<_> = taken.iter().map(|record| record.lease.address).collect();
+    assert_eq!(
+        pools.sweep_orphans().await.unwrap(),
+        OrphanSweep {
+            dropped_idle: 2,
+            ..OrphanSweep::default()
+        }
+    );
+    assert_eq!(lost_count(&pools, "idle"), 2);
+    assert_eq!(pools.stats(&key()).idle, 2);
+    assert_eq!(
+        pools.sweep_orphans().await.unwrap(),
+        OrphanSweep::default(),
+        "dropped once"
+    );
+    let theirs: HashSet<_> = backend
+        .allocate(&AllocationRequest::new(key(), "node-2", 2))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|lease| lease.address)
+        .collect();
+    assert_eq!(theirs, taken_addresses, "the other node got the same two");
+
+    // Our next ADDs: the two left, then what refills bring.
+    let mut ours = HashSet::new();
+    for n in 0..2 {
+        ours.insert(pools.assign(&key(), &owner(n)).await.unwrap().address);
+    }
+    pools.refill(&key()).await.unwrap();
+    for n in 2..4 {
+        ours.insert(pools.assign(&key(), &owner(n)).await.unwrap().address);
+    }
+    // Released and cooled down, the pool's addresses serve again: still
+    // never the other node's.
+    for n in 0..4 {
+        pools.release(&key(), &owner(n)).await.unwrap();
+    }
+    clock.advance(Duration::from_secs(31));
+    for n in 4..8 {
+        ours.insert(pools.assign(&key(), &owner(n)).await.unwrap().address);
+    }
+    assert!(
+        ours.is_disjoint(&theirs),
+        "{ours:?} shares an address with the other node's {theirs:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_pods_address_the_cloud_took_back_is_flagged_lost_and_dropped_at_its_del() {
+    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let store = Arc::new(MemoryStore::default());
+    let clock = Arc::new(ManualClock::default());
+    let pools = manager(backend.clone(), store.clone(), clock.clone(), config()).await;
+    pools.warm_up(&key()).await.unwrap();
+    let held = pools.assign(&key(), &owner(1)).await.unwrap();
+    let kept = pools.assign(&key(), &owner(2)).await.unwrap();
+    backend.release(&held.id).await.unwrap();
+
+    assert_eq!(
+        pools.sweep_orphans().await.unwrap(),
+        OrphanSweep {
+            lost_assigned: 1,
+            ..OrphanSweep::default()
+        }
+    );
+    assert!(store.load().unwrap().addresses[&held.id].lost, "durable");
+    assert!(!store.load().unwrap().addresses[&kept.id].lost);
+    let stats = pools.stats(&key());
+    assert_eq!((stats.assigned, stats.lost), (2, 1));
+    assert_eq!(lost_count(&pools, "assigned"), 1);
+    assert_eq!(
+        pools.sweep_orphans().await.unwrap(),
+        OrphanSweep::default(),
+        "reported once; the flag stays"
+    );
+    assert_eq!(lost_count(&pools, "assigned"), 1);
+    assert_eq!(
+        pools.lease_of(&owner(1)).unwrap().address,
+        held.address,
+        "the pod keeps what it uses until its DEL"
+    );
+
+    // Another node gets the address; our pod's DEL must not free it here.
+    let theirs = backend
+        .allocate(&AllocationRequest::new(key(), "node-2", 1))
+        .await
+        .unwrap();
+    assert_eq!(theirs[0].address, held.address);
+    pools.release(&key(), &owner(1)).await.unwrap();
+    assert!(!store.load().unwrap().addresses.contains_key(&held.id));
+    let stats = pools.stats(&key());
+    assert_eq!((stats.assigned, stats.cooldown, stats.lost), (1, 0, 0));
+    assert_eq!(
+        backend
+            .list(&ListScope::Node("node-2".into()))
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "the other node's lease is untouched"
+    );
+    clock.advance(Duration::from_secs(31));
+    pools.refill(&key()).await.unwrap();
+    for n in 3..6 {
+        let lease = pools.assign(&key(), &owner(n)).await.unwrap();
+        assert_ne!(lease.address, held.address, "handed out twice");
+    }
+}
+
+#[tokio::test]
+async fn a_start_while_the_backend_is_down_serves_and_a_later_sweep_settles_the_intents() {
+    let mock = MockBackend::new("10.0.0.0/24".parse().unwrap());
+    let store = Arc::new(MemoryStore::default());
+    // What the last run left: an idle address, one being returned (shrink
+    // crashed mid-call), and one its crashed allocation created that the
+    // store never recorded.
+    let mut leases = mock
+        .allocate(&AllocationRequest::new(key(), "node-1", 3))
+        .await
+        .unwrap()
+        .into_iter();
+    let (idle, returning, orphan) = (
+        leases.next().unwrap(),
+        leases.next().unwrap(),
+        leases.next().unwrap(),
+    );
+    store
+        .apply(&[
+            StoreOp::put(stored(idle.clone(), AddressState::Idle)),
+            StoreOp::put(stored(returning.clone(), AddressState::Releasing)),
+            StoreOp::PutIntent(Intent {
+                id: 1,
+                kind: IntentKind::Allocate {
+                    key: key(),
+                    count: 1,
+                },
+            }),
+            StoreOp::PutIntent(Intent {
+                id: 2,
+                kind: IntentKind::Release {
+                    lease_id: returning.id.clone(),
+                },
+            }),
+        ])
+        .unwrap();
+    // Down for the start: its release (1), the sweep's retry of it (2) and
+    // its list (3); up from then on.
+    let down = IpamError::Transient("cloud unreachable".into());
+    let backend = Arc::new(Faulty::new(
+        mock,
+        FaultPlan {
+            on_call: (1..=3)
+                .map(|call| (call, Fault::Error(down.clone())))
+                .collect(),
+            ..FaultPlan::default()
+        },
+    ));
+    let pools = manager(backend.clone(), store.clone(), Arc::default(), config()).await;
+    assert_eq!(backend.calls(), 3);
+    assert_eq!(pools.unsettled_intents(), 2);
+    assert_eq!(store.load().unwrap().intents.len(), 2, "kept for later");
+    let stats = pools.stats(&key());
+    assert_eq!((stats.idle, stats.releasing), (1, 1));
+
+    // Serving and DEL work from the store meanwhile, never with the
+    // address being returned.
+    let lease = pools.assign(&key(), &owner(1)).await.unwrap();
+    assert_eq!(lease.id, idle.id);
+    pools.release(&key(), &owner(1)).await.unwrap();
+    assert_eq!(pools.stats(&key()).cooldown, 1);
+
+    // An allocation of this run in flight: its intent is not the sweep's.
+    let in_flight = Intent {
+        id: 50,
+        kind: IntentKind::Allocate {
+            key: key(),
+            count: 1,
+        },
+    };
+    store
+        .apply(&[StoreOp::PutIntent(in_flight.clone())])
+        .unwrap();
+
+    // The backend is back: the next sweep finishes the release, adopts the
+    // interrupted allocation's address, and removes exactly those intents.
+    assert_eq!(
+        pools.sweep_orphans().await.unwrap(),
+        OrphanSweep {
+            adopted_idle: 1,
+            ..OrphanSweep::default()
+        }
+    );
+    assert_eq!(pools.unsettled_intents(), 0);
+    let snapshot = store.load().unwrap();
+    assert_eq!(
+        snapshot.intents.into_values().collect::<Vec<_>>(),
+        [in_flight]
+    );
+    assert!(!snapshot.addresses.contains_key(&returning.id));
+    assert!(snapshot.addresses.contains_key(&orphan.id));
+    let listed: HashSet<String> = backend
+        .list(&ListScope::Node("node-1".into()))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|lease| lease.id)
+        .collect();
+    assert_eq!(listed, HashSet::from([idle.id, orphan.id]));
+    let stats = pools.stats(&key());
+    assert_eq!(
+        (stats.idle, stats.cooldown, stats.releasing),
+        (1, 1, 0),
+        "the orphan idle, the released one cooling down"
+    );
+}
+
+/// A backend whose listing of a node misses some of its leases (as a
+/// Neutron port whose binding is not visible yet), the rest as the mock.
+struct PartialListing {
+    inner: MockBackend,
+    unlisted: std::sync::Mutex<HashSet<String>>,
+}
+
+#[async_trait::async_trait]
+impl IpamBackend for PartialListing {
+    fn name(&self) -> &str {
+        "partial-listing"
+    }
+    async fn allocate(
+        &self,
+        request: &AllocationRequest,
+    ) -> Result<Vec<hulk_ipam::Lease>, IpamError> {
+        self.inner.allocate(request).await
+    }
+    async fn release(&self, id: &str) -> Result<(), IpamError> {
+        self.inner.release(id).await
+    }
+    async fn update_owner(
+        &self,
+        id: &str,
+        owner: Option<Owner>,
+    ) -> Result<hulk_ipam::Lease, IpamError> {
+        self.inner.update_owner(id, owner).await
+    }
+    async fn list(&self, scope: &ListScope) -> Result<Vec<hulk_ipam::Lease>, IpamError> {
+        let unlisted = self.unlisted.lock().unwrap().clone();
+        let listed = self.inner.list(scope).await?;
+        Ok(listed
+            .into_iter()
+            .filter(|lease| !unlisted.contains(&lease.id))
+            .collect())
+    }
+    async fn health(&self) -> Result<(), IpamError> {
+        self.inner.health().await
+    }
+}
+
+#[tokio::test]
+async fn an_address_a_listing_misses_but_the_backend_has_is_kept() {
+    let (backend, _clock, pools) = in_memory_with(
+        PartialListing {
+            inner: MockBackend::new("10.0.0.0/24".parse().unwrap()),
+            unlisted: std::sync::Mutex::new(HashSet::new()),
+        },
+        config(),
+    )
+    .await;
+    assert_eq!(pools.warm_up(&key()).await.unwrap(), 3);
+    let held = pools.assign(&key(), &owner(1)).await.unwrap();
+    let idle = pools
+        .records()
+        .into_iter()
+        .find(|record| record.lease.id != held.id)
+        .unwrap();
+    backend
+        .unlisted
+        .lock()
+        .unwrap()
+        .extend([held.id.clone(), idle.lease.id.clone()]);
+    assert_eq!(
+        pools.sweep_orphans().await.unwrap(),
+        OrphanSweep::default(),
+        "asked by id, the backend still has both"
+    );
+    assert_eq!(pools.records().len(), 3);
+    assert_eq!(pools.lease_of(&owner(1)).unwrap().id, held.id);
+    // Gone for real: dropped.
+    backend.inner.release(&idle.lease.id).await.unwrap();
+    let sweep = pools.sweep_orphans().await.unwrap();
+    assert_eq!(sweep.dropped_idle, 1);
+    assert_eq!(sweep.lost_assigned, 0);
 }

@@ -51,6 +51,7 @@ fn record(id: usize) -> AddressRecord {
         state: AddressState::Idle,
         since_ms: 0,
         fixed: false,
+        lost: false,
     }
 }
 

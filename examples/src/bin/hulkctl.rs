@@ -96,11 +96,19 @@ fn render(reply: &RescueReply) -> String {
             );
             for pool in pools {
                 let (key, stats) = (&pool.key, &pool.stats);
-                let state = match (&stats.degraded_reason, stats.draining) {
+                let mut state = match (&stats.degraded_reason, stats.draining) {
                     (_, true) => "draining".to_owned(),
                     (Some(reason), false) => format!("degraded: {reason}"),
                     (None, false) => "ok".to_owned(),
                 };
+                if stats.lost > 0 {
+                    let _ = write!(
+                        state,
+                        "; {} assigned addresses LOST (the cloud took them back: \
+                         see hulkctl leases)",
+                        stats.lost
+                    );
+                }
                 let _ = writeln!(
                     out,
                     "{:<20} {:<16} {:<24} {:<10} {:>5} {:>8} {:>8} {:>9} {:>9}  {state}",
@@ -132,6 +140,14 @@ fn render(reply: &RescueReply) -> String {
                         until_ms.saturating_sub(SystemClock.now_ms()).div_ceil(1000)
                     ),
                     AddressState::Releasing => "releasing".to_owned(),
+                };
+                let state = if record.lost {
+                    format!(
+                        "{state}; LOST: the cloud no longer has it and may have given it to \
+                         another node (recreate the pod)"
+                    )
+                } else {
+                    state
                 };
                 let _ = writeln!(
                     out,
@@ -273,14 +289,24 @@ fn render(reply: &RescueReply) -> String {
             let _ = writeln!(
                 out,
                 "{} released, {} suspected; unknown backend addresses: {} adopted idle, \
-                 {} adopted as their marked pod's, {} released, {} left alone",
+                 {} adopted as their marked pod's, {} released, {} left alone; addresses \
+                 the backend no longer has: {} idle dropped, {} assigned newly LOST",
                 released.len(),
                 suspected.len(),
                 orphans.adopted_idle,
                 orphans.adopted_assigned,
                 orphans.released,
-                orphans.left_alone
+                orphans.left_alone,
+                orphans.dropped_idle,
+                orphans.lost_assigned
             );
+            if orphans.lost_assigned > 0 {
+                let _ = writeln!(
+                    out,
+                    "pods use addresses the cloud took back (another node may hold them): \
+                     hulkctl leases marks them LOST; recreate those pods"
+                );
+            }
         }
         RescueReply::Failed { message } => {
             let _ = writeln!(out, "error: {message}");

@@ -178,6 +178,18 @@ pub fn wait_until_ready(
     );
 }
 
+/// The `state_file` line of an agent configuration kept in `dir`, for a
+/// `[backend]` section's text: empty for the in-process mock, whose leases
+/// live in the agent's memory (the agent refuses a state file with it: a
+/// restart would hand out again what the file says pods hold).
+pub fn state_file_line(dir: &Path, backend: &str) -> String {
+    if backend.trim_start().starts_with("type = \"mock\"") {
+        String::new()
+    } else {
+        format!("state_file = \"{}/pool.redb\"", dir.display())
+    }
+}
+
 /// The bearer token [`UltronFake`] asks for.
 pub const ULTRON_TOKEN: &str = "e2e-token";
 
@@ -222,6 +234,27 @@ impl UltronFake {
             self.port,
             token_file.display()
         )
+    }
+}
+
+impl UltronFake {
+    /// A client of the fake reached at `port` (its own, or a proxy's), as
+    /// the cloud's other users are: an operator deleting addresses,
+    /// another node allocating.
+    pub fn client_at(port: u16) -> hulk_openstack::ultron::UltronBackend {
+        let http = hulk_openstack::HttpClient::new(&hulk_openstack::HttpSettings::default())
+            .expect("an HTTP client");
+        hulk_openstack::ultron::UltronBackend::new(
+            http,
+            format!("http://127.0.0.1:{port}"),
+            ULTRON_TOKEN,
+            "e2e",
+        )
+    }
+
+    /// A client of the fake, see [`UltronFake::client_at`].
+    pub fn client(&self) -> hulk_openstack::ultron::UltronBackend {
+        UltronFake::client_at(self.port)
     }
 }
 

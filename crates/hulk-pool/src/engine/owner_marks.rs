@@ -3,6 +3,7 @@
 //! kept in step with the store off the assignment path, and the orphan
 //! sweep that relies on it to take back what a lost store forgot.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tokio::sync::watch;
 
 use super::{PoolError, PoolManager};
 use crate::core::{Anomaly, owner_key};
-use crate::store::{AddressRecord, AddressState, StoreOp};
+use crate::store::{AddressRecord, AddressState, Intent, IntentKind, StoreOp};
 
 /// Marks written at once: a burst of ADDs is marked in a fraction of the
 /// time one at a time would take, without flooding the cloud's API.
@@ -25,7 +26,9 @@ const MARK_RETRY: Duration = Duration::from_secs(5);
 const LAST_PASS_LIMIT: Duration = Duration::from_secs(10);
 
 /// What [`PoolManager::sweep_orphans`] did with the backend's addresses of
-/// this node that no pool knew.
+/// this node that no pool knew, and with the pools' addresses the backend
+/// no longer has (the cloud took them back: an operator or a cleanup job
+/// deleted them, and another node may hold them now).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrphanSweep {
     /// Marked as held by no pod, and naming their pool: taken into it as
@@ -43,9 +46,23 @@ pub struct OrphanSweep {
     /// it (an address the node holds, or outside the pool's subnet), or
     /// for an interface that holds another address: left alone.
     pub left_alone: usize,
+    /// Idle or cooling down in a pool, but gone from the backend: dropped
+    /// from the pool and the store, never handed out again (each logged
+    /// and counted in `hulk_pool_leases_lost_total`).
+    #[serde(default)]
+    pub dropped_idle: usize,
+    /// Held by a pod, but gone from the backend, found by this sweep: the
+    /// pod keeps using an address another node may hold now. Each is
+    /// logged as an error, counted in `hulk_pool_leases_lost_total`, and
+    /// flagged `lost` in its record (what `hulkctl leases` shows, on every
+    /// later sweep too); the pod's DEL drops the record rather than
+    /// cooling the address down for reuse.
+    #[serde(default)]
+    pub lost_assigned: usize,
     /// Addresses the pools know whose facts the backend now reports
     /// otherwise (e.g. the gateway's MAC): taken in (see
     /// `PoolManager::sweep_orphans`).
+    #[serde(default)]
     pub facts_refreshed: usize,
 }
 
@@ -169,19 +186,46 @@ impl PoolManager {
         }
     }
 
-    /// Compares the backend's addresses of this node with the pools.
-    /// Unknown ones (left by an interrupted allocation, or forgotten with
-    /// a lost store) are adopted into the pool the backend names, as idle
-    /// or as the marked holder's; see [`OrphanSweep`] for the rest. Known
-    /// ones whose mark is stale are queued for marking, and their facts
-    /// (gateway, its MAC, MTU...) are refreshed from the listing.
+    /// Compares the backend's addresses of this node with the pools, both
+    /// ways. Unknown ones (left by an interrupted allocation, or forgotten
+    /// with a lost store) are adopted into the pool the backend names, as
+    /// idle or as the marked holder's; see [`OrphanSweep`] for the rest.
+    /// Known ones whose mark is stale are queued for marking. The pools'
+    /// addresses the listing lacks are no longer this node's: idle and
+    /// cooling ones are dropped, pods' ones flagged `lost`
+    /// ([`OrphanSweep::dropped_idle`], [`OrphanSweep::lost_assigned`]);
+    /// only addresses the pools held before the list call are judged, so
+    /// one that arrives while the backend answers is never taken for lost.
+    /// Known ones also get their facts (gateway, its MAC, MTU...)
+    /// refreshed from the listing.
+    /// Errors: the backend's list or release call failed, or the store
+    /// refused a write; what was done until then stays done.
     pub async fn sweep_orphans(&self) -> Result<OrphanSweep, PoolError> {
         let _gate = self.allocation_gate.write().await;
+        let pending_releases = self.settle_releases().await?;
         let mut sweep = OrphanSweep::default();
         let scope = ListScope::Node(self.node.clone());
-        let listing = self.timed("list", self.backend.list(&scope)).await?;
-        sweep.facts_refreshed = self.refresh_facts(&listing)?;
-        for lease in listing {
+        let held_before: Vec<String> = self
+            .all_pools()
+            .iter()
+            .flat_map(|pool| pool.lock().records.keys().cloned().collect::<Vec<_>>())
+            .collect();
+        let listed = self.timed("list", self.backend.list(&scope)).await?;
+        sweep.facts_refreshed = self.refresh_facts(&listed)?;
+        let listed_ids: HashSet<&str> = listed.iter().map(|lease| lease.id.as_str()).collect();
+        for lease_id in held_before
+            .iter()
+            .filter(|lease_id| !listed_ids.contains(lease_id.as_str()))
+        {
+            if self.confirmed_gone(lease_id).await {
+                self.lose(lease_id, &mut sweep)?;
+            }
+        }
+        for lease in listed {
+            if pending_releases.contains(&lease.id) {
+                // Going back: neither an orphan nor this node's to keep.
+                continue;
+            }
             if let Some(state) = self.state_of(&lease.id) {
                 let holder = match &state {
                     AddressState::Assigned(owner) => Some(owner_key(owner)),
@@ -225,7 +269,168 @@ impl PoolManager {
                 }
             }
         }
+        // Whatever an allocation interrupted by the last stop left in the
+        // backend is adopted now: its intent has served.
+        self.settle_allocations()?;
         Ok(sweep)
+    }
+
+    /// Retries the releases left unsettled at open; returns the lease ids
+    /// of those the backend still refuses (kept for the next sweep).
+    /// Errors: the store refused a write.
+    async fn settle_releases(&self) -> Result<HashSet<String>, PoolError> {
+        let releases: Vec<Intent> = self
+            .unsettled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .filter(|intent| matches!(intent.kind, IntentKind::Release { .. }))
+            .cloned()
+            .collect();
+        let mut pending = HashSet::new();
+        for intent in releases {
+            let IntentKind::Release { lease_id } = &intent.kind else {
+                continue;
+            };
+            match self.settle_release(&intent).await {
+                Ok(()) => {
+                    tracing::info!(lease = %lease_id, "finished a release interrupted by the last stop");
+                    self.unsettled
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .retain(|kept| kept.id != intent.id);
+                }
+                Err(PoolError::Backend(error)) => {
+                    tracing::warn!(lease = %lease_id, %error, "cannot finish an interrupted release yet");
+                    pending.insert(lease_id.clone());
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Removes the intents of allocations interrupted by the last stop,
+    /// after a sweep adopted what they left. Errors: the store refused it
+    /// (the intents stay for the next sweep).
+    fn settle_allocations(&self) -> Result<(), PoolError> {
+        let mut unsettled = self
+            .unsettled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let stale: Vec<StoreOp> = unsettled
+            .iter()
+            .filter(|intent| matches!(intent.kind, IntentKind::Allocate { .. }))
+            .map(|intent| StoreOp::RemoveIntent(intent.id))
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        self.store.apply(&stale)?;
+        unsettled.retain(|intent| !matches!(intent.kind, IntentKind::Allocate { .. }));
+        tracing::info!(
+            intents = stale.len(),
+            "removed the intents of allocations interrupted by the last stop"
+        );
+        Ok(())
+    }
+
+    /// Whether the backend confirms that `lease_id`, which its listing
+    /// of this node lacks, is gone. A listing can miss what a backend
+    /// still has (a Neutron port whose binding or tags are not visible
+    /// yet), and dropping an address on that word alone would strand it
+    /// or flag a healthy pod; so the lease is asked about by id, with a
+    /// harmless write of its current holder. Not found: gone. Found: kept,
+    /// its mark rewritten. Any other answer: judged again next sweep.
+    async fn confirmed_gone(&self, lease_id: &str) -> bool {
+        let holder = match self.state_of(lease_id) {
+            Some(AddressState::Assigned(owner)) => Some(owner),
+            Some(AddressState::Idle | AddressState::Cooldown { .. }) => None,
+            Some(AddressState::Releasing) | None => return false,
+        };
+        match self
+            .metered("update_owner", self.backend.update_owner(lease_id, holder))
+            .await
+        {
+            Err(IpamError::NotFound(_)) => true,
+            Ok(_) => {
+                tracing::warn!(
+                    lease = %lease_id,
+                    "the backend's listing of this node lacks an address it still has; kept"
+                );
+                false
+            }
+            Err(error) => {
+                tracing::warn!(
+                    lease = %lease_id,
+                    %error,
+                    "cannot ask the backend about an address its listing lacks; judged again \
+                     on the next sweep"
+                );
+                false
+            }
+        }
+    }
+
+    /// Acts on `lease_id` being gone from the backend, as its record is
+    /// now (an assignment may have taken it since the listing): an idle or
+    /// cooling address leaves the pool and the store; a pod's is flagged
+    /// `lost` (once); one being released is left to its release, for which
+    /// the backend's `NotFound` is success.
+    fn lose(&self, lease_id: &str, sweep: &mut OrphanSweep) -> Result<(), PoolError> {
+        for pool in self.all_pools() {
+            let mut core = pool.lock();
+            let Some(record) = core.records.get(lease_id).cloned() else {
+                continue;
+            };
+            let address = record.lease.address;
+            match &record.state {
+                AddressState::Releasing => {}
+                AddressState::Assigned(_) if record.lost => {}
+                AddressState::Idle | AddressState::Cooldown { .. } => {
+                    self.store
+                        .apply(&[StoreOp::RemoveAddress(lease_id.to_owned())])?;
+                    core.remove(lease_id);
+                    let state = if record.state == AddressState::Idle {
+                        "idle"
+                    } else {
+                        "cooldown"
+                    };
+                    self.metrics.lease_lost(&pool.key, state);
+                    sweep.dropped_idle += 1;
+                    tracing::warn!(
+                        lease = %lease_id,
+                        %address,
+                        pool = %pool.key.subnet,
+                        state,
+                        "the backend no longer has this address (the cloud took it back): \
+                         dropped from the pool, never handed out again"
+                    );
+                }
+                AddressState::Assigned(owner) => {
+                    let mut lost = record.clone();
+                    lost.lost = true;
+                    self.store.apply(&[StoreOp::put(lost.clone())])?;
+                    core.insert(lost);
+                    self.metrics.lease_lost(&pool.key, "assigned");
+                    sweep.lost_assigned += 1;
+                    tracing::error!(
+                        lease = %lease_id,
+                        %address,
+                        pool = %pool.key.subnet,
+                        pod = owner.pod.as_deref().unwrap_or("-"),
+                        container = %owner.container_id,
+                        ifname = %owner.ifname,
+                        "the backend no longer has the address this pod uses (the cloud took \
+                         it back; another node may hold it now): the pod keeps it until its \
+                         DEL, after which it is dropped, never handed out again; recreate \
+                         the pod"
+                    );
+                }
+            }
+            return Ok(());
+        }
+        Ok(())
     }
 
     /// Returns an orphan to the backend.
@@ -269,6 +474,7 @@ impl PoolManager {
                         state: state.clone(),
                         since_ms: self.clock.now_ms(),
                         fixed: false,
+                        lost: false,
                     };
                     self.store.apply(&[StoreOp::put(record.clone())])?;
                     core.insert(record);
