@@ -3,8 +3,9 @@
 //! replace each at once. The run is in tokio's paused clock, the pools follow
 //! it (`TokioClock`), so minutes of churn take seconds and every figure is in
 //! simulated time. It measures what sizing a subnet needs: the addresses the
-//! cluster holds against `nodes × (pods + churn × cooldown + min_idle)`, and
-//! which ADDs fail, and why, when the subnet is too small.
+//! cluster holds against `nodes × (pods + churn × cooldown + idle)` (idle:
+//! `min_idle` to `max_idle`), how long ADDs wait, and which fail, and why,
+//! when the subnet is too small. Figures are in docs/pool.md.
 //!
 //! `cargo bench -p hulk-benches --bench pool_churn`
 
@@ -55,6 +56,8 @@ impl Scenario {
             min_idle: 4,
             max_idle: 16,
             batch: 8,
+            // Unused: the pools get their first addresses from the
+            // refiller, as the only thing the bench runs beside the pods.
             warm_up: 8,
             max_total: 110,
             reuse_cooldown: self.cooldown,
@@ -482,7 +485,7 @@ fn main() {
     }
     if problems.is_empty() {
         println!(
-            "\nchecks: no address in two records at any sampled second or at the end; every addressed pod holds its lease; the backend's books equal the nodes' records"
+            "\nchecks: no address in two live records (stale Releasing ones aside) at any sampled second or at the end; every addressed pod holds its lease; the backend's books equal the nodes' records"
         );
     } else {
         println!("\nPROBLEMS:");
