@@ -490,24 +490,31 @@ impl PoolCore {
     }
 
     /// How many addresses a refill should allocate now, counted as in
-    /// flight until [`PoolCore::finish_refill`]: toward the demand
-    /// (`min_idle`, or the number of waiting assignments), counting as
-    /// supply the idle addresses, those being allocated and the cooling
-    /// ones that turn idle within the supply horizon (see
-    /// [`PoolCore::supply_horizon_ms`]); in one batch (or less after an
-    /// "exhausted": see `ask_limit`), never past `max_idle` or the holding
-    /// cap, and nothing while degraded, backing off or draining.
+    /// flight until [`PoolCore::finish_refill`]: when fewer than
+    /// `min_idle` are idle or being allocated, or when more ADDs wait than
+    /// that plus the cooling addresses turning idle within the supply
+    /// horizon ([`PoolCore::supply_horizon_ms`]) can serve; then one batch
+    /// (or less after an "exhausted": see `narrowed`) toward `max_idle` or
+    /// what the waiting ADDs lack, within the holding cap; nothing while
+    /// degraded, backing off or draining. Cooling addresses serve waiting
+    /// ADDs only, never the `min_idle` reserve: each pod replaced under
+    /// churn brings the cooling address of the pod it replaces, and a
+    /// reserve counting those would never grow while ADDs keep waiting.
     pub fn plan_refill(&mut self, config: &PoolConfig, now_ms: u64) -> usize {
+        let ready = self.idle.len() + self.in_flight;
         let horizon = now_ms.saturating_add(self.supply_horizon_ms(config, now_ms));
-        let supply = self.idle.len() + self.in_flight + self.cooling_by(horizon);
-        let target = self.demand(config);
+        let coming = self.cooling_by(horizon);
+        let short = config
+            .min_idle
+            .saturating_sub(ready)
+            .max(self.waiters.saturating_sub(ready + coming));
         let paused = self.draining || self.paused_until(now_ms).is_some();
-        let want = if paused || supply >= target {
+        let want = if paused || short == 0 {
             0
         } else {
             self.batch(config, now_ms)
                 .min(self.room(config))
-                .min(config.max_idle.max(target).saturating_sub(supply))
+                .min(short.max(config.max_idle.saturating_sub(ready)))
         };
         self.in_flight += want;
         want

@@ -175,6 +175,18 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// One assignment counted in a pool's `waiters` until dropped: also when
+/// the ADD waiting is cancelled (its DEL, or its caller's deadline), so
+/// the count never stays up and keeps idle addresses for nobody.
+struct Waiter<'a>(&'a Pool);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.waiters = state.waiters.saturating_sub(1);
+    }
+}
+
 /// Counts a running refiller of a pool until dropped (also by a panic).
 struct Running<'a>(&'a Pool);
 
@@ -745,7 +757,7 @@ impl PoolManager {
         // None: a timeout too long to add to the clock, i.e. no deadline.
         let deadline = started.checked_add(pool.config.assign_timeout);
         let mut changes = pool.changed.subscribe();
-        let mut waiting = false;
+        let mut waiting: Option<Waiter<'_>> = None;
         let outcome = loop {
             {
                 let mut state = pool.lock();
@@ -785,7 +797,7 @@ impl PoolManager {
                 // A cloud that refuses more addresses does not keep this
                 // ADD from one of the node's own coming out of cooldown
                 // before its deadline (more of them than ADDs waiting).
-                let ahead = state.waiters.saturating_sub(usize::from(waiting));
+                let ahead = state.waiters.saturating_sub(usize::from(waiting.is_some()));
                 let deadline_ms = now.saturating_add(millis(pool.config.assign_timeout));
                 if let Some(refusal) = state.degraded_at(now)
                     && state.cooling_by(deadline_ms) <= ahead
@@ -796,9 +808,9 @@ impl PoolManager {
                         exhausted: refusal.exhausted,
                     });
                 }
-                if !waiting {
+                if waiting.is_none() {
                     state.waiters += 1;
-                    waiting = true;
+                    waiting = Some(Waiter(&pool));
                 }
                 pool.wake_refiller.notify_one();
             }
@@ -816,10 +828,7 @@ impl PoolManager {
                 }
             }
         };
-        if waiting {
-            let mut state = pool.lock();
-            state.waiters = state.waiters.saturating_sub(1);
-        }
+        drop(waiting);
         if outcome.is_ok() {
             self.metrics
                 .assign_seconds
@@ -1470,19 +1479,19 @@ impl PoolManager {
         victims: Vec<(AddressRecord, Intent)>,
     ) -> Result<usize, PoolError> {
         let now = self.clock.now_ms();
-        let results: Vec<(AddressRecord, Intent, Result<(), IpamError>)> =
-            futures::stream::iter(victims)
-                .map(|(record, intent)| async move {
-                    let result = self
-                        .timed("release", self.backend.release(&record.lease.id))
-                        .await;
-                    (record, intent, result)
-                })
-                .buffer_unordered(RETURNS_IN_PARALLEL)
-                .collect()
-                .await;
+        // Each return is settled as soon as its call answers: a record
+        // kept as "releasing" while other calls run would still count
+        // against the holding cap after another node got the address.
+        let mut returns = futures::stream::iter(victims)
+            .map(|(record, intent)| async move {
+                let result = self
+                    .timed("release", self.backend.release(&record.lease.id))
+                    .await;
+                (record, intent, result)
+            })
+            .buffer_unordered(RETURNS_IN_PARALLEL);
         let mut released = 0;
-        for (record, intent, result) in results {
+        while let Some((record, intent, result)) = returns.next().await {
             let id = record.lease.id.clone();
             match result {
                 Ok(()) | Err(IpamError::NotFound(_)) => {
@@ -1490,7 +1499,7 @@ impl PoolManager {
                         StoreOp::RemoveAddress(id.clone()),
                         StoreOp::RemoveIntent(intent.id),
                     ])?;
-                    pool.lock().records.remove(&id);
+                    pool.lock().remove(&id);
                     released += 1;
                 }
                 Err(error) => {

@@ -1496,3 +1496,41 @@ async fn an_address_a_listing_misses_but_the_backend_has_is_kept() {
     assert_eq!(sweep.dropped_idle, 1);
     assert_eq!(sweep.lost_assigned, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_add_cancelled_while_waiting_leaves_no_demand_behind() {
+    let mut none_idle = config();
+    none_idle.min_idle = 0;
+    none_idle.max_idle = 0;
+    none_idle.warm_up = 0;
+    let backend = Arc::new(Faulty::new(
+        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        FaultPlan::fixed_latency(Duration::from_secs(10)),
+    ));
+    let pools = manager(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        Arc::new(ManualClock::default()),
+        none_idle,
+    )
+    .await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    // Five ADDs whose callers give up (their DEL, or their deadline).
+    let adds = (0..5).map(|n| {
+        let pools = pools.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(1), pools.assign(&key(), &owner(n))).await
+        }
+    });
+    for outcome in futures::future::join_all(adds).await {
+        assert!(outcome.is_err(), "cancelled while waiting");
+    }
+    // What the refiller allocated for them serves nobody: it goes back.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let stats = pools.stats(&key());
+    assert_eq!((stats.idle, stats.assigned), (0, 0), "{stats:?}");
+    assert_eq!(backend.inner().allocated(), 0);
+    stop.send(true).unwrap();
+    refiller.abort();
+}
