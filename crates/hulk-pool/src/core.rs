@@ -230,11 +230,16 @@ pub struct PoolCore {
     pub(crate) adaptive_calls: VecDeque<u64>,
 }
 
-/// The time constant of the ADD arrival-rate estimate: five minutes. An
-/// arrival counts `exp(-age / ARRIVAL_TIME_CONSTANT)`: long enough that
-/// the burst of a rollout raises the pool for the waves that follow it,
-/// short enough that an idle hour takes the pool back to `min_idle`.
-pub const ARRIVAL_TIME_CONSTANT: Duration = Duration::from_secs(300);
+/// The time constant of the burst rate of ADD arrivals: ten seconds, the
+/// scale of a rollout's burst (50-200 ADDs within seconds) and of a cloud
+/// allocation. An arrival counts `exp(-age / ARRIVAL_BURST_TIME_CONSTANT)`.
+pub const ARRIVAL_BURST_TIME_CONSTANT: Duration = Duration::from_secs(10);
+
+/// How long the adaptive mode remembers the highest burst rate: its time
+/// constant, five minutes. Long enough that a rollout's next wave (minutes
+/// later) finds the pool sized for the last one, short enough that an idle
+/// hour takes the pool back to `min_idle`.
+pub const ARRIVAL_MEMORY: Duration = Duration::from_secs(300);
 
 /// The budget window of `adaptive_calls_per_minute`, in milliseconds.
 const BUDGET_WINDOW_MS: u64 = 60_000;
@@ -243,30 +248,50 @@ const BUDGET_WINDOW_MS: u64 = 60_000;
 /// `target_add_p99`: 1 %.
 const LATE_FRACTION: f64 = 0.01;
 
-/// An exponentially decaying count of ADD arrivals: each arrival adds
-/// `1 / τ` per second (τ: [`ARRIVAL_TIME_CONSTANT`]) and the sum decays by
-/// `exp(-elapsed / τ)`, so a steady stream of `r` ADDs per second reads
-/// `r` per second, and an idle node's rate falls toward zero.
+/// The ADD arrival rate the adaptive mode sizes the pool by: the peak of
+/// a burst rate, forgotten slowly.
+///
+/// The burst rate is an exponentially decaying count: each arrival adds
+/// `1 / τb` per second (τb: [`ARRIVAL_BURST_TIME_CONSTANT`]) and the sum
+/// decays by `exp(-elapsed / τb)`, so a steady stream of `r` ADDs a second
+/// reads about `r`. The estimate is the highest burst rate seen, decaying
+/// by `exp(-elapsed / τm)` (τm: [`ARRIVAL_MEMORY`]). A plain five-minute
+/// average would read a burst of 150 ADDs in ten seconds as half an ADD a
+/// second, and size the pool for a trickle; the peak reads it as the
+/// burst it was (measured in docs/pool.md).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ArrivalRate {
-    /// ADDs per second at `at_ms`.
-    per_second: f64,
-    /// When `per_second` was last brought up to date (Unix milliseconds).
+    /// The burst rate (ADDs per second) at `at_ms`.
+    burst: f64,
+    /// The remembered peak (ADDs per second) at `at_ms`.
+    peak: f64,
+    /// When the rates were last brought up to date (Unix milliseconds).
     at_ms: u64,
 }
 
+/// `exp(-elapsed / tau)`, the decay of an exponentially weighted count.
+fn decay(elapsed_ms: u64, tau: Duration) -> f64 {
+    (-(elapsed_ms as f64) / (tau.as_secs_f64() * 1_000.0)).exp()
+}
+
 impl ArrivalRate {
-    /// The rate (ADDs per second) at `now_ms` (Unix milliseconds); a clock
-    /// that went back counts as no time passed.
+    /// The estimate (ADDs per second) at `now_ms` (Unix milliseconds); a
+    /// clock that went back counts as no time passed.
     pub fn per_second_at(&self, now_ms: u64) -> f64 {
-        let elapsed = now_ms.saturating_sub(self.at_ms) as f64 / 1_000.0;
-        self.per_second * (-elapsed / ARRIVAL_TIME_CONSTANT.as_secs_f64()).exp()
+        // The peak is at least the burst rate, and decays slower.
+        self.peak * decay(now_ms.saturating_sub(self.at_ms), ARRIVAL_MEMORY)
+    }
+
+    /// The burst rate alone (ADDs per second) at `now_ms`.
+    pub fn burst_at(&self, now_ms: u64) -> f64 {
+        self.burst * decay(now_ms.saturating_sub(self.at_ms), ARRIVAL_BURST_TIME_CONSTANT)
     }
 
     /// Counts one arrival at `now_ms` (Unix milliseconds).
     pub fn note(&mut self, now_ms: u64) {
-        let decayed = self.per_second_at(now_ms);
-        self.per_second = decayed + 1.0 / ARRIVAL_TIME_CONSTANT.as_secs_f64();
+        let burst = self.burst_at(now_ms) + 1.0 / ARRIVAL_BURST_TIME_CONSTANT.as_secs_f64();
+        self.peak = self.per_second_at(now_ms).max(burst);
+        self.burst = burst;
         self.at_ms = self.at_ms.max(now_ms);
     }
 }
@@ -572,7 +597,8 @@ impl PoolCore {
     /// (the moving average of [`PoolCore::note_allocation`]). With `s`
     /// idle, an ADD waits longer than the target `T` only when `s` others
     /// arrived in the `L - T` before it, whose addresses are not back yet.
-    /// With arrivals Poisson at the estimated rate `r`, that count has mean
+    /// With arrivals Poisson at the estimated rate `r` ([`ArrivalRate`]:
+    /// the recent peak of a ten-second rate), that count has mean
     /// `r × (L - T)`; the target is the smallest `s` for which it reaches
     /// `s` at most 1 % of the time ([`poisson_stock`]). When `T >= L` no
     /// ADD waits longer than `T` anyway, and one idle address (or
@@ -1059,20 +1085,41 @@ mod tests {
     #[test]
     fn the_arrival_rate_follows_a_steady_stream_and_decays_when_it_stops() {
         let mut rate = ArrivalRate::default();
-        // Two ADDs a second for an hour (twelve time constants).
+        // Two ADDs a second for an hour.
         for tick in 0..7_200u64 {
             rate.note(tick * 500);
         }
         let steady = rate.per_second_at(3_600_000);
-        assert!((steady - 2.0).abs() < 0.05, "{steady}");
-        // One time constant later, a factor e lower.
-        let later = 3_600_000 + millis(ARRIVAL_TIME_CONSTANT);
+        assert!((steady - 2.0).abs() < 0.1, "{steady}");
+        // One memory time constant later, a factor e lower.
+        let later = 3_600_000 + millis(ARRIVAL_MEMORY);
         let decayed = rate.per_second_at(later);
         assert!((decayed - steady / std::f64::consts::E).abs() < 0.01, "{decayed}");
-        // A clock that went back neither panics nor raises the rate.
+        // A clock that went back neither panics nor moves the estimate.
         assert_eq!(rate.per_second_at(0), rate.per_second_at(3_599_500));
         rate.note(0);
-        assert!(rate.per_second_at(3_600_000) > steady);
+        assert!(rate.per_second_at(3_600_000) >= steady);
+    }
+
+    #[test]
+    fn a_burst_counts_at_its_own_rate_and_is_remembered_for_minutes() {
+        let mut rate = ArrivalRate::default();
+        // 150 ADDs in ten seconds, after a quiet start.
+        for n in 0..150u64 {
+            rate.note(1_000_000 + n * 66);
+        }
+        let end = 1_000_000 + 149 * 66;
+        let peak = rate.per_second_at(end);
+        // About 15 a second times (1 - 1/e): far above the half an ADD a
+        // second a five-minute average would say.
+        assert!((8.0..15.0).contains(&peak), "{peak}");
+        // A minute on, the burst rate is gone, the peak mostly remembered.
+        let minute = end + 60_000;
+        assert!(rate.burst_at(minute) < 0.01 * peak);
+        assert!(rate.per_second_at(minute) > 0.8 * peak);
+        // A single late ADD does not erase the memory.
+        rate.note(minute);
+        assert!(rate.per_second_at(minute) > 0.8 * peak);
     }
 
     #[test]
@@ -1096,13 +1143,12 @@ mod tests {
         let config = adaptive_config();
         let mut core = PoolCore::default();
         // Not adaptive yet: no latency measured.
-        core.note_arrival(0);
         assert_eq!(core.adaptive_target(&config, 0), None);
         core.note_allocation(10_500);
+        // No ADD yet: the floor.
         let quiet = core.adaptive_target(&config, 0).unwrap();
         assert_eq!(quiet, config.min_idle);
-        // A burst of 100 ADDs in ten seconds: about 0.33/s, 3.3 in the
-        // 10 s exposed.
+        // A burst of 100 ADDs in ten seconds.
         let mut targets = Vec::new();
         for n in 0..100u64 {
             core.note_arrival(n * 100);
@@ -1126,7 +1172,12 @@ mod tests {
             })
             .collect();
         assert!(decay.windows(2).all(|pair| pair[0] >= pair[1]), "{decay:?}");
-        assert!(decay[0] < config.max_idle, "{decay:?}");
+        assert!(
+            decay
+                .iter()
+                .any(|target| (config.min_idle + 1..config.max_idle).contains(target)),
+            "{decay:?}"
+        );
         assert_eq!(decay.last(), Some(&config.min_idle));
         // A target at or above the allocation time needs no stock.
         let relaxed = PoolConfig {
