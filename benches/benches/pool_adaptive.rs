@@ -12,7 +12,8 @@
 //! For each policy (static defaults, static tuned, adaptive) and latency
 //! it prints a markdown row: ADD wait p50/p99/max (from the ADD reaching
 //! the pool to its address, retries after `assign_timeout` included), the
-//! ADDs that waited at all, the idle and held addresses on average (time
+//! p99 of single ADDs, of rollouts' first waves and of their later waves,
+//! the ADDs that waited at all, the idle and held addresses on average (time
 //! weighted, sampled every simulated second: the cloud cost), and the
 //! backend's allocate and release calls. The trace is drawn from a seeded
 //! RNG: every run prints the same table.
@@ -61,12 +62,24 @@ fn owner(n: usize) -> Owner {
     }
 }
 
+/// Where a pod's ADD comes from in the trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A single ADD of a diurnal ramp.
+    Single,
+    /// The first wave of a rollout: nothing announced it.
+    FirstWave,
+    /// A later wave of a rollout, minutes after the one before.
+    LaterWave,
+}
+
 /// One pod: when its ADD comes and when it is deleted (milliseconds from
 /// the start of the trace).
 #[derive(Debug, Clone, Copy)]
 struct Pod {
     add_ms: u64,
     delete_ms: u64,
+    kind: Kind,
 }
 
 /// Draws from the trace's RNG.
@@ -105,6 +118,7 @@ fn diurnal(draw: &mut Draw, from_ms: u64, to_ms: u64, peak: f64, pods: &mut Vec<
             pods.push(Pod {
                 add_ms,
                 delete_ms: add_ms + life.max(1_000),
+                kind: Kind::Single,
             });
         }
     }
@@ -114,13 +128,19 @@ fn diurnal(draw: &mut Draw, from_ms: u64, to_ms: u64, peak: f64, pods: &mut Vec<
 /// seconds, two to four minutes apart; its pods live 5-15 minutes.
 fn rollout(draw: &mut Draw, at_ms: u64, waves: usize, pods: &mut Vec<Pod>) {
     let mut wave_ms = at_ms;
-    for _ in 0..waves {
+    for wave in 0..waves {
         let size = draw.millis(50, 200);
+        let kind = if wave == 0 {
+            Kind::FirstWave
+        } else {
+            Kind::LaterWave
+        };
         for _ in 0..size {
             let add_ms = wave_ms + draw.millis(0, 10_000);
             pods.push(Pod {
                 add_ms,
                 delete_ms: add_ms + draw.millis(5 * MINUTE_MS, 15 * MINUTE_MS),
+                kind,
             });
         }
         wave_ms += draw.millis(2 * MINUTE_MS, 4 * MINUTE_MS);
@@ -208,7 +228,7 @@ impl IpamBackend for Counted {
 
 /// What one simulation measured.
 struct Outcome {
-    /// Every ADD's wait, sorted.
+    /// Every ADD's wait, in trace order.
     waits: Vec<Duration>,
     /// Time-weighted averages of idle and held addresses.
     idle: f64,
@@ -286,7 +306,6 @@ async fn simulate(config: PoolConfig, latency: Duration, pods: &[Pod]) -> Outcom
     for handle in handles {
         waits.push(handle.await.expect("pod"));
     }
-    waits.sort();
     stop.send(true).expect("refiller listens");
     refiller.await.expect("refiller");
     Outcome {
@@ -298,9 +317,12 @@ async fn simulate(config: PoolConfig, latency: Duration, pods: &[Pod]) -> Outcom
     }
 }
 
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+/// The `fraction` percentile of `waits` (nearest rank), in milliseconds.
+fn percentile(waits: impl Iterator<Item = Duration>, fraction: f64) -> u128 {
+    let mut sorted: Vec<Duration> = waits.collect();
+    sorted.sort();
     let rank = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
+    sorted.get(rank - 1).map_or(0, Duration::as_millis)
 }
 
 /// The three policies compared, all with the node's pod capacity.
@@ -322,12 +344,12 @@ fn policies() -> [(&'static str, PoolConfig); 3] {
             },
         ),
         (
-            "adaptive (p99 1 s, 4..128, batch 16, 30 calls/min)",
+            "adaptive (p99 0.5 s, 4..128, batch 32, 60 calls/min)",
             PoolConfig {
                 max_idle: 128,
-                batch: 16,
-                target_add_p99: Some(Duration::from_secs(1)),
-                adaptive_calls_per_minute: 30,
+                batch: 32,
+                target_add_p99: Some(Duration::from_millis(500)),
+                adaptive_calls_per_minute: 60,
                 ..base
             },
         ),
@@ -349,20 +371,35 @@ fn main() {
         pods.len(),
         SPAN.as_secs() / 3600
     );
+    let count = |kind| pods.iter().filter(|pod| pod.kind == kind).count();
     println!(
-        "| backend latency | policy | ADD wait p50 | p99 | max | ADDs that waited | idle (avg) | held (avg) | allocate calls | release calls |"
+        "ADDs: {} single (ramps), {} in first waves of rollouts, {} in later waves\n",
+        count(Kind::Single),
+        count(Kind::FirstWave),
+        count(Kind::LaterWave)
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| backend | policy | ADD wait p50 | p99 | max | p99 single | p99 first waves | p99 later waves | ADDs that waited | idle (avg) | held (avg) | allocate calls | release calls |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for latency in [Duration::from_secs(2), Duration::from_secs(10)] {
         for (name, config) in policies() {
             let outcome = runtime.block_on(simulate(config, latency, &pods));
-            let waited = outcome.waits.iter().filter(|wait| !wait.is_zero()).count();
+            let all = || outcome.waits.iter().copied();
+            let of = |kind| {
+                let waits = all().zip(&pods).filter(move |(_, pod)| pod.kind == kind);
+                percentile(waits.map(|(wait, _)| wait), 0.99)
+            };
+            let waited = all().filter(|wait| !wait.is_zero()).count();
             println!(
-                "| {} s | {name} | {} ms | {} ms | {} ms | {:.1} % | {:.1} | {:.1} | {} | {} |",
+                "| {} s | {name} | {} ms | {} ms | {} ms | {} ms | {} ms | {} ms | {:.1} % | {:.1} | {:.1} | {} | {} |",
                 latency.as_secs(),
-                percentile(&outcome.waits, 0.5).as_millis(),
-                percentile(&outcome.waits, 0.99).as_millis(),
-                outcome.waits.last().map_or(0, Duration::as_millis),
+                percentile(all(), 0.5),
+                percentile(all(), 0.99),
+                percentile(all(), 1.0),
+                of(Kind::Single),
+                of(Kind::FirstWave),
+                of(Kind::LaterWave),
                 100.0 * waited as f64 / outcome.waits.len() as f64,
                 outcome.idle,
                 outcome.held,

@@ -596,7 +596,9 @@ mod tests {
                 "min_idle (50) is above max_idle (5)",
             ),
             (
-                format!("{MINIMAL}\n[pool]\ntarget_add_p99_ms = 500\nadaptive_calls_per_minute = 0\n"),
+                format!(
+                    "{MINIMAL}\n[pool]\ntarget_add_p99_ms = 500\nadaptive_calls_per_minute = 0\n"
+                ),
                 "adaptive_calls_per_minute must be at least 1",
             ),
             (MINIMAL.replace("node_name", "nodename"), "nodename"),

@@ -284,7 +284,11 @@ impl ArrivalRate {
 
     /// The burst rate alone (ADDs per second) at `now_ms`.
     pub fn burst_at(&self, now_ms: u64) -> f64 {
-        self.burst * decay(now_ms.saturating_sub(self.at_ms), ARRIVAL_BURST_TIME_CONSTANT)
+        self.burst
+            * decay(
+                now_ms.saturating_sub(self.at_ms),
+                ARRIVAL_BURST_TIME_CONSTANT,
+            )
     }
 
     /// Counts one arrival at `now_ms` (Unix milliseconds).
@@ -672,8 +676,8 @@ impl PoolCore {
         let supply = self.idle.len() + self.in_flight + self.cooling_by(horizon);
         let target = self.demand(config, now_ms);
         let paused = self.draining || self.paused_until(now_ms).is_some();
-        let over_budget = supply >= self.static_demand(config)
-            && self.adaptive_calls_left(config, now_ms) == 0;
+        let over_budget =
+            supply >= self.static_demand(config) && self.adaptive_calls_left(config, now_ms) == 0;
         let want = if paused || supply >= target || over_budget {
             0
         } else {
@@ -1094,7 +1098,10 @@ mod tests {
         // One memory time constant later, a factor e lower.
         let later = 3_600_000 + millis(ARRIVAL_MEMORY);
         let decayed = rate.per_second_at(later);
-        assert!((decayed - steady / std::f64::consts::E).abs() < 0.01, "{decayed}");
+        assert!(
+            (decayed - steady / std::f64::consts::E).abs() < 0.01,
+            "{decayed}"
+        );
         // A clock that went back neither panics nor moves the estimate.
         assert_eq!(rate.per_second_at(0), rate.per_second_at(3_599_500));
         rate.note(0);
@@ -1154,7 +1161,10 @@ mod tests {
             core.note_arrival(n * 100);
             targets.push(core.adaptive_target(&config, n * 100).unwrap());
         }
-        assert!(targets.windows(2).all(|pair| pair[0] <= pair[1]), "{targets:?}");
+        assert!(
+            targets.windows(2).all(|pair| pair[0] <= pair[1]),
+            "{targets:?}"
+        );
         let busy = *targets.last().unwrap();
         let mean = core.arrival_rate(9_900) * 10.0;
         assert_eq!(busy, poisson_stock(mean, 0.01, config.max_idle));
@@ -1184,7 +1194,10 @@ mod tests {
             target_add_p99: Some(Duration::from_secs(11)),
             ..config.clone()
         };
-        assert_eq!(core.adaptive_target(&relaxed, 20_000), Some(config.min_idle));
+        assert_eq!(
+            core.adaptive_target(&relaxed, 20_000),
+            Some(config.min_idle)
+        );
         // Without the knob, no adaptive target, and the static plan.
         let fixed = PoolConfig {
             target_add_p99: None,
