@@ -666,9 +666,10 @@ impl PoolCore {
     /// (`min_idle`, the number of waiting assignments, or the adaptive
     /// target), counting as supply the idle addresses, those being
     /// allocated and the cooling ones that turn idle within the supply
-    /// horizon (see [`PoolCore::supply_horizon_ms`]); in one batch (or less
-    /// after an "exhausted": see `ask_limit`), never past `max_idle` or the
-    /// holding cap, and nothing while degraded, backing off or draining.
+    /// horizon (`supply_horizon_ms`: the allocations' average time); in
+    /// one batch (or less after an "exhausted": see `batch`), never past
+    /// `max_idle` or the holding cap, and nothing while degraded, backing
+    /// off or draining.
     /// A refill only the adaptive target asks for (the static demand is
     /// met) waits while the adaptive call budget is spent.
     pub fn plan_refill(&mut self, config: &PoolConfig, now_ms: u64) -> usize {
