@@ -7,6 +7,7 @@ use std::time::Duration;
 use hulk_ipam::PoolKey;
 use hulk_netns::{IpVlanFlag, IpVlanMode, MacVlanMode, NodeNetwork, SlaveKind};
 use hulk_pool::PoolConfig;
+use hulk_pool::core::millis;
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -188,7 +189,8 @@ pub struct PoolSection {
     pub qos_policy: Option<String>,
 }
 
-/// `[pool]`: the knobs of `hulk_pool::PoolConfig`, durations in seconds.
+/// `[pool]`: the knobs of `hulk_pool::PoolConfig`, durations in seconds
+/// (the adaptive ADD wait target in milliseconds).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolKnobs {
@@ -208,6 +210,11 @@ pub struct PoolKnobs {
     pub reuse_cooldown_seconds: u64,
     /// See `PoolConfig::assign_timeout`.
     pub assign_timeout_seconds: u64,
+    /// See `PoolConfig::target_add_p99`, in milliseconds; absent: the
+    /// static watermarks alone (the default).
+    pub target_add_p99_ms: Option<u64>,
+    /// See `PoolConfig::adaptive_calls_per_minute`.
+    pub adaptive_calls_per_minute: u32,
 }
 
 impl Default for PoolKnobs {
@@ -222,6 +229,8 @@ impl Default for PoolKnobs {
             max_held: defaults.max_held,
             reuse_cooldown_seconds: defaults.reuse_cooldown.as_secs(),
             assign_timeout_seconds: defaults.assign_timeout.as_secs(),
+            target_add_p99_ms: defaults.target_add_p99.map(millis),
+            adaptive_calls_per_minute: defaults.adaptive_calls_per_minute,
         }
     }
 }
@@ -354,6 +363,8 @@ impl AgentConfig {
             max_held: knobs.max_held,
             reuse_cooldown: Duration::from_secs(knobs.reuse_cooldown_seconds),
             assign_timeout: Duration::from_secs(knobs.assign_timeout_seconds),
+            target_add_p99: knobs.target_add_p99_ms.map(Duration::from_millis),
+            adaptive_calls_per_minute: knobs.adaptive_calls_per_minute,
             ..PoolConfig::default()
         };
         config
@@ -597,6 +608,19 @@ mod tests {
     }
 
     #[test]
+    fn the_adaptive_pool_is_opt_in() {
+        let fixed = AgentConfig::parse(MINIMAL).unwrap().pool_config().unwrap();
+        assert_eq!(fixed.target_add_p99, None);
+        let text = format!(
+            "{MINIMAL}\n[pool]\nmax_idle = 64\ntarget_add_p99_ms = 250\nadaptive_calls_per_minute = 12\n"
+        );
+        let adaptive = AgentConfig::parse(&text).unwrap().pool_config().unwrap();
+        assert_eq!(adaptive.target_add_p99, Some(Duration::from_millis(250)));
+        assert_eq!(adaptive.adaptive_calls_per_minute, 12);
+        assert_eq!(adaptive.max_idle, 64);
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let cases = [
             (
@@ -606,6 +630,12 @@ mod tests {
             (
                 format!("{MINIMAL}\n[pool]\nmin_idle = 50\nmax_idle = 5\n"),
                 "min_idle (50) is above max_idle (5)",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[pool]\ntarget_add_p99_ms = 500\nadaptive_calls_per_minute = 0\n"
+                ),
+                "adaptive_calls_per_minute must be at least 1",
             ),
             (MINIMAL.replace("node_name", "nodename"), "nodename"),
             (

@@ -40,6 +40,22 @@ pub struct PoolConfig {
     pub backend_calls_per_second: f64,
     /// Calls the token bucket lets through at once after a quiet spell.
     pub backend_burst: u32,
+    /// Opt-in adaptive sizing: the ADD wait (from the ADD reaching the
+    /// pool to its address) that at most 1 % of ADDs may exceed. When set,
+    /// the pool estimates the ADD arrival rate and the backend's
+    /// allocation time and keeps as many idle addresses as a Poisson model
+    /// of arrivals says that takes, within `min_idle` and `max_idle`
+    /// (see [`crate::core::PoolCore::adaptive_target`]). `None` (the
+    /// default): the static watermarks alone. Zero: as few ADDs as the
+    /// model allows wait at all.
+    pub target_add_p99: Option<Duration>,
+    /// The adaptive mode's budget of backend calls per pool, per minute
+    /// (allocations and returns counted together): refills beyond the
+    /// static demand (`min_idle`, or the waiting ADDs) and returns below
+    /// `max_idle` are made only while the pool made fewer calls in the
+    /// last minute. Calls for waiting ADDs, `min_idle` and `max_idle` are
+    /// never held back. Unused without `target_add_p99`; at least 1.
+    pub adaptive_calls_per_minute: u32,
 }
 
 impl Default for PoolConfig {
@@ -58,6 +74,8 @@ impl Default for PoolConfig {
             refill_interval: Duration::from_secs(5),
             backend_calls_per_second: 10.0,
             backend_burst: 20,
+            target_add_p99: None,
+            adaptive_calls_per_minute: 30,
         }
     }
 }
@@ -109,6 +127,8 @@ impl PoolConfig {
             (self.backend_calls_per_second.is_nan() || self.backend_calls_per_second <= 0.0)
                 .then(|| "backend_calls_per_second must be above zero".to_owned()),
             (self.backend_burst == 0).then(|| "backend_burst must be at least 1".to_owned()),
+            (self.adaptive_calls_per_minute == 0)
+                .then(|| "adaptive_calls_per_minute must be at least 1".to_owned()),
         ]
         .into_iter()
         .flatten()
@@ -144,5 +164,24 @@ mod tests {
             "{error}"
         );
         assert!(error.contains("batch must be at least 1"), "{error}");
+    }
+
+    #[test]
+    fn an_adaptive_pool_needs_a_call_budget() {
+        let config = PoolConfig {
+            target_add_p99: Some(Duration::from_millis(500)),
+            adaptive_calls_per_minute: 0,
+            ..PoolConfig::default()
+        };
+        let error = config.validate().unwrap_err();
+        assert!(
+            error.contains("adaptive_calls_per_minute must be at least 1"),
+            "{error}"
+        );
+        let budgeted = PoolConfig {
+            adaptive_calls_per_minute: 1,
+            ..config
+        };
+        assert_eq!(budgeted.validate(), Ok(()));
     }
 }

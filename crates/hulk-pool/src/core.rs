@@ -222,6 +222,111 @@ pub struct PoolCore {
     /// How long successful allocations take, in milliseconds (a moving
     /// average); `None` before the first.
     pub(crate) allocation_ms: Option<u64>,
+    /// How often ADDs arrive (fed by [`PoolCore::note_arrival`]).
+    pub(crate) arrivals: ArrivalRate,
+    /// When the adaptive mode's backend calls of the last minute were
+    /// decided (Unix milliseconds, oldest first): its budget
+    /// (`adaptive_calls_per_minute`). Kept only with `target_add_p99`.
+    pub(crate) adaptive_calls: VecDeque<u64>,
+}
+
+/// The time constant of the burst rate of ADD arrivals: ten seconds, the
+/// scale of a rollout's burst (50-200 ADDs within seconds) and of a cloud
+/// allocation. An arrival counts `exp(-age / ARRIVAL_BURST_TIME_CONSTANT)`.
+pub const ARRIVAL_BURST_TIME_CONSTANT: Duration = Duration::from_secs(10);
+
+/// How long the adaptive mode remembers the highest burst rate: its time
+/// constant, five minutes. Long enough that a rollout's next wave (minutes
+/// later) finds the pool sized for the last one, short enough that an idle
+/// hour takes the pool back to `min_idle`.
+pub const ARRIVAL_MEMORY: Duration = Duration::from_secs(300);
+
+/// The budget window of `adaptive_calls_per_minute`, in milliseconds.
+const BUDGET_WINDOW_MS: u64 = 60_000;
+
+/// The fraction of ADDs the adaptive mode lets wait longer than
+/// `target_add_p99`: 1 %.
+const LATE_FRACTION: f64 = 0.01;
+
+/// The ADD arrival rate the adaptive mode sizes the pool by: the peak of
+/// a burst rate, forgotten slowly.
+///
+/// The burst rate is an exponentially decaying count: each arrival adds
+/// `1 / τb` per second (τb: [`ARRIVAL_BURST_TIME_CONSTANT`]) and the sum
+/// decays by `exp(-elapsed / τb)`, so a steady stream of `r` ADDs a second
+/// reads about `r`. The estimate is the highest burst rate seen, decaying
+/// by `exp(-elapsed / τm)` (τm: [`ARRIVAL_MEMORY`]). A plain five-minute
+/// average would read a burst of 150 ADDs in ten seconds as half an ADD a
+/// second, and size the pool for a trickle; the peak reads it as the
+/// burst it was (measured in docs/pool.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ArrivalRate {
+    /// The burst rate (ADDs per second) at `at_ms`.
+    burst: f64,
+    /// The remembered peak (ADDs per second) at `at_ms`.
+    peak: f64,
+    /// When the rates were last brought up to date (Unix milliseconds).
+    at_ms: u64,
+}
+
+/// `exp(-elapsed / tau)`, the decay of an exponentially weighted count.
+fn decay(elapsed_ms: u64, tau: Duration) -> f64 {
+    (-(elapsed_ms as f64) / (tau.as_secs_f64() * 1_000.0)).exp()
+}
+
+impl ArrivalRate {
+    /// The estimate (ADDs per second) at `now_ms` (Unix milliseconds); a
+    /// clock that went back counts as no time passed.
+    pub fn per_second_at(&self, now_ms: u64) -> f64 {
+        // The peak is at least the burst rate, and decays slower.
+        self.peak * decay(now_ms.saturating_sub(self.at_ms), ARRIVAL_MEMORY)
+    }
+
+    /// The burst rate alone (ADDs per second) at `now_ms`.
+    pub fn burst_at(&self, now_ms: u64) -> f64 {
+        self.burst
+            * decay(
+                now_ms.saturating_sub(self.at_ms),
+                ARRIVAL_BURST_TIME_CONSTANT,
+            )
+    }
+
+    /// Counts one arrival at `now_ms` (Unix milliseconds).
+    pub fn note(&mut self, now_ms: u64) {
+        let burst = self.burst_at(now_ms) + 1.0 / ARRIVAL_BURST_TIME_CONSTANT.as_secs_f64();
+        self.peak = self.per_second_at(now_ms).max(burst);
+        self.burst = burst;
+        self.at_ms = self.at_ms.max(now_ms);
+    }
+}
+
+/// The smallest `s` (at most `cap`) such that a Poisson count of mean
+/// `mean` is at least `s` with probability at most `late`: how many idle
+/// addresses serve all the ADDs of a window that many arrive in on
+/// average, but for a fraction `late` of windows. `cap` when even `cap`
+/// is not enough. Summed in log space, so a mean of thousands (whose
+/// `exp(-mean)` is zero in an f64) still finds its quantile.
+pub fn poisson_stock(mean: f64, late: f64, cap: usize) -> usize {
+    if mean.is_nan() || mean <= 0.0 {
+        // Nobody arrives: the ADD that does needs one address.
+        return 1.min(cap);
+    }
+    let log_mean = mean.ln();
+    // ln P(N = k), from k = 0 up.
+    let mut log_pmf = -mean;
+    let mut below = 0.0; // P(N < s)
+    for s in 0..cap {
+        if s > 0 {
+            log_pmf += log_mean - (s as f64).ln();
+        }
+        // P(N >= s) = 1 - P(N < s); with s addresses, the ADD that finds
+        // s others ahead of it in the window waits.
+        if 1.0 - below <= late {
+            return s;
+        }
+        below += log_pmf.exp();
+    }
+    cap
 }
 
 /// The narrower allocations after an "exhausted" ([`PoolCore`]'s
@@ -483,39 +588,136 @@ impl PoolCore {
             .count()
     }
 
-    /// What the pool wants idle now: `min_idle`, or more when more ADDs
-    /// wait. The one demand both refills and returns are judged by.
-    fn demand(&self, config: &PoolConfig) -> usize {
+    /// What the static watermarks want idle now: `min_idle`, or more when
+    /// more ADDs wait.
+    fn static_demand(&self, config: &PoolConfig) -> usize {
         config.min_idle.max(self.waiters)
     }
 
+    /// What the pool wants idle now: the static demand, or the adaptive
+    /// target when that is more ([`PoolCore::adaptive_target`]). The one
+    /// demand both refills and returns are judged by.
+    fn demand(&self, config: &PoolConfig, now_ms: u64) -> usize {
+        let adaptive = self.adaptive_target(config, now_ms).unwrap_or(0);
+        self.static_demand(config).max(adaptive)
+    }
+
+    /// Counts an ADD reaching the pool at `now_ms` (Unix milliseconds) in
+    /// the arrival-rate estimate the adaptive mode sizes the pool by.
+    pub fn note_arrival(&mut self, now_ms: u64) {
+        self.arrivals.note(now_ms);
+    }
+
+    /// ADDs per second reaching the pool lately, as estimated at `now_ms`
+    /// (see [`ArrivalRate`]).
+    pub fn arrival_rate(&self, now_ms: u64) -> f64 {
+        self.arrivals.per_second_at(now_ms)
+    }
+
+    /// The idle addresses the adaptive mode wants at `now_ms`, within
+    /// `[min_idle, max_idle]`; `None` without `target_add_p99`, or before
+    /// the first allocation says how long the backend takes.
+    ///
+    /// An idle address taken is replaced one allocation time `L` later
+    /// (the moving average of [`PoolCore::note_allocation`]). With `s`
+    /// idle, an ADD waits longer than the target `T` only when `s` others
+    /// arrived in the `L - T` before it, whose addresses are not back yet.
+    /// With arrivals Poisson at the estimated rate `r` ([`ArrivalRate`]:
+    /// the recent peak of a ten-second rate), that count has mean
+    /// `r × (L - T)`; the target is the smallest `s` for which it reaches
+    /// `s` at most 1 % of the time ([`poisson_stock`]). When `T >= L` no
+    /// ADD waits longer than `T` anyway, and one idle address (or
+    /// `min_idle`) is all it takes.
+    pub fn adaptive_target(&self, config: &PoolConfig, now_ms: u64) -> Option<usize> {
+        let target = config.target_add_p99?;
+        let latency_ms = self.allocation_ms?;
+        let exposed_ms = latency_ms.saturating_sub(millis(target));
+        let mean = self.arrival_rate(now_ms) * exposed_ms as f64 / 1_000.0;
+        let stock = poisson_stock(mean, LATE_FRACTION, config.max_idle);
+        Some(stock.clamp(config.min_idle, config.max_idle.max(config.min_idle)))
+    }
+
+    /// How many more backend calls the adaptive mode's budget allows at
+    /// `now_ms` (`adaptive_calls_per_minute` less the calls of the last
+    /// minute); unbounded without `target_add_p99`.
+    pub fn adaptive_calls_left(&self, config: &PoolConfig, now_ms: u64) -> usize {
+        if config.target_add_p99.is_none() {
+            return usize::MAX;
+        }
+        let recent = self
+            .adaptive_calls
+            .iter()
+            .filter(|at| now_ms.saturating_sub(**at) < BUDGET_WINDOW_MS)
+            .count();
+        usize::try_from(config.adaptive_calls_per_minute)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(recent)
+    }
+
+    /// Counts `calls` backend calls decided at `now_ms` against the
+    /// adaptive budget (nothing without `target_add_p99`), forgetting
+    /// those older than the budget's minute.
+    fn spend_calls(&mut self, config: &PoolConfig, now_ms: u64, calls: usize) {
+        if config.target_add_p99.is_none() {
+            return;
+        }
+        while self
+            .adaptive_calls
+            .front()
+            .is_some_and(|at| now_ms.saturating_sub(*at) >= BUDGET_WINDOW_MS)
+        {
+            self.adaptive_calls.pop_front();
+        }
+        self.adaptive_calls
+            .extend(std::iter::repeat_n(now_ms, calls));
+    }
+
+    /// Whether an assignment that just took an idle address should wake
+    /// the refiller: fewer idle than `min_idle`, or than the adaptive
+    /// target.
+    pub fn wants_refill(&self, config: &PoolConfig, now_ms: u64) -> bool {
+        let target = self
+            .adaptive_target(config, now_ms)
+            .unwrap_or(config.min_idle);
+        self.idle.len() < config.min_idle.max(target)
+    }
+
     /// How many addresses a refill should allocate now, counted as in
-    /// flight until [`PoolCore::finish_refill`]: when fewer than
-    /// `min_idle` are idle or being allocated, or when more ADDs wait than
-    /// that plus the cooling addresses turning idle within the supply
-    /// horizon ([`PoolCore::supply_horizon_ms`]) can serve; then one batch
-    /// (or less after an "exhausted": see `narrowed`) toward `max_idle` or
-    /// what the waiting ADDs lack, within the holding cap; nothing while
+    /// flight until [`PoolCore::finish_refill`]: when fewer than the
+    /// reserve (`min_idle`, or the adaptive target when that is more:
+    /// [`PoolCore::adaptive_target`]) are idle or being allocated, or when
+    /// more ADDs wait than that plus the cooling addresses turning idle
+    /// within the supply horizon (`supply_horizon_ms`) can serve; then one
+    /// batch (or less after an "exhausted": see `narrowed`) toward
+    /// `max_idle` or what is short, within the holding cap; nothing while
     /// degraded, backing off or draining. Cooling addresses serve waiting
-    /// ADDs only, never the `min_idle` reserve: each pod replaced under
-    /// churn brings the cooling address of the pod it replaces, and a
-    /// reserve counting those would never grow while ADDs keep waiting.
+    /// ADDs only, never the reserve: each pod replaced under churn brings
+    /// the cooling address of the pod it replaces, and a reserve counting
+    /// those would never grow while ADDs keep waiting. A refill only the
+    /// adaptive target asks for (the static need is met) waits while the
+    /// adaptive call budget is spent.
     pub fn plan_refill(&mut self, config: &PoolConfig, now_ms: u64) -> usize {
         let ready = self.idle.len() + self.in_flight;
         let horizon = now_ms.saturating_add(self.supply_horizon_ms(config, now_ms));
         let coming = self.cooling_by(horizon);
-        let short = config
-            .min_idle
-            .saturating_sub(ready)
-            .max(self.waiters.saturating_sub(ready + coming));
+        let waiting_short = self.waiters.saturating_sub(ready + coming);
+        let static_short = config.min_idle.saturating_sub(ready).max(waiting_short);
+        let reserve = self
+            .adaptive_target(config, now_ms)
+            .map_or(config.min_idle, |target| target.max(config.min_idle));
+        let short = reserve.saturating_sub(ready).max(waiting_short);
         let paused = self.draining || self.paused_until(now_ms).is_some();
-        let want = if paused || short == 0 {
+        let over_budget = static_short == 0 && self.adaptive_calls_left(config, now_ms) == 0;
+        let want = if paused || short == 0 || over_budget {
             0
         } else {
             self.batch(config, now_ms)
                 .min(self.room(config))
                 .min(short.max(config.max_idle.saturating_sub(ready)))
         };
+        if want > 0 {
+            self.spend_calls(config, now_ms, 1);
+        }
         self.in_flight += want;
         want
     }
@@ -561,11 +763,15 @@ impl PoolCore {
     /// (the caller stores them as being released, or puts them back with
     /// [`PoolCore::untake`] if that fails), and the cooled fixed ones
     /// ([`PoolCore::cooled_fixed`]). Judged by the same demand as refills:
-    /// beyond `max_idle` or beyond the waiting ADDs, whichever is more,
-    /// and those beyond that floor idle since before `reclaim_before_ms`
-    /// (Unix milliseconds). Nothing idle goes back while the subnet is
-    /// tight (an "exhausted" or a refusal: a freed address may be the last
-    /// one); everything idle goes back while draining.
+    /// beyond `max_idle` or beyond the demand (the waiting ADDs, or the
+    /// adaptive target), whichever is more, and those beyond that floor
+    /// idle since before `reclaim_before_ms` (Unix milliseconds). In the
+    /// adaptive mode, also those beyond the demand plus one `batch` (so
+    /// that what a refill toward the demand just brought never goes back,
+    /// and the pool does not oscillate), within the call budget. Nothing
+    /// idle goes back while the subnet is tight (an "exhausted" or a
+    /// refusal: a freed address may be the last one); everything idle goes
+    /// back while draining.
     pub fn plan_shrink(
         &mut self,
         config: &PoolConfig,
@@ -578,9 +784,16 @@ impl PoolCore {
         } else if self.tight_at(now_ms) {
             (usize::MAX, usize::MAX)
         } else {
-            let demand = self.demand(config);
+            let demand = self.demand(config, now_ms);
             (demand, config.max_idle.max(demand))
         };
+        // Without the adaptive mode this is the ceiling, and the budget is
+        // unbounded: nothing changes.
+        let adaptive_ceiling = match self.adaptive_target(config, now_ms) {
+            Some(_) if floor != usize::MAX => floor.saturating_add(config.batch).min(ceiling),
+            _ => ceiling,
+        };
+        let mut budget = self.adaptive_calls_left(config, now_ms);
         while self.idle.len() > floor {
             let Some(oldest) = self.idle.front().cloned() else {
                 break;
@@ -592,13 +805,17 @@ impl PoolCore {
             };
             let too_many = self.idle.len() > ceiling;
             let stale = reclaim_before_ms.is_some_and(|before| since_ms < before);
-            if !(too_many || stale) {
+            let surplus = self.idle.len() > adaptive_ceiling && budget > 0;
+            if !(too_many || stale || surplus) {
                 break;
             }
+            budget = budget.saturating_sub(1);
             self.idle.pop_front();
             victims.push(oldest);
         }
         victims.extend(self.cooled_fixed(now_ms));
+        // One release call each (no backend has a bulk release).
+        self.spend_calls(config, now_ms, victims.len());
         victims
     }
 
@@ -865,6 +1082,264 @@ mod tests {
             max_total: 20,
             assign_timeout: Duration::from_secs(30),
             ..PoolConfig::default()
+        }
+    }
+
+    /// An idle record with a unique address for any `n` below 65,000.
+    fn numbered(n: u32) -> AddressRecord {
+        let mut record = record(&format!("n-{n}"), 2, AddressState::Idle);
+        let [_, _, high, low] = (n + 2).to_be_bytes();
+        record.lease.address = format!("10.0.{high}.{low}/16").parse().unwrap();
+        record.lease.gateway = Some("10.0.0.1".parse().unwrap());
+        record
+    }
+
+    fn adaptive_config() -> PoolConfig {
+        PoolConfig {
+            min_idle: 2,
+            max_idle: 40,
+            batch: 8,
+            max_total: 200,
+            target_add_p99: Some(Duration::from_millis(500)),
+            adaptive_calls_per_minute: 1_000,
+            ..PoolConfig::default()
+        }
+    }
+
+    /// P(N >= s) for a Poisson N of mean `mean`, summed the plain way.
+    fn poisson_tail(mean: f64, s: usize) -> f64 {
+        let mut pmf = (-mean).exp();
+        let mut below = 0.0;
+        for k in 0..s {
+            below += pmf;
+            pmf *= mean / (k + 1) as f64;
+        }
+        1.0 - below
+    }
+
+    #[test]
+    fn the_arrival_rate_follows_a_steady_stream_and_decays_when_it_stops() {
+        let mut rate = ArrivalRate::default();
+        // Two ADDs a second for an hour.
+        for tick in 0..7_200u64 {
+            rate.note(tick * 500);
+        }
+        let steady = rate.per_second_at(3_600_000);
+        assert!((steady - 2.0).abs() < 0.1, "{steady}");
+        // One memory time constant later, a factor e lower.
+        let later = 3_600_000 + millis(ARRIVAL_MEMORY);
+        let decayed = rate.per_second_at(later);
+        assert!(
+            (decayed - steady / std::f64::consts::E).abs() < 0.01,
+            "{decayed}"
+        );
+        // A clock that went back neither panics nor moves the estimate.
+        assert_eq!(rate.per_second_at(0), rate.per_second_at(3_599_500));
+        rate.note(0);
+        assert!(rate.per_second_at(3_600_000) >= steady);
+    }
+
+    #[test]
+    fn a_burst_counts_at_its_own_rate_and_is_remembered_for_minutes() {
+        let mut rate = ArrivalRate::default();
+        // 150 ADDs in ten seconds, after a quiet start.
+        for n in 0..150u64 {
+            rate.note(1_000_000 + n * 66);
+        }
+        let end = 1_000_000 + 149 * 66;
+        let peak = rate.per_second_at(end);
+        // About 15 a second times (1 - 1/e): far above the half an ADD a
+        // second a five-minute average would say.
+        assert!((8.0..15.0).contains(&peak), "{peak}");
+        // A minute on, the burst rate is gone, the peak mostly remembered.
+        let minute = end + 60_000;
+        assert!(rate.burst_at(minute) < 0.01 * peak);
+        assert!(rate.per_second_at(minute) > 0.8 * peak);
+        // A single late ADD does not erase the memory.
+        rate.note(minute);
+        assert!(rate.per_second_at(minute) > 0.8 * peak);
+    }
+
+    #[test]
+    fn the_poisson_stock_is_the_smallest_with_at_most_the_late_fraction() {
+        for mean in [0.001, 0.3, 1.0, 4.5, 17.0, 60.0] {
+            let stock = poisson_stock(mean, 0.01, 1_000);
+            assert!(poisson_tail(mean, stock) <= 0.01, "{mean}: {stock}");
+            assert!(poisson_tail(mean, stock - 1) > 0.01, "{mean}: {stock}");
+        }
+        // A mean whose exp(-mean) underflows: about mean + 2.33 sigma.
+        let stock = poisson_stock(2_000.0, 0.01, 5_000) as f64;
+        let normal = 2_000.0 + 2.326 * 2_000f64.sqrt();
+        assert!((stock - normal).abs() < 5.0, "{stock}");
+        assert_eq!(poisson_stock(2_000.0, 0.01, 50), 50);
+        assert_eq!(poisson_stock(0.0, 0.01, 50), 1);
+        assert_eq!(poisson_stock(f64::NAN, 0.01, 0), 0);
+    }
+
+    #[test]
+    fn the_adaptive_target_rises_with_the_rate_and_falls_back_within_bounds() {
+        let config = adaptive_config();
+        let mut core = PoolCore::default();
+        // Not adaptive yet: no latency measured.
+        assert_eq!(core.adaptive_target(&config, 0), None);
+        core.note_allocation(10_500);
+        // No ADD yet: the floor.
+        let quiet = core.adaptive_target(&config, 0).unwrap();
+        assert_eq!(quiet, config.min_idle);
+        // A burst of 100 ADDs in ten seconds.
+        let mut targets = Vec::new();
+        for n in 0..100u64 {
+            core.note_arrival(n * 100);
+            targets.push(core.adaptive_target(&config, n * 100).unwrap());
+        }
+        assert!(
+            targets.windows(2).all(|pair| pair[0] <= pair[1]),
+            "{targets:?}"
+        );
+        let busy = *targets.last().unwrap();
+        let mean = core.arrival_rate(9_900) * 10.0;
+        assert_eq!(busy, poisson_stock(mean, 0.01, config.max_idle));
+        assert!(busy > quiet, "{busy}");
+        // Ten times as many: capped at max_idle.
+        for n in 0..1_000u64 {
+            core.note_arrival(10_000 + n * 10);
+        }
+        assert_eq!(core.adaptive_target(&config, 20_000), Some(config.max_idle));
+        // Idle: the target decays step by step back to min_idle.
+        let decay: Vec<usize> = (1..=12u64)
+            .map(|minutes| {
+                core.adaptive_target(&config, 20_000 + minutes * 300_000)
+                    .unwrap()
+            })
+            .collect();
+        assert!(decay.windows(2).all(|pair| pair[0] >= pair[1]), "{decay:?}");
+        assert!(
+            decay
+                .iter()
+                .any(|target| (config.min_idle + 1..config.max_idle).contains(target)),
+            "{decay:?}"
+        );
+        assert_eq!(decay.last(), Some(&config.min_idle));
+        // A target at or above the allocation time needs no stock.
+        let relaxed = PoolConfig {
+            target_add_p99: Some(Duration::from_secs(11)),
+            ..config.clone()
+        };
+        assert_eq!(
+            core.adaptive_target(&relaxed, 20_000),
+            Some(config.min_idle)
+        );
+        // Without the knob, no adaptive target, and the static plan.
+        let fixed = PoolConfig {
+            target_add_p99: None,
+            ..config
+        };
+        assert_eq!(core.adaptive_target(&fixed, 20_000), None);
+        core.insert(numbered(0));
+        core.insert(numbered(1));
+        assert_eq!(core.plan_refill(&fixed, 20_000), 0);
+        assert!(!core.wants_refill(&fixed, 20_000));
+    }
+
+    #[test]
+    fn adaptive_refills_and_returns_keep_within_the_call_budget() {
+        let config = PoolConfig {
+            adaptive_calls_per_minute: 2,
+            ..adaptive_config()
+        };
+        let mut core = PoolCore::default();
+        core.note_allocation(10_000);
+        for n in 0..1_000u64 {
+            core.note_arrival(n * 10);
+        }
+        let now = 10_000;
+        assert_eq!(core.adaptive_target(&config, now), Some(config.max_idle));
+        // Two calls of a batch, then the budget is spent.
+        assert_eq!(core.plan_refill(&config, now), 8);
+        assert_eq!(core.plan_refill(&config, now), 8);
+        assert_eq!(core.plan_refill(&config, now), 0);
+        // Waiting ADDs beyond what is coming are served anyway.
+        core.waiters = 20;
+        assert_eq!(core.plan_refill(&config, now), 8);
+        core.waiters = 0;
+        // A minute later, two more.
+        assert_eq!(core.plan_refill(&config, now + 60_000), 8);
+        assert_eq!(core.plan_refill(&config, now + 60_000), 8);
+        assert_eq!(core.plan_refill(&config, now + 60_000), 0);
+        let planned = core.in_flight();
+        let records = (0..u32::try_from(planned).unwrap()).map(numbered).collect();
+        core.finish_refill(planned, RefillEnd::Allocated(records), now + 60_000);
+        // An hour without ADDs: the target is back at min_idle, and the
+        // surplus beyond it and a batch goes back, two calls a minute.
+        let quiet = now + 3_660_000;
+        assert_eq!(core.adaptive_target(&config, quiet), Some(config.min_idle));
+        assert_eq!(core.plan_shrink(&config, quiet, None).len(), 2);
+        assert!(core.plan_shrink(&config, quiet, None).is_empty());
+        let mut returned = 2;
+        let mut minute = quiet;
+        loop {
+            minute += 60_000;
+            let victims = core.plan_shrink(&config, minute, None).len();
+            if victims == 0 {
+                break;
+            }
+            assert!(victims <= 2, "{victims}");
+            returned += victims;
+        }
+        assert_eq!(core.idle.len(), config.min_idle + config.batch);
+        assert_eq!(returned, planned - config.min_idle - config.batch);
+    }
+
+    proptest::proptest! {
+        /// Whatever the arrivals, latency and knobs: the adaptive target
+        /// lies within the bounds, and what a refill toward it brings is
+        /// never picked to go back at once (the pool does not oscillate).
+        #[test]
+        fn adaptive_refills_are_not_returned_at_once(
+            arrivals in 0u64..400,
+            spacing_ms in 1u64..2_000,
+            latency_ms in 1u64..30_000,
+            target_ms in 0u64..5_000,
+            idle in 0u32..60,
+            min_idle in 0usize..8,
+            spread in 0usize..60,
+            batch in 1usize..20,
+        ) {
+            let config = PoolConfig {
+                min_idle,
+                max_idle: min_idle + spread,
+                batch,
+                max_total: 200,
+                target_add_p99: Some(Duration::from_millis(target_ms)),
+                adaptive_calls_per_minute: 10_000,
+                ..PoolConfig::default()
+            };
+            let mut core = PoolCore::default();
+            core.note_allocation(latency_ms);
+            for n in 0..arrivals {
+                core.note_arrival(n * spacing_ms);
+            }
+            for n in 0..idle {
+                core.insert(numbered(n));
+            }
+            let now = arrivals * spacing_ms;
+            let target = core.adaptive_target(&config, now).unwrap();
+            proptest::prop_assert!((config.min_idle..=config.max_idle).contains(&target));
+            let mut next = idle;
+            loop {
+                let want = core.plan_refill(&config, now);
+                if want == 0 {
+                    break;
+                }
+                let count = u32::try_from(want).unwrap();
+                let records = (next..next + count).map(numbered).collect();
+                next += count;
+                core.finish_refill(want, RefillEnd::Allocated(records), now);
+            }
+            if next > idle {
+                proptest::prop_assert!(core.idle.len() >= target);
+                proptest::prop_assert!(core.plan_shrink(&config, now, None).is_empty());
+            }
         }
     }
 

@@ -758,6 +758,7 @@ impl PoolManager {
         let deadline = started.checked_add(pool.config.assign_timeout);
         let mut changes = pool.changed.subscribe();
         let mut waiting: Option<Waiter<'_>> = None;
+        let mut arrived = false;
         let outcome = loop {
             {
                 let mut state = pool.lock();
@@ -771,6 +772,13 @@ impl PoolManager {
                     });
                 }
                 let now = self.clock.now_ms();
+                // A new ADD (not a retry of one served, nor this one
+                // again after a wake-up) is what the adaptive mode sizes
+                // the pool by.
+                if !arrived {
+                    state.note_arrival(now);
+                    arrived = true;
+                }
                 if let Err(error) = self.promote_cooled_locked(&mut state, now) {
                     break Err(error);
                 }
@@ -782,7 +790,7 @@ impl PoolManager {
                     let lease = leased(&record);
                     self.holder_changed(&lease.id);
                     state.insert(record);
-                    if state.idle.len() < pool.config.min_idle {
+                    if state.wants_refill(&pool.config, now) {
                         pool.wake_refiller.notify_one();
                     }
                     break Ok(lease);

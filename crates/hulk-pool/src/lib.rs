@@ -8,7 +8,10 @@
 //!   in parallel with it;
 //! - one refiller per pool ([`PoolManager::run_refiller`]) keeps the idle
 //!   count between `min_idle` and `max_idle` with batch calls, pausing
-//!   (degraded) after exhausted/quota/throttled answers;
+//!   (degraded) after exhausted/quota/throttled answers; with
+//!   [`PoolConfig::target_add_p99`] set, the idle target within those
+//!   bounds follows the ADD rate and the backend's allocation time
+//!   ([`core::PoolCore::adaptive_target`]);
 //! - released addresses cool down before reuse;
 //! - every state change is written to a [`PoolStore`] (redb on disk) first,
 //!   and every backend call is covered by an intent record, so a restart

@@ -47,6 +47,7 @@ async fn a_hundred_thousand_operations_keep_every_invariant() {
         refill_interval: Duration::from_millis(20),
         backend_calls_per_second: 1000.0,
         backend_burst: 100,
+        ..PoolConfig::default()
     };
     let pools = PoolManager::open(
         backend.clone(),
