@@ -1656,41 +1656,50 @@ impl PoolManager {
     }
 
     /// The allocating half of [`PoolManager::run_refiller`].
+    ///
+    /// Batches run side by side (up to four), and the plan is made again
+    /// whenever one answers or an ADD wakes the refiller: an ADD arriving
+    /// while batches are out gets its own at once, instead of waiting for
+    /// the slowest of them and then a whole allocation more. Shutdown lets
+    /// the batches out finish, so their answers are recorded.
     async fn allocation_loop(&self, pool: &Pool, mut shutdown: watch::Receiver<bool>) {
+        let mut batches = futures::stream::FuturesUnordered::new();
+        // False after the store failed: no new batch until the next wake
+        // or tick, so a broken disk is not hammered in a loop.
+        let mut plan = false;
         while !*shutdown.borrow_and_update() {
+            if plan {
+                if let Err(error) = self.promote_cooled(pool) {
+                    tracing::error!(pool = %pool.key.subnet, %error, "refill pass failed");
+                }
+                while batches.len() < MAX_PARALLEL_BATCHES {
+                    let want = pool.lock().plan_refill(&pool.config, self.clock.now_ms());
+                    if want == 0 {
+                        break;
+                    }
+                    batches.push(self.allocate_into(pool, want));
+                }
+            }
+            plan = true;
             tokio::select! {
                 changed = shutdown.changed() => {
                     if changed.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                () = pool.wake_refiller.notified() => {}
-                () = tokio::time::sleep(self.refiller_sleep(pool)) => {}
-            }
-            loop {
-                let pass = match self.promote_cooled(pool) {
-                    Ok(()) => self.allocate_pass(pool).await,
-                    Err(error) => Err(error),
-                };
-                match pass {
-                    Ok(outcome) if outcome.allocated > 0 => continue,
-                    // A failure that neither paused nor backed the pool
-                    // off asked for too many at once: ask for fewer now.
-                    Ok(outcome)
-                        if outcome.error.is_some()
-                            && pool.lock().paused_until(self.clock.now_ms()).is_none() =>
-                    {
-                        continue;
-                    }
-                    Ok(_) => break,
-                    Err(error) => {
-                        tracing::error!(pool = %pool.key.subnet, %error, "refill pass failed");
                         break;
                     }
                 }
+                Some(answered) = batches.next(), if !batches.is_empty() => {
+                    // A backend failure is in the pool's state already (a
+                    // pause, a back-off, or a narrower next batch).
+                    if let Err(error) = answered {
+                        tracing::error!(pool = %pool.key.subnet, %error, "refill pass failed");
+                        plan = false;
+                    }
+                }
+                () = pool.wake_refiller.notified() => {}
+                () = tokio::time::sleep(self.refiller_sleep(pool)), if batches.is_empty() => {}
             }
         }
+        while batches.next().await.is_some() {}
     }
 
     /// The returning half of [`PoolManager::run_refiller`].
