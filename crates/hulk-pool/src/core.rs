@@ -63,11 +63,14 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    /// A refusal pausing refills for `pause` from `now_ms`, cut to
-    /// [`MAX_BACKEND_PAUSE`] whatever the backend asked.
+    /// A refusal pausing refills for `pause` from `now_ms`, within
+    /// [`BACKOFF_FIRST`] and [`MAX_BACKEND_PAUSE`] whatever the backend
+    /// asked.
     pub fn new(now_ms: u64, pause: Duration, reason: String, exhausted: bool) -> Self {
         Refusal {
-            until_ms: now_ms.saturating_add(millis(pause.min(MAX_BACKEND_PAUSE))),
+            // At least BACKOFF_FIRST: a "Retry-After: 0" from a backend
+            // that throttles must not turn the refiller into a loop.
+            until_ms: now_ms.saturating_add(millis(pause.clamp(BACKOFF_FIRST, MAX_BACKEND_PAUSE))),
             reason,
             exhausted,
         }
@@ -1405,6 +1408,12 @@ mod tests {
         // The pause over, whole batches again.
         assert!(!core.tight_at(60_000));
         assert_eq!(core.plan_refill(&config, 60_000), 8);
+    }
+
+    #[test]
+    fn a_retry_after_of_zero_still_pauses_for_a_second() {
+        let refusal = Refusal::new(5_000, Duration::ZERO, "slow down".into(), false);
+        assert_eq!(refusal.until_ms, 5_000 + millis(BACKOFF_FIRST));
     }
 
     #[test]

@@ -370,8 +370,9 @@ pub struct PoolManager {
     adoption: Mutex<()>,
     /// How the backend answered lately.
     health: Mutex<BackendHealth>,
-    /// Intents loaded at open that wait for the backend
-    /// ([`PoolManager::unsettled_intents`]); never an intent of this run.
+    /// Intents a sweep must settle ([`PoolManager::unsettled_intents`]):
+    /// those loaded at open that wait for the backend, and releases of
+    /// this run whose answer the store could not record.
     unsettled: Mutex<Vec<Intent>>,
 }
 
@@ -472,6 +473,15 @@ impl PoolManager {
         let mut unsettled = Vec::new();
         for intent in snapshot.intents.values() {
             match &intent.kind {
+                // After one failure the backend is taken as down: the
+                // rest wait for the sweeps instead of a timeout each.
+                IntentKind::Release { .. }
+                    if unsettled
+                        .iter()
+                        .any(|kept: &Intent| matches!(kept.kind, IntentKind::Release { .. })) =>
+                {
+                    unsettled.push(intent.clone());
+                }
                 IntentKind::Release { lease_id } => match manager.settle_release(intent).await {
                     Ok(()) => {
                         released.insert(lease_id.clone());
@@ -1499,17 +1509,20 @@ impl PoolManager {
             })
             .buffer_unordered(RETURNS_IN_PARALLEL);
         let mut released = 0;
+        let mut store_error = None;
         while let Some((record, intent, result)) = returns.next().await {
             let id = record.lease.id.clone();
-            match result {
-                Ok(()) | Err(IpamError::NotFound(_)) => {
-                    self.store.apply(&[
+            let stored = match result {
+                Ok(()) | Err(IpamError::NotFound(_)) => self
+                    .store
+                    .apply(&[
                         StoreOp::RemoveAddress(id.clone()),
                         StoreOp::RemoveIntent(intent.id),
-                    ])?;
-                    pool.lock().remove(&id);
-                    released += 1;
-                }
+                    ])
+                    .map(|()| {
+                        pool.lock().remove(&id);
+                        released += 1;
+                    }),
                 Err(error) => {
                     tracing::warn!(lease = %id, %error, "cannot return an address");
                     let mut kept = record.clone();
@@ -1519,12 +1532,26 @@ impl PoolManager {
                         AddressState::Idle
                     };
                     self.store
-                        .apply(&[StoreOp::put(kept.clone()), StoreOp::RemoveIntent(intent.id)])?;
-                    pool.lock().insert(kept);
+                        .apply(&[StoreOp::put(kept.clone()), StoreOp::RemoveIntent(intent.id)])
+                        .map(|()| pool.lock().insert(kept))
                 }
+            };
+            // The other returns still finish; this one stays "releasing"
+            // behind its intent, and the sweeps settle it once the store
+            // takes writes again.
+            if let Err(error) = stored {
+                tracing::error!(lease = %id, %error, "cannot record a return");
+                self.unsettled
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(intent);
+                store_error.get_or_insert(error);
             }
         }
-        Ok(released)
+        match store_error {
+            Some(error) => Err(error.into()),
+            None => Ok(released),
+        }
     }
 
     /// Tops the idle addresses of `key` up to `warm_up` (in batches)

@@ -19,6 +19,9 @@ use crate::store::{AddressRecord, AddressState, Intent, IntentKind, StoreOp};
 /// Marks written at once: a burst of ADDs is marked in a fraction of the
 /// time one at a time would take, without flooding the cloud's API.
 const MARKS_IN_PARALLEL: usize = 4;
+/// The most addresses one sweep asks about by id because the listing
+/// lacked them ([`PoolManager::sweep_orphans`]).
+const CONFIRMS_PER_SWEEP: usize = 16;
 /// How long [`PoolManager::run_owner_marks`] waits after a failed pass.
 const MARK_RETRY: Duration = Duration::from_secs(5);
 /// How long the last pass at shutdown may take: a cloud outage must not
@@ -201,8 +204,10 @@ impl PoolManager {
     /// Errors: the backend's list or release call failed, or the store
     /// refused a write; what was done until then stays done.
     pub async fn sweep_orphans(&self) -> Result<OrphanSweep, PoolError> {
-        let _gate = self.allocation_gate.write().await;
+        // Releases of addresses no allocation can touch: outside the gate,
+        // so a slow cloud does not hold allocations up meanwhile.
         let pending_releases = self.settle_releases().await?;
+        let _gate = self.allocation_gate.write().await;
         let mut sweep = OrphanSweep::default();
         let scope = ListScope::Node(self.node.clone());
         let held_before: Vec<String> = self
@@ -213,12 +218,26 @@ impl PoolManager {
         let listed = self.timed("list", self.backend.list(&scope)).await?;
         sweep.facts_refreshed = self.refresh_facts(&listed)?;
         let listed_ids: HashSet<&str> = listed.iter().map(|lease| lease.id.as_str()).collect();
-        for lease_id in held_before
-            .iter()
+        // A few per sweep, a few at a time: a listing that lacks most of
+        // the node's addresses (a backend's paging bug, a failover) must
+        // not hold allocations behind hundreds of calls; the rest are
+        // judged by the next sweeps.
+        let unlisted: Vec<String> = held_before
+            .into_iter()
             .filter(|lease_id| !listed_ids.contains(lease_id.as_str()))
-        {
-            if self.confirmed_gone(lease_id).await {
-                self.lose(lease_id, &mut sweep)?;
+            .take(CONFIRMS_PER_SWEEP)
+            .collect();
+        let confirmed: Vec<(String, bool)> = futures::stream::iter(unlisted)
+            .map(|lease_id: String| async move {
+                let gone = self.confirmed_gone(&lease_id).await;
+                (lease_id, gone)
+            })
+            .buffer_unordered(MARKS_IN_PARALLEL)
+            .collect()
+            .await;
+        for (lease_id, gone) in confirmed {
+            if gone {
+                self.lose(&lease_id, &mut sweep)?;
             }
         }
         for lease in listed {
@@ -227,6 +246,7 @@ impl PoolManager {
                 continue;
             }
             if let Some(state) = self.state_of(&lease.id) {
+                self.relisted(&lease.id)?;
                 let holder = match &state {
                     AddressState::Assigned(owner) => Some(owner_key(owner)),
                     _ => None,
@@ -288,10 +308,15 @@ impl PoolManager {
             .cloned()
             .collect();
         let mut pending = HashSet::new();
+        let mut failing = false;
         for intent in releases {
             let IntentKind::Release { lease_id } = &intent.kind else {
                 continue;
             };
+            if failing {
+                pending.insert(lease_id.clone());
+                continue;
+            }
             match self.settle_release(&intent).await {
                 Ok(()) => {
                     tracing::info!(lease = %lease_id, "finished a release interrupted by the last stop");
@@ -303,6 +328,9 @@ impl PoolManager {
                 Err(PoolError::Backend(error)) => {
                     tracing::warn!(lease = %lease_id, %error, "cannot finish an interrupted release yet");
                     pending.insert(lease_id.clone());
+                    // The backend is failing: the rest wait for the next
+                    // sweep instead of a timeout each.
+                    failing = true;
                 }
                 Err(error) => return Err(error),
             }
@@ -349,11 +377,14 @@ impl PoolManager {
             Some(AddressState::Releasing) | None => return false,
         };
         match self
-            .metered("update_owner", self.backend.update_owner(lease_id, holder))
+            .timed("update_owner", self.backend.update_owner(lease_id, holder))
             .await
         {
             Err(IpamError::NotFound(_)) => true,
             Ok(_) => {
+                // The holder may have changed while the call was out:
+                // the next marking pass writes the current one.
+                self.holder_changed(lease_id);
                 tracing::warn!(
                     lease = %lease_id,
                     "the backend's listing of this node lacks an address it still has; kept"
@@ -370,6 +401,25 @@ impl PoolManager {
                 false
             }
         }
+    }
+
+    /// Clears the `lost` flag of `lease_id` when the backend lists it
+    /// again: a "not found" that was wrong (a backend's hiccup) must not
+    /// keep the address from cooling down and serving again.
+    fn relisted(&self, lease_id: &str) -> Result<(), PoolError> {
+        for pool in self.all_pools() {
+            let mut core = pool.lock();
+            let Some(record) = core.records.get(lease_id).filter(|record| record.lost) else {
+                continue;
+            };
+            let mut found = record.clone();
+            found.lost = false;
+            self.store.apply(&[StoreOp::put(found.clone())])?;
+            core.insert(found);
+            tracing::warn!(lease = %lease_id, "the backend lists an address it said was gone; no longer lost");
+            return Ok(());
+        }
+        Ok(())
     }
 
     /// Acts on `lease_id` being gone from the backend, as its record is
