@@ -323,6 +323,13 @@ impl PoolStore for RedbStore {
     }
 
     fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        // Nothing to write is no transaction: an empty commit still takes
+        // redb's single writer and an fsync, and callers that plan and
+        // find nothing to do (the refiller's return loop, on every change
+        // of a pool) would queue ADDs' writes behind them.
+        if ops.is_empty() {
+            return Ok(());
+        }
         self.with_database(|database| apply_in(database, ops))
     }
 
