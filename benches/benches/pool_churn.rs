@@ -52,16 +52,11 @@ struct Scenario {
 
 impl Scenario {
     fn config(&self) -> PoolConfig {
+        // The default knobs (docs/pool.md) but the cooldown; `warm_up` is
+        // unused: the pools get their first addresses from the refiller,
+        // the only thing the bench runs beside the pods.
         PoolConfig {
-            min_idle: 4,
-            max_idle: 16,
-            batch: 8,
-            // Unused: the pools get their first addresses from the
-            // refiller, as the only thing the bench runs beside the pods.
-            warm_up: 8,
-            max_total: 110,
             reuse_cooldown: self.cooldown,
-            assign_timeout: Duration::from_secs(30),
             ..PoolConfig::default()
         }
     }
