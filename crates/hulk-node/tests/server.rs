@@ -290,7 +290,23 @@ async fn a_refused_peer_gets_an_error_line() {
 /// Runs the ignored test `name` of this binary in a child process, as
 /// `uid` if given, with `env`.
 fn child(name: &str, uid: Option<u32>, env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(std::env::current_exe().unwrap());
+    let exe = std::env::current_exe().unwrap();
+    let program = match uid {
+        None => exe,
+        // The checkout may sit where another user cannot enter (a 0700
+        // temporary directory): that user runs a copy from a 0755 one.
+        Some(_) => {
+            let dir = other_users_exe_dir();
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let copy = dir.join("server-test");
+            std::fs::copy(&exe, &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+            copy
+        }
+    };
+    let mut command = Command::new(program);
     command
         .args([
             "--ignored",
@@ -304,6 +320,11 @@ fn child(name: &str, uid: Option<u32>, env: &[(&str, &str)]) -> Command {
         command.uid(uid).gid(uid);
     }
     command
+}
+
+/// Where [`child`] puts the copy of this binary another user runs.
+fn other_users_exe_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("hulk-server-exe-{}", std::process::id()))
 }
 
 const NOBODY: u32 = 65534;
@@ -335,6 +356,7 @@ async fn status_as_nobody(socket: &Path) -> String {
         .await
         .unwrap()
         .unwrap();
+    let _ = std::fs::remove_dir_all(other_users_exe_dir());
     let stdout = String::from_utf8_lossy(&output.stdout);
     let outcome = ["REPLY ", "ERROR "]
         .iter()
