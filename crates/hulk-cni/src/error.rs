@@ -1,22 +1,18 @@
 //! The CNI error document and its codes.
 //!
-//! Codes 1 to 99 belong to the specification. hulk-vpc's own codes start at 100:
-//!
-//! | code | meaning | what the operator does |
-//! |------|---------|------------------------|
-//! | 100  | internal error (a bug, including a caught panic) | report it with the plugin log |
-//! | 101  | the IPAM backend refused or failed the request | read `details`; see the backend's logs |
-//! | 102  | the subnet or quota is exhausted | grow the subnet or quota, or move pods |
-//! | 103  | the node agent could not be reached | check the agent DaemonSet and its socket |
-//! | 104  | netlink / datapath configuration failed | `hulkctl node`, kernel log |
-//! | 105  | the pod's network namespace could not be entered | the runtime removed it; retry the pod |
-//! | 106  | the node state store failed | check the agent's state directory and disk |
+//! Codes 1 to 99 belong to the specification (CNI 1.1, "Error"); 100 and
+//! above are each plugin's own, carried as [`ErrorCode::Other`] (a plugin
+//! names its codes as constants of this type). [`ErrorCode::Internal`] is
+//! 999, the code libcni itself uses for an internal failure
+//! (`types.ErrInternal`), so a panic caught by [`crate::run`] reads the
+//! same whichever plugin it came from.
 
 use serde::{Deserialize, Serialize};
 
 use crate::version::CniVersion;
 
-/// A CNI error code: the spec's well-known codes and hulk-vpc's own (100+).
+/// A CNI error code: the spec's well-known codes, libcni's internal error,
+/// and any plugin's own codes (100 and above) as [`ErrorCode::Other`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// 1: the request's CNI version is not supported.
@@ -39,21 +35,10 @@ pub enum ErrorCode {
     PluginNotAvailable,
     /// 51: STATUS: the plugin cannot serve ADD requests, existing pods have limited connectivity.
     PluginNotAvailableLimitedConnectivity,
-    /// 100: an internal error in the plugin.
+    /// 999: an internal error (libcni's `ErrInternal`), e.g. a caught panic.
     Internal,
-    /// 101: the IPAM backend refused or failed the request.
-    IpamBackend,
-    /// 102: no address left in the subnet or quota.
-    AddressExhausted,
-    /// 103: the node agent could not be reached.
-    AgentUnavailable,
-    /// 104: configuring the datapath (netlink) failed.
-    Datapath,
-    /// 105: the pod network namespace could not be opened or entered.
-    Namespace,
-    /// 106: the node's state store failed.
-    StateStore,
-    /// Any other code, as received from another plugin.
+    /// Any other code: a plugin's own (100 and above), or one received
+    /// from another plugin.
     Other(u32),
 }
 
@@ -71,13 +56,7 @@ impl ErrorCode {
             ErrorCode::TryAgainLater => 11,
             ErrorCode::PluginNotAvailable => 50,
             ErrorCode::PluginNotAvailableLimitedConnectivity => 51,
-            ErrorCode::Internal => 100,
-            ErrorCode::IpamBackend => 101,
-            ErrorCode::AddressExhausted => 102,
-            ErrorCode::AgentUnavailable => 103,
-            ErrorCode::Datapath => 104,
-            ErrorCode::Namespace => 105,
-            ErrorCode::StateStore => 106,
+            ErrorCode::Internal => 999,
             ErrorCode::Other(code) => code,
         }
     }
@@ -95,13 +74,7 @@ impl ErrorCode {
             11 => ErrorCode::TryAgainLater,
             50 => ErrorCode::PluginNotAvailable,
             51 => ErrorCode::PluginNotAvailableLimitedConnectivity,
-            100 => ErrorCode::Internal,
-            101 => ErrorCode::IpamBackend,
-            102 => ErrorCode::AddressExhausted,
-            103 => ErrorCode::AgentUnavailable,
-            104 => ErrorCode::Datapath,
-            105 => ErrorCode::Namespace,
-            106 => ErrorCode::StateStore,
+            999 => ErrorCode::Internal,
             other => ErrorCode::Other(other),
         }
     }
@@ -136,6 +109,26 @@ pub struct CniError {
     pub details: String,
 }
 
+/// `cause` and its own causes, outermost first, joined by `": "`; a cause
+/// whose text its predecessor already holds is skipped, since some errors
+/// repeat their cause in their message.
+pub fn cause_chain(mut cause: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut text = String::new();
+    let mut previous = String::new();
+    while let Some(next) = cause {
+        let next_text = next.to_string();
+        if !previous.contains(&next_text) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&next_text);
+        }
+        previous = next_text;
+        cause = next.source();
+    }
+    text
+}
+
 fn details_suffix(details: &str) -> String {
     if details.is_empty() {
         String::new()
@@ -162,6 +155,19 @@ impl CniError {
         self
     }
 
+    /// Puts `error`'s causes ([`std::error::Error::source`], outermost
+    /// first, joined by `": "`) in `details`, so what the runtime logs
+    /// names the real cause (an errno, a refused connection), not only
+    /// the summary in `msg`. Nothing changes when `error` has no cause.
+    pub fn with_causes(self, error: &(dyn std::error::Error + 'static)) -> Self {
+        let causes = cause_chain(error.source());
+        if causes.is_empty() {
+            self
+        } else {
+            self.with_details(causes)
+        }
+    }
+
     /// Writes the document in the request's spec version.
     pub fn in_version(mut self, version: CniVersion) -> Self {
         self.cni_version = version;
@@ -186,7 +192,7 @@ impl CniError {
         CniError::new(ErrorCode::TryAgainLater, msg)
     }
 
-    /// Shorthand for code 100 (internal error).
+    /// Shorthand for code 999 (internal error).
     pub fn internal(msg: impl Into<String>) -> Self {
         CniError::new(ErrorCode::Internal, msg)
     }
@@ -201,6 +207,33 @@ mod tests {
         for number in (0..=120).chain([999, 65_535]) {
             assert_eq!(ErrorCode::from_u32(number).as_u32(), number);
         }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("create macvlan hulk1: {source}")]
+    struct Outer {
+        source: Middle,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("netlink: {source}")]
+    struct Middle {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn causes_go_to_details_outermost_first_without_repeats() {
+        let error = Outer {
+            source: Middle {
+                source: std::io::Error::from_raw_os_error(17),
+            },
+        };
+        let cni = CniError::new(ErrorCode::Other(104), error.to_string()).with_causes(&error);
+        // The middle error repeats its cause in its message: said once.
+        assert_eq!(cni.details, "netlink: File exists (os error 17)");
+        let plain = std::io::Error::from_raw_os_error(2);
+        let cni = CniError::internal(plain.to_string()).with_causes(&plain);
+        assert_eq!(cni.details, "", "no cause, no details");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! - [`config`]: network configurations and lists, with plugin-specific
 //!   fields kept;
 //! - [`result`]: the ADD result and its conversion between versions;
-//! - [`error`]: the error document, the spec's codes and hulk-vpc's own (100+);
+//! - [`error`]: the error document, the spec's codes and room for a plugin's own (100+);
 //! - [`env`]: the `CNI_*` environment contract, including Kubernetes `CNI_ARGS`;
 //! - [`skel`]: a skeleton that dispatches ADD, DEL, CHECK, STATUS, GC and
 //!   VERSION, prints exactly one document and never panics.
@@ -64,7 +64,7 @@ pub mod version;
 
 pub use config::{Attachment, IpamConf, NetConf, NetConfList, PluginConf};
 pub use env::{CniArgs, CniEnv, Command};
-pub use error::{CniError, ErrorCode};
+pub use error::{CniError, ErrorCode, cause_chain};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use skel::{
     AttachRequest, CheckRequest, DelRequest, GcRequest, Outcome, Plugin, dispatch, run,

@@ -161,6 +161,45 @@ pub struct Owner {
     pub pod_uid: Option<String>,
 }
 
+impl Owner {
+    /// The owner of `container_id`'s interface `ifname`, nothing else
+    /// known yet (pod, CNI network and UID are filled in as learned).
+    pub fn new(container_id: impl Into<String>, ifname: impl Into<String>) -> Self {
+        Owner {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+            pod: None,
+            cni_network: None,
+            pod_uid: None,
+        }
+    }
+
+    /// The identity of this owner's attachment.
+    pub fn attachment_id(&self) -> AttachmentId {
+        AttachmentId {
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+        }
+    }
+}
+
+/// One attachment's identity: `CNI_CONTAINERID` and `CNI_IFNAME`, the key
+/// the CNI specification gives plugin state (and CNI GC's
+/// `cni.dev/valid-attachments` lists). Shown as `container/ifname`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AttachmentId {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+}
+
+impl std::fmt::Display for AttachmentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.container_id, self.ifname)
+    }
+}
+
 /// Which resources [`IpamBackend::list`] returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListScope {

@@ -14,41 +14,16 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use hulk_ipam::{Owner, PoolKey};
+use hulk_ipam::{AttachmentId, Owner, PoolKey};
 use hulk_netns::{Attached, NsId};
 use hulk_pool::{PoolStore, StoreError, StoreOp};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-/// One attachment's identity: `CNI_CONTAINERID` and `CNI_IFNAME`, the key
-/// the CNI spec gives plugin state.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct AttachmentId {
-    /// `CNI_CONTAINERID`.
-    pub container_id: String,
-    /// `CNI_IFNAME`.
-    pub ifname: String,
-}
-
-impl AttachmentId {
-    /// The identity of `owner`'s attachment.
-    pub fn of(owner: &Owner) -> Self {
-        AttachmentId {
-            container_id: owner.container_id.clone(),
-            ifname: owner.ifname.clone(),
-        }
-    }
-
-    /// The store key: `container/ifname` (an interface name holds no `/`).
-    fn store_key(&self) -> String {
-        format!("{}/{}", self.container_id, self.ifname)
-    }
-}
-
-impl std::fmt::Display for AttachmentId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.container_id, self.ifname)
-    }
+/// The store key of an attachment: `container/ifname` (an interface
+/// name holds no `/`).
+fn store_key(id: &AttachmentId) -> String {
+    id.to_string()
 }
 
 /// Where an attachment is in its life.
@@ -89,7 +64,7 @@ pub struct AttachmentRecord {
 impl AttachmentRecord {
     /// The record's identity.
     pub fn id(&self) -> AttachmentId {
-        AttachmentId::of(&self.owner)
+        self.owner.attachment_id()
     }
 
     /// The pod address without its prefix, once assigned.
@@ -192,7 +167,7 @@ impl Attachments {
         })?;
         self.store
             .apply(&[StoreOp::PutAttachment {
-                key: id.store_key(),
+                key: store_key(&id),
                 record: bytes,
             }])
             .map_err(|source| AttachmentError::Store {
@@ -209,7 +184,7 @@ impl Attachments {
             return Ok(());
         }
         self.store
-            .apply(&[StoreOp::RemoveAttachment(id.store_key())])
+            .apply(&[StoreOp::RemoveAttachment(store_key(id))])
             .map_err(|source| AttachmentError::Store {
                 id: id.clone(),
                 source,

@@ -72,201 +72,45 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hulk_cni::{Attachment, CniError, CniResult, ErrorCode, Interface, IpConfig, Route};
-use hulk_ipam::{IpamError, Lease, Owner, PoolKey};
+use hulk_agent_api::codes;
+use hulk_agent_api::del_notes::DelNotes;
+use hulk_cni::{Attachment, CniError, ErrorCode};
+use hulk_ipam::{AttachmentId, IpamError, Lease, Owner, PoolKey};
+use hulk_netns::format_mac;
 use hulk_netns::{
     Attached, Datapath, DatapathError, Kernel, Mac, NodeNetwork, NodeState, NsId, Ownership,
     PodNetwork, RestoreReport,
 };
-use hulk_netns::{default_destination, format_mac};
 use hulk_pool::{AddressState, OrphanSweep, PoolError, PoolManager, ReconcileReport};
 
-use crate::attachments::{AttachmentError, AttachmentId, AttachmentRecord, Attachments, Phase};
-use crate::kube::{KubeClient, KubeError};
+pub use hulk_agent_api::{DEFAULT_CALLER_TIMEOUT, PodAttachment, PodRequest};
+
+use crate::attachments::{AttachmentError, AttachmentRecord, Attachments, Phase};
+use crate::pods::{PodDirectory, PodDirectoryError};
 use crate::serial::Serializer;
 
-pub mod agent;
 pub mod attachments;
-pub mod config;
-pub mod del_notes;
-pub mod kube;
-pub mod lines;
-pub mod metrics;
-pub mod rescue;
+pub mod pods;
 mod serial;
 
-/// One pod interface, as a CNI request names it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PodRequest {
-    /// `CNI_CONTAINERID`.
-    pub container_id: String,
-    /// `CNI_IFNAME`.
-    pub ifname: String,
-    /// `CNI_NETNS`; DEL may come without it.
-    pub netns: Option<PathBuf>,
-    /// `namespace/name` from `CNI_ARGS`, when the runtime gave it.
-    pub pod: Option<String>,
-    /// The pod's own pool (per-pod subnet, security groups, QoS), if any.
-    pub pool: Option<PoolKey>,
-    /// The CNI network (configuration `name`), when the plugin gave it.
-    #[serde(default)]
-    pub cni_network: Option<String>,
-    /// `K8S_POD_UID` from `CNI_ARGS`, when the runtime gave it.
-    #[serde(default)]
-    pub pod_uid: Option<String>,
-    /// How long the caller waits for the answer (milliseconds), when it
-    /// said: an ADD not finished by then is undone, since the runtime has
-    /// given up on it and will not use the sandbox.
-    #[serde(default)]
-    pub timeout_ms: Option<u64>,
-    /// The address the runtime asks for (`IP=` in `CNI_ARGS`, or the
-    /// `ips` capability: podman's `--ip`, `network reload`): served through
-    /// the fixed-address path, or refused (never another address instead).
-    #[serde(default)]
-    pub address: Option<IpAddr>,
-    /// The MAC the runtime asks for (`MAC=` in `CNI_ARGS`, or the `mac`
-    /// capability): given to a macvlan interface; an ipvlan interface
-    /// shares its parent's MAC, so only that one can be honoured.
-    #[serde(default)]
-    pub mac: Option<Mac>,
+/// When the agent stops working for `request`: a little before the
+/// caller's own timeout (the request took time to arrive, and the answer
+/// takes time to go back), or [`DEFAULT_CALLER_TIMEOUT`].
+fn deadline(request: &PodRequest, received: Instant) -> Instant {
+    let timeout = request
+        .timeout_ms
+        .map_or(DEFAULT_CALLER_TIMEOUT, Duration::from_millis);
+    received + timeout.mul_f64(0.9)
 }
-
-impl PodRequest {
-    /// The DEL of an assignment's owner, as a GC or an operator issues it:
-    /// no namespace (the pod may be gone) and whichever pool holds it.
-    fn teardown_of(owner: &Owner) -> Self {
-        Self {
-            container_id: owner.container_id.clone(),
-            ifname: owner.ifname.clone(),
-            netns: None,
-            pod: owner.pod.clone(),
-            pool: None,
-            cni_network: owner.cni_network.clone(),
-            pod_uid: owner.pod_uid.clone(),
-            timeout_ms: None,
-            address: None,
-            mac: None,
-        }
-    }
-
-    /// The attachment this request is about.
-    pub fn attachment_id(&self) -> AttachmentId {
-        AttachmentId {
-            container_id: self.container_id.clone(),
-            ifname: self.ifname.clone(),
-        }
-    }
-
-    /// When the agent stops working for this request: a little before the
-    /// caller's own timeout (the request took time to arrive, and the
-    /// answer takes time to go back), or [`DEFAULT_CALLER_TIMEOUT`].
-    fn deadline(&self, received: Instant) -> Instant {
-        let timeout = self
-            .timeout_ms
-            .map_or(DEFAULT_CALLER_TIMEOUT, Duration::from_millis);
-        received + timeout.mul_f64(0.9)
-    }
-
-    fn owner(&self) -> Owner {
-        Owner {
-            container_id: self.container_id.clone(),
-            ifname: self.ifname.clone(),
-            pod: self.pod.clone(),
-            cni_network: self.cni_network.clone(),
-            pod_uid: self.pod_uid.clone(),
-        }
-    }
-}
-
-/// How long a caller that does not say waits for an ADD: the plugin's
-/// default `agentTimeoutSeconds`.
-pub const DEFAULT_CALLER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How many liveness passes in a row must find an attachment's sandbox
 /// gone before it is torn down: one pass could race a runtime that is
 /// still setting the namespace up.
 const GONE_PASSES: u32 = 2;
-
-/// What ADD built.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PodAttachment {
-    /// The address and its subnet facts.
-    pub lease: Lease,
-    /// The interface's index in the pod.
-    pub index: u32,
-    /// The interface's MAC.
-    pub mac: Option<Mac>,
-    /// The interface's MTU.
-    pub mtu: u32,
-    /// Every route ADD installed in the pod (default route, the node's
-    /// address, the Service ranges), with the metrics it chose; empty
-    /// from an agent older than this field.
-    #[serde(default)]
-    pub routes: Vec<hulk_netns::Route>,
-}
-
-impl PodAttachment {
-    /// What `attached` built with `lease`.
-    fn of(lease: Lease, attached: &Attached) -> Self {
-        PodAttachment {
-            lease,
-            index: attached.index,
-            mac: attached.mac,
-            mtu: attached.mtu,
-            routes: attached.routes.clone(),
-        }
-    }
-}
-
-/// A pod route as the CNI result lists it: a next hop, or scope link
-/// (253, CNI 1.1; older versions drop the scope) for a destination on the
-/// link itself, and the metric as `priority` when ADD chose one.
-fn cni_route(route: &hulk_netns::Route) -> Route {
-    let mut listed = Route::new(route.dst, route.gateway);
-    listed.priority = (route.metric > 0).then_some(route.metric);
-    listed.scope = route.gateway.is_none().then_some(RT_SCOPE_LINK);
-    listed
-}
-
-/// The kernel's `RT_SCOPE_LINK`.
-const RT_SCOPE_LINK: u8 = 253;
-
-impl PodAttachment {
-    /// The CNI result of this attachment for interface `ifname` in
-    /// `sandbox`: the interface, its address and every route ADD made.
-    pub fn to_cni_result(&self, ifname: &str, sandbox: &std::path::Path) -> CniResult {
-        let lease = &self.lease;
-        let routes = if self.routes.is_empty() {
-            lease
-                .gateway
-                .map(|gateway| Route::new(default_destination(gateway), Some(gateway)))
-                .into_iter()
-                .collect()
-        } else {
-            self.routes.iter().map(cni_route).collect()
-        };
-        CniResult {
-            interfaces: vec![Interface {
-                name: ifname.to_owned(),
-                mac: self.mac.as_ref().map(format_mac),
-                mtu: Some(self.mtu),
-                sandbox: Some(sandbox.display().to_string()),
-                ..Interface::default()
-            }],
-            ips: vec![IpConfig {
-                address: lease.address,
-                gateway: lease.gateway,
-                interface: Some(0),
-            }],
-            routes,
-            dns: Default::default(),
-        }
-    }
-}
 
 /// Node failures.
 #[derive(Debug, thiserror::Error)]
@@ -280,10 +124,10 @@ pub enum NodeError {
     /// The interface could not be built, checked or removed.
     #[error(transparent)]
     Datapath(#[from] DatapathError),
-    /// The Kubernetes API could not say which pool a pod wants or which
-    /// pods live.
-    #[error(transparent)]
-    Kubernetes(#[from] KubeError),
+    /// The pod directory (Kubernetes) could not say which pool a pod
+    /// wants or which pods live.
+    #[error("cannot read the pods from Kubernetes")]
+    Pods(#[from] PodDirectoryError),
     /// The attachment record could not be written.
     #[error(transparent)]
     Attachment(#[from] AttachmentError),
@@ -321,7 +165,7 @@ impl NodeError {
             NodeError::InvalidRequest(_) => ErrorCode::InvalidNetworkConfig,
             NodeError::Pool(PoolError::Degraded {
                 exhausted: true, ..
-            }) => ErrorCode::AddressExhausted,
+            }) => codes::ADDRESS_EXHAUSTED,
             NodeError::Pool(
                 PoolError::Empty { .. }
                 | PoolError::Degraded { .. }
@@ -334,29 +178,32 @@ impl NodeError {
             }
             NodeError::Pool(PoolError::Backend(
                 IpamError::Exhausted { .. } | IpamError::Quota(_),
-            )) => ErrorCode::AddressExhausted,
+            )) => codes::ADDRESS_EXHAUSTED,
             NodeError::Pool(PoolError::Backend(error)) if error.is_retryable() => {
                 ErrorCode::TryAgainLater
             }
-            NodeError::Pool(PoolError::Backend(_)) => ErrorCode::IpamBackend,
-            NodeError::Pool(PoolError::Store(_)) => ErrorCode::StateStore,
+            NodeError::Pool(PoolError::Backend(_)) => codes::IPAM_BACKEND,
+            NodeError::Pool(PoolError::Store(_)) => codes::STATE_STORE,
             NodeError::Pool(PoolError::InvalidConfig(_)) => ErrorCode::InvalidNetworkConfig,
             NodeError::Datapath(
                 DatapathError::NamespaceNotFound(_)
                 | DatapathError::NotANamespace(..)
                 | DatapathError::HostNamespace(_),
-            ) => ErrorCode::Namespace,
+            ) => codes::NAMESPACE,
             NodeError::Datapath(DatapathError::Invalid(_)) => ErrorCode::InvalidNetworkConfig,
-            NodeError::Datapath(_) => ErrorCode::Datapath,
+            NodeError::Datapath(_) => codes::DATAPATH,
             // Guessing the pool would risk the wrong subnet or security
             // groups; the runtime retries.
-            NodeError::Kubernetes(_) => ErrorCode::TryAgainLater,
-            NodeError::Attachment(_) => ErrorCode::StateStore,
-            NodeError::AlreadyAttached(_) => ErrorCode::Datapath,
+            // A refused token or missing RBAC does not heal by retrying:
+            // say it is the configuration.
+            NodeError::Pods(PodDirectoryError::Refused(_)) => ErrorCode::InvalidNetworkConfig,
+            NodeError::Pods(_) => ErrorCode::TryAgainLater,
+            NodeError::Attachment(_) => codes::STATE_STORE,
+            NodeError::AlreadyAttached(_) => codes::DATAPATH,
             // Nothing is left of the ADD: a retry starts afresh.
             NodeError::Abandoned { .. } => ErrorCode::TryAgainLater,
         };
-        CniError::new(code, self.to_string())
+        CniError::new(code, self.to_string()).with_causes(self)
     }
 }
 
@@ -400,7 +247,7 @@ pub struct Node<K> {
     datapath: Datapath<K>,
     network: NodeNetwork,
     default_pool: PoolKey,
-    kubernetes: Option<KubeClient>,
+    pods: Option<Arc<dyn PodDirectory>>,
     attachments: Attachments,
     serializer: Serializer,
     /// Attachments whose sandbox the last liveness pass found gone, with
@@ -410,7 +257,7 @@ pub struct Node<K> {
     /// ADD of one is the caller's error (one an earlier process completed
     /// may never have been answered).
     answered: Mutex<HashSet<AttachmentId>>,
-    del_notes: Option<del_notes::DelNotes>,
+    del_notes: Option<DelNotes>,
 }
 
 /// Whether a teardown touches the pod's namespace.
@@ -459,7 +306,7 @@ impl<K: Kernel> Node<K> {
             datapath,
             network,
             default_pool,
-            kubernetes: None,
+            pods: None,
             attachments,
             serializer: Serializer::default(),
             gone: Mutex::default(),
@@ -470,7 +317,7 @@ impl<K: Kernel> Node<K> {
 
     /// Replays the notes the plugin leaves in `notes` when it tore a pod
     /// down while the agent was unreachable ([`Node::replay_del_notes`]).
-    pub fn with_del_notes(mut self, notes: del_notes::DelNotes) -> Self {
+    pub fn with_del_notes(mut self, notes: DelNotes) -> Self {
         self.del_notes = Some(notes);
         self
     }
@@ -481,15 +328,16 @@ impl<K: Kernel> Node<K> {
     }
 
     /// Reads pods' pool annotations at ADD and the node's pods for
-    /// [`Node::collect_dead_pods`] from `kubernetes`.
-    pub fn with_kubernetes(mut self, kubernetes: KubeClient) -> Self {
-        self.kubernetes = Some(kubernetes);
+    /// [`Node::collect_dead_pods`] from `pods` (the Kubernetes API, in the
+    /// agent), and tells it why an ADD waits or fails.
+    pub fn with_pods(mut self, pods: Arc<dyn PodDirectory>) -> Self {
+        self.pods = Some(pods);
         self
     }
 
-    /// Whether pods are read from the Kubernetes API.
-    pub fn has_kubernetes(&self) -> bool {
-        self.kubernetes.is_some()
+    /// Whether pods are known from a directory (Kubernetes).
+    pub fn has_pods(&self) -> bool {
+        self.pods.is_some()
     }
 
     /// The node network.
@@ -548,7 +396,7 @@ impl<K: Kernel> Node<K> {
         Ok(PodNetwork {
             parent: self.network.parent.clone(),
             kind: self.network.kind,
-            ifname: request.ifname.clone(),
+            ifname: request.owner.ifname.clone(),
             address: lease.address,
             gateway,
             gateway_mac: lease.gateway_mac.map(|mac| mac.octets()),
@@ -573,7 +421,7 @@ impl<K: Kernel> Node<K> {
     ///   ADD completed in the same sandbox is [`NodeError::AlreadyAttached`],
     ///   as the CNI spec requires.
     pub async fn add(&self, request: &PodRequest) -> Result<PodAttachment, NodeError> {
-        let deadline = request.deadline(Instant::now());
+        let deadline = deadline(request, Instant::now());
         let netns = request.netns.as_deref().ok_or_else(|| {
             NodeError::InvalidRequest("ADD needs the pod's network namespace".into())
         })?;
@@ -595,7 +443,7 @@ impl<K: Kernel> Node<K> {
             return Ok(done);
         }
         let mut record = AttachmentRecord {
-            owner: request.owner(),
+            owner: request.owner.clone(),
             netns: netns.to_path_buf(),
             netns_id: Some(netns_id),
             phase: Phase::Adding,
@@ -682,7 +530,7 @@ impl<K: Kernel> Node<K> {
             }
             (asked, annotated) => asked.or(annotated),
         };
-        let owner = request.owner();
+        let owner = request.owner.clone();
         let lease = match fixed_address {
             Some(address) => self.pools.assign_address(&key, &owner, address).await?,
             None => self.pools.assign(&key, &owner).await?,
@@ -753,7 +601,7 @@ impl<K: Kernel> Node<K> {
         netns: &Path,
         created: &Attached,
     ) -> Result<Option<PodAttachment>, NodeError> {
-        let Some(lease) = self.pools.lease_of(&request.owner()) else {
+        let Some(lease) = self.pools.lease_of(&request.owner.clone()) else {
             return Ok(None);
         };
         let mac = self.requested_mac(request).await?;
@@ -790,10 +638,10 @@ impl<K: Kernel> Node<K> {
         if let Some(key) = &request.pool {
             return Ok((key.clone(), None));
         }
-        let (Some(kubernetes), Some(name)) = (&self.kubernetes, &request.pod) else {
+        let (Some(pods), Some(name)) = (&self.pods, &request.owner.pod) else {
             return Ok((self.default_pool.clone(), None));
         };
-        let Some(pod) = kubernetes.pod(name).await? else {
+        let Some(pod) = pods.pod(name).await? else {
             tracing::warn!(pod = %name, "the Kubernetes API does not know the pod; default pool");
             return Ok((self.default_pool.clone(), None));
         };
@@ -828,7 +676,7 @@ impl<K: Kernel> Node<K> {
     }
 
     async fn del_unrecorded(&self, request: &PodRequest) -> Result<(), NodeError> {
-        let owner = request.owner();
+        let owner = request.owner.clone();
         let Some(held) = self.pools.lease_of(&owner) else {
             return Ok(());
         };
@@ -836,7 +684,7 @@ impl<K: Kernel> Node<K> {
         self.datapath
             .detach_owned(
                 request.netns.as_deref(),
-                &request.ifname,
+                &request.owner.ifname,
                 Ownership::Unrecorded,
                 Some(&host_route),
             )
@@ -938,10 +786,10 @@ impl<K: Kernel> Node<K> {
                 .into());
             }
         }
-        let lease = self.pools.lease_of(&request.owner()).ok_or_else(|| {
+        let lease = self.pools.lease_of(&request.owner.clone()).ok_or_else(|| {
             NodeError::InvalidRequest(format!(
                 "no address is assigned to {}/{}",
-                request.container_id, request.ifname
+                request.owner.container_id, request.owner.ifname
             ))
         })?;
         let mac = self.requested_mac(request).await?;
@@ -997,10 +845,10 @@ impl<K: Kernel> Node<K> {
     /// runtime's CNI GC can judge those. Without a Kubernetes client this
     /// does nothing.
     pub async fn collect_dead_pods(&self) -> Result<ReconcileReport, NodeError> {
-        let Some(kubernetes) = &self.kubernetes else {
+        let Some(pods) = &self.pods else {
             return Ok(ReconcileReport::default());
         };
-        let pods = kubernetes.live_pods_on(self.pools.node_name()).await?;
+        let pods = pods.live_pods().await?;
         let live: HashSet<(String, String)> = self
             .assigned_owners()
             .filter(|owner| {
@@ -1027,7 +875,7 @@ impl<K: Kernel> Node<K> {
         let mut released = Vec::with_capacity(owners.len());
         let mut first_error = None;
         for owner in owners {
-            match self.del(&PodRequest::teardown_of(&owner)).await {
+            match self.del(&PodRequest::new(owner.clone())).await {
                 Ok(()) => {
                     self.pools.metrics().gc_releases.inc();
                     tracing::info!(
@@ -1222,7 +1070,7 @@ impl<K: Kernel> Node<K> {
         let Some((_, owner)) = self.pools.holder_of(address) else {
             return Ok(None);
         };
-        self.del(&PodRequest::teardown_of(&owner)).await?;
+        self.del(&PodRequest::new(owner.clone())).await?;
         Ok(Some(owner))
     }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
-use crate::attachments::AttachmentId;
+use hulk_ipam::AttachmentId;
 
 /// A lock per attachment and the cancellation of the ADD in progress.
 #[derive(Debug, Default)]

@@ -208,7 +208,7 @@ impl DelNotes {
     /// Returns the note's path.
     pub fn write(&self, request: &PodRequest) -> Result<PathBuf, DelNoteError> {
         self.create_dir()?;
-        let name = file_name(&request.container_id, &request.ifname);
+        let name = file_name(&request.owner.container_id, &request.owner.ifname);
         let path = self.dir.join(&name);
         let bytes = serde_json::to_vec_pretty(&NoteFile {
             version: FORMAT_VERSION,
@@ -216,7 +216,7 @@ impl DelNotes {
             request,
         })
         .map_err(|source| DelNoteError::Encode {
-            container_id: request.container_id.clone(),
+            container_id: request.owner.container_id.clone(),
             source,
         })?;
         // The process id keeps two plugins noting the same DEL at once off
@@ -556,8 +556,8 @@ mod tests {
             .into_iter()
             .map(|note| {
                 (
-                    note.request.container_id,
-                    note.request.ifname,
+                    note.request.owner.container_id,
+                    note.request.owner.ifname,
                     note.request.netns,
                 )
             })
@@ -636,7 +636,7 @@ mod tests {
             .list()
             .unwrap()
             .into_iter()
-            .map(|note| (note.request.container_id, note.request.ifname))
+            .map(|note| (note.request.owner.container_id, note.request.owner.ifname))
             .collect();
         listed.sort();
         let mut expected: Vec<(String, String)> = pairs

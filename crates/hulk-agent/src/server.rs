@@ -24,7 +24,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 /// Who may use a socket, by the uid the kernel reports for the peer
 /// (`SO_PEERCRED`). The file mode decides who can connect at all; this
@@ -145,12 +146,6 @@ pub trait LineService: Send + Sync + 'static {
 
     /// The reply to a peer that [`ServeLimits::allowed_peers`] refuses.
     fn refused(&self, peer: Peer) -> Self::Reply;
-}
-
-/// Waits until `shutdown` turns true or its sender is gone (nobody can
-/// stop the server any more: treated as a stop so nothing is left behind).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Rate limit for a log line a client can provoke at will: at most one
@@ -329,7 +324,7 @@ impl<S: LineService> Server<S> {
     async fn connection(
         &self,
         stream: UnixStream,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> Result<(), ConnectionError> {
         let peer = Peer::of(&stream);
         let (reader, mut writer) = stream.into_split();
@@ -343,7 +338,7 @@ impl<S: LineService> Server<S> {
             // request being handled finishes and gets its reply.
             let line = tokio::select! {
                 read = read => read.map_err(|_| ConnectionError::Silent(client_timeout))??,
-                () = stopped(&mut shutdown) => return Err(ConnectionError::ShuttingDown),
+                () = shutdown.cancelled() => return Err(ConnectionError::ShuttingDown),
             };
             self.reply_to(line, peer).await
         } else {
@@ -365,14 +360,14 @@ impl<S: LineService> Server<S> {
     }
 }
 
-/// Serves `service` on `listener` until `shutdown` turns true (or its
-/// sender is dropped); requests being handled then finish, and connections
-/// still waiting for their request line are closed, before this returns.
+/// Serves `service` on `listener` until `shutdown` is cancelled; requests
+/// being handled then finish, and connections still waiting for their
+/// request line are closed, before this returns.
 pub async fn serve<S: LineService>(
     service: Arc<S>,
     listener: UnixListener,
     limits: ServeLimits,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let connections = ConnectionSlots::new(limits.max_connections);
     let server = Arc::new(Server {
@@ -385,7 +380,7 @@ pub async fn serve<S: LineService>(
     loop {
         let slot = tokio::select! {
             slot = connections.take() => slot,
-            () = stopped(&mut shutdown) => break,
+            () = shutdown.cancelled() => break,
         };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -396,11 +391,11 @@ pub async fn serve<S: LineService>(
                 Err(error) => {
                     tokio::select! {
                         () = backoff.failed(&error, "an agent") => continue,
-                        () = stopped(&mut shutdown) => break,
+                        () = shutdown.cancelled() => break,
                     }
                 }
             },
-            () = stopped(&mut shutdown) => break,
+            () = shutdown.cancelled() => break,
         };
         let (server, shutdown) = (server.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -567,63 +562,4 @@ pub async fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), 
             inode: meta.ino(),
         },
     ))
-}
-
-/// Failures to reach a server.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Connecting, writing or reading failed.
-    #[error("agent socket {socket}: {source}")]
-    Io {
-        /// The socket path.
-        socket: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// No answer in time.
-    #[error("the agent did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The answer is not a reply.
-    #[error("unreadable agent reply: {0}")]
-    Reply(#[from] serde_json::Error),
-}
-
-/// Sends one request to the server at `socket` and waits up to `timeout`.
-pub async fn call<Request: Serialize, Reply: DeserializeOwned>(
-    socket: &Path,
-    request: &Request,
-    timeout: Duration,
-) -> Result<Reply, ClientError> {
-    let io = |source| ClientError::Io {
-        socket: socket.display().to_string(),
-        source,
-    };
-    let exchange = async {
-        let mut stream = UnixStream::connect(socket).await.map_err(io)?;
-        let mut bytes = serde_json::to_vec(request)?;
-        bytes.push(b'\n');
-        // A server that refuses the caller answers without reading the
-        // request and closes: the write then fails, but the answer waits
-        // to be read, and it says more than the broken pipe.
-        let written = stream.write_all(&bytes).await;
-        let mut line = String::new();
-        let read = BufReader::new(stream).read_line(&mut line).await;
-        match (written, read) {
-            (_, Ok(read)) if read > 0 => {}
-            (Err(error), _) => return Err(io(error)),
-            (Ok(()), Err(error)) => return Err(io(error)),
-            // The connection closed before any answer: the agent went
-            // away (killed mid-request), which is not an unreadable answer.
-            (Ok(()), Ok(_)) => {
-                return Err(io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the agent closed the connection without answering",
-                )));
-            }
-        }
-        Ok(serde_json::from_str(&line)?)
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| ClientError::Timeout(timeout))?
 }

@@ -66,15 +66,15 @@ pub struct AgentConfig {
 }
 
 fn default_socket() -> PathBuf {
-    PathBuf::from("/run/hulk-vpc/agent.sock")
+    PathBuf::from(hulk_agent_api::DEFAULT_SOCKET)
 }
 
 fn default_rescue_socket() -> PathBuf {
-    PathBuf::from("/run/hulk-vpc/rescue.sock")
+    PathBuf::from(hulk_agent_api::DEFAULT_RESCUE_SOCKET)
 }
 
 fn default_pending_del_dir() -> PathBuf {
-    PathBuf::from(crate::del_notes::DEFAULT_DIR)
+    PathBuf::from(hulk_agent_api::del_notes::DEFAULT_DIR)
 }
 
 fn default_gc_interval() -> u64 {
@@ -150,11 +150,11 @@ pub struct NetworkSection {
     /// The VPC-facing parent interface.
     pub parent: String,
     /// `ipvlan` (default) or `macvlan`.
-    #[serde(default = "default_kind")]
-    pub kind: String,
+    #[serde(default)]
+    pub kind: LinkKind,
     /// ipvlan `l2` (default), `l3`, `l3s`; macvlan `bridge` (default), `private`, `vepa`, `passthru`.
     #[serde(default)]
-    pub mode: Option<String>,
+    pub mode: Option<LinkMode>,
     /// The host-side slave.
     #[serde(default = "default_host_link")]
     pub host_link: String,
@@ -165,8 +165,58 @@ pub struct NetworkSection {
     pub service_cidrs: Vec<IpNet>,
 }
 
-fn default_kind() -> String {
-    "ipvlan".into()
+/// `[network] kind`: which slave of the parent a pod gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkKind {
+    /// An ipvlan slave (shares the parent's MAC).
+    #[default]
+    Ipvlan,
+    /// A macvlan slave (its own MAC).
+    Macvlan,
+}
+
+/// `[network] mode`: the ipvlan or macvlan mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkMode {
+    /// ipvlan L2 (the default for ipvlan).
+    L2,
+    /// ipvlan L3.
+    L3,
+    /// ipvlan L3 with netfilter on the slave (L3S).
+    L3s,
+    /// macvlan bridge (the default for macvlan).
+    Bridge,
+    /// macvlan private.
+    Private,
+    /// macvlan VEPA.
+    Vepa,
+    /// macvlan passthru.
+    Passthru,
+}
+
+impl std::fmt::Display for LinkKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkKind::Ipvlan => "ipvlan",
+            LinkKind::Macvlan => "macvlan",
+        })
+    }
+}
+
+impl std::fmt::Display for LinkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkMode::L2 => "l2",
+            LinkMode::L3 => "l3",
+            LinkMode::L3s => "l3s",
+            LinkMode::Bridge => "bridge",
+            LinkMode::Private => "private",
+            LinkMode::Vepa => "vepa",
+            LinkMode::Passthru => "passthru",
+        })
+    }
 }
 
 fn default_host_link() -> String {
@@ -376,25 +426,17 @@ impl AgentConfig {
     /// The slave kind from `kind` and `mode`.
     pub fn slave_kind(&self) -> Result<SlaveKind, String> {
         let network = &self.network;
-        let mode = network.mode.as_deref();
-        match (network.kind.as_str(), mode) {
-            ("ipvlan", None | Some("l2")) => Ok(ipvlan(IpVlanMode::L2)),
-            ("ipvlan", Some("l3")) => Ok(ipvlan(IpVlanMode::L3)),
-            ("ipvlan", Some("l3s")) => Ok(ipvlan(IpVlanMode::L3s)),
-            ("macvlan", None | Some("bridge")) => Ok(SlaveKind::MacVlan {
-                mode: MacVlanMode::Bridge,
-            }),
-            ("macvlan", Some("private")) => Ok(SlaveKind::MacVlan {
-                mode: MacVlanMode::Private,
-            }),
-            ("macvlan", Some("vepa")) => Ok(SlaveKind::MacVlan {
-                mode: MacVlanMode::Vepa,
-            }),
-            ("macvlan", Some("passthru")) => Ok(SlaveKind::MacVlan {
-                mode: MacVlanMode::Passthru,
-            }),
-            (kind, mode) => Err(format!(
-                "[network]: kind {kind:?} with mode {mode:?} is not supported (ipvlan l2/l3/l3s, macvlan bridge/private/vepa/passthru)"
+        let macvlan = |mode| Ok(SlaveKind::MacVlan { mode });
+        match (network.kind, network.mode) {
+            (LinkKind::Ipvlan, None | Some(LinkMode::L2)) => Ok(ipvlan(IpVlanMode::L2)),
+            (LinkKind::Ipvlan, Some(LinkMode::L3)) => Ok(ipvlan(IpVlanMode::L3)),
+            (LinkKind::Ipvlan, Some(LinkMode::L3s)) => Ok(ipvlan(IpVlanMode::L3s)),
+            (LinkKind::Macvlan, None | Some(LinkMode::Bridge)) => macvlan(MacVlanMode::Bridge),
+            (LinkKind::Macvlan, Some(LinkMode::Private)) => macvlan(MacVlanMode::Private),
+            (LinkKind::Macvlan, Some(LinkMode::Vepa)) => macvlan(MacVlanMode::Vepa),
+            (LinkKind::Macvlan, Some(LinkMode::Passthru)) => macvlan(MacVlanMode::Passthru),
+            (kind, Some(mode)) => Err(format!(
+                "[network]: mode {mode} is not a mode of {kind} (ipvlan: l2, l3, l3s; macvlan: bridge, private, vepa, passthru)"
             )),
         }
     }

@@ -1,4 +1,5 @@
-//! The agent's HTTP endpoint: Prometheus' `/metrics` and `/healthz`.
+//! The agent's HTTP status endpoint: Prometheus' `/metrics` and
+//! `/healthz`.
 //!
 //! The port may be reachable from the network, so a client holds little:
 //! connections open at once are bounded (a slot taken before accepting, as
@@ -20,8 +21,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
 
-use crate::lines::{AcceptBackoff, ConnectionSlots};
+use crate::server::{AcceptBackoff, ConnectionSlots};
 
 /// Limits of the HTTP endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,7 +149,7 @@ impl AsyncWrite for BoundedStream {
 /// restart loop could not serve DEL either; STATUS says 50 meanwhile).
 async fn healthz(pools: Arc<PoolManager>) -> (StatusCode, String) {
     let store_failing = pools.store().failing().is_some();
-    let problems = crate::agent_problems(&pools);
+    let problems = hulk_node::agent_problems(&pools);
     match (store_failing, problems.is_empty()) {
         (true, _) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -168,7 +170,7 @@ pub async fn serve(
     limits: HttpLimits,
     pools: Arc<PoolManager>,
     registry: Registry,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let registry = Arc::new(registry);
     let health = pools.clone();
@@ -197,13 +199,6 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(scrape))
         .route("/healthz", get(move || healthz(health.clone())));
-    let stopped = async move {
-        while !*shutdown.borrow_and_update() {
-            if shutdown.changed().await.is_err() {
-                break;
-            }
-        }
-    };
     let listener = BoundedListener {
         listener,
         slots: ConnectionSlots::new(limits.max_connections),
@@ -211,9 +206,9 @@ pub async fn serve(
         lifetime: limits.connection_lifetime,
     };
     if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(stopped)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {
-        tracing::error!(%error, "metrics server failed");
+        tracing::error!(%error, "the HTTP status endpoint failed");
     }
 }

@@ -1,14 +1,15 @@
-//! The little of the Kubernetes API the agent reads: one pod's annotations
-//! at ADD (per-pod subnet, security groups, QoS) and the pods of its node
-//! for the periodic GC. Plain HTTPS GETs with the service account's token;
-//! a full client library would be most of the agent's size for two calls.
+//! What the node needs to know about pods, and the seam it learns it
+//! through: [`PodDirectory`], implemented over the Kubernetes API by the
+//! agent (a watch, not a request per ADD) and by tests in memory.
+//!
+//! A pod's annotations choose its pool (subnet, network, security groups,
+//! QoS policy) and may ask for a fixed address; the pods a directory shows
+//! on the node are the ones whose addresses stay.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use hulk_ipam::PoolKey;
-use serde::Deserialize;
 
 /// The annotation naming a pod's subnet.
 pub const SUBNET_ANNOTATION: &str = "hulk-vpc.io/subnet";
@@ -21,38 +22,102 @@ pub const QOS_POLICY_ANNOTATION: &str = "hulk-vpc.io/qos-policy";
 /// The annotation asking for one fixed address of the pod's subnet.
 pub const IP_ADDRESS_ANNOTATION: &str = "hulk-vpc.io/ip-address";
 
-/// Kubernetes API failures.
+/// Why a [`PodDirectory`] could not answer.
 #[derive(Debug, thiserror::Error)]
-pub enum KubeError {
-    /// The service account token could not be read.
-    #[error("service account token {path}: {source}")]
-    Token {
-        /// The token file.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
+pub enum PodDirectoryError {
+    /// The directory refuses the agent (Kubernetes answered 401 or 403: a
+    /// wrong or expired token, missing RBAC). A configuration error: it
+    /// does not heal by retrying the same request.
+    #[error("the Kubernetes API refuses the agent (check its token and RBAC)")]
+    Refused(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// No answer, or a transient one (connection refused, timeout, 5xx,
+    /// 429): retried later.
+    #[error("the Kubernetes API is unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The directory has not listed the node's pods yet: nobody may be
+    /// judged gone from an empty list.
+    #[error("the node's pods are not listed yet")]
+    NotSynced,
+}
+
+/// Where the node learns about pods. Implemented over the Kubernetes API
+/// by the agent (`hulk-agent`, through kube-rs' watch and reflector) and
+/// in memory by tests.
+#[async_trait::async_trait]
+pub trait PodDirectory: Send + Sync + std::fmt::Debug {
+    /// The pod `namespace/name`, or `None` when the directory does not
+    /// know it (ADD then uses the default pool).
+    ///
+    /// # Errors
+    ///
+    /// [`PodDirectoryError`] when the directory cannot say.
+    async fn pod(&self, name: &str) -> Result<Option<PodInfo>, PodDirectoryError>;
+
+    /// The pods on this node that may hold addresses.
+    ///
+    /// # Errors
+    ///
+    /// [`PodDirectoryError`] when the directory cannot say, including
+    /// [`PodDirectoryError::NotSynced`] before its first full list.
+    async fn live_pods(&self) -> Result<LivePods, PodDirectoryError>;
+
+    /// Tells the pod's owners what happened to its network (a Kubernetes
+    /// Event on the pod, as users of other VPC CNIs expect). Best effort:
+    /// a failure to record is the directory's to log, never the caller's.
+    async fn record(&self, _pod: &str, _event: PodEvent) {}
+}
+
+/// Why an ADD waits or failed, as a pod's Event says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodEvent {
+    /// ADD waits for the cloud to allocate an address (the pool is empty).
+    AddressWaiting {
+        /// The pool's subnet.
+        subnet: String,
     },
-    /// No answer (connection, TLS, timeout).
-    #[error("Kubernetes API: {0}")]
-    Transport(String),
-    /// The API refused.
-    #[error("Kubernetes API answered {status} for {path}: {message}")]
-    Status {
-        /// The HTTP status.
-        status: u16,
-        /// The request path.
-        path: String,
-        /// The body's message.
+    /// ADD failed: the subnet or quota has no address left.
+    AddressExhausted {
+        /// What the failure said.
         message: String,
     },
-    /// The answer is not what the API documents.
-    #[error("unreadable Kubernetes API answer for {path}: {message}")]
-    Decode {
-        /// The request path.
-        path: String,
-        /// What was wrong.
+    /// ADD failed: the cloud refuses calls for now (rate limit) or cannot
+    /// be reached; the runtime retries.
+    CloudUnavailable {
+        /// What the failure said.
         message: String,
     },
+}
+
+impl PodEvent {
+    /// The Event's `reason`: a short UpperCamelCase word, as Kubernetes
+    /// conventions ask.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PodEvent::AddressWaiting { .. } => "AddressWaiting",
+            PodEvent::AddressExhausted { .. } => "AddressExhausted",
+            PodEvent::CloudUnavailable { .. } => "CloudUnavailable",
+        }
+    }
+
+    /// Whether the Event is a `Warning` (otherwise `Normal`).
+    pub fn is_warning(&self) -> bool {
+        !matches!(self, PodEvent::AddressWaiting { .. })
+    }
+
+    /// The Event's human-readable `note`.
+    pub fn note(&self) -> String {
+        match self {
+            PodEvent::AddressWaiting { subnet } => format!(
+                "waiting for the cloud to allocate an address in subnet {subnet} (the node's warm pool is empty)"
+            ),
+            PodEvent::AddressExhausted { message } => {
+                format!("no address left for the pod: {message}")
+            }
+            PodEvent::CloudUnavailable { message } => {
+                format!("the cloud cannot allocate an address now: {message}")
+            }
+        }
+    }
 }
 
 /// A pod as the agent needs it.
@@ -132,59 +197,23 @@ impl PodInfo {
     }
 }
 
-#[derive(Deserialize)]
-struct WirePod {
-    metadata: WireMetadata,
-    #[serde(default)]
-    status: Option<WireStatus>,
-}
-
-#[derive(Deserialize)]
-struct WireMetadata {
-    name: String,
-    namespace: String,
-    #[serde(default)]
-    uid: Option<String>,
-    #[serde(default)]
-    annotations: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Deserialize)]
-struct WireStatus {
-    #[serde(default)]
-    phase: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct WirePodList {
-    items: Vec<WirePod>,
-    #[serde(default)]
-    metadata: Option<WireListMetadata>,
-}
-
-#[derive(Deserialize)]
-struct WireListMetadata {
-    #[serde(rename = "continue", default)]
-    continue_token: Option<String>,
-}
-
-impl From<WirePod> for PodInfo {
-    fn from(pod: WirePod) -> Self {
-        PodInfo {
-            name: format!("{}/{}", pod.metadata.namespace, pod.metadata.name),
-            uid: pod.metadata.uid,
-            annotations: pod.metadata.annotations.unwrap_or_default(),
-            phase: pod.status.and_then(|status| status.phase),
-        }
-    }
-}
-
 /// The pods the API shows on a node that may hold addresses, by
 /// `namespace/name`, with their UIDs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LivePods(HashMap<String, Option<String>>);
 
 impl LivePods {
+    /// The pods of `pods` that may hold addresses
+    /// ([`PodInfo::may_hold_addresses`]).
+    pub fn from_pods(pods: impl IntoIterator<Item = PodInfo>) -> Self {
+        LivePods(
+            pods.into_iter()
+                .filter(PodInfo::may_hold_addresses)
+                .map(|pod| (pod.name, pod.uid))
+                .collect(),
+        )
+    }
+
     /// Whether pod `name` is live and, when both UIDs are known, the same
     /// pod: one recreated under the same name (a StatefulSet's) is not.
     pub fn shows(&self, name: &str, uid: Option<&str>) -> bool {
@@ -203,127 +232,6 @@ impl LivePods {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
-    }
-}
-
-/// Pods listed per page, so a node with many pods is read in bounded pieces.
-const PAGE: usize = 250;
-
-/// A Kubernetes API reader for one node's agent.
-#[derive(Debug, Clone)]
-pub struct KubeClient {
-    http: reqwest::Client,
-    api_server: String,
-    token_file: Option<PathBuf>,
-}
-
-impl KubeClient {
-    /// A reader of `api_server` (e.g. `https://10.96.0.1:443`) over `http`
-    /// (configured with the cluster's CA), sending the token read from
-    /// `token_file` on each call (projected tokens rotate).
-    pub fn new(http: reqwest::Client, api_server: &str, token_file: Option<PathBuf>) -> Self {
-        KubeClient {
-            http,
-            api_server: api_server.trim_end_matches('/').to_owned(),
-            token_file,
-        }
-    }
-
-    async fn get<T: serde::de::DeserializeOwned>(
-        &self,
-        path: &str,
-        query: &[(&str, &str)],
-    ) -> Result<Option<T>, KubeError> {
-        let mut request = self
-            .http
-            .get(format!("{}{path}", self.api_server))
-            .query(query);
-        if let Some(file) = &self.token_file {
-            let token =
-                tokio::fs::read_to_string(file)
-                    .await
-                    .map_err(|source| KubeError::Token {
-                        path: file.display().to_string(),
-                        source,
-                    })?;
-            request = request.bearer_auth(token.trim());
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|error| KubeError::Transport(error.to_string()))?;
-        let status = response.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        let body = response
-            .bytes()
-            .await
-            .map_err(|error| KubeError::Transport(error.to_string()))?;
-        if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|value| value["message"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            return Err(KubeError::Status {
-                status: status.as_u16(),
-                path: path.to_owned(),
-                message,
-            });
-        }
-        serde_json::from_slice(&body)
-            .map(Some)
-            .map_err(|error| KubeError::Decode {
-                path: path.to_owned(),
-                message: error.to_string(),
-            })
-    }
-
-    /// The pod `namespace/name`, or `None` when the API does not know it.
-    pub async fn pod(&self, name: &str) -> Result<Option<PodInfo>, KubeError> {
-        let (namespace, pod) = name.split_once('/').ok_or_else(|| KubeError::Decode {
-            path: name.to_owned(),
-            message: "a pod is named namespace/name".into(),
-        })?;
-        let path = format!("/api/v1/namespaces/{namespace}/pods/{pod}");
-        Ok(self.get::<WirePod>(&path, &[]).await?.map(PodInfo::from))
-    }
-
-    /// The names (`namespace/name`) of the pods scheduled on `node` that
-    /// may still hold addresses.
-    pub async fn live_pods_on(&self, node: &str) -> Result<LivePods, KubeError> {
-        let selector = format!("spec.nodeName={node}");
-        let limit = PAGE.to_string();
-        let mut live = LivePods::default();
-        let mut continue_token: Option<String> = None;
-        loop {
-            let mut query = vec![("fieldSelector", selector.as_str()), ("limit", &limit)];
-            if let Some(token) = &continue_token {
-                query.push(("continue", token));
-            }
-            let path = "/api/v1/pods";
-            let page: WirePodList =
-                self.get(path, &query)
-                    .await?
-                    .ok_or_else(|| KubeError::Decode {
-                        path: path.to_owned(),
-                        message: "the pod list is not found".into(),
-                    })?;
-            live.0.extend(
-                page.items
-                    .into_iter()
-                    .map(PodInfo::from)
-                    .filter(PodInfo::may_hold_addresses)
-                    .map(|pod| (pod.name, pod.uid)),
-            );
-            continue_token = page
-                .metadata
-                .and_then(|metadata| metadata.continue_token)
-                .filter(|token| !token.is_empty());
-            if continue_token.is_none() {
-                return Ok(live);
-            }
-        }
     }
 }
 

@@ -8,17 +8,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hulk_ipam::{Owner, PoolKey};
+use hulk_agent_api::ClientError;
+use hulk_ipam::{AttachmentId, Owner, PoolKey};
 use hulk_netns::{Kernel, NftFinding, NodeState};
 use hulk_pool::{AddressRecord, OrphanSweep, PoolStats};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use tokio::net::UnixListener;
-use tokio::sync::watch;
 
-use crate::attachments::{AttachmentId, AttachmentRecord};
-use crate::lines::{ClientError, LineService, Peer, ServeLimits};
-use crate::{Node, NodeError};
+use hulk_node::attachments::AttachmentRecord;
+use hulk_node::{Node, NodeError};
+
+use crate::server::{LineService, Peer};
 
 /// What an operator asks. With the `clap` feature it is also the
 /// subcommand of a CLI: these comments are its help.
@@ -164,7 +164,7 @@ pub enum RescueReply {
         error: Option<String>,
     },
     /// For [`RescueRequest::Reapply`].
-    Reapplied(crate::Reapplied),
+    Reapplied(hulk_node::Reapplied),
     /// For [`RescueRequest::Gc`].
     Collected {
         /// Assignments released (their pod missing on two passes).
@@ -194,7 +194,7 @@ pub enum RescueReply {
 
 /// The rescue API of a node.
 #[derive(Debug)]
-pub struct RescueApi<K> {
+pub struct RescueService<K> {
     node: Arc<Node<K>>,
 }
 
@@ -204,10 +204,21 @@ fn failed(message: impl std::fmt::Display) -> RescueReply {
     }
 }
 
-impl<K: Kernel + 'static> RescueApi<K> {
+/// The failure `error`, with its causes: an operator reads the errno or
+/// the refused connection, not only the summary.
+fn failed_because(error: &(dyn std::error::Error + 'static)) -> RescueReply {
+    let causes = hulk_cni::cause_chain(error.source());
+    if causes.is_empty() {
+        failed(error)
+    } else {
+        failed(format!("{error}: {causes}"))
+    }
+}
+
+impl<K: Kernel + 'static> RescueService<K> {
     /// The rescue API of `node`.
     pub fn new(node: Arc<Node<K>>) -> Self {
-        RescueApi { node }
+        RescueService { node }
     }
 
     /// The pools of `subnet`, or why there are none (naming the known subnets).
@@ -245,7 +256,7 @@ impl<K: Kernel + 'static> RescueApi<K> {
         }
         let datapath_healthy = match self.node.inspect().await {
             Ok(state) => state.is_healthy(),
-            Err(error) => return failed(error),
+            Err(error) => return failed_because(&error),
         };
         RescueReply::Status(AgentStatus {
             node: pools.node_name().to_owned(),
@@ -260,9 +271,9 @@ impl<K: Kernel + 'static> RescueApi<K> {
     async fn node_view(&self) -> RescueReply {
         let state = match self.node.inspect().await {
             Ok(state) => state,
-            Err(error) => return failed(error),
+            Err(error) => return failed_because(&error),
         };
-        let (nftables, nftables_error) = match crate::nftables_shadowing().await {
+        let (nftables, nftables_error) = match hulk_node::nftables_shadowing().await {
             Ok(findings) => (findings, None),
             Err(error) => (None, Some(error)),
         };
@@ -287,7 +298,7 @@ impl<K: Kernel + 'static> RescueApi<K> {
             released: report.released,
             suspected: report.suspected,
             orphans,
-            pods_checked: self.node.has_kubernetes(),
+            pods_checked: self.node.has_pods(),
             sandboxes_gone,
             del_notes_replayed,
         })
@@ -337,7 +348,7 @@ impl<K: Kernel + 'static> RescueApi<K> {
                 for key in keys {
                     match pools.drain(&key).await {
                         Ok(count) => returned += count,
-                        Err(error) => return failed(error),
+                        Err(error) => return failed_because(&error),
                     }
                 }
                 Ok(RescueReply::Drained { returned })
@@ -354,7 +365,7 @@ impl<K: Kernel + 'static> RescueApi<K> {
                             allocated += outcome.allocated;
                             refused = refused.or(outcome.error.map(|error| error.to_string()));
                         }
-                        Err(error) => return failed(error),
+                        Err(error) => return failed_because(&error),
                     }
                 }
                 Ok(RescueReply::Refilled {
@@ -369,7 +380,7 @@ impl<K: Kernel + 'static> RescueApi<K> {
     }
 }
 
-impl<K: Kernel + 'static> LineService for RescueApi<K> {
+impl<K: Kernel + 'static> LineService for RescueService<K> {
     type Request = RescueRequest;
     type Reply = RescueReply;
 
@@ -403,21 +414,11 @@ impl<K: Kernel + 'static> LineService for RescueApi<K> {
     }
 }
 
-/// Serves `api` on `listener` until `shutdown` turns true.
-pub async fn serve<K: Kernel + 'static>(
-    api: Arc<RescueApi<K>>,
-    listener: UnixListener,
-    limits: ServeLimits,
-    shutdown: watch::Receiver<bool>,
-) {
-    crate::lines::serve(api, listener, limits, shutdown).await;
-}
-
 /// Sends one rescue request to the agent at `socket`.
 pub async fn call(
     socket: &Path,
     request: &RescueRequest,
     timeout: Duration,
 ) -> Result<RescueReply, ClientError> {
-    crate::lines::call(socket, request, timeout).await
+    hulk_agent_api::call(socket, request, timeout).await
 }

@@ -1,0 +1,128 @@
+//! The IPAM backend a configuration's `[backend]` section names, built with
+//! its credentials read from their files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MockBackend};
+use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
+use hulk_openstack::neutron::{NeutronAuth, NeutronClient};
+use hulk_openstack::ultron::UltronBackend;
+use hulk_openstack::{HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig};
+
+use crate::config::BackendSection;
+
+/// Why a backend could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A secret (token, application credential secret) could not be read.
+    #[error("cannot read the secret file {}", path.display())]
+    Secret {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP client or the Neutron client could not be set up (a CA
+    /// bundle that does not parse, an endpoint that is not a URL).
+    #[error("cannot set up the {backend} backend's client")]
+    Client {
+        /// `ultron` or `neutron`.
+        backend: &'static str,
+        /// The cause.
+        #[source]
+        source: hulk_ipam::IpamError,
+    },
+}
+
+fn read_secret(path: &Path) -> Result<String, BackendError> {
+    let text = std::fs::read_to_string(path).map_err(|source| BackendError::Secret {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text.trim().to_owned())
+}
+
+/// An HTTP client trusting `ca_file` besides the system roots.
+pub(crate) fn http_client(
+    backend: &'static str,
+    ca_file: &Option<PathBuf>,
+) -> Result<HttpClient, BackendError> {
+    HttpClient::new(&HttpSettings {
+        ca_file: ca_file.clone(),
+        ..HttpSettings::default()
+    })
+    .map_err(|source| BackendError::Client { backend, source })
+}
+
+/// The backend `section` names. Secrets are read now, once; the Neutron
+/// backend authenticates with Keystone on its first call.
+///
+/// # Errors
+///
+/// [`BackendError`] when a secret file cannot be read or a client cannot
+/// be set up.
+pub fn from_section(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, BackendError> {
+    Ok(match section {
+        BackendSection::Mock {
+            subnet,
+            gateway,
+            gateway_mac,
+            latency_ms,
+        } => {
+            let mut memory = match gateway {
+                Some(gateway) => MockBackend::with_gateway(*subnet, *gateway),
+                None => MockBackend::new(*subnet),
+            };
+            if let Some(mac) = gateway_mac {
+                memory = memory.with_gateway_mac(*mac);
+            }
+            let latency = Duration::from_millis(*latency_ms);
+            Arc::new(Faulty::new(memory, FaultPlan::fixed_latency(latency)))
+        }
+        BackendSection::Ultron {
+            url,
+            token_file,
+            cluster,
+            ca_file,
+        } => Arc::new(UltronBackend::new(
+            http_client("ultron", ca_file)?,
+            url.clone(),
+            read_secret(token_file)?,
+            cluster.clone(),
+        )),
+        BackendSection::Neutron {
+            auth_url,
+            application_credential_id,
+            application_credential_secret_file,
+            cluster,
+            endpoint,
+            region,
+            ca_file,
+        } => {
+            let credentials = Credentials::ApplicationCredential {
+                id: application_credential_id.clone(),
+                secret: read_secret(application_credential_secret_file)?,
+            };
+            let mut keystone = KeystoneConfig::new(auth_url.clone(), credentials);
+            keystone.region = region.clone();
+            let http = http_client("neutron", ca_file)?;
+            let keystone = Keystone::new(keystone, http.clone());
+            let client = NeutronClient::new(
+                http,
+                NeutronAuth::Keystone(Box::new(keystone)),
+                endpoint.clone(),
+            )
+            .map_err(|source| BackendError::Client {
+                backend: "neutron",
+                source,
+            })?;
+            Arc::new(NeutronBackend::new(
+                client,
+                NeutronBackendConfig::new(cluster.clone()),
+            ))
+        }
+    })
+}
