@@ -257,8 +257,8 @@ async fn simulate(config: PoolConfig, latency: Duration, pods: &[Pod]) -> Outcom
     .await
     .expect("open");
     pools.warm_up(&key()).await.expect("warm up");
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stop.clone()));
     let start = tokio::time::Instant::now();
     let handles: Vec<_> = pods
         .iter()
@@ -290,7 +290,7 @@ async fn simulate(config: PoolConfig, latency: Duration, pods: &[Pod]) -> Outcom
     for handle in handles {
         waits.push(handle.await.expect("pod"));
     }
-    stop.send(true).expect("refiller listens");
+    stop.cancel();
     refiller.await.expect("refiller");
     Outcome {
         waits,

@@ -231,10 +231,10 @@ async fn simulate(scenario: Scenario) -> Measured {
             next_container: Mutex::new(0),
         }));
     }
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
     let refillers: Vec<_> = nodes
         .iter()
-        .map(|node| tokio::spawn(node.pools.clone().run_refiller(key(), stopped.clone())))
+        .map(|node| tokio::spawn(node.pools.clone().run_refiller(key(), stop.clone())))
         .collect();
     let began = Instant::now();
     let counted_from = began + WARM_UP;
@@ -290,7 +290,7 @@ async fn simulate(scenario: Scenario) -> Measured {
         task.await.expect("pod task");
     }
     // Allocations and returns under way end before the books are compared.
-    stop.send(true).expect("refillers listen");
+    stop.cancel();
     for refiller in refillers {
         refiller.await.expect("refiller");
     }

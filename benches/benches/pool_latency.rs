@@ -162,14 +162,14 @@ fn burst_of_200() {
             .await
             .expect("open");
             pools.warm_up(&key()).await.expect("warm up");
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+            let stop = tokio_util::sync::CancellationToken::new();
+            let refiller = tokio::spawn(pools.clone().run_refiller(key(), stop.clone()));
             let waits = burst(Some(pools), backend).await;
             report(
                 &format!("warm pool: {warm_up} pre-allocated, refill batches of {batch}"),
                 &waits,
             );
-            stop.send(true).expect("refiller listens");
+            stop.cancel();
             refiller.await.expect("refiller");
         }
     });

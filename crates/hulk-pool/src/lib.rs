@@ -18,10 +18,16 @@
 //!   repairs what a crash left half-done;
 //! - [`PoolManager::run_owner_marks`] keeps the backend's mark of which
 //!   pod holds each address current, off the assignment path;
-//! - [`PoolManager::reconcile`] releases addresses of pods that are gone
-//!   (after a grace pass); [`PoolManager::sweep_orphans`] takes the
-//!   backend's addresses of this node that nobody knows into their pool
-//!   (as the marked pod's, or idle), so a lost store loses no pod's address.
+//! - [`PoolManager::find_missing`] judges which pods are gone (missing on
+//!   two passes in a row), for the node to tear down and release;
+//!   [`PoolManager::sweep_orphans`] takes the backend's addresses of this
+//!   node that nobody knows into their pool (as the marked pod's, or
+//!   idle), so a lost store loses no pod's address;
+//! - [`sweep_node`] and [`sweep_cluster`] release everything the backend
+//!   holds for a deleted node or cluster (for a cluster-level controller);
+//! - the engine does the I/O and locking; every decision taken under a
+//!   pool's lock is a method of [`core::PoolCore`], which property and
+//!   concurrency tests drive directly.
 //!
 //! # Example
 //!

@@ -230,16 +230,28 @@ async fn run(faults: BTreeMap<u64, Fault>, ops: Vec<Op>) -> Result<(), TestCaseE
                     .filter(|n| alive[*n])
                     .map(|n| (owner(n).container_id, owner(n).ifname))
                     .collect();
-                let report = system.pools.reconcile(&live).await.unwrap();
+                // As hulk-node's dead-pod collection does: judge, then
+                // release what is gone (after its route is torn down).
+                let judged = system.pools.find_missing(&live);
+                for (key, owner) in &judged.gone {
+                    system.pools.release(key, owner).await.unwrap();
+                }
                 let missing: HashSet<usize> =
                     model.held.keys().copied().filter(|n| !alive[*n]).collect();
                 let expect_released: HashSet<usize> =
                     missing.intersection(&model.missing_once).copied().collect();
-                let released: HashSet<usize> = report
-                    .released
-                    .iter()
-                    .map(|owner| owner.container_id[1..].parse().unwrap())
-                    .collect();
+                let number = |owner: &Owner| -> usize { owner.container_id[1..].parse().unwrap() };
+                let released: HashSet<usize> =
+                    judged.gone.iter().map(|(_, owner)| number(owner)).collect();
+                let suspected: HashSet<usize> = judged.suspected.iter().map(number).collect();
+                prop_assert_eq!(
+                    &suspected,
+                    &missing
+                        .difference(&expect_released)
+                        .copied()
+                        .collect::<HashSet<usize>>(),
+                    "owners missing for the first time are suspected, not released"
+                );
                 prop_assert_eq!(
                     &released,
                     &expect_released,

@@ -141,8 +141,8 @@ async fn assignment_is_idempotent_and_exclusive() {
 async fn an_empty_pool_waits_for_the_refiller_not_the_backend() {
     let (backend, pools) = slow_pools(Duration::from_millis(300)).await;
     let at_open = backend.calls();
-    let (shutdown, stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(pools.clone().run_refiller(key(), stop));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(pools.clone().run_refiller(key(), shutdown.clone()));
     let assigns = (0..5).map(|n| {
         let pools = pools.clone();
         tokio::spawn(async move { pools.assign(&key(), &owner(n)).await })
@@ -153,7 +153,7 @@ async fn an_empty_pool_waits_for_the_refiller_not_the_backend() {
     // Five waiting ADDs were served by batches of three, not five calls.
     let calls = backend.calls() - at_open;
     assert!(calls <= 3, "{calls} backend calls");
-    shutdown.send(true).unwrap();
+    shutdown.cancel();
 }
 
 async fn futures_join(
@@ -247,7 +247,7 @@ async fn an_exhausted_subnet_is_asked_for_fewer_until_what_is_left_is_found() {
     let mut wide = config();
     wide.batch = 4;
     wide.min_idle = 4;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
     let pools = manager(
         backend.clone(),
         Arc::new(MemoryStore::default()),
@@ -255,7 +255,7 @@ async fn an_exhausted_subnet_is_asked_for_fewer_until_what_is_left_is_found() {
         wide,
     )
     .await;
-    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stop.clone()));
     let first = pools.assign(&key(), &owner(1)).await.unwrap();
     let second = pools.assign(&key(), &owner(2)).await.unwrap();
     assert_ne!(first.address, second.address);
@@ -271,7 +271,7 @@ async fn an_exhausted_subnet_is_asked_for_fewer_until_what_is_left_is_found() {
         ),
         "{third}"
     );
-    stop.send(true).unwrap();
+    stop.cancel();
     refiller.await.unwrap();
 }
 
@@ -318,7 +318,7 @@ async fn cooling_addresses_do_not_count_against_pod_capacity() {
     four_pods.max_idle = 2;
     four_pods.min_idle = 0;
     four_pods.warm_up = 0;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
     let pools = manager(
         Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap())),
         Arc::new(MemoryStore::default()),
@@ -326,7 +326,7 @@ async fn cooling_addresses_do_not_count_against_pod_capacity() {
         four_pods,
     )
     .await;
-    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stop.clone()));
     for n in 1..=4 {
         pools.assign(&key(), &owner(n)).await.unwrap();
     }
@@ -344,7 +344,7 @@ async fn cooling_addresses_do_not_count_against_pod_capacity() {
     assert_eq!((stats.assigned, stats.cooldown), (4, 2));
     let full = pools.assign(&key(), &owner(7)).await.unwrap_err();
     assert!(matches!(full, PoolError::Full { .. }), "{full}");
-    stop.send(true).unwrap();
+    stop.cancel();
     refiller.await.unwrap();
 }
 
@@ -375,15 +375,15 @@ async fn returns_never_hold_up_the_allocations_waiting_adds_need() {
     )
     .await;
     assert_eq!(pools.warm_up(&key()).await.unwrap(), 10);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stop.clone()));
     // Let the return loop take the surplus out of service.
     while pools.stats(&key()).idle > 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let lease = pools.assign(&key(), &owner(1)).await;
     assert!(lease.is_ok(), "{lease:?}");
-    stop.send(true).unwrap();
+    stop.cancel();
     refiller.abort();
 }
 
@@ -413,15 +413,15 @@ async fn a_burst_keeps_what_waiting_adds_are_about_to_take() {
     };
     let mut registry = prometheus_client::registry::Registry::default();
     pools.metrics().register(&mut registry);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stop.clone()));
     let adds = (0..24).map(|n| {
         let pools = pools.clone();
         async move { pools.assign(&key(), &owner(n)).await }
     });
     let leases = futures::future::join_all(adds).await;
     assert!(leases.iter().all(Result::is_ok), "{leases:?}");
-    stop.send(true).unwrap();
+    stop.cancel();
     refiller.await.unwrap();
     let held = backend.inner().allocated();
     let stats = pools.stats(&key());
@@ -471,6 +471,22 @@ async fn released_addresses_cool_down_before_reuse_and_extras_go_back() {
     assert_eq!(backend.allocated(), 1);
 }
 
+/// One pass of the node's dead-pod collection as hulk-node runs it: what
+/// [`PoolManager::find_missing`] judges gone is released (the node tears
+/// down its route first); returns the released and the suspected owners.
+async fn collect_gone(
+    pools: &PoolManager,
+    live: &HashSet<(String, String)>,
+) -> (Vec<Owner>, Vec<Owner>) {
+    let missing = pools.find_missing(live);
+    let mut released = Vec::new();
+    for (key, owner) in missing.gone {
+        pools.release(&key, &owner).await.unwrap();
+        released.push(owner);
+    }
+    (released, missing.suspected)
+}
+
 #[tokio::test]
 async fn reconciliation_spares_a_pod_seen_missing_once() {
     let (_, pools) = memory_pools().await;
@@ -478,14 +494,11 @@ async fn reconciliation_spares_a_pod_seen_missing_once() {
     pools.assign(&key(), &owner(1)).await.unwrap();
     pools.assign(&key(), &owner(2)).await.unwrap();
     let live: HashSet<(String, String)> = [("c1".to_owned(), "eth0".to_owned())].into();
-    let first = pools.reconcile(&live).await.unwrap();
-    assert_eq!(
-        (first.released.len(), first.suspected.clone()),
-        (0, vec![owner(2)])
-    );
+    let (released, suspected) = collect_gone(&pools, &live).await;
+    assert_eq!((released.len(), suspected), (0, vec![owner(2)]));
     assert!(pools.lease_of(&owner(2)).is_some());
-    let second = pools.reconcile(&live).await.unwrap();
-    assert_eq!(second.released, [owner(2)]);
+    let (released, _) = collect_gone(&pools, &live).await;
+    assert_eq!(released, [owner(2)]);
     assert!(pools.lease_of(&owner(2)).is_none());
     assert!(pools.lease_of(&owner(1)).is_some());
 }
@@ -495,12 +508,12 @@ async fn a_pod_that_reappears_is_no_longer_suspected() {
     let (_, pools) = memory_pools().await;
     pools.warm_up(&key()).await.unwrap();
     pools.assign(&key(), &owner(1)).await.unwrap();
-    pools.reconcile(&HashSet::new()).await.unwrap();
+    collect_gone(&pools, &HashSet::new()).await;
     let live: HashSet<(String, String)> = [("c1".to_owned(), "eth0".to_owned())].into();
-    pools.reconcile(&live).await.unwrap();
-    let report = pools.reconcile(&HashSet::new()).await.unwrap();
+    collect_gone(&pools, &live).await;
+    let (released, _) = collect_gone(&pools, &HashSet::new()).await;
     assert!(
-        report.released.is_empty(),
+        released.is_empty(),
         "missing, present, missing: not twice in a row"
     );
 }
@@ -836,6 +849,23 @@ async fn nonsense_configuration_is_refused() {
         matches!(error, PoolError::InvalidConfig(ref message) if message.contains("min_idle (9)")),
         "{error}"
     );
+    let mut nonsense = config();
+    nonsense.max_idle = 100;
+    let error = PoolManager::open(
+        Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap())),
+        Arc::new(MemoryStore::default()),
+        Arc::new(ManualClock::default()),
+        "n",
+        nonsense,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("max_idle (100) is above max_total (20)"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -892,41 +922,6 @@ async fn backend_calls_are_rate_limited() {
     assert_eq!(pools.warm_up(&key()).await.unwrap(), 5);
     // The sweep at open took the one saved call: one every half second.
     assert_eq!(started.elapsed(), Duration::from_millis(2500));
-}
-
-#[tokio::test]
-async fn pools_can_have_their_own_knobs_set_before_first_use() {
-    let (_, pools) = memory_pools().await;
-    let big = PoolKey::new("vpc", "subnet-b", ["sg-1"], None);
-    let mut knobs = config();
-    knobs.warm_up = 7;
-    knobs.batch = 7;
-    pools.configure_pool(&big, knobs.clone()).unwrap();
-    assert_eq!(pools.warm_up(&big).await.unwrap(), 7);
-    assert_eq!(
-        pools.warm_up(&key()).await.unwrap(),
-        3,
-        "other pools keep the default"
-    );
-    assert!(matches!(
-        pools.configure_pool(&big, knobs),
-        Err(PoolError::InvalidConfig(_))
-    ));
-    knobs_invalid(&pools);
-}
-
-fn knobs_invalid(pools: &PoolManager) {
-    let mut nonsense = config();
-    nonsense.max_idle = 100;
-    let error = pools
-        .configure_pool(&PoolKey::new("vpc", "subnet-c", ["sg"], None), nonsense)
-        .unwrap_err();
-    assert!(
-        error
-            .to_string()
-            .contains("max_idle (100) is above max_total (20)"),
-        "{error}"
-    );
 }
 
 #[tokio::test]
@@ -1133,8 +1128,8 @@ async fn in_a_full_subnet_an_add_waits_for_an_address_leaving_cooldown() {
         .allocate(&AllocationRequest::new(key(), "node-2", 4))
         .await
         .unwrap();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stop.clone()));
     pools.release(&key(), &owner(1)).await.unwrap();
     // The cloud says exhausted; the address coming out of cooldown serves.
     let second = pools.assign(&key(), &owner(2)).await.unwrap();
@@ -1152,7 +1147,7 @@ async fn in_a_full_subnet_an_add_waits_for_an_address_leaving_cooldown() {
         ),
         "{refused}"
     );
-    stop.send(true).unwrap();
+    stop.cancel();
     refiller.await.unwrap();
 }
 
@@ -1514,8 +1509,8 @@ async fn an_add_cancelled_while_waiting_leaves_no_demand_behind() {
         none_idle,
     )
     .await;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stopped));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let refiller = tokio::spawn(pools.clone().run_refiller(key(), stop.clone()));
     // Five ADDs whose callers give up (their DEL, or their deadline).
     let adds = (0..5).map(|n| {
         let pools = pools.clone();
@@ -1531,6 +1526,6 @@ async fn an_add_cancelled_while_waiting_leaves_no_demand_behind() {
     let stats = pools.stats(&key());
     assert_eq!((stats.idle, stats.assigned), (0, 0), "{stats:?}");
     assert_eq!(backend.inner().allocated(), 0);
-    stop.send(true).unwrap();
+    stop.cancel();
     refiller.abort();
 }

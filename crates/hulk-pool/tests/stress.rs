@@ -60,8 +60,8 @@ async fn a_hundred_thousand_operations_keep_every_invariant() {
     .unwrap();
     let key = PoolKey::new("vpc", "subnet-a", ["sg"], None);
     pools.warm_up(&key).await.unwrap();
-    let (shutdown, stop) = tokio::sync::watch::channel(false);
-    let refiller = tokio::spawn(pools.clone().run_refiller(key.clone(), stop));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let refiller = tokio::spawn(pools.clone().run_refiller(key.clone(), shutdown.clone()));
 
     let holders: Arc<Mutex<HashMap<IpNet, String>>> = Arc::default();
     let tasks: Vec<_> = (0..TASKS)
@@ -116,7 +116,7 @@ async fn a_hundred_thousand_operations_keep_every_invariant() {
             .expect("no deadlock: every task finishes")
             .unwrap();
     }
-    shutdown.send(true).unwrap();
+    shutdown.cancel();
     refiller.await.unwrap();
 
     let stats = pools.stats(&key);

@@ -213,11 +213,14 @@ async fn main() -> Result<(), Failure> {
             }
         }
     });
-    background.spawn(pools.clone().run_refillers(stopped.clone()));
+    // The pool's loops stop on a cancellation token; the node's servers on
+    // the watch channel: the signal handler stops both.
+    let stop_refillers = tokio_util::sync::CancellationToken::new();
+    background.spawn(pools.clone().run_refillers(stop_refillers.clone()));
     // Marks stop after serving does, so the last pass covers the ADDs and
     // DELs that were finishing during the shutdown.
-    let (stop_marks, marks_stopped) = tokio::sync::watch::channel(false);
-    background.spawn(pools.clone().run_owner_marks(marks_stopped));
+    let stop_marks = tokio_util::sync::CancellationToken::new();
+    background.spawn(pools.clone().run_owner_marks(stop_marks.clone()));
     let gc_interval = Duration::from_secs(config.gc_interval_seconds);
     background.spawn(node.clone().run_collector(gc_interval, stopped.clone()));
     let metrics = AgentMetrics::default();
@@ -243,6 +246,7 @@ async fn main() -> Result<(), Failure> {
         }
         tracing::info!("shutting down: finishing requests in progress");
         let _ = stop.send(true);
+        stop_refillers.cancel();
     });
     tracing::info!(socket = %config.socket.display(), node = %config.node_name, "agent ready");
     // Both sockets serve root only (`ServeLimits::default()`): the runtime
@@ -274,7 +278,7 @@ async fn main() -> Result<(), Failure> {
         stopped,
     )
     .await;
-    let _ = stop_marks.send(true);
+    stop_marks.cancel();
     while background.join_next().await.transpose()?.is_some() {}
     // Removed only if still ours (see `SocketFile`).
     drop((socket_file, rescue_file));

@@ -110,8 +110,12 @@ async fn main() -> Result<(), Failure> {
     let key = PoolKey::new("vpc", args.subnet.to_string(), ["default"], None);
     pools.warm_up(&key).await?;
     // The refiller keeps idle addresses ready while functions come and go.
-    let (stop_refiller, refiller_stop) = tokio::sync::watch::channel(false);
-    let refiller = tokio::spawn(pools.clone().run_refiller(key.clone(), refiller_stop));
+    let stop_refiller = tokio_util::sync::CancellationToken::new();
+    let refiller = tokio::spawn(
+        pools
+            .clone()
+            .run_refiller(key.clone(), stop_refiller.clone()),
+    );
 
     for number in 0..args.functions {
         let name = format!("hulk-fn-{number}");
@@ -159,7 +163,7 @@ async fn main() -> Result<(), Failure> {
         pools.release(&key, &owner).await?;
         delete_named_netns(&name)?;
     }
-    stop_refiller.send(true)?;
+    stop_refiller.cancel();
     refiller.await?;
     if args.node_netns.is_none() {
         delete_named_netns(SANDBOX_NODE)?;
