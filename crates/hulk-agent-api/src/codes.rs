@@ -16,6 +16,7 @@
 //! [`ErrorCode::Internal`] (999, libcni's own internal error).
 
 use hulk_cni::ErrorCode;
+use hulk_ipam::IpamError;
 
 /// 100: an internal error of the agent or plugin (a bug).
 pub const INTERNAL: ErrorCode = ErrorCode::Other(100);
@@ -31,6 +32,20 @@ pub const DATAPATH: ErrorCode = ErrorCode::Other(104);
 pub const NAMESPACE: ErrorCode = ErrorCode::Other(105);
 /// 106: the node's state store failed.
 pub const STATE_STORE: ErrorCode = ErrorCode::Other(106);
+
+/// The code of an IPAM backend's failure, wherever it surfaces (the
+/// agent's pools, the plugin's dry run): the pod's own request (its fixed
+/// address) is 7, an exhausted subnet or quota 102, a failure that heals
+/// by retrying (the cloud throttles, times out, is down) 11, any other
+/// refusal 101.
+pub fn of_ipam_error(error: &IpamError) -> ErrorCode {
+    match error {
+        IpamError::InvalidRequest(_) => ErrorCode::InvalidNetworkConfig,
+        IpamError::Exhausted { .. } | IpamError::Quota(_) => ADDRESS_EXHAUSTED,
+        error if error.is_retryable() => ErrorCode::TryAgainLater,
+        _ => IPAM_BACKEND,
+    }
+}
 
 #[cfg(test)]
 mod tests {

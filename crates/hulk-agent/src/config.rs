@@ -337,10 +337,65 @@ pub enum BackendSection {
     },
 }
 
+/// Why a configuration cannot be used. Each says where the problem is:
+/// the file, an environment override, or a value that is well-formed but
+/// not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the configuration file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("the configuration file is not valid TOML")]
+    Syntax(#[source] toml::de::Error),
+    /// An environment override cannot be applied.
+    #[error("environment variable {variable}: {problem}")]
+    Override {
+        /// The variable (`HULK_AGENT__...`).
+        variable: String,
+        /// What is wrong with its name.
+        problem: String,
+    },
+    /// A field is missing, unknown or of the wrong type (in the file, or
+    /// set by an override: the message names the field).
+    #[error("the configuration does not fit the agent's schema")]
+    Schema(#[source] toml::de::Error),
+    /// A value is well-formed but not usable; the message names the field.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
 impl AgentConfig {
-    /// Parses and validates a configuration file's text; the message says
-    /// which field is wrong.
-    pub fn parse(text: &str) -> Result<AgentConfig, String> {
+    /// Reads the file at `path` and parses it with the overrides among
+    /// `variables` ([`AgentConfig::parse_with_overrides`]).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] saying whether the file, an override or a value is
+    /// at fault.
+    pub fn load(
+        path: &std::path::Path,
+        variables: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse_with_overrides(&text, variables)
+    }
+
+    /// Parses and validates a configuration file's text.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the field that is wrong.
+    pub fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
         Self::parse_with_overrides(text, std::iter::empty())
     }
 
@@ -348,25 +403,38 @@ impl AgentConfig {
     /// with [`ENV_PREFIX`]; pass `std::env::vars()`) applied, then
     /// validates. A value is read as TOML when it parses as a TOML value
     /// (numbers, booleans, arrays), else as a string.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] saying whether the text, an override or a value is
+    /// at fault.
     pub fn parse_with_overrides(
         text: &str,
         variables: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<AgentConfig, String> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|error| error.to_string())?;
+    ) -> Result<AgentConfig, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(ConfigError::Syntax)?;
         for (name, value) in variables {
             if let Some(path) = name.strip_prefix(ENV_PREFIX) {
-                override_field(&mut table, path, &value)
-                    .map_err(|error| format!("{name}: {error}"))?;
+                override_field(&mut table, path, &value).map_err(|problem| {
+                    ConfigError::Override {
+                        variable: name.clone(),
+                        problem,
+                    }
+                })?;
             }
         }
         let config: AgentConfig = toml::Value::Table(table)
             .try_into()
-            .map_err(|error: toml::de::Error| error.to_string())?;
-        config.validate()?;
+            .map_err(ConfigError::Schema)?;
+        config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), String> {
+        // The pool's own check would name its field, `assign_timeout`.
+        if self.pool.assign_timeout_seconds == 0 {
+            return Err("[pool] assign_timeout_seconds must be at least 1".into());
+        }
         if self.gc_interval_seconds == 0 {
             return Err("gc_interval_seconds must be at least 1".into());
         }
@@ -402,6 +470,10 @@ impl AgentConfig {
     }
 
     /// The pool knobs as the engine takes them, validated.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the knob that is wrong.
     pub fn pool_config(&self) -> Result<PoolConfig, String> {
         let knobs = &self.pool;
         let config = PoolConfig {
@@ -424,6 +496,10 @@ impl AgentConfig {
     }
 
     /// The slave kind from `kind` and `mode`.
+    ///
+    /// # Errors
+    ///
+    /// A message naming a mode that is not one of the kind's.
     pub fn slave_kind(&self) -> Result<SlaveKind, String> {
         let network = &self.network;
         let macvlan = |mode| Ok(SlaveKind::MacVlan { mode });
@@ -442,6 +518,10 @@ impl AgentConfig {
     }
 
     /// The node network.
+    ///
+    /// # Errors
+    ///
+    /// As [`AgentConfig::slave_kind`].
     pub fn node_network(&self) -> Result<NodeNetwork, String> {
         Ok(NodeNetwork {
             parent: self.network.parent.clone(),
@@ -500,6 +580,12 @@ fn ipvlan(mode: IpVlanMode) -> SlaveKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error and its causes, as the binary prints them.
+    fn described(error: &ConfigError) -> String {
+        let causes = hulk_cni::cause_chain(std::error::Error::source(error));
+        format!("{error}: {causes}")
+    }
 
     const MINIMAL: &str = r#"
         node_name = "node-1"
@@ -563,7 +649,7 @@ mod tests {
         ));
         let in_memory = ultron.replace("state_file = \"/var/lib/hulk-vpc/pool.redb\"", "");
         let error = AgentConfig::parse(&in_memory).unwrap_err();
-        assert!(error.contains("state_file is required"), "{error}");
+        assert!(described(&error).contains("state_file is required"), "{}", described(&error));
         let neutron = with_state.replace(
             "type = \"mock\"\n        subnet = \"10.20.0.0/24\"",
             "type = \"neutron\"\nauth_url = \"https://keystone:5000/v3\"\napplication_credential_id = \"id\"\napplication_credential_secret_file = \"/etc/hulk/secret\"\ncluster = \"prod\"",
@@ -583,7 +669,7 @@ mod tests {
         );
         let error = AgentConfig::parse(&with_state).unwrap_err();
         for named in ["state_file", "backend.type = \"mock\"", "two pods"] {
-            assert!(error.contains(named), "{named:?} not in {error}");
+            assert!(described(&error).contains(named), "{named:?} not in {}", described(&error));
         }
         // The same through the environment, as a DaemonSet may set it.
         let variables = [(
@@ -591,7 +677,7 @@ mod tests {
             "/var/lib/hulk-vpc/pool.redb".to_owned(),
         )];
         let error = AgentConfig::parse_with_overrides(MINIMAL, variables).unwrap_err();
-        assert!(error.contains("state_file cannot be used"), "{error}");
+        assert!(described(&error).contains("state_file cannot be used"), "{}", described(&error));
         assert_eq!(AgentConfig::parse(MINIMAL).unwrap().state_file, None);
     }
 
@@ -628,7 +714,7 @@ mod tests {
 
         let typo = [("HULK_AGENT__NETWORK__PARNET".to_owned(), "eth1".to_owned())];
         let error = AgentConfig::parse_with_overrides(MINIMAL, typo).unwrap_err();
-        assert!(error.contains("parnet"), "{error}");
+        assert!(described(&error).contains("parnet"), "{}", described(&error));
     }
 
     #[test]
@@ -667,7 +753,15 @@ mod tests {
         let cases = [
             (
                 MINIMAL.replace("parent = \"eth1\"", "parent = \"eth1\"\nmode = \"l4\""),
-                "mode Some(\"l4\")",
+                "unknown variant `l4`, expected one of `l2`, `l3`, `l3s`",
+            ),
+            (
+                MINIMAL.replace("parent = \"eth1\"", "parent = \"eth1\"\nmode = \"bridge\""),
+                "mode bridge is not a mode of ipvlan",
+            ),
+            (
+                format!("{MINIMAL}\n[pool]\nassign_timeout_seconds = 0\n"),
+                "[pool] assign_timeout_seconds must be at least 1",
             ),
             (
                 format!("{MINIMAL}\n[pool]\nmin_idle = 50\nmax_idle = 5\n"),
@@ -690,8 +784,11 @@ mod tests {
             ),
         ];
         for (text, expected) in cases {
-            let error = AgentConfig::parse(&text).unwrap_err();
+            let error = described(&AgentConfig::parse(&text).unwrap_err());
             assert!(error.contains(expected), "{expected:?} not in {error}");
+            // Values are shown as the user wrote them, not as Rust debug
+            // output.
+            assert!(!error.contains("Some("), "{error}");
         }
     }
 }

@@ -15,9 +15,12 @@
 //! - [`http`]: the HTTP status endpoint (`/metrics`, `/healthz`).
 //! - [`backend`]: the IPAM backend a configuration names.
 
+mod agent;
 pub mod backend;
 pub mod config;
 pub mod http;
 pub mod plugin_service;
 pub mod rescue;
 pub mod server;
+
+pub use agent::{Agent, AgentError, cancel_on_signal};

@@ -207,12 +207,7 @@ fn failed(message: impl std::fmt::Display) -> RescueReply {
 /// The failure `error`, with its causes: an operator reads the errno or
 /// the refused connection, not only the summary.
 fn failed_because(error: &(dyn std::error::Error + 'static)) -> RescueReply {
-    let causes = hulk_cni::cause_chain(error.source());
-    if causes.is_empty() {
-        failed(error)
-    } else {
-        failed(format!("{error}: {causes}"))
-    }
+    failed(hulk_cni::describe(error))
 }
 
 impl<K: Kernel + 'static> RescueService<K> {

@@ -129,6 +129,17 @@ pub fn cause_chain(mut cause: Option<&(dyn std::error::Error + 'static)>) -> Str
     text
 }
 
+/// `error` and its causes on one line (`error: cause: cause`), as a
+/// binary prints a failure or a log line names it.
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let causes = cause_chain(error.source());
+    if causes.is_empty() {
+        error.to_string()
+    } else {
+        format!("{error}: {causes}")
+    }
+}
+
 fn details_suffix(details: &str) -> String {
     if details.is_empty() {
         String::new()

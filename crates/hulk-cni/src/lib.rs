@@ -64,7 +64,7 @@ pub mod version;
 
 pub use config::{Attachment, IpamConf, NetConf, NetConfList, PluginConf};
 pub use env::{CniArgs, CniEnv, Command};
-pub use error::{CniError, ErrorCode, cause_chain};
+pub use error::{CniError, ErrorCode, cause_chain, describe};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use skel::{
     AttachRequest, CheckRequest, DelRequest, GcRequest, Outcome, Plugin, dispatch, run,

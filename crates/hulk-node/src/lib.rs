@@ -79,12 +79,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hulk_agent_api::codes;
 use hulk_agent_api::del_notes::DelNotes;
 use hulk_cni::{Attachment, CniError, ErrorCode};
-use hulk_ipam::{AttachmentId, IpamError, Lease, Owner, PoolKey};
+use hulk_ipam::{AttachmentId, Lease, Owner, PoolKey};
 use hulk_netns::format_mac;
 use hulk_netns::{
     Attached, Datapath, DatapathError, Kernel, Mac, NodeNetwork, NodeState, NsId, Ownership,
     PodNetwork, RestoreReport,
 };
+use tokio_util::sync::CancellationToken;
 use hulk_pool::{AddressState, OrphanSweep, PoolError, PoolManager, ReconcileReport};
 
 pub use hulk_agent_api::{DEFAULT_CALLER_TIMEOUT, PodAttachment, PodRequest};
@@ -172,17 +173,7 @@ impl NodeError {
                 | PoolError::Full { .. }
                 | PoolError::AddressUnavailable { .. },
             ) => ErrorCode::TryAgainLater,
-            // The one request a pod shapes: its fixed address.
-            NodeError::Pool(PoolError::Backend(IpamError::InvalidRequest(_))) => {
-                ErrorCode::InvalidNetworkConfig
-            }
-            NodeError::Pool(PoolError::Backend(
-                IpamError::Exhausted { .. } | IpamError::Quota(_),
-            )) => codes::ADDRESS_EXHAUSTED,
-            NodeError::Pool(PoolError::Backend(error)) if error.is_retryable() => {
-                ErrorCode::TryAgainLater
-            }
-            NodeError::Pool(PoolError::Backend(_)) => codes::IPAM_BACKEND,
+            NodeError::Pool(PoolError::Backend(error)) => codes::of_ipam_error(error),
             NodeError::Pool(PoolError::Store(_)) => codes::STATE_STORE,
             NodeError::Pool(PoolError::InvalidConfig(_)) => ErrorCode::InvalidNetworkConfig,
             NodeError::Datapath(
@@ -1006,7 +997,7 @@ impl<K: Kernel> Node<K> {
         replayed
     }
 
-    /// Runs the periodic GC until `shutdown` turns true: every `interval`
+    /// Runs the periodic GC until `shutdown` is cancelled: every `interval`
     /// the DEL notes ([`Node::replay_del_notes`]), a liveness pass
     /// ([`Node::collect_gone_sandboxes`]), a pass of
     /// [`Node::collect_dead_pods`], and every tenth pass an
@@ -1017,17 +1008,12 @@ impl<K: Kernel> Node<K> {
     pub async fn run_collector(
         self: Arc<Self>,
         interval: std::time::Duration,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) {
         let mut passes: u64 = 0;
-        while !*shutdown.borrow_and_update() {
+        loop {
             tokio::select! {
-                changed = shutdown.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    continue;
-                }
+                () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(interval) => {}
             }
             passes += 1;

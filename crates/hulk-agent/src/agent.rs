@@ -1,0 +1,347 @@
+//! The agent's assembly: what is built from a configuration, and in which
+//! order it starts and stops. The order matters for correctness:
+//!
+//! 1. The sockets are bound first, before anything touches the node: a
+//!    second agent started on the same paths stops there instead of
+//!    restoring and replaying DELs under the running one. Until serving
+//!    starts, callers wait in the listen backlog.
+//! 2. The backend, the store, the pools and the node are built.
+//! 3. [`Agent::run`]: node-level state back first ([`Node::restore`]), then
+//!    the DELs the plugin noted while the agent was down, then serving.
+//!    Serving does not wait for the warm-up: after a restart the pool may
+//!    hold idle addresses already, and a cloud outage must not keep the
+//!    node from releasing addresses or answering STATUS.
+//! 4. On shutdown: the sockets stop accepting and the requests in progress
+//!    finish; only then do the owner marks stop, so their last pass covers
+//!    the ADDs and DELs that finished during the shutdown; the socket files
+//!    are removed last, and only if still ours.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hulk_agent_api::del_notes::DelNotes;
+use hulk_ipam::PoolKey;
+use hulk_netns::{Datapath, Kernel, NetlinkKernel, Netns, NetnsError};
+use hulk_node::pods::PodDirectory;
+use hulk_node::{Node, NodeError};
+use hulk_pool::{MemoryStore, PoolError, PoolManager, PoolStore, RedbStore, StoreError, SystemClock};
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{self, BackendError};
+use crate::config::{AgentConfig, ConfigError};
+use crate::http::HttpLimits;
+use crate::plugin_service::{PluginMetrics, PluginService};
+use crate::rescue::RescueService;
+use crate::server::{self, BindError, ServeLimits, SocketFile};
+
+/// Why the agent could not start or stopped with an error. Each names
+/// what it was doing; the cause is kept.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration cannot be read or used.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A socket could not be bound (another agent serves it, or the
+    /// directory cannot be created).
+    #[error("cannot bind the {which} socket")]
+    Bind {
+        /// `plugin` or `rescue`.
+        which: &'static str,
+        /// The cause.
+        #[source]
+        source: BindError,
+    },
+    /// The backend could not be built.
+    #[error("cannot set up the IPAM backend")]
+    Backend(#[from] BackendError),
+    /// The state file's directory could not be created.
+    #[error("cannot create the state directory {}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file could not be opened.
+    #[error("cannot open the state file")]
+    Store(#[source] StoreError),
+    /// The pools could not be opened from the store.
+    #[error("cannot open the pools")]
+    Pools(#[source] PoolError),
+    /// The netlink socket or the node's network namespace could not be
+    /// opened.
+    #[error("cannot open the node's network")]
+    Kernel(#[source] NetnsError),
+    /// The node-level datapath could not be restored.
+    #[error("cannot restore the node's datapath")]
+    Restore(#[source] NodeError),
+    /// The HTTP status endpoint could not listen.
+    #[error("cannot listen on {address} for the HTTP status endpoint")]
+    Http {
+        /// The address.
+        address: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A node agent built from its configuration, ready to [`Agent::run`].
+#[derive(Debug)]
+pub struct Agent<K> {
+    config: AgentConfig,
+    node: Node<K>,
+    default_pool: PoolKey,
+    plugin_socket: (UnixListener, SocketFile),
+    rescue_socket: (UnixListener, SocketFile),
+    http: Option<TcpListener>,
+}
+
+impl Agent<NetlinkKernel> {
+    /// Builds the agent `config` describes on this host's kernel (in
+    /// `node_netns` when set): binds its sockets, builds the backend, the
+    /// store, the pools and the node. Touches nothing on the node yet.
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError`] naming the step that failed.
+    pub async fn from_config(config: AgentConfig) -> Result<Self, AgentError> {
+        let kernel = match &config.node_netns {
+            Some(path) => NetlinkKernel::with_host(Netns::open(path).map_err(AgentError::Kernel)?),
+            None => NetlinkKernel::new(),
+        }
+        .map_err(AgentError::Kernel)?;
+        Self::with_kernel(config, kernel).await
+    }
+}
+
+impl<K: Kernel + 'static> Agent<K> {
+    /// [`Agent::from_config`] on `kernel` (tests use the fake kernel).
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError`] naming the step that failed.
+    pub async fn with_kernel(config: AgentConfig, kernel: K) -> Result<Self, AgentError> {
+        // Bound with their modes from the start (see `server::bind`); each
+        // file is removed when its `SocketFile` drops, on an error return
+        // too, if still ours.
+        let plugin_socket = server::bind(&config.socket, 0o660)
+            .await
+            .map_err(|source| AgentError::Bind {
+                which: "plugin",
+                source,
+            })?;
+        let rescue_socket = server::bind(&config.rescue_socket, 0o600)
+            .await
+            .map_err(|source| AgentError::Bind {
+                which: "rescue",
+                source,
+            })?;
+        let backend = backend::from_section(&config.backend)?;
+        let store: Arc<dyn PoolStore> = match &config.state_file {
+            Some(path) => {
+                if let Some(directory) = path.parent() {
+                    std::fs::create_dir_all(directory).map_err(|source| AgentError::StateDir {
+                        path: directory.to_path_buf(),
+                        source,
+                    })?;
+                }
+                Arc::new(RedbStore::open(path).map_err(AgentError::Store)?)
+            }
+            None => Arc::new(MemoryStore::default()),
+        };
+        let pools = PoolManager::open(
+            backend,
+            store,
+            Arc::new(SystemClock),
+            &config.node_name,
+            config.pool_config().map_err(|message| AgentError::Config(ConfigError::Invalid(message)))?,
+        )
+        .await
+        .map_err(AgentError::Pools)?;
+        let default_pool = config.default_pool_key();
+        let node = Node::new(
+            pools,
+            Datapath::new(kernel),
+            config.node_network().map_err(|message| AgentError::Config(ConfigError::Invalid(message)))?,
+            default_pool.clone(),
+        )
+        .with_del_notes(DelNotes::new(&config.pending_del_dir));
+        let http = match config.metrics_address {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|source| AgentError::Http { address, source })?,
+            ),
+            None => None,
+        };
+        Ok(Agent {
+            config,
+            node,
+            default_pool,
+            plugin_socket,
+            rescue_socket,
+            http,
+        })
+    }
+
+    /// Reads pods from `pods` (the Kubernetes API) for the pool
+    /// annotations at ADD and the GC of dead pods.
+    pub fn with_pods(mut self, pods: Arc<dyn PodDirectory>) -> Self {
+        self.node = self.node.with_pods(pods);
+        self
+    }
+
+    /// The node the agent serves.
+    pub fn node(&self) -> &Node<K> {
+        &self.node
+    }
+
+    /// The HTTP status endpoint's address, when it listens (a configured
+    /// port 0 becomes a real one).
+    pub fn http_address(&self) -> Option<SocketAddr> {
+        self.http
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+    }
+
+    /// Restores the node, replays noted DELs, and serves until `shutdown`
+    /// is cancelled, then stops in order (see the module docs).
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::Restore`] when the node-level datapath cannot be
+    /// restored (nothing is served then).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let Agent {
+            config,
+            node,
+            default_pool,
+            plugin_socket: (listener, socket_file),
+            rescue_socket: (rescue_listener, rescue_file),
+            http,
+        } = self;
+        let node = Arc::new(node);
+        let pools = node.pools().clone();
+        let restored = node.restore().await.map_err(AgentError::Restore)?;
+        tracing::info!(
+            routes = restored.node.routes_installed,
+            stale = restored.node.stale_routes_removed.len(),
+            gateways_repinned = restored.gateways_repinned,
+            "node state restored"
+        );
+        let replayed = node.replay_del_notes().await;
+        if replayed > 0 {
+            tracing::info!(replayed, "DELs made while the agent was down are done");
+        }
+        // Said once at start: Service traffic can fail silently otherwise.
+        match hulk_node::nftables_shadowing().await {
+            Ok(findings) => {
+                for finding in findings.unwrap_or_default() {
+                    tracing::warn!(%finding, "nftables can take precedence over kube-proxy's iptables rules");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not read the nftables ruleset"),
+        }
+
+        let mut background = tokio::task::JoinSet::new();
+        let warming = pools.clone();
+        background.spawn(async move {
+            match warming.warm_up(&default_pool).await {
+                Ok(allocated) => {
+                    tracing::info!(pool = %default_pool.subnet, allocated, "pool warmed up");
+                }
+                Err(error) => {
+                    tracing::warn!(pool = %default_pool.subnet, %error, "warm-up failed; the refiller retries");
+                }
+            }
+        });
+        background.spawn(pools.clone().run_refillers(shutdown.clone()));
+        // Not a child of `shutdown`: cancelled after serving stopped.
+        let marks = CancellationToken::new();
+        background.spawn(pools.clone().run_owner_marks(marks.clone()));
+        let gc_interval = Duration::from_secs(config.gc_interval_seconds);
+        background.spawn(node.clone().run_collector(gc_interval, shutdown.clone()));
+        let metrics = PluginMetrics::default();
+        if let Some(listener) = http {
+            let mut registry = Registry::default();
+            pools.metrics().register(&mut registry);
+            metrics.register(&mut registry);
+            tracing::info!(address = ?listener.local_addr().ok(), "serving /metrics and /healthz");
+            background.spawn(crate::http::serve(
+                listener,
+                HttpLimits::default(),
+                pools.clone(),
+                registry,
+                shutdown.clone(),
+            ));
+        }
+        tracing::info!(socket = %config.socket.display(), node = %config.node_name, "agent ready");
+        // Both sockets serve root only (`ServeLimits::default()`): the
+        // runtime runs the plugin as root and hulkctl is an operator's
+        // tool. The file modes keep others from connecting; the uid check
+        // also covers a group member (agent.sock is 0660) and a mode
+        // changed by hand.
+        let limits = ServeLimits {
+            max_in_flight: config.max_in_flight,
+            request_timeout: Duration::from_secs(config.request_timeout_seconds),
+            ..ServeLimits::default()
+        };
+        // Its own small bound: an operator's few calls still get through
+        // when the plugin's socket is flooded.
+        let rescue_limits = ServeLimits {
+            max_in_flight: 4,
+            max_connections: 16,
+            ..limits.clone()
+        };
+        background.spawn(server::serve(
+            Arc::new(RescueService::new(node.clone())),
+            rescue_listener,
+            rescue_limits,
+            shutdown.clone(),
+        ));
+        server::serve(
+            Arc::new(PluginService::new(node, metrics)),
+            listener,
+            limits,
+            shutdown,
+        )
+        .await;
+        tracing::info!("plugin socket closed; finishing background work");
+        marks.cancel();
+        while let Some(joined) = background.join_next().await {
+            if let Err(error) = joined {
+                tracing::error!(%error, "a background task of the agent failed");
+            }
+        }
+        // Removed only if still ours (see `SocketFile`).
+        drop((socket_file, rescue_file));
+        Ok(())
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM (what Kubernetes sends a stopping pod)
+/// or SIGINT (Ctrl-C); an agent that cannot watch SIGTERM logs it and
+/// stops on SIGINT only.
+pub async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot watch SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down: finishing requests in progress");
+    shutdown.cancel();
+}
