@@ -179,13 +179,15 @@ async fn the_agent_takes_addresses_from_an_ultron_service() {
     );
     let _agent = start_agent(&dir, ULTRON_NODE, ULTRON_POD, "", &backend).await;
     let pod = PodRequest {
-        container_id: "sandbox-u".into(),
-        ifname: "eth0".into(),
+        owner: Owner {
+            container_id: "sandbox-u".into(),
+            ifname: "eth0".into(),
+            pod: None,
+            cni_network: Some("vpc".into()),
+            pod_uid: None,
+        },
         netns: Some(Path::new(NETNS_RUN_DIR).join(ULTRON_POD)),
-        pod: None,
         pool: None,
-        cni_network: Some("vpc".into()),
-        pod_uid: None,
         timeout_ms: None,
         address: None,
         mac: None,
@@ -224,13 +226,15 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
     let socket = dir.join("agent.sock");
 
     let pod = PodRequest {
-        container_id: "sandbox-1".into(),
-        ifname: "eth0".into(),
+        owner: Owner {
+            container_id: "sandbox-1".into(),
+            ifname: "eth0".into(),
+            pod: Some("default/web-0".into()),
+            cni_network: Some("vpc".into()),
+            pod_uid: None,
+        },
         netns: Some(Path::new(NETNS_RUN_DIR).join(POD)),
-        pod: Some("default/web-0".into()),
         pool: None,
-        cni_network: Some("vpc".into()),
-        pod_uid: None,
         timeout_ms: None,
         address: None,
         mac: None,
@@ -349,13 +353,15 @@ async fn the_rescue_api_inspects_and_repairs_the_node() {
     )
     .await;
     let pod = PodRequest {
-        container_id: "sandbox-r".into(),
-        ifname: "eth0".into(),
+        owner: Owner {
+            container_id: "sandbox-r".into(),
+            ifname: "eth0".into(),
+            pod: Some("default/web-r".into()),
+            cni_network: Some("vpc".into()),
+            pod_uid: None,
+        },
         netns: Some(Path::new(NETNS_RUN_DIR).join(RESCUE_POD)),
-        pod: Some("default/web-r".into()),
         pool: None,
-        cni_network: Some("vpc".into()),
-        pod_uid: None,
         timeout_ms: None,
         address: None,
         mac: None,
@@ -450,8 +456,11 @@ async fn the_rescue_api_inspects_and_repairs_the_node() {
     assert_eq!(code, 0, "{refilled}");
     assert!(refilled["allocated"].as_u64().unwrap() > 0, "{refilled}");
     let second = PodRequest {
-        container_id: "sandbox-r2".into(),
-        ifname: "eth1".into(),
+        owner: Owner {
+            container_id: "sandbox-r2".into(),
+            ifname: "eth1".into(),
+            ..pod.clone().owner.clone()
+        },
         ..pod.clone()
     };
     let reply = call(&socket, &AgentRequest::Add(second), timeout)
@@ -554,13 +563,15 @@ fn default_pool() -> PoolKey {
 /// namespace: the address it got.
 async fn add(dir: &Path, pod: &str, container: &str, ifname: &str) -> IpNet {
     let request = PodRequest {
-        container_id: container.into(),
-        ifname: ifname.into(),
+        owner: Owner {
+            container_id: container.into(),
+            ifname: ifname.into(),
+            pod: Some(format!("default/{container}")),
+            cni_network: Some("vpc".into()),
+            pod_uid: None,
+        },
         netns: Some(Path::new(NETNS_RUN_DIR).join(pod)),
-        pod: Some(format!("default/{container}")),
         pool: None,
-        cni_network: Some("vpc".into()),
-        pod_uid: None,
         timeout_ms: None,
         address: None,
         mac: None,
@@ -762,13 +773,15 @@ async fn a_start_after_a_crash_mid_allocation_serves_while_the_cloud_is_unreacha
     .unwrap();
     assert!(matches!(status, AgentReply::Done), "{status:?}");
     let del = PodRequest {
-        container_id: "sandbox-d".into(),
-        ifname: "eth0".into(),
+        owner: Owner {
+            container_id: "sandbox-d".into(),
+            ifname: "eth0".into(),
+            pod: None,
+            cni_network: Some("vpc".into()),
+            pod_uid: None,
+        },
         netns: Some(Path::new(NETNS_RUN_DIR).join(DOWN_POD)),
-        pod: None,
         pool: None,
-        cni_network: Some("vpc".into()),
-        pod_uid: None,
         timeout_ms: None,
         address: None,
         mac: None,

@@ -452,6 +452,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+    use hulk_ipam::Owner;
 
     /// An empty scratch directory for one test (the crate has no tempdir
     /// dependency; the process id keeps parallel runs apart).
@@ -475,13 +476,15 @@ mod tests {
 
     fn request(container_id: &str, ifname: &str) -> PodRequest {
         PodRequest {
-            container_id: container_id.into(),
-            ifname: ifname.into(),
+            owner: Owner {
+                container_id: container_id.into(),
+                ifname: ifname.into(),
+                pod: Some("default/web-0".into()),
+                cni_network: Some("vpc".into()),
+                pod_uid: Some("uid-1".into()),
+            },
             netns: Some(PathBuf::from(format!("/var/run/netns/{container_id}"))),
-            pod: Some("default/web-0".into()),
             pool: None,
-            cni_network: Some("vpc".into()),
-            pod_uid: Some("uid-1".into()),
             timeout_ms: Some(60_000),
             address: None,
             mac: None,
@@ -587,7 +590,7 @@ mod tests {
         notes.write(&request("5f2c", "eth0")).unwrap();
         let listed = notes.list().unwrap();
         let mut later = request("5f2c", "eth0");
-        later.pod_uid = Some("uid-2".into());
+        later.owner.pod_uid = Some("uid-2".into());
         notes.write(&later).unwrap();
 
         notes.remove(&listed[0]).unwrap();

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hulk_agent_api::codes;
 use hulk_cni::{Attachment, ErrorCode};
 use hulk_netns::fake::FakeKernel;
 use hulk_node::PodRequest;
@@ -23,13 +24,15 @@ const PODS: usize = 20;
 
 fn pod(n: usize) -> PodRequest {
     PodRequest {
-        container_id: format!("c{n}"),
-        ifname: "eth0".into(),
+        owner: Owner {
+            container_id: format!("c{n}"),
+            ifname: "eth0".into(),
+            pod: None,
+            cni_network: Some("vpc".into()),
+            pod_uid: None,
+        },
         netns: Some(PathBuf::from(format!("/var/run/netns/p{n}"))),
-        pod: None,
         pool: None,
-        cni_network: Some("vpc".into()),
-        pod_uid: None,
         timeout_ms: None,
         address: None,
         mac: None,
@@ -144,7 +147,7 @@ async fn failures_come_back_as_cni_errors() {
     else {
         panic!("ADD into a missing namespace succeeded");
     };
-    assert_eq!(error.code, ErrorCode::Namespace);
+    assert_eq!(error.code, codes::NAMESPACE);
 
     let mut raw = tokio::net::UnixStream::connect(&path).await.unwrap();
     raw.write_all(b"{not json\n").await.unwrap();

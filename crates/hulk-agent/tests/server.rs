@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use hulk_agent_api::codes;
 use hulk_cni::ErrorCode;
 use hulk_netns::fake::FakeKernel;
 use hulk_node::Node;
@@ -275,7 +276,7 @@ async fn a_refused_peer_gets_an_error_line() {
     else {
         panic!("served a uid not allowed");
     };
-    assert_eq!(error.code, ErrorCode::AgentUnavailable);
+    assert_eq!(error.code, codes::AGENT_UNAVAILABLE);
     assert!(error.msg.contains("uid 0"), "{}", error.msg);
 
     let rescue = dir.0.join("rescue.sock");
@@ -379,7 +380,7 @@ async fn non_root_peers_are_kept_out_by_mode_and_by_uid() {
     .unwrap();
     assert!(
         matches!(&reply, AgentReply::Failed(error)
-            if error.code == ErrorCode::AgentUnavailable && error.msg.contains("uid 65534")),
+            if error.code == codes::AGENT_UNAVAILABLE && error.msg.contains("uid 65534")),
         "{reply:?}"
     );
     // Root is served.

@@ -260,7 +260,7 @@ fn errors_are_written_in_the_request_version() {
 #[test]
 fn plugin_errors_pass_through_with_their_code() {
     let plugin = Recorder {
-        fail_with: Some(CniError::new(ErrorCode::AddressExhausted, "subnet full")),
+        fail_with: Some(CniError::new(ErrorCode::Other(102), "subnet full")),
         ..Recorder::default()
     };
     let outcome = run(&plugin, &full_env("ADD"), &config("1.0.0"));

@@ -12,8 +12,9 @@ use support::{key, network, pod};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hulk_agent_api::codes;
 use hulk_cni::{Attachment, ErrorCode};
-use hulk_ipam::{IpamError, MockBackend};
+use hulk_ipam::{IpamError, MockBackend, Owner};
 use hulk_netns::fake::{FakeKernel, FakeNs};
 use hulk_netns::{Datapath, DatapathError, Kernel};
 use hulk_node::{Node, NodeError, PodRequest};
@@ -69,7 +70,7 @@ async fn a_failed_attach_gives_the_address_back() {
     let (node, namespaces) = node(&["a"]).await;
     node.datapath().kernel().fail_operation(3);
     let error = node.add(&pod("a")).await.unwrap_err();
-    assert_eq!(error.to_cni().code, ErrorCode::Datapath);
+    assert_eq!(error.to_cni().code, codes::DATAPATH);
     assert_eq!(
         node.pools().stats(&key()).assigned,
         0,
@@ -127,12 +128,15 @@ async fn gc_tears_down_every_attachment_of_its_network_not_valid_in_one_call() {
     node.add(&pod("c")).await.unwrap();
     // A second network (a secondary interface through Multus, say).
     let other_network = PodRequest {
-        cni_network: Some("storage".into()),
-        pod_uid: None,
         timeout_ms: None,
         address: None,
         mac: None,
-        ifname: "net1".into(),
+        owner: Owner {
+            ifname: "net1".into(),
+            cni_network: Some("storage".into()),
+            pod_uid: None,
+            ..pod("d").owner.clone()
+        },
         ..pod("d")
     };
     let d = node.add(&other_network).await.unwrap();
@@ -222,11 +226,11 @@ fn failures_map_to_their_cni_codes() {
                 exhausted: true,
             }
             .into(),
-            ErrorCode::AddressExhausted,
+            codes::ADDRESS_EXHAUSTED,
         ),
         (
             PoolError::Backend(IpamError::Exhausted { subnet: "s".into() }).into(),
-            ErrorCode::AddressExhausted,
+            codes::ADDRESS_EXHAUSTED,
         ),
         (
             PoolError::Backend(IpamError::Throttled { retry_after: None }).into(),
@@ -234,7 +238,7 @@ fn failures_map_to_their_cni_codes() {
         ),
         (
             PoolError::Backend(IpamError::Auth("no".into())).into(),
-            ErrorCode::IpamBackend,
+            codes::IPAM_BACKEND,
         ),
         (
             PoolError::AddressUnavailable {
@@ -250,11 +254,11 @@ fn failures_map_to_their_cni_codes() {
         ),
         (
             DatapathError::NamespaceNotFound("/x".into()).into(),
-            ErrorCode::Namespace,
+            codes::NAMESPACE,
         ),
         (
             DatapathError::ParentNotFound("eth9".into()).into(),
-            ErrorCode::Datapath,
+            codes::DATAPATH,
         ),
         (
             DatapathError::Invalid("mac".into()).into(),
@@ -481,8 +485,8 @@ async fn the_collector_sweeps_every_pass_until_a_starts_intents_are_settled() {
     // Ten passes (the usual sweep) take two seconds; the intent must go
     // on the first pass that reaches the backend.
     let interval = Duration::from_millis(200);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let collector = tokio::spawn(node.run_collector(interval, stopped));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let collector = tokio::spawn(node.run_collector(interval, stop.clone()));
     let started = std::time::Instant::now();
     while pools.unsettled_intents() > 0 {
         assert!(
@@ -493,6 +497,6 @@ async fn the_collector_sweeps_every_pass_until_a_starts_intents_are_settled() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(store.load().unwrap().intents.is_empty());
-    stop.send(true).unwrap();
+    stop.cancel();
     collector.await.unwrap();
 }

@@ -16,12 +16,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hulk_agent_api::codes;
 use hulk_cni::ErrorCode;
-use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MacAddr, MockBackend};
+use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MacAddr, MockBackend, Owner};
 use hulk_netns::fake::{FakeKernel, FakeNs};
 use hulk_netns::{Datapath, Kernel, SlaveKind};
 use hulk_node::attachments::Phase;
-use hulk_node::del_notes::DelNotes;
+use hulk_agent_api::del_notes::DelNotes;
 use hulk_node::{Node, NodeError, PodRequest};
 use hulk_pool::{MemoryStore, PoolConfig, PoolManager, PoolStore, SystemClock};
 
@@ -31,13 +32,15 @@ fn netns(name: &str) -> PathBuf {
 
 fn pod(name: &str) -> PodRequest {
     PodRequest {
-        container_id: name.into(),
-        ifname: "eth0".into(),
+        owner: Owner {
+            container_id: name.into(),
+            ifname: "eth0".into(),
+            pod: None,
+            cni_network: Some("vpc".into()),
+            pod_uid: None,
+        },
         netns: Some(netns(name)),
-        pod: None,
         pool: None,
-        cni_network: Some("vpc".into()),
-        pod_uid: None,
         timeout_ms: None,
         address: None,
         mac: None,
@@ -148,7 +151,7 @@ async fn a_second_add_of_a_completed_attachment_is_the_specs_error() {
     h.node.add(&pod("a")).await.unwrap();
     let error = h.node.add(&pod("a")).await.unwrap_err();
     assert!(matches!(error, NodeError::AlreadyAttached(_)), "{error}");
-    assert_eq!(error.to_cni().code, ErrorCode::Datapath);
+    assert_eq!(error.to_cni().code, codes::DATAPATH);
     // Nothing was undone by the refused ADD.
     assert_eq!(h.assigned(), 1);
     h.node.check(&pod("a")).await.unwrap();
@@ -278,7 +281,7 @@ async fn del_touches_only_what_add_built() {
     // A foreign eth0 (another plugin's link, not a slave) in a's pod.
     kernel.add_link(h.namespaces[0], "eth0", 1500);
     let error = h.node.add(&pod("a")).await.unwrap_err();
-    assert_eq!(error.to_cni().code, ErrorCode::Datapath, "{error}");
+    assert_eq!(error.to_cni().code, codes::DATAPATH, "{error}");
     h.node.del(&pod("a")).await.unwrap();
     assert_eq!(
         h.links(0),

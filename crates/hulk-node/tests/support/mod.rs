@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hulk_ipam::{MockBackend, PoolKey};
+use hulk_ipam::{MockBackend, PoolKey, Owner};
 use hulk_netns::fake::FakeKernel;
 use hulk_netns::{Datapath, NodeNetwork, SlaveKind};
 use hulk_node::{Node, PodRequest};
@@ -32,13 +32,15 @@ pub fn network() -> NodeNetwork {
 /// ADD/DEL of pod `name`'s `eth0` in `/var/run/netns/{name}`.
 pub fn pod(name: &str) -> PodRequest {
     PodRequest {
-        container_id: name.into(),
-        ifname: "eth0".into(),
+        owner: Owner {
+            container_id: name.into(),
+            ifname: "eth0".into(),
+            pod: Some(format!("default/{name}")),
+            cni_network: Some("vpc".into()),
+            pod_uid: None,
+        },
         netns: Some(PathBuf::from(format!("/var/run/netns/{name}"))),
-        pod: Some(format!("default/{name}")),
         pool: None,
-        cni_network: Some("vpc".into()),
-        pod_uid: None,
         timeout_ms: None,
         address: None,
         mac: None,

@@ -320,13 +320,15 @@ async fn node(kube: KubeClient, pods: &[&str]) -> Node<FakeKernel> {
 /// The ADD or DEL of pod `default/{name}`, its container being `name`.
 fn request(name: &str) -> PodRequest {
     PodRequest {
-        container_id: name.into(),
-        ifname: "eth0".into(),
+        owner: Owner {
+            container_id: name.into(),
+            ifname: "eth0".into(),
+            pod: Some(format!("default/{name}")),
+            cni_network: Some("vpc".into()),
+            pod_uid: Some(format!("uid-{name}")),
+        },
         netns: Some(PathBuf::from(format!("/var/run/netns/{name}"))),
-        pod: Some(format!("default/{name}")),
         pool: None,
-        cni_network: Some("vpc".into()),
-        pod_uid: Some(format!("uid-{name}")),
         timeout_ms: None,
         address: None,
         mac: None,
