@@ -9,6 +9,14 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+/// A request one of the agent's sockets answers, and the reply it gets:
+/// [`crate::PluginRequest`] on the plugin socket, the rescue API's request
+/// (in `hulk-agent`) on the rescue socket.
+pub trait Exchange: Serialize {
+    /// What the agent answers to this request.
+    type Reply: DeserializeOwned;
+}
+
 /// Failures to reach a server.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -39,11 +47,11 @@ pub enum ClientError {
 /// breaks before a reply (the agent went away mid-request),
 /// [`ClientError::Timeout`] when no reply came in time, and
 /// [`ClientError::Reply`] when the reply is not one.
-pub async fn call<Request: Serialize, Reply: DeserializeOwned>(
+pub async fn call<Request: Exchange>(
     socket: &Path,
     request: &Request,
     timeout: Duration,
-) -> Result<Reply, ClientError> {
+) -> Result<Request::Reply, ClientError> {
     let io = |source| ClientError::Io {
         socket: socket.display().to_string(),
         source,

@@ -39,7 +39,7 @@ pub mod del_notes;
 mod plugin;
 mod pod;
 
-pub use client::{ClientError, call};
+pub use client::{ClientError, Exchange, call};
 pub use plugin::{PluginReply, PluginRequest};
 pub use pod::{PodAttachment, PodRequest};
 

@@ -4,7 +4,7 @@
 use hulk_cni::{Attachment, CniError};
 use serde::{Deserialize, Serialize};
 
-use crate::{PodAttachment, PodRequest};
+use crate::{Exchange, PodAttachment, PodRequest};
 
 /// What the plugin asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,4 +55,8 @@ pub enum PluginReply {
     Done,
     /// The request failed, with its CNI error.
     Failed(CniError),
+}
+
+impl Exchange for PluginRequest {
+    type Reply = PluginReply;
 }

@@ -4,11 +4,10 @@
 //! something writes one audit line (target `hulk_audit`) naming the peer.
 
 use std::net::IpAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hulk_agent_api::ClientError;
+use hulk_agent_api::Exchange;
 use hulk_ipam::{AttachmentId, Owner, PoolKey};
 use hulk_netns::{Kernel, NftFinding, NodeState};
 use hulk_pool::{AddressRecord, OrphanSweep, PoolStats};
@@ -409,11 +408,6 @@ impl<K: Kernel + 'static> LineService for RescueService<K> {
     }
 }
 
-/// Sends one rescue request to the agent at `socket`.
-pub async fn call(
-    socket: &Path,
-    request: &RescueRequest,
-    timeout: Duration,
-) -> Result<RescueReply, ClientError> {
-    hulk_agent_api::call(socket, request, timeout).await
+impl Exchange for RescueRequest {
+    type Reply = RescueReply;
 }

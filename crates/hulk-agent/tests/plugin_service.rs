@@ -13,10 +13,11 @@ use std::time::Duration;
 use hulk_agent_api::codes;
 use hulk_cni::{Attachment, ErrorCode};
 use hulk_netns::fake::FakeKernel;
-use hulk_node::PodRequest;
-use hulk_node::agent::{
-    AgentMetrics, AgentReply, AgentRequest, ClientError, PluginApi, ServeLimits, call, serve,
-};
+use hulk_agent::plugin_service::{PluginMetrics, PluginService};
+use hulk_agent::server::{ServeLimits, serve};
+use hulk_agent_api::{ClientError, PluginReply, PluginRequest, PodRequest, call};
+use hulk_ipam::Owner;
+use tokio_util::sync::CancellationToken;
 use hulk_pool::PoolConfig;
 use tokio::io::AsyncWriteExt;
 
@@ -39,7 +40,7 @@ fn pod(n: usize) -> PodRequest {
     }
 }
 
-async fn start(socket: &Path) -> tokio::sync::watch::Sender<bool> {
+async fn start(socket: &Path) -> CancellationToken {
     let kernel = FakeKernel::new();
     kernel.add_parent("eth1", 1500);
     for n in 0..PODS {
@@ -54,14 +55,14 @@ async fn start(socket: &Path) -> tokio::sync::watch::Sender<bool> {
     let node = support::mock_node(kernel, config).await;
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket).unwrap();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = CancellationToken::new();
     let limits = ServeLimits {
         max_in_flight: 2,
         request_timeout: Duration::from_secs(5),
         ..ServeLimits::default()
     };
-    let api = Arc::new(PluginApi::new(node, AgentMetrics::default()));
-    tokio::spawn(serve(api, listener, limits, stopped));
+    let api = Arc::new(PluginService::new(node, PluginMetrics::default()));
+    tokio::spawn(serve(api, listener, limits, stop.clone()));
     stop
 }
 
@@ -78,7 +79,7 @@ async fn concurrent_adds_get_distinct_addresses_and_dels_return_them() {
     let adds = (0..PODS).map(|n| {
         let path = path.clone();
         tokio::spawn(async move {
-            call(&path, &AgentRequest::Add(pod(n)), TIMEOUT)
+            call(&path, &PluginRequest::Add(pod(n)), TIMEOUT)
                 .await
                 .unwrap()
         })
@@ -86,32 +87,32 @@ async fn concurrent_adds_get_distinct_addresses_and_dels_return_them() {
     let mut addresses = HashSet::new();
     for add in adds {
         match add.await.unwrap() {
-            AgentReply::Added(attached) => assert!(addresses.insert(attached.lease.address)),
+            PluginReply::Added(attached) => assert!(addresses.insert(attached.lease.address)),
             other => panic!("ADD answered {other:?}"),
         }
     }
     assert_eq!(addresses.len(), PODS);
     for n in 0..PODS {
-        match call(&path, &AgentRequest::Check(pod(n)), TIMEOUT)
+        match call(&path, &PluginRequest::Check(pod(n)), TIMEOUT)
             .await
             .unwrap()
         {
             // CHECK answers with what the pod has, for the plugin to
             // compare with the runtime's prevResult.
-            AgentReply::Checked(found) => assert!(addresses.contains(&found.lease.address)),
+            PluginReply::Checked(found) => assert!(addresses.contains(&found.lease.address)),
             other => panic!("CHECK answered {other:?}"),
         }
         assert_eq!(
-            call(&path, &AgentRequest::Del(pod(n)), TIMEOUT)
+            call(&path, &PluginRequest::Del(pod(n)), TIMEOUT)
                 .await
                 .unwrap(),
-            AgentReply::Done
+            PluginReply::Done
         );
         assert_eq!(
-            call(&path, &AgentRequest::Del(pod(n)), TIMEOUT)
+            call(&path, &PluginRequest::Del(pod(n)), TIMEOUT)
                 .await
                 .unwrap(),
-            AgentReply::Done
+            PluginReply::Done
         );
     }
     let valid = vec![Attachment {
@@ -121,7 +122,7 @@ async fn concurrent_adds_get_distinct_addresses_and_dels_return_them() {
     assert_eq!(
         call(
             &path,
-            &AgentRequest::Gc {
+            &PluginRequest::Gc {
                 cni_network: Some("vpc".into()),
                 valid
             },
@@ -129,9 +130,9 @@ async fn concurrent_adds_get_distinct_addresses_and_dels_return_them() {
         )
         .await
         .unwrap(),
-        AgentReply::Done
+        PluginReply::Done
     );
-    stop.send(true).unwrap();
+    stop.cancel();
     let _ = std::fs::remove_file(&path);
 }
 
@@ -141,7 +142,7 @@ async fn failures_come_back_as_cni_errors() {
     let stop = start(&path).await;
     let mut missing_netns = pod(1);
     missing_netns.netns = Some(PathBuf::from("/var/run/netns/nowhere"));
-    let AgentReply::Failed(error) = call(&path, &AgentRequest::Add(missing_netns), TIMEOUT)
+    let PluginReply::Failed(error) = call(&path, &PluginRequest::Add(missing_netns), TIMEOUT)
         .await
         .unwrap()
     else {
@@ -155,15 +156,15 @@ async fn failures_come_back_as_cni_errors() {
     tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut reply)
         .await
         .unwrap();
-    let reply: AgentReply = serde_json::from_str(&reply).unwrap();
-    assert!(matches!(reply, AgentReply::Failed(error) if error.code == ErrorCode::DecodingFailure));
-    stop.send(true).unwrap();
+    let reply: PluginReply = serde_json::from_str(&reply).unwrap();
+    assert!(matches!(reply, PluginReply::Failed(error) if error.code == ErrorCode::DecodingFailure));
+    stop.cancel();
     let _ = std::fs::remove_file(&path);
 }
 
 #[tokio::test]
 async fn an_absent_agent_is_a_client_error() {
-    let error = call(&socket("absent"), &AgentRequest::Del(pod(0)), TIMEOUT)
+    let error = call(&socket("absent"), &PluginRequest::Del(pod(0)), TIMEOUT)
         .await
         .unwrap_err();
     assert!(matches!(error, ClientError::Io { .. }), "{error}");

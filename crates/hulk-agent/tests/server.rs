@@ -24,14 +24,15 @@ use hulk_agent_api::codes;
 use hulk_cni::ErrorCode;
 use hulk_netns::fake::FakeKernel;
 use hulk_node::Node;
-use hulk_node::agent::{AgentMetrics, AgentReply, AgentRequest, PluginApi, call};
-use hulk_node::lines::{AllowedPeers, BindError, ServeLimits, bind};
-use hulk_node::rescue::{RescueApi, RescueReply, RescueRequest};
+use hulk_agent::plugin_service::{PluginMetrics, PluginService};
+use hulk_agent_api::{PluginReply, PluginRequest, call};
+use hulk_agent::server::{AllowedPeers, BindError, ServeLimits, bind};
+use hulk_agent::rescue::{RescueService, RescueReply, RescueRequest};
 use hulk_pool::PoolConfig;
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -73,7 +74,7 @@ async fn node() -> Arc<Node<FakeKernel>> {
 /// A running server; dropping it does not stop it (the test's runtime
 /// ends it), `stop` does.
 struct Running {
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     served: tokio::task::JoinHandle<()>,
 }
 
@@ -81,10 +82,11 @@ struct Running {
 /// `limits.allowed_peers`).
 async fn plugin_server(socket: &Path, limits: ServeLimits) -> Running {
     let (listener, file) = bind(socket, 0o666).await.unwrap();
-    let api = Arc::new(PluginApi::new(node().await, AgentMetrics::default()));
-    let (stop, stopped) = watch::channel(false);
+    let api = Arc::new(PluginService::new(node().await, PluginMetrics::default()));
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
     let served = tokio::spawn(async move {
-        hulk_node::agent::serve(api, listener, limits, stopped).await;
+        hulk_agent::server::serve(api, listener, limits, stopped).await;
         drop(file);
     });
     Running { stop, served }
@@ -92,10 +94,11 @@ async fn plugin_server(socket: &Path, limits: ServeLimits) -> Running {
 
 async fn rescue_server(socket: &Path, limits: ServeLimits) -> Running {
     let (listener, file) = bind(socket, 0o600).await.unwrap();
-    let api = Arc::new(RescueApi::new(node().await));
-    let (stop, stopped) = watch::channel(false);
+    let api = Arc::new(RescueService::new(node().await));
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
     let served = tokio::spawn(async move {
-        hulk_node::rescue::serve(api, listener, limits, stopped).await;
+        hulk_agent::server::serve(api, listener, limits, stopped).await;
         drop(file);
     });
     Running { stop, served }
@@ -137,9 +140,9 @@ fn one_line<Reply: serde::de::DeserializeOwned>(answer: &[u8]) -> Reply {
     serde_json::from_str(text).unwrap()
 }
 
-fn decoding_failure(reply: &AgentReply) -> Option<&str> {
+fn decoding_failure(reply: &PluginReply) -> Option<&str> {
     match reply {
-        AgentReply::Failed(error) if error.code == ErrorCode::DecodingFailure => Some(&error.msg),
+        PluginReply::Failed(error) if error.code == ErrorCode::DecodingFailure => Some(&error.msg),
         _ => None,
     }
 }
@@ -157,12 +160,12 @@ async fn invalid_utf8_and_garbage_are_answered_with_an_error_document() {
         b"",
     ];
     for input in inputs {
-        let reply: AgentReply = one_line(&exchange(&dir.socket(), input).await);
+        let reply: PluginReply = one_line(&exchange(&dir.socket(), input).await);
         assert!(decoding_failure(&reply).is_some(), "{input:?}: {reply:?}");
     }
     // The server is still fine.
-    let reply = call(&dir.socket(), &AgentRequest::Status, TIMEOUT).await;
-    assert_eq!(reply.unwrap(), AgentReply::Done);
+    let reply = call(&dir.socket(), &PluginRequest::Status, TIMEOUT).await;
+    assert_eq!(reply.unwrap(), PluginReply::Done);
 }
 
 #[tokio::test]
@@ -174,17 +177,17 @@ async fn a_line_over_the_limit_is_refused_and_one_at_the_limit_served() {
     };
     let _server = plugin_server(&dir.socket(), limits).await;
     // 4 MiB without a newline: more than the socket buffers hold.
-    let reply: AgentReply = one_line(&exchange(&dir.socket(), &vec![b' '; 4 << 20]).await);
+    let reply: PluginReply = one_line(&exchange(&dir.socket(), &vec![b' '; 4 << 20]).await);
     let message = decoding_failure(&reply).unwrap();
     assert!(message.contains("longer than 1024 bytes"), "{message}");
 
     let mut exact = br#"{"op":"status"}"#.to_vec();
     exact.resize(1024, b' ');
     exact.push(b'\n');
-    let reply: AgentReply = one_line(&exchange(&dir.socket(), &exact).await);
-    assert_eq!(reply, AgentReply::Done);
+    let reply: PluginReply = one_line(&exchange(&dir.socket(), &exact).await);
+    assert_eq!(reply, PluginReply::Done);
     exact.insert(0, b' ');
-    let reply: AgentReply = one_line(&exchange(&dir.socket(), &exact).await);
+    let reply: PluginReply = one_line(&exchange(&dir.socket(), &exact).await);
     assert!(decoding_failure(&reply).is_some(), "{reply:?}");
 }
 
@@ -227,8 +230,8 @@ async fn connections_over_the_cap_wait_for_a_slot() {
     // Connected (the backlog holds it) but not accepted until an idle
     // connection is dropped.
     let started = Instant::now();
-    let reply = call(&dir.socket(), &AgentRequest::Status, TIMEOUT).await;
-    assert_eq!(reply.unwrap(), AgentReply::Done);
+    let reply = call(&dir.socket(), &PluginRequest::Status, TIMEOUT).await;
+    assert_eq!(reply.unwrap(), PluginReply::Done);
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(500) && waited < Duration::from_secs(5),
@@ -236,7 +239,7 @@ async fn connections_over_the_cap_wait_for_a_slot() {
     );
     // With the slots free again, at once.
     let started = Instant::now();
-    call(&dir.socket(), &AgentRequest::Status, TIMEOUT)
+    call(&dir.socket(), &PluginRequest::Status, TIMEOUT)
         .await
         .unwrap();
     assert!(started.elapsed() < Duration::from_millis(500));
@@ -254,7 +257,7 @@ async fn a_shutdown_is_not_held_up_by_an_idle_client() {
     idle.write_all(b"{\"op\":").await.unwrap();
     // Accepted before the stop.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    server.stop.send(true).unwrap();
+    server.stop.cancel();
     tokio::time::timeout(Duration::from_secs(2), server.served)
         .await
         .expect("the shutdown waited for the idle client")
@@ -270,7 +273,7 @@ async fn a_refused_peer_gets_an_error_line() {
         ..ServeLimits::default()
     };
     let _server = plugin_server(&dir.socket(), limits.clone()).await;
-    let AgentReply::Failed(error) = call(&dir.socket(), &AgentRequest::Status, TIMEOUT)
+    let PluginReply::Failed(error) = call(&dir.socket(), &PluginRequest::Status, TIMEOUT)
         .await
         .unwrap()
     else {
@@ -281,7 +284,7 @@ async fn a_refused_peer_gets_an_error_line() {
 
     let rescue = dir.0.join("rescue.sock");
     let _rescue = rescue_server(&rescue, limits).await;
-    let reply = hulk_node::rescue::call(&rescue, &RescueRequest::Pools, TIMEOUT).await;
+    let reply = hulk_agent_api::call(&rescue, &RescueRequest::Pools, TIMEOUT).await;
     assert!(
         matches!(&reply, Ok(RescueReply::Failed { message }) if message.contains("does not serve")),
         "{reply:?}"
@@ -337,9 +340,9 @@ const NOBODY: u32 = 65534;
 #[ignore = "run by another test in a child process"]
 async fn child_asks_status() {
     let socket = std::env::var("HULK_TEST_SOCKET").unwrap();
-    match call(Path::new(&socket), &AgentRequest::Status, TIMEOUT).await {
+    match call(Path::new(&socket), &PluginRequest::Status, TIMEOUT).await {
         Ok(reply) => println!("REPLY {}", serde_json::to_string(&reply).unwrap()),
-        Err(hulk_node::agent::ClientError::Io { source, .. }) => {
+        Err(hulk_agent_api::ClientError::Io { source, .. }) => {
             println!("ERROR {:?}", source.kind())
         }
         Err(error) => println!("ERROR {error}"),
@@ -372,20 +375,20 @@ async fn non_root_peers_are_kept_out_by_mode_and_by_uid() {
     // 0666: the mode lets nobody in; the uid check refuses it.
     let _plugin = plugin_server(&dir.socket(), ServeLimits::default()).await;
     let outcome = status_as_nobody(&dir.socket()).await;
-    let reply: AgentReply = serde_json::from_str(
+    let reply: PluginReply = serde_json::from_str(
         outcome
             .strip_prefix("REPLY ")
             .unwrap_or_else(|| panic!("nobody got no reply: {outcome}")),
     )
     .unwrap();
     assert!(
-        matches!(&reply, AgentReply::Failed(error)
+        matches!(&reply, PluginReply::Failed(error)
             if error.code == codes::AGENT_UNAVAILABLE && error.msg.contains("uid 65534")),
         "{reply:?}"
     );
     // Root is served.
-    let reply = call(&dir.socket(), &AgentRequest::Status, TIMEOUT).await;
-    assert_eq!(reply.unwrap(), AgentReply::Done);
+    let reply = call(&dir.socket(), &PluginRequest::Status, TIMEOUT).await;
+    assert_eq!(reply.unwrap(), PluginReply::Done);
     // 0600 (the rescue socket's mode): nobody cannot even connect.
     let rescue = dir.0.join("rescue.sock");
     let _rescue = rescue_server(&rescue, ServeLimits::default()).await;
@@ -441,11 +444,11 @@ async fn a_live_socket_is_not_taken_over_and_a_stale_one_is_replaced() {
         "{error}"
     );
     // The first server is untouched.
-    let reply = call(&path, &AgentRequest::Status, TIMEOUT).await;
-    assert_eq!(reply.unwrap(), AgentReply::Done);
+    let reply = call(&path, &PluginRequest::Status, TIMEOUT).await;
+    assert_eq!(reply.unwrap(), PluginReply::Done);
 
     // A stale socket: bound, listener gone, file kept.
-    server.stop.send(true).unwrap();
+    server.stop.cancel();
     server.served.await.unwrap();
     let (listener, stale) = bind(&path, 0o660).await.unwrap();
     drop(listener);
@@ -484,7 +487,7 @@ async fn child_serves_with_few_files() {
             .unwrap(),
     );
     let (listener, _file) = bind(&socket, 0o600).await.unwrap();
-    let api = Arc::new(PluginApi::new(node().await, AgentMetrics::default()));
+    let api = Arc::new(PluginService::new(node().await, PluginMetrics::default()));
     let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
     setrlimit(Resource::RLIMIT_NOFILE, open + spare, open + spare).unwrap();
     println!("READY");
@@ -492,8 +495,7 @@ async fn child_serves_with_few_files() {
         client_timeout,
         ..ServeLimits::default()
     };
-    let (_stop, stopped) = watch::channel(false);
-    hulk_node::agent::serve(api, listener, limits, stopped).await;
+    hulk_agent::server::serve(api, listener, limits, CancellationToken::new()).await;
 }
 
 /// CPU seconds (user + system) a process used.
@@ -567,28 +569,28 @@ async fn at_the_open_file_limit_accept_backs_off_and_status_is_answered() {
     assert!(cpu < 0.5, "{cpu} CPU seconds in 1.5 s");
     // The idle clients stay: STATUS is answered once the server has dropped
     // the silent ones it holds (2 s) and reached it in the backlog.
-    let reply = call(&dir.socket(), &AgentRequest::Status, Duration::from_secs(8)).await;
-    assert_eq!(reply.unwrap(), AgentReply::Done);
+    let reply = call(&dir.socket(), &PluginRequest::Status, Duration::from_secs(8)).await;
+    assert_eq!(reply.unwrap(), PluginReply::Done);
     drop(idle);
 }
 
 #[tokio::test]
 async fn the_metrics_endpoint_caps_connections_and_their_lifetime() {
-    use hulk_node::metrics::HttpLimits;
+    use hulk_agent::http::HttpLimits;
     let pools = node().await.pools().clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let (stop, stopped) = watch::channel(false);
+    let stop = CancellationToken::new();
     let limits = HttpLimits {
         max_connections: 1,
         connection_lifetime: Duration::from_millis(600),
     };
-    let served = tokio::spawn(hulk_node::metrics::serve(
+    let served = tokio::spawn(hulk_agent::http::serve(
         listener,
         limits,
         pools,
         prometheus_client::registry::Registry::default(),
-        stopped,
+        stop.clone(),
     ));
     let healthz = || async move {
         let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
@@ -620,7 +622,7 @@ async fn the_metrics_endpoint_caps_connections_and_their_lifetime() {
     let mut slow = tokio::net::TcpStream::connect(address).await.unwrap();
     slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    stop.send(true).unwrap();
+    stop.cancel();
     tokio::time::timeout(Duration::from_secs(3), served)
         .await
         .expect("the shutdown waited for a slow client")
@@ -635,11 +637,11 @@ proptest! {
     #[test]
     fn any_bytes_get_exactly_one_reply_line(input in requests()) {
         // The decoders alone: an error, never a panic.
-        let _ = serde_json::from_slice::<AgentRequest>(&input);
+        let _ = serde_json::from_slice::<PluginRequest>(&input);
         let _ = serde_json::from_slice::<RescueRequest>(&input);
         RUNTIME.block_on(async {
             let servers = servers().await;
-            let _: AgentReply = one_line(&exchange(&servers.plugin, &input).await);
+            let _: PluginReply = one_line(&exchange(&servers.plugin, &input).await);
             let _: RescueReply = one_line(&exchange(&servers.rescue, &input).await);
         });
     }
