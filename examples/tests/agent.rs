@@ -13,11 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use hulk_agent_api::PodRequest;
+use hulk_agent_api::{PluginReply, PluginRequest, call};
+use hulk_ipam::Owner;
 use hulk_ipam::{AllocationRequest, IpamBackend, Lease, ListScope, PoolKey};
 use hulk_netns::rtnetlink::{LinkUnspec, LinkVeth};
 use hulk_netns::{Kernel, NETNS_RUN_DIR, NetlinkKernel, create_named_netns, delete_named_netns};
-use hulk_node::PodRequest;
-use hulk_node::agent::{AgentReply, AgentRequest, call};
 use hulk_pool::{AddressRecord, AddressState, Intent, IntentKind, PoolStore, RedbStore, StoreOp};
 use ipnet::IpNet;
 
@@ -194,12 +195,12 @@ async fn the_agent_takes_addresses_from_an_ultron_service() {
     };
     let reply = call(
         &dir.join("agent.sock"),
-        &AgentRequest::Add(pod),
+        &PluginRequest::Add(pod),
         Duration::from_secs(10),
     )
     .await
     .unwrap();
-    let AgentReply::Added(attached) = reply else {
+    let PluginReply::Added(attached) = reply else {
         panic!("ADD failed: {reply:?}");
     };
     assert_eq!(attached.lease.address.to_string(), "10.79.1.2/24");
@@ -240,7 +241,7 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
         mac: None,
     };
     let timeout = Duration::from_secs(10);
-    let AgentReply::Added(attached) = call(&socket, &AgentRequest::Add(pod.clone()), timeout)
+    let PluginReply::Added(attached) = call(&socket, &PluginRequest::Add(pod.clone()), timeout)
         .await
         .unwrap()
     else {
@@ -255,18 +256,18 @@ async fn the_agent_serves_add_and_del_and_stops_cleanly() {
     assert_eq!(eth0.index, attached.index);
     let addresses = kernel.addresses(kernel.host(), "eth0").await.unwrap();
     assert!(addresses.contains(&attached.lease.address), "{addresses:?}");
-    match call(&socket, &AgentRequest::Check(pod.clone()), timeout)
+    match call(&socket, &PluginRequest::Check(pod.clone()), timeout)
         .await
         .unwrap()
     {
-        AgentReply::Checked(found) => assert_eq!(found.lease.address, attached.lease.address),
+        PluginReply::Checked(found) => assert_eq!(found.lease.address, attached.lease.address),
         other => panic!("CHECK answered {other:?}"),
     }
     assert_eq!(
-        call(&socket, &AgentRequest::Del(pod.clone()), timeout)
+        call(&socket, &PluginRequest::Del(pod.clone()), timeout)
             .await
             .unwrap(),
-        AgentReply::Done
+        PluginReply::Done
     );
     assert!(kernel.link(kernel.host(), "eth0").await.unwrap().is_none());
 
@@ -368,7 +369,7 @@ async fn the_rescue_api_inspects_and_repairs_the_node() {
     };
     let timeout = Duration::from_secs(10);
     let socket = dir.join("agent.sock");
-    let AgentReply::Added(attached) = call(&socket, &AgentRequest::Add(pod.clone()), timeout)
+    let PluginReply::Added(attached) = call(&socket, &PluginRequest::Add(pod.clone()), timeout)
         .await
         .unwrap()
     else {
@@ -436,10 +437,10 @@ async fn the_rescue_api_inspects_and_repairs_the_node() {
     let (_, pools) = hulkctl(&dir, &["pools"]);
     assert_eq!(pools["pools"][0]["stats"]["draining"], true);
     assert_eq!(pools["pools"][0]["stats"]["idle"], 0);
-    let reply = call(&socket, &AgentRequest::Add(pod.clone()), timeout)
+    let reply = call(&socket, &PluginRequest::Add(pod.clone()), timeout)
         .await
         .unwrap();
-    let AgentReply::Failed(error) = reply else {
+    let PluginReply::Failed(error) = reply else {
         panic!("ADD on a drained pool: {reply:?}");
     };
     assert_eq!(error.code.as_u32(), 11);
@@ -463,10 +464,10 @@ async fn the_rescue_api_inspects_and_repairs_the_node() {
         },
         ..pod.clone()
     };
-    let reply = call(&socket, &AgentRequest::Add(second), timeout)
+    let reply = call(&socket, &PluginRequest::Add(second), timeout)
         .await
         .unwrap();
-    assert!(matches!(reply, AgentReply::Added(_)), "{reply:?}");
+    assert!(matches!(reply, PluginReply::Added(_)), "{reply:?}");
 
     let (code, collected) = hulkctl(&dir, &["gc"]);
     assert_eq!(code, 0, "{collected}");
@@ -528,14 +529,14 @@ async fn status_tells_the_truth_under_a_thousand_concurrent_calls() {
     let calls = (0..1000).map(|_| {
         let socket = socket.clone();
         tokio::spawn(
-            async move { call(&socket, &AgentRequest::Status, Duration::from_secs(60)).await },
+            async move { call(&socket, &PluginRequest::Status, Duration::from_secs(60)).await },
         )
     });
     let mut answers = std::collections::BTreeMap::<String, usize>::new();
     for call in calls {
         let answer = match call.await.unwrap() {
-            Ok(AgentReply::Done) => "ready".to_owned(),
-            Ok(AgentReply::Failed(error)) => format!("{}: {}", error.code.as_u32(), error.msg),
+            Ok(PluginReply::Done) => "ready".to_owned(),
+            Ok(PluginReply::Failed(error)) => format!("{}: {}", error.code.as_u32(), error.msg),
             Ok(other) => format!("{other:?}"),
             Err(error) => format!("no answer: {error}"),
         };
@@ -578,12 +579,12 @@ async fn add(dir: &Path, pod: &str, container: &str, ifname: &str) -> IpNet {
     };
     let reply = call(
         &dir.join("agent.sock"),
-        &AgentRequest::Add(request),
+        &PluginRequest::Add(request),
         Duration::from_secs(40),
     )
     .await
     .unwrap();
-    let AgentReply::Added(attached) = reply else {
+    let PluginReply::Added(attached) = reply else {
         panic!("ADD of {container}/{ifname} failed: {reply:?}");
     };
     attached.lease.address
@@ -766,12 +767,12 @@ async fn a_start_after_a_crash_mid_allocation_serves_while_the_cloud_is_unreacha
     assert_eq!(address, idle.address);
     let status = call(
         &dir.join("agent.sock"),
-        &AgentRequest::Status,
+        &PluginRequest::Status,
         Duration::from_secs(10),
     )
     .await
     .unwrap();
-    assert!(matches!(status, AgentReply::Done), "{status:?}");
+    assert!(matches!(status, PluginReply::Done), "{status:?}");
     let del = PodRequest {
         owner: Owner {
             container_id: "sandbox-d".into(),
@@ -788,12 +789,12 @@ async fn a_start_after_a_crash_mid_allocation_serves_while_the_cloud_is_unreacha
     };
     let reply = call(
         &dir.join("agent.sock"),
-        &AgentRequest::Del(del),
+        &PluginRequest::Del(del),
         Duration::from_secs(10),
     )
     .await
     .unwrap();
-    assert!(matches!(reply, AgentReply::Done), "{reply:?}");
+    assert!(matches!(reply, PluginReply::Done), "{reply:?}");
 
     // The cloud is back: a GC's sweep finishes the release and adopts
     // what the interrupted allocation left.

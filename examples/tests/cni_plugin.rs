@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use hulk_node::del_notes::DelNotes;
+use hulk_agent_api::del_notes::DelNotes;
 use serde_json::{Value, json};
 
 struct Answer {
@@ -244,14 +244,14 @@ fn del_without_an_agent_succeeds_and_leaves_a_note_for_it() {
         answer.stdout
     );
     let noted = the_one_note(&dir.join("pending-dels"));
-    assert_eq!(noted.container_id, "sandbox-1");
-    assert_eq!(noted.ifname, "eth0");
-    assert_eq!(noted.cni_network.as_deref(), Some("vpc"));
+    assert_eq!(noted.owner.container_id, "sandbox-1");
+    assert_eq!(noted.owner.ifname, "eth0");
+    assert_eq!(noted.owner.cni_network.as_deref(), Some("vpc"));
     assert_eq!(
         noted.netns.as_deref(),
         Some(Path::new("/var/run/netns/sandbox-1"))
     );
-    assert_eq!(noted.pod.as_deref(), Some("default/web-0"));
+    assert_eq!(noted.owner.pod.as_deref(), Some("default/web-0"));
 }
 
 #[test]
@@ -266,7 +266,7 @@ fn del_against_a_silent_agent_leaves_a_note_too() {
     assert_eq!(request["op"], "del");
     assert_eq!(request["timeout_ms"], 1000);
     assert_eq!(
-        the_one_note(&dir.join("pending-dels")).container_id,
+        the_one_note(&dir.join("pending-dels")).owner.container_id,
         "sandbox-1"
     );
 }

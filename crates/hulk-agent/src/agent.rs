@@ -26,7 +26,9 @@ use hulk_ipam::PoolKey;
 use hulk_netns::{Datapath, Kernel, NetlinkKernel, Netns, NetnsError};
 use hulk_node::pods::PodDirectory;
 use hulk_node::{Node, NodeError};
-use hulk_pool::{MemoryStore, PoolError, PoolManager, PoolStore, RedbStore, StoreError, SystemClock};
+use hulk_pool::{
+    MemoryStore, PoolError, PoolManager, PoolStore, RedbStore, StoreError, SystemClock,
+};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -160,7 +162,9 @@ impl<K: Kernel + 'static> Agent<K> {
             store,
             Arc::new(SystemClock),
             &config.node_name,
-            config.pool_config().map_err(|message| AgentError::Config(ConfigError::Invalid(message)))?,
+            config
+                .pool_config()
+                .map_err(|message| AgentError::Config(ConfigError::Invalid(message)))?,
         )
         .await
         .map_err(AgentError::Pools)?;
@@ -168,7 +172,9 @@ impl<K: Kernel + 'static> Agent<K> {
         let node = Node::new(
             pools,
             Datapath::new(kernel),
-            config.node_network().map_err(|message| AgentError::Config(ConfigError::Invalid(message)))?,
+            config
+                .node_network()
+                .map_err(|message| AgentError::Config(ConfigError::Invalid(message)))?,
             default_pool.clone(),
         )
         .with_del_notes(DelNotes::new(&config.pending_del_dir));

@@ -649,7 +649,11 @@ mod tests {
         ));
         let in_memory = ultron.replace("state_file = \"/var/lib/hulk-vpc/pool.redb\"", "");
         let error = AgentConfig::parse(&in_memory).unwrap_err();
-        assert!(described(&error).contains("state_file is required"), "{}", described(&error));
+        assert!(
+            described(&error).contains("state_file is required"),
+            "{}",
+            described(&error)
+        );
         let neutron = with_state.replace(
             "type = \"mock\"\n        subnet = \"10.20.0.0/24\"",
             "type = \"neutron\"\nauth_url = \"https://keystone:5000/v3\"\napplication_credential_id = \"id\"\napplication_credential_secret_file = \"/etc/hulk/secret\"\ncluster = \"prod\"",
@@ -669,7 +673,11 @@ mod tests {
         );
         let error = AgentConfig::parse(&with_state).unwrap_err();
         for named in ["state_file", "backend.type = \"mock\"", "two pods"] {
-            assert!(described(&error).contains(named), "{named:?} not in {}", described(&error));
+            assert!(
+                described(&error).contains(named),
+                "{named:?} not in {}",
+                described(&error)
+            );
         }
         // The same through the environment, as a DaemonSet may set it.
         let variables = [(
@@ -677,7 +685,11 @@ mod tests {
             "/var/lib/hulk-vpc/pool.redb".to_owned(),
         )];
         let error = AgentConfig::parse_with_overrides(MINIMAL, variables).unwrap_err();
-        assert!(described(&error).contains("state_file cannot be used"), "{}", described(&error));
+        assert!(
+            described(&error).contains("state_file cannot be used"),
+            "{}",
+            described(&error)
+        );
         assert_eq!(AgentConfig::parse(MINIMAL).unwrap().state_file, None);
     }
 
@@ -714,7 +726,11 @@ mod tests {
 
         let typo = [("HULK_AGENT__NETWORK__PARNET".to_owned(), "eth1".to_owned())];
         let error = AgentConfig::parse_with_overrides(MINIMAL, typo).unwrap_err();
-        assert!(described(&error).contains("parnet"), "{}", described(&error));
+        assert!(
+            described(&error).contains("parnet"),
+            "{}",
+            described(&error)
+        );
     }
 
     #[test]

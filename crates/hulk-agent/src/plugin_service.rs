@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use hulk_agent_api::{PluginReply, PluginRequest, codes};
 use hulk_cni::{CniError, ErrorCode};
 use hulk_netns::Kernel;
+use hulk_node::Node;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use hulk_node::Node;
 
 use crate::server::{LineService, Peer};
 

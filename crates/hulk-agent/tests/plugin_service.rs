@@ -10,16 +10,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hulk_agent_api::codes;
-use hulk_cni::{Attachment, ErrorCode};
-use hulk_netns::fake::FakeKernel;
 use hulk_agent::plugin_service::{PluginMetrics, PluginService};
 use hulk_agent::server::{ServeLimits, serve};
+use hulk_agent_api::codes;
 use hulk_agent_api::{ClientError, PluginReply, PluginRequest, PodRequest, call};
+use hulk_cni::{Attachment, ErrorCode};
 use hulk_ipam::Owner;
-use tokio_util::sync::CancellationToken;
+use hulk_netns::fake::FakeKernel;
 use hulk_pool::PoolConfig;
 use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
 
 const PODS: usize = 20;
 
@@ -157,7 +157,9 @@ async fn failures_come_back_as_cni_errors() {
         .await
         .unwrap();
     let reply: PluginReply = serde_json::from_str(&reply).unwrap();
-    assert!(matches!(reply, PluginReply::Failed(error) if error.code == ErrorCode::DecodingFailure));
+    assert!(
+        matches!(reply, PluginReply::Failed(error) if error.code == ErrorCode::DecodingFailure)
+    );
     stop.cancel();
     let _ = std::fs::remove_file(&path);
 }

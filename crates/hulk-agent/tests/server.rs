@@ -20,14 +20,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use hulk_agent::plugin_service::{PluginMetrics, PluginService};
+use hulk_agent::rescue::{RescueReply, RescueRequest, RescueService};
+use hulk_agent::server::{AllowedPeers, BindError, ServeLimits, bind};
 use hulk_agent_api::codes;
+use hulk_agent_api::{PluginReply, PluginRequest, call};
 use hulk_cni::ErrorCode;
 use hulk_netns::fake::FakeKernel;
 use hulk_node::Node;
-use hulk_agent::plugin_service::{PluginMetrics, PluginService};
-use hulk_agent_api::{PluginReply, PluginRequest, call};
-use hulk_agent::server::{AllowedPeers, BindError, ServeLimits, bind};
-use hulk_agent::rescue::{RescueService, RescueReply, RescueRequest};
 use hulk_pool::PoolConfig;
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -569,7 +569,12 @@ async fn at_the_open_file_limit_accept_backs_off_and_status_is_answered() {
     assert!(cpu < 0.5, "{cpu} CPU seconds in 1.5 s");
     // The idle clients stay: STATUS is answered once the server has dropped
     // the silent ones it holds (2 s) and reached it in the backlog.
-    let reply = call(&dir.socket(), &PluginRequest::Status, Duration::from_secs(8)).await;
+    let reply = call(
+        &dir.socket(),
+        &PluginRequest::Status,
+        Duration::from_secs(8),
+    )
+    .await;
     assert_eq!(reply.unwrap(), PluginReply::Done);
     drop(idle);
 }

@@ -85,8 +85,8 @@ use hulk_netns::{
     Attached, Datapath, DatapathError, Kernel, Mac, NodeNetwork, NodeState, NsId, Ownership,
     PodNetwork, RestoreReport,
 };
-use tokio_util::sync::CancellationToken;
 use hulk_pool::{AddressState, OrphanSweep, PoolError, PoolManager, ReconcileReport};
+use tokio_util::sync::CancellationToken;
 
 pub use hulk_agent_api::{DEFAULT_CALLER_TIMEOUT, PodAttachment, PodRequest};
 

@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hulk_agent_api::codes;
+use hulk_agent_api::del_notes::DelNotes;
 use hulk_cni::ErrorCode;
 use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MacAddr, MockBackend, Owner};
 use hulk_netns::fake::{FakeKernel, FakeNs};
 use hulk_netns::{Datapath, Kernel, SlaveKind};
 use hulk_node::attachments::Phase;
-use hulk_agent_api::del_notes::DelNotes;
 use hulk_node::{Node, NodeError, PodRequest};
 use hulk_pool::{MemoryStore, PoolConfig, PoolManager, PoolStore, SystemClock};
 

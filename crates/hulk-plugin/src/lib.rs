@@ -14,14 +14,14 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hulk_cni::{
-    AttachRequest, CheckRequest, CniArgs, CniError, CniResult, DelRequest, ErrorCode, GcRequest,
-    NetConf, Plugin,
-};
 use hulk_agent_api::del_notes::{self, DelNotes};
 use hulk_agent_api::{
     ClientError, DEFAULT_CALLER_TIMEOUT, PluginReply, PluginRequest, PodAttachment, PodRequest,
     call, codes,
+};
+use hulk_cni::{
+    AttachRequest, CheckRequest, CniArgs, CniError, CniResult, DelRequest, ErrorCode, GcRequest,
+    NetConf, Plugin,
 };
 use hulk_ipam::{AllocationRequest, IpamBackend, MacAddr, MockBackend, Owner, PoolKey};
 use hulk_netns::{Datapath, Mac, NetlinkKernel, format_mac};
@@ -307,8 +307,7 @@ fn no_answer(fields: &PluginFields, error: &ClientError) -> CniError {
 /// teardown can change (it does not know who owns the interface) without
 /// touching DEL's flow.
 async fn local_teardown(netns: Option<&Path>, ifname: &str) -> Result<(), CniError> {
-    let datapath_error =
-        |error: &(dyn std::error::Error + 'static)| {
+    let datapath_error = |error: &(dyn std::error::Error + 'static)| {
         CniError::new(codes::DATAPATH, hulk_cni::describe(error))
     };
     let kernel = NetlinkKernel::new().map_err(|error| datapath_error(&error))?;

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hulk_ipam::{MockBackend, PoolKey, Owner};
+use hulk_ipam::{MockBackend, Owner, PoolKey};
 use hulk_netns::fake::FakeKernel;
 use hulk_netns::{Datapath, NodeNetwork, SlaveKind};
 use hulk_node::{Node, PodRequest};

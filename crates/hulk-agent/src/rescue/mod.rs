@@ -19,6 +19,8 @@ use hulk_node::{Node, NodeError};
 
 use crate::server::{LineService, Peer};
 
+mod render;
+
 /// What an operator asks. With the `clap` feature it is also the
 /// subcommand of a CLI: these comments are its help.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
