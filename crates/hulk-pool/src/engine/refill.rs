@@ -292,21 +292,7 @@ impl PoolManager {
             Err(error) => {
                 // Backends allocate all or none: nothing to undo.
                 let now = self.clock.now_ms();
-                let refusal = match &error {
-                    IpamError::Throttled { retry_after } => {
-                        Some(retry_after.unwrap_or(pool.config.backoff))
-                    }
-                    IpamError::Exhausted { .. } | IpamError::Quota(_) => Some(pool.config.backoff),
-                    _ => None,
-                }
-                .map(|pause| {
-                    Refusal::new(
-                        now,
-                        pause,
-                        error.to_string(),
-                        matches!(error, IpamError::Exhausted { .. } | IpamError::Quota(_)),
-                    )
-                });
+                let refusal = Refusal::of(&error, pool.config.backoff, now);
                 let end = RefillEnd::Failed {
                     failure: self.failure("allocate", &error),
                     refusal,

@@ -128,13 +128,8 @@ impl PoolManager {
     /// How long a refiller loop of `pool` may sleep: until the next pause,
     /// back-off or cooldown ends, at most `refill_interval`.
     pub(super) fn refiller_sleep(&self, pool: &Pool) -> Duration {
-        let now = self.clock.now_ms();
         pool.lock()
-            .next_due(now)
-            .map_or(pool.config.refill_interval, |until| {
-                Duration::from_millis(until.saturating_sub(now))
-            })
-            .min(pool.config.refill_interval)
+            .refiller_sleep(&pool.config, self.clock.now_ms())
     }
 
     /// The allocating half of [`PoolManager::run_refiller`].
