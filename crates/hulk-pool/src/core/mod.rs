@@ -219,8 +219,10 @@ pub enum RefillEnd {
     Abandoned,
 }
 
-/// One pool's addresses and bookkeeping.
-#[derive(Debug, Default)]
+/// One pool's addresses and bookkeeping, and every decision taken under
+/// the pool's lock (see the module's documentation). Cloning takes a copy
+/// of the state: a model can try a decision on the copy.
+#[derive(Debug, Clone, Default)]
 pub struct PoolCore {
     records: HashMap<String, AddressRecord>,
     idle: VecDeque<String>,
