@@ -1,8 +1,14 @@
 //! The synchronous heart of a pool: which addresses are idle, assigned or
-//! cooling down, how many are being allocated, and the decisions made
-//! under the pool's lock. The engine wraps it in a mutex and does the I/O;
-//! keeping it free of I/O lets concurrency tests (shuttle) explore every
-//! interleaving of its steps.
+//! cooling down, how many are being allocated, and every decision made
+//! under the pool's lock. The engine wraps a [`PoolCore`] in a mutex and
+//! does the I/O (the store, the backend) around its calls; keeping it free
+//! of I/O lets property tests and concurrency tests (shuttle) drive the
+//! very code production runs, through every interleaving of its steps.
+//!
+//! This module holds the state, the allocation plans (refill, warm-up,
+//! shrink, the screening of an answer) and the adaptive mode; `decisions`
+//! holds those of assignments, releases, returns, drains, the dead-pod
+//! collection and the orphan sweep; `arrivals` the ADD rate estimate.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;

@@ -101,8 +101,8 @@ impl PoolManager {
 
     /// Runs marking passes whenever an address changes hands (and again
     /// after a failure, every few seconds) until `shutdown` is cancelled,
-    /// then one last pass (of at most ten seconds)
-    /// so that a graceful stop leaves every mark written.
+    /// then one last pass (of at most ten seconds) so that a graceful stop
+    /// leaves every mark written.
     pub async fn run_owner_marks(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             let retry = match self.mark_holders().await {

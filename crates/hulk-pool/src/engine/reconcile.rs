@@ -145,7 +145,8 @@ impl PoolManager {
 
     /// Judges which assignments are gone without releasing them, for a
     /// caller that must tear down more than the address (a pod's host
-    /// route) before handing it back. An assignment missing from `live` is
+    /// route) before handing it back: hulk-node's dead-pod collection
+    /// tears each gone owner down and then calls [`PoolManager::release`]. An assignment missing from `live` is
     /// gone only when it was also missing on the previous pass, so a pod
     /// still being created is never robbed.
     pub fn find_missing(&self, live: &HashSet<(String, String)>) -> MissingAssignments {
