@@ -63,11 +63,13 @@ mod metrics;
 mod store;
 
 pub use config::PoolConfig;
-pub use core::{Anomaly, BACKOFF_FIRST, BACKOFF_MAX, BackendFailure, MAX_BACKEND_PAUSE};
+pub use core::{
+    Anomaly, BACKOFF_FIRST, BACKOFF_MAX, BackendFailure, MAX_BACKEND_PAUSE, MissingAssignments,
+};
 pub use engine::{
-    AUTH_FAILING_AFTER, BackendHealth, Clock, MissingAssignments, OrphanSweep, PoolError,
-    PoolManager, PoolStats, REFILLER_RESTART_DELAY, ReconcileReport, RefillOutcome, SystemClock,
-    TokioClock, sweep_cluster, sweep_node,
+    AUTH_FAILING_AFTER, BackendHealth, Clock, OrphanSweep, PoolError, PoolManager, PoolStats,
+    REFILLER_RESTART_DELAY, ReconcileReport, RefillOutcome, SystemClock, TokioClock, sweep_cluster,
+    sweep_node,
 };
 pub use metrics::{
     AnomalyLabels, CallLabels, ErrorLabels, LostLabels, PoolLabels, PoolMetrics, error_kind,

@@ -129,9 +129,14 @@ pub struct Snapshot {
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database failed.
-    #[error("pool store: {0}")]
-    Database(String),
+    /// The database failed: redb's error (the file's I/O, a full disk,
+    /// corruption, a transaction or table error).
+    #[error("pool store database: {0}")]
+    Database(#[source] redb::Error),
+    /// The database is closed: reopening it after a failure failed (that
+    /// failure was returned then).
+    #[error("pool store is not open: reopening it after a failure failed")]
+    NotOpen,
     /// A record could not be encoded or decoded.
     #[error("pool store record: {0}")]
     Record(#[from] serde_json::Error),
@@ -236,8 +241,10 @@ impl std::fmt::Debug for RedbStore {
     }
 }
 
-fn database_error(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Database(error.to_string())
+/// A redb error of any stage (open, transaction, table, storage, commit)
+/// as the store's, its cause kept.
+fn database_error(error: impl Into<redb::Error>) -> StoreError {
+    StoreError::Database(error.into())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -306,11 +313,11 @@ impl RedbStore {
         }
         let outcome = match database.as_ref() {
             Some(open) => work(open),
-            None => Err(StoreError::Database("the store is not open".into())),
+            None => Err(StoreError::NotOpen),
         };
         *lock(&self.failure) = match &outcome {
             // A record that does not decode is not the file's fault.
-            Err(error @ StoreError::Database(_)) => Some(error.to_string()),
+            Err(error @ (StoreError::Database(_) | StoreError::NotOpen)) => Some(error.to_string()),
             _ => None,
         };
         outcome

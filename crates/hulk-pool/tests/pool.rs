@@ -1529,3 +1529,30 @@ async fn an_add_cancelled_while_waiting_leaves_no_demand_behind() {
     stop.cancel();
     refiller.abort();
 }
+
+/// The cluster-level sweeps (called by a cluster controller, never by a
+/// node agent): a deleted node's addresses go back without touching
+/// another node's, and a deleted cluster's all go back.
+#[tokio::test]
+async fn the_cluster_sweeps_release_a_gone_nodes_addresses_or_the_whole_clusters() {
+    let backend = MockBackend::new("10.0.0.0/24".parse().unwrap());
+    backend
+        .allocate(&AllocationRequest::new(key(), "node-1", 2))
+        .await
+        .unwrap();
+    let kept = backend
+        .allocate(&AllocationRequest::new(key(), "node-2", 3))
+        .await
+        .unwrap();
+    assert_eq!(hulk_pool::sweep_node(&backend, "node-1").await.unwrap(), 2);
+    let left = backend.list(&ListScope::Cluster).await.unwrap();
+    assert_eq!(
+        left.iter().map(|lease| &lease.id).collect::<Vec<_>>(),
+        kept.iter().map(|lease| &lease.id).collect::<Vec<_>>(),
+        "another node's addresses stay"
+    );
+    assert_eq!(hulk_pool::sweep_node(&backend, "node-1").await.unwrap(), 0);
+    assert_eq!(hulk_pool::sweep_cluster(&backend).await.unwrap(), 3);
+    assert_eq!(backend.allocated(), 0);
+    assert_eq!(hulk_pool::sweep_cluster(&backend).await.unwrap(), 0);
+}

@@ -8,12 +8,12 @@ use hulk_ipam::{AllocationRequest, IpamError, Lease, Owner, PoolKey};
 
 use super::refill::InFlight;
 use super::{Pool, PoolError, PoolManager};
-use crate::core::{PoolCore, leased, millis};
+use crate::core::{AddressStep, AssignStep, PoolCore, Release, leased, millis};
 use crate::metrics::PoolLabels;
 use crate::store::{AddressState, IntentKind, StoreOp};
 
 /// Why a drained pool refuses assignments.
-pub(super) const DRAINED: &str = "drained by an operator; a refill resumes it";
+const DRAINED: &str = "drained by an operator; a refill resumes it";
 
 /// One assignment counted in a pool's `waiters` until dropped: also when
 /// the ADD waiting is cancelled (its DEL, or its caller's deadline), so
@@ -22,8 +22,7 @@ pub(super) struct Waiter<'a>(&'a Pool);
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        let mut state = self.0.lock();
-        state.waiters = state.waiters.saturating_sub(1);
+        self.0.lock().remove_waiter();
     }
 }
 
@@ -36,7 +35,7 @@ pub(super) struct PendingAddress<'a> {
 
 impl Drop for PendingAddress<'_> {
     fn drop(&mut self) {
-        self.pool.lock().pending_addresses.remove(&self.address);
+        self.pool.lock().end_pending(self.address);
     }
 }
 
@@ -56,65 +55,60 @@ impl PoolManager {
         let outcome = loop {
             {
                 let mut state = pool.lock();
-                if let Some(lease) = state.assigned_lease(owner) {
-                    break Ok(lease);
-                }
-                if !state.pod_room(&pool.config) {
-                    break Err(PoolError::Full {
-                        subnet: key.subnet.clone(),
-                        max_total: pool.config.max_total,
-                    });
-                }
                 let now = self.clock.now_ms();
-                // A new ADD (not a retry of one served, nor this one
-                // again after a wake-up) is what the adaptive mode sizes
-                // the pool by.
-                if !arrived {
-                    state.note_arrival(now);
-                    arrived = true;
-                }
-                if let Err(error) = self.promote_cooled_locked(&mut state, now) {
-                    break Err(error);
-                }
-                if let Some(record) = state.take_idle(owner, now) {
-                    if let Err(error) = self.store.apply(&[StoreOp::put(record.clone())]) {
-                        state.untake(&record);
-                        break Err(error.into());
+                let first_look = !arrived;
+                arrived = true;
+                let step = match state.admit(&pool.config, owner, now, first_look) {
+                    Some(step) => step,
+                    None => match self.promote_cooled_locked(&mut state, now) {
+                        Ok(_) => state.take_or_wait(&pool.config, owner, now, waiting.is_some()),
+                        Err(error) => break Err(error),
+                    },
+                };
+                match step {
+                    AssignStep::Held(lease) => break Ok(*lease),
+                    AssignStep::Full => {
+                        break Err(PoolError::Full {
+                            subnet: key.subnet.clone(),
+                            max_total: pool.config.max_total,
+                        });
                     }
-                    let lease = leased(&record);
-                    self.holder_changed(&lease.id);
-                    state.insert(record);
-                    if state.wants_refill(&pool.config, now) {
+                    AssignStep::Take(record) => {
+                        let record = *record;
+                        if let Err(error) = self.store.apply(&[StoreOp::put(record.clone())]) {
+                            state.untake(&record);
+                            break Err(error.into());
+                        }
+                        let lease = leased(&record);
+                        self.holder_changed(&lease.id);
+                        state.insert(record);
+                        if state.wants_refill(&pool.config, now) {
+                            pool.wake_refiller.notify_one();
+                        }
+                        break Ok(lease);
+                    }
+                    AssignStep::Drained => {
+                        break Err(PoolError::Degraded {
+                            subnet: key.subnet.clone(),
+                            reason: DRAINED.to_owned(),
+                            exhausted: false,
+                        });
+                    }
+                    AssignStep::Refused(refusal) => {
+                        break Err(PoolError::Degraded {
+                            subnet: key.subnet.clone(),
+                            reason: refusal.reason,
+                            exhausted: refusal.exhausted,
+                        });
+                    }
+                    AssignStep::Wait => {
+                        if waiting.is_none() {
+                            state.add_waiter();
+                            waiting = Some(Waiter(&pool));
+                        }
                         pool.wake_refiller.notify_one();
                     }
-                    break Ok(lease);
                 }
-                if state.draining {
-                    break Err(PoolError::Degraded {
-                        subnet: key.subnet.clone(),
-                        reason: DRAINED.to_owned(),
-                        exhausted: false,
-                    });
-                }
-                // A cloud that refuses more addresses does not keep this
-                // ADD from one of the node's own coming out of cooldown
-                // before its deadline (more of them than ADDs waiting).
-                let ahead = state.waiters.saturating_sub(usize::from(waiting.is_some()));
-                let deadline_ms = now.saturating_add(millis(pool.config.assign_timeout));
-                if let Some(refusal) = state.degraded_at(now)
-                    && state.cooling_by(deadline_ms) <= ahead
-                {
-                    break Err(PoolError::Degraded {
-                        subnet: key.subnet.clone(),
-                        reason: refusal.reason.clone(),
-                        exhausted: refusal.exhausted,
-                    });
-                }
-                if waiting.is_none() {
-                    state.waiters += 1;
-                    waiting = Some(Waiter(&pool));
-                }
-                pool.wake_refiller.notify_one();
             }
             let changed = match deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline, changes.changed()).await,
@@ -156,32 +150,25 @@ impl PoolManager {
         let pool = self.pool(key);
         {
             let mut state = pool.lock();
-            if let Some(lease) = state.assigned_lease(owner) {
-                return if lease.address.addr() == address {
-                    Ok(lease)
-                } else {
-                    Err(unavailable(format!(
+            let now = self.clock.now_ms();
+            match state.take_address_for(&pool.config, owner, address, now) {
+                AddressStep::Held(lease) => return Ok(lease),
+                AddressStep::HoldsOther(lease) => {
+                    return Err(unavailable(format!(
                         "{}/{} already holds {}",
                         owner.container_id, owner.ifname, lease.address
-                    )))
-                };
-            }
-            if !state.pod_room(&pool.config) {
-                return Err(PoolError::Full {
-                    subnet: key.subnet.clone(),
-                    max_total: pool.config.max_total,
-                });
-            }
-            match state.take_address(owner, address, self.clock.now_ms()) {
-                Ok(Some(record)) => {
+                    )));
+                }
+                AddressStep::Full => {
+                    return Err(PoolError::Full {
+                        subnet: key.subnet.clone(),
+                        max_total: pool.config.max_total,
+                    });
+                }
+                AddressStep::Take(record) => {
+                    let record = *record;
                     if let Err(error) = self.store.apply(&[StoreOp::put(record.clone())]) {
-                        if state
-                            .records
-                            .get(&record.lease.id)
-                            .is_some_and(|kept| kept.state == AddressState::Idle)
-                        {
-                            state.untake(&record);
-                        }
+                        state.untake(&record);
                         return Err(error.into());
                     }
                     let lease = leased(&record);
@@ -189,17 +176,15 @@ impl PoolManager {
                     state.insert(record);
                     return Ok(lease);
                 }
-                Ok(None) => {}
-                Err(AddressState::Assigned(holder)) => {
+                AddressStep::HeldBy(holder) => {
                     return Err(unavailable(format!(
                         "held by {}/{}",
                         holder.container_id, holder.ifname
                     )));
                 }
-                Err(_) => return Err(unavailable("it is being released".into())),
-            }
-            if !state.pending_addresses.insert(address) {
-                return Err(unavailable("it is being allocated".into()));
+                AddressStep::Releasing => return Err(unavailable("it is being released".into())),
+                AddressStep::Pending => return Err(unavailable("it is being allocated".into())),
+                AddressStep::Allocate => {}
             }
         }
         let _pending = PendingAddress {
@@ -304,13 +289,7 @@ impl PoolManager {
         }
         let ops: Vec<StoreOp> = cooled.iter().cloned().map(StoreOp::put).collect();
         if let Err(error) = self.store.apply(&ops) {
-            // Undo in memory what the store did not take.
-            for record in cooled {
-                state.idle.retain(|id| *id != record.lease.id);
-                if let Some(kept) = state.records.get_mut(&record.lease.id) {
-                    kept.state = AddressState::Cooldown { until_ms: now_ms };
-                }
-            }
+            state.undo_promotion(&cooled, now_ms);
             return Err(error.into());
         }
         Ok(true)
@@ -326,29 +305,29 @@ impl PoolManager {
     pub async fn release(&self, key: &PoolKey, owner: &Owner) -> Result<(), PoolError> {
         let pool = self.pool(key);
         let mut state = pool.lock();
-        if let Some(lost) = state.held_by(owner).filter(|record| record.lost) {
-            let lease_id = lost.lease.id.clone();
-            let address = lost.lease.address;
-            self.store
-                .apply(&[StoreOp::RemoveAddress(lease_id.clone())])?;
-            state.remove(&lease_id);
-            tracing::warn!(
-                lease = %lease_id,
-                %address,
-                container = %owner.container_id,
-                ifname = %owner.ifname,
-                "released an address the backend no longer has: dropped, not reused"
-            );
-            return Ok(());
-        }
         let cooldown_ms = millis(pool.config.reuse_cooldown);
-        let Some(record) = state.cool_down(owner, self.clock.now_ms(), cooldown_ms) else {
+        let Some(release) = state.plan_release(owner, self.clock.now_ms(), cooldown_ms) else {
             return Ok(());
         };
-        self.store.apply(&[StoreOp::put(record.clone())])?;
-        self.holder_changed(&record.lease.id);
-        state.commit_cool_down(owner, record);
-        pool.wake_refiller.notify_one();
+        match &release {
+            Release::Drop(lost) => {
+                self.store
+                    .apply(&[StoreOp::RemoveAddress(lost.lease.id.clone())])?;
+                tracing::warn!(
+                    lease = %lost.lease.id,
+                    address = %lost.lease.address,
+                    container = %owner.container_id,
+                    ifname = %owner.ifname,
+                    "released an address the backend no longer has: dropped, not reused"
+                );
+            }
+            Release::CoolDown(cooling) => {
+                self.store.apply(&[StoreOp::put(cooling.clone())])?;
+                self.holder_changed(&cooling.lease.id);
+                pool.wake_refiller.notify_one();
+            }
+        }
+        state.commit_release(owner, release);
         Ok(())
     }
 }

@@ -9,30 +9,6 @@ use hulk_ipam::Lease;
 use super::{PoolError, PoolManager};
 use crate::store::{AddressState, StoreOp};
 
-/// `known` with the facts `fresh` (the backend's current answer for the
-/// same lease) reports, or `None` when none changed. A fact the listing
-/// leaves out (`None`, or no security groups) is kept: listings of some
-/// backends say less than their allocation answers did.
-fn refreshed(known: &Lease, fresh: &Lease) -> Option<Lease> {
-    let mut lease = known.clone();
-    if fresh.gateway.is_some() {
-        lease.gateway = fresh.gateway;
-    }
-    if fresh.gateway_mac.is_some() {
-        lease.gateway_mac = fresh.gateway_mac;
-    }
-    if fresh.mtu.is_some() {
-        lease.mtu = fresh.mtu;
-    }
-    if fresh.mac.is_some() {
-        lease.mac = fresh.mac;
-    }
-    if !fresh.security_groups.is_empty() {
-        lease.security_groups = fresh.security_groups.clone();
-    }
-    (lease != *known).then_some(lease)
-}
-
 impl PoolManager {
     /// Takes the facts of `listing` (the backend's leases of this node)
     /// into every address the pools hold under the same id, durably: idle
@@ -46,80 +22,36 @@ impl PoolManager {
         for fresh in listing {
             for pool in self.all_pools() {
                 let mut core = pool.lock();
-                let Some(record) = core.records.get(&fresh.id) else {
+                let Some(updated) = core.refreshed(fresh) else {
                     continue;
                 };
-                if record.state == AddressState::Releasing {
-                    continue;
-                }
-                let Some(lease) = refreshed(&record.lease, fresh) else {
+                let Some(known) = core.record(&fresh.id).map(|record| &record.lease) else {
                     continue;
                 };
+                let lease = &updated.lease;
                 tracing::warn!(
                     lease = %fresh.id,
-                    address = %record.lease.address,
-                    gateway = ?record.lease.gateway.zip(lease.gateway),
-                    gateway_mac = ?record.lease.gateway_mac.zip(lease.gateway_mac),
-                    mtu = ?record.lease.mtu.zip(lease.mtu),
+                    address = %lease.address,
+                    gateway = ?known.gateway.zip(lease.gateway),
+                    gateway_mac = ?known.gateway_mac.zip(lease.gateway_mac),
+                    mtu = ?known.mtu.zip(lease.mtu),
                     "the backend reports new facts for an address; taking them"
                 );
-                if record.lease.gateway != lease.gateway
-                    && matches!(record.state, AddressState::Assigned(_))
+                if known.gateway != lease.gateway
+                    && matches!(updated.state, AddressState::Assigned(_))
                 {
                     tracing::error!(
                         lease = %fresh.id,
-                        address = %record.lease.address,
+                        address = %lease.address,
                         "the gateway of a running pod's address moved; the pod keeps \
                          its default route until it is recreated"
                     );
                 }
-                let mut updated = record.clone();
-                updated.lease = lease;
                 self.store.apply(&[StoreOp::put(updated.clone())])?;
                 core.insert(updated);
                 changed += 1;
             }
         }
         Ok(changed)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lease() -> Lease {
-        Lease {
-            id: "p1".into(),
-            address: "10.0.0.5/24".parse().unwrap_or_else(|_| unreachable!()),
-            network: "vpc".into(),
-            subnet: "s".into(),
-            gateway: Some([10, 0, 0, 1].into()),
-            mac: None,
-            mtu: Some(1450),
-            gateway_mac: Some(hulk_ipam::MacAddr([2, 0, 0, 0, 0, 1])),
-            security_groups: vec!["sg".into()],
-            qos_policy: None,
-            node: "n".into(),
-            owner: None,
-        }
-    }
-
-    #[test]
-    fn new_facts_are_taken_and_missing_ones_kept() {
-        let known = lease();
-        assert_eq!(refreshed(&known, &known), None, "nothing changed");
-        let mut fresh = known.clone();
-        fresh.gateway_mac = Some(hulk_ipam::MacAddr([2, 0, 0, 0, 0, 2]));
-        fresh.mtu = None;
-        fresh.security_groups.clear();
-        let taken = refreshed(&known, &fresh).expect("the gateway MAC changed");
-        assert_eq!(taken.gateway_mac, fresh.gateway_mac);
-        assert_eq!(
-            taken.mtu,
-            Some(1450),
-            "a fact the listing leaves out is kept"
-        );
-        assert_eq!(taken.security_groups, ["sg"]);
     }
 }

@@ -6,7 +6,7 @@
 //! start-up repair and gone pods (`reconcile`), pacing (`rate_limit`),
 //! errors and backend health (`error`), time (`clock`).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -27,13 +27,13 @@ mod sweep;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use error::{AUTH_FAILING_AFTER, BackendHealth, PoolError};
-pub use reconcile::{MissingAssignments, ReconcileReport, sweep_cluster, sweep_node};
+pub use reconcile::{ReconcileReport, sweep_cluster, sweep_node};
 pub use refill::RefillOutcome;
 pub use refiller::REFILLER_RESTART_DELAY;
 pub use sweep::OrphanSweep;
 
 use crate::config::PoolConfig;
-use crate::core::{BackendFailure, OwnerKey, PoolCore};
+use crate::core::{BackendFailure, PoolCore, Suspects};
 use crate::metrics::{PoolLabels, PoolMetrics};
 use crate::store::{AddressRecord, AddressState, Intent, IntentKind, PoolStore};
 use rate_limit::RateLimiter;
@@ -118,7 +118,8 @@ pub struct PoolManager {
     /// Allocations hold it shared; an orphan sweep exclusively, so it never
     /// mistakes a just-created, not yet recorded address for an orphan.
     allocation_gate: RwLock<()>,
-    suspects: Mutex<HashSet<OwnerKey>>,
+    /// Owners missing on the last pass of [`PoolManager::find_missing`].
+    suspects: Mutex<Suspects>,
     metrics: PoolMetrics,
     rate: RateLimiter,
     /// Wakes [`PoolManager::run_refillers`] when a pool appears.
@@ -179,7 +180,7 @@ impl PoolManager {
             pools: Mutex::new(HashMap::new()),
             next_intent: AtomicU64::new(snapshot.intents.keys().max().map_or(1, |id| id + 1)),
             allocation_gate: RwLock::new(()),
-            suspects: Mutex::new(HashSet::new()),
+            suspects: Mutex::new(Suspects::default()),
             metrics: PoolMetrics::default(),
             rate,
             pool_added: Notify::new(),
@@ -287,15 +288,7 @@ impl PoolManager {
     pub fn assigned_addresses(&self) -> Vec<std::net::IpAddr> {
         self.all_pools()
             .iter()
-            .flat_map(|pool| {
-                let state = pool.lock();
-                state
-                    .owners
-                    .values()
-                    .filter_map(|id| state.records.get(id))
-                    .map(|record| record.lease.address.addr())
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|pool| pool.lock().assigned_addresses())
             .collect()
     }
 
@@ -313,10 +306,10 @@ impl PoolManager {
             cooldown,
             releasing,
             in_flight: state.in_flight(),
-            lost: state.records.values().filter(|record| record.lost).count(),
+            lost: state.lost(),
             degraded: degraded_reason.is_some(),
             degraded_reason,
-            draining: state.draining,
+            draining: state.draining(),
             refiller_running: pool.refillers.load(Ordering::SeqCst) > 0,
             backoff_until_ms: state.backing_off_at(now),
             consecutive_failures,
@@ -337,7 +330,7 @@ impl PoolManager {
         let mut records: Vec<AddressRecord> = self
             .all_pools()
             .iter()
-            .flat_map(|pool| pool.lock().records.values().cloned().collect::<Vec<_>>())
+            .flat_map(|pool| pool.lock().records().cloned().collect::<Vec<_>>())
             .collect();
         records.sort_by_key(|record| record.lease.address.addr());
         records

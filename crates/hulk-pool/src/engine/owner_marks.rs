@@ -11,16 +11,17 @@ use hulk_ipam::IpamError;
 use tokio_util::sync::CancellationToken;
 
 use super::{PoolError, PoolManager};
+use crate::core::holder_to_mark;
 use crate::store::AddressState;
 
 /// Marks written at once: a burst of ADDs is marked in a fraction of the
 /// time one at a time would take, without flooding the cloud's API.
 pub(super) const MARKS_IN_PARALLEL: usize = 4;
 /// How long [`PoolManager::run_owner_marks`] waits after a failed pass.
-pub(super) const MARK_RETRY: Duration = Duration::from_secs(5);
+const MARK_RETRY: Duration = Duration::from_secs(5);
 /// How long the last pass at shutdown may take: a cloud outage must not
 /// hold the agent's exit for the whole grace period.
-pub(super) const LAST_PASS_LIMIT: Duration = Duration::from_secs(10);
+const LAST_PASS_LIMIT: Duration = Duration::from_secs(10);
 
 impl PoolManager {
     /// Notes that `lease_id` changed hands, for the next marking pass.
@@ -34,13 +35,9 @@ impl PoolManager {
 
     /// The state of the record of `lease_id`, in whichever pool holds it.
     pub(super) fn state_of(&self, lease_id: &str) -> Option<AddressState> {
-        self.all_pools().iter().find_map(|pool| {
-            let state = pool.lock();
-            state
-                .records
-                .get(lease_id)
-                .map(|record| record.state.clone())
-        })
+        self.all_pools()
+            .iter()
+            .find_map(|pool| pool.lock().state_of(lease_id).cloned())
     }
 
     /// One marking pass: writes to the backend the current holder (or
@@ -87,10 +84,8 @@ impl PoolManager {
     pub(super) async fn mark(&self, lease_id: &str) -> Result<bool, IpamError> {
         // Read at the time of the call: a mark always says the latest
         // holder, so passes never need ordering among themselves.
-        let holder = match self.state_of(lease_id) {
-            Some(AddressState::Assigned(owner)) => Some(owner),
-            Some(AddressState::Idle | AddressState::Cooldown { .. }) => None,
-            Some(AddressState::Releasing) | None => return Ok(false),
+        let Some(holder) = self.state_of(lease_id).as_ref().and_then(holder_to_mark) else {
+            return Ok(false);
         };
         // Not rate-limited: marks follow pod churn, a few at a time, and
         // taking the limiter's tokens would delay the refills that ADDs
@@ -106,8 +101,8 @@ impl PoolManager {
 
     /// Runs marking passes whenever an address changes hands (and again
     /// after a failure, every few seconds) until `shutdown` is cancelled,
-    /// then one last pass (of at most ten seconds)
-    /// so that a graceful stop leaves every mark written.
+    /// then one last pass (of at most ten seconds) so that a graceful stop
+    /// leaves every mark written.
     pub async fn run_owner_marks(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             let retry = match self.mark_holders().await {

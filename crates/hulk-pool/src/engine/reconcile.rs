@@ -7,18 +7,12 @@ use std::collections::{BTreeSet, HashSet};
 use hulk_ipam::{IpamBackend, IpamError, ListScope, Owner, PoolKey};
 
 use super::{OrphanSweep, PoolError, PoolManager};
-use crate::store::{AddressState, Intent, IntentKind, Snapshot, StoreOp};
+use crate::core::{MissingAssignments, restored};
+use crate::store::{Intent, IntentKind, Snapshot, StoreOp};
 
-/// Assignments whose pod is missing, as one reconciliation pass sees them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MissingAssignments {
-    /// Missing on this pass and the previous one: to be released.
-    pub gone: Vec<(PoolKey, Owner)>,
-    /// Missing on this pass only: gone on the next pass if still missing.
-    pub suspected: Vec<Owner>,
-}
-
-/// What a reconciliation pass did.
+/// What a pass of the node's dead-pod collection did (hulk-node's
+/// `collect_dead_pods`: [`PoolManager::find_missing`], then a teardown
+/// and release of each gone owner).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReconcileReport {
     /// Assignments released because their pod was missing twice.
@@ -80,18 +74,11 @@ impl PoolManager {
             if released.contains(&record.lease.id) {
                 continue;
             }
-            let mut record = record.clone();
-            if releasing.contains(&record.lease.id) {
-                // Never handed out: it goes back as soon as the backend
-                // answers.
-                record.state = AddressState::Releasing;
-            } else if record.state == AddressState::Releasing {
-                record.state = AddressState::Idle;
-            }
+            let record = restored(record, releasing.contains(&record.lease.id));
             self.pool(&record.key).lock().insert(record);
         }
         for key in &snapshot.drained {
-            self.pool(key).lock().draining = true;
+            self.pool(key).lock().set_draining(true);
         }
         *self
             .unsettled
@@ -158,37 +145,23 @@ impl PoolManager {
 
     /// Judges which assignments are gone without releasing them, for a
     /// caller that must tear down more than the address (a pod's host
-    /// route) before handing it back. An assignment missing from `live` is
+    /// route) before handing it back: hulk-node's dead-pod collection
+    /// tears each gone owner down and then calls [`PoolManager::release`]. An assignment missing from `live` is
     /// gone only when it was also missing on the previous pass, so a pod
     /// still being created is never robbed.
     pub fn find_missing(&self, live: &HashSet<(String, String)>) -> MissingAssignments {
-        let mut missing = MissingAssignments::default();
-        let mut suspects = self
-            .suspects
+        let missing: Vec<(PoolKey, Owner)> = self
+            .all_pools()
+            .iter()
+            .flat_map(|pool| {
+                let owners = pool.lock().missing_from(live);
+                owners.into_iter().map(|owner| (pool.key.clone(), owner))
+            })
+            .collect();
+        self.suspects
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut missing_now = HashSet::new();
-        for pool in self.all_pools() {
-            let state = pool.lock();
-            for (owner_key, id) in &state.owners {
-                if live.contains(owner_key) {
-                    continue;
-                }
-                let Some(AddressState::Assigned(owner)) =
-                    state.records.get(id).map(|record| &record.state)
-                else {
-                    continue;
-                };
-                if suspects.contains(owner_key) {
-                    missing.gone.push((pool.key.clone(), owner.clone()));
-                } else {
-                    missing.suspected.push(owner.clone());
-                    missing_now.insert(owner_key.clone());
-                }
-            }
-        }
-        *suspects = missing_now;
-        missing
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .judge(missing)
     }
 }
 

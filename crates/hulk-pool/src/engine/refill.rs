@@ -29,7 +29,9 @@ impl<'a> InFlight<'a> {
         InFlight { pool, count }
     }
 
-    /// The count, for [`PoolCore::finish_refill`] under the caller's lock.
+    /// The count, for
+    /// [`PoolCore::finish_refill`](crate::core::PoolCore::finish_refill)
+    /// under the caller's lock.
     pub(super) fn take(&mut self) -> usize {
         std::mem::take(&mut self.count)
     }
@@ -69,10 +71,11 @@ impl PoolManager {
     }
 
     /// Takes an allocation's answer into `pool` and ends `reserved`: what
-    /// [`PoolCore::screen_answer`] adopts is stored as `state` (fixed when
-    /// `wanted` names the address) and added; what it refuses is logged
-    /// and counted, and returned to the backend when that is safe (behind
-    /// release intents, so a crash finishes the job). The outer error is
+    /// [`PoolCore::screen_answer`](crate::core::PoolCore::screen_answer)
+    /// adopts is stored as `state` (fixed when `wanted` names the address)
+    /// and added; what it refuses is logged and counted, and returned to
+    /// the backend when that is safe (behind release intents, so a crash
+    /// finishes the job). The outer error is
     /// the store's; the inner one says the answer held no usable address.
     pub(super) async fn take_answer(
         &self,
@@ -202,9 +205,10 @@ impl PoolManager {
     }
 
     /// One refill pass of `key`'s pool, with one demand plan for both
-    /// directions (see [`PoolCore::plan_refill`] and
-    /// [`PoolCore::plan_shrink`]): allocates toward `min_idle` (and for
-    /// waiting assignments) in batches (up to four in parallel) while it
+    /// directions (see
+    /// [`PoolCore::plan_refill`](crate::core::PoolCore::plan_refill) and
+    /// [`PoolCore::plan_shrink`](crate::core::PoolCore::plan_shrink)):
+    /// allocates toward `min_idle` (and for waiting assignments) in batches (up to four in parallel) while it
     /// returns idle addresses beyond `max_idle` or unused past
     /// `idle_reclaim_after`, a few at a time. The refiller
     /// ([`PoolManager::run_refiller`]) runs the two directions as separate
@@ -220,8 +224,9 @@ impl PoolManager {
         Ok(outcome)
     }
 
-    /// Allocates what [`PoolCore::plan_refill`] asks for. More waiting
-    /// assignments than one batch serves get several batches in parallel:
+    /// Allocates what
+    /// [`PoolCore::plan_refill`](crate::core::PoolCore::plan_refill) asks
+    /// for. More waiting assignments than one batch serves get several batches in parallel:
     /// a burst then waits one backend call, not one per batch.
     pub(super) async fn allocate_pass(&self, pool: &Pool) -> Result<RefillOutcome, PoolError> {
         let mut batches = Vec::new();
@@ -292,21 +297,7 @@ impl PoolManager {
             Err(error) => {
                 // Backends allocate all or none: nothing to undo.
                 let now = self.clock.now_ms();
-                let refusal = match &error {
-                    IpamError::Throttled { retry_after } => {
-                        Some(retry_after.unwrap_or(pool.config.backoff))
-                    }
-                    IpamError::Exhausted { .. } | IpamError::Quota(_) => Some(pool.config.backoff),
-                    _ => None,
-                }
-                .map(|pause| {
-                    Refusal::new(
-                        now,
-                        pause,
-                        error.to_string(),
-                        matches!(error, IpamError::Exhausted { .. } | IpamError::Quota(_)),
-                    )
-                });
+                let refusal = Refusal::of(&error, pool.config.backoff, now);
                 let end = RefillEnd::Failed {
                     failure: self.failure("allocate", &error),
                     refusal,

@@ -38,11 +38,11 @@ impl Drop for Running<'_> {
 impl PoolManager {
     /// Runs a refiller for every pool, those known now and those that
     /// appear later (a pod's annotations can name a pool first seen at its
-    /// ADD), until `shutdown` is cancelled. A
-    /// refiller that panics or ends before shutdown is restarted after
-    /// [`REFILLER_RESTART_DELAY`], with an error logged and
-    /// `hulk_pool_refiller_restarts_total` counted; [`PoolStats`] says
-    /// whether each pool's refiller runs.
+    /// ADD), until `shutdown` is cancelled. A refiller that panics or ends
+    /// before shutdown is restarted after [`REFILLER_RESTART_DELAY`], with
+    /// an error logged and `hulk_pool_refiller_restarts_total` counted;
+    /// [`PoolStats`](crate::PoolStats) says whether each pool's refiller
+    /// runs.
     pub async fn run_refillers(self: Arc<Self>, shutdown: CancellationToken) {
         let mut running = HashSet::new();
         let mut refillers = tokio::task::JoinSet::new();
@@ -110,8 +110,8 @@ impl PoolManager {
         (key, death)
     }
 
-    /// Runs the refiller of `key` until `shutdown` is cancelled: two loops on one task, one allocating (woken by
-    /// assignments, every `refill_interval`, and when a pause, back-off or
+    /// Runs the refiller of `key` until `shutdown` is cancelled: two loops
+    /// on one task, one allocating (woken by assignments, every `refill_interval`, and when a pause, back-off or
     /// cooldown ends) and one returning surplus (woken by every change of
     /// the pool, and on the same clock), so that neither waits for the
     /// other's backend calls.
@@ -128,13 +128,8 @@ impl PoolManager {
     /// How long a refiller loop of `pool` may sleep: until the next pause,
     /// back-off or cooldown ends, at most `refill_interval`.
     pub(super) fn refiller_sleep(&self, pool: &Pool) -> Duration {
-        let now = self.clock.now_ms();
         pool.lock()
-            .next_due(now)
-            .map_or(pool.config.refill_interval, |until| {
-                Duration::from_millis(until.saturating_sub(now))
-            })
-            .min(pool.config.refill_interval)
+            .refiller_sleep(&pool.config, self.clock.now_ms())
     }
 
     /// The allocating half of [`PoolManager::run_refiller`].

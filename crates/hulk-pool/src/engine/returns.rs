@@ -5,13 +5,13 @@ use futures::StreamExt;
 use hulk_ipam::{IpamError, PoolKey};
 
 use super::{Pool, PoolError, PoolManager, RefillOutcome};
-use crate::core::{PoolCore, millis};
-use crate::store::{AddressRecord, AddressState, Intent, IntentKind, StoreOp};
+use crate::core::PoolCore;
+use crate::store::{AddressRecord, Intent, IntentKind, StoreOp};
 
 /// Addresses returned to the backend at once in a refill pass: a queue of
 /// surplus drains in a fraction of the time one at a time takes, without
 /// flooding the cloud's API (the rate limiter still applies).
-pub(super) const RETURNS_IN_PARALLEL: usize = 4;
+const RETURNS_IN_PARALLEL: usize = 4;
 
 impl PoolManager {
     /// Drains `key`'s pool for an operator: refills stop, assignments
@@ -23,7 +23,7 @@ impl PoolManager {
         self.store
             .apply(&[StoreOp::SetDrained(key.clone(), true)])?;
         let pool = self.pool(key);
-        pool.lock().draining = true;
+        pool.lock().set_draining(true);
         pool.announce();
         self.return_surplus(&pool).await
     }
@@ -32,33 +32,18 @@ impl PoolManager {
     pub async fn resume(&self, key: &PoolKey) -> Result<RefillOutcome, PoolError> {
         self.store
             .apply(&[StoreOp::SetDrained(key.clone(), false)])?;
-        self.pool(key).lock().draining = false;
+        self.pool(key).lock().set_draining(false);
         self.refill(key).await
     }
 
-    /// Returns to the backend what [`PoolCore::plan_shrink`] picks;
+    /// Returns to the backend what [`PoolCore::plan_returns`] picks;
     /// how many went back.
     pub(super) async fn return_surplus(&self, pool: &Pool) -> Result<usize, PoolError> {
         let returns = self.pick_returns(pool)?;
         self.return_addresses(pool, returns).await
     }
 
-    /// `id`'s record as it is while being returned to the backend, and the
-    /// intent that covers the call; `None` when the pool has no such record.
-    pub(super) fn release_victim(
-        &self,
-        state: &PoolCore,
-        id: &str,
-    ) -> Option<(AddressRecord, Intent)> {
-        let mut record = state.records.get(id)?.clone();
-        record.state = AddressState::Releasing;
-        let intent = self.intent(IntentKind::Release {
-            lease_id: id.to_owned(),
-        });
-        Some((record, intent))
-    }
-
-    /// Takes the addresses [`PoolCore::plan_shrink`] picks out of service,
+    /// Takes the addresses [`PoolCore::plan_returns`] picks out of service,
     /// durably: each is stored as being released, behind a release intent
     /// (a crash finishes the job). Nothing changes if the store fails.
     pub(super) fn pick_returns(
@@ -66,37 +51,23 @@ impl PoolManager {
         pool: &Pool,
     ) -> Result<Vec<(AddressRecord, Intent)>, PoolError> {
         let now = self.clock.now_ms();
-        let reclaim_before = pool
-            .config
-            .idle_reclaim_after
-            .map(|after| now.saturating_sub(millis(after)));
         let mut state = pool.lock();
-        let picked = state.plan_shrink(&pool.config, now, reclaim_before);
-        let victims: Vec<(AddressRecord, Intent)> = picked
-            .iter()
-            .filter_map(|id| self.release_victim(&state, id))
-            .collect();
-        let ops: Vec<StoreOp> = victims
-            .iter()
-            .flat_map(|(record, intent)| {
-                [
-                    StoreOp::put(record.clone()),
-                    StoreOp::PutIntent(intent.clone()),
-                ]
-            })
-            .collect();
+        let returning = state.plan_returns(&pool.config, now);
+        let mut ops = Vec::with_capacity(returning.len() * 2);
+        let mut victims = Vec::with_capacity(returning.len());
+        for record in &returning {
+            let intent = self.intent(IntentKind::Release {
+                lease_id: record.lease.id.clone(),
+            });
+            ops.push(StoreOp::put(record.clone()));
+            ops.push(StoreOp::PutIntent(intent.clone()));
+            victims.push((record.clone(), intent));
+        }
         if let Err(error) = self.store.apply(&ops) {
-            // Fixed addresses were never idle.
-            for (record, _) in victims.iter().rev().filter(|(record, _)| !record.fixed) {
-                state.untake(record);
-            }
+            state.undo_returns(&returning);
             return Err(error.into());
         }
-        for (record, _) in &victims {
-            state
-                .records
-                .insert(record.lease.id.clone(), record.clone());
-        }
+        state.commit_returns(&returning);
         Ok(victims)
     }
 
@@ -138,12 +109,7 @@ impl PoolManager {
                     }),
                 Err(error) => {
                     tracing::warn!(lease = %id, %error, "cannot return an address");
-                    let mut kept = record.clone();
-                    kept.state = if record.fixed {
-                        AddressState::Cooldown { until_ms: now }
-                    } else {
-                        AddressState::Idle
-                    };
+                    let kept = PoolCore::unreturned(&record, now);
                     self.store
                         .apply(&[StoreOp::put(kept.clone()), StoreOp::RemoveIntent(intent.id)])
                         .map(|()| pool.lock().insert(kept))

@@ -10,12 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use super::owner_marks::MARKS_IN_PARALLEL;
 use super::{PoolError, PoolManager};
-use crate::core::{Anomaly, owner_key};
-use crate::store::{AddressRecord, AddressState, Intent, IntentKind, StoreOp};
+use crate::core::{Anomaly, Gone, holder_to_mark, mark_is_stale};
+use crate::store::{AddressState, Intent, IntentKind, StoreOp};
 
 /// The most addresses one sweep asks about by id because the listing
 /// lacked them ([`PoolManager::sweep_orphans`]).
-pub(super) const CONFIRMS_PER_SWEEP: usize = 16;
+const CONFIRMS_PER_SWEEP: usize = 16;
 
 /// What [`PoolManager::sweep_orphans`] did with the backend's addresses of
 /// this node that no pool knew, and with the pools' addresses the backend
@@ -91,7 +91,7 @@ impl PoolManager {
         let held_before: Vec<String> = self
             .all_pools()
             .iter()
-            .flat_map(|pool| pool.lock().records.keys().cloned().collect::<Vec<_>>())
+            .flat_map(|pool| pool.lock().lease_ids())
             .collect();
         let listed = self.timed("list", self.backend.list(&scope)).await?;
         sweep.facts_refreshed = self.refresh_facts(&listed)?;
@@ -125,12 +125,7 @@ impl PoolManager {
             }
             if let Some(state) = self.state_of(&lease.id) {
                 self.relisted(&lease.id)?;
-                let holder = match &state {
-                    AddressState::Assigned(owner) => Some(owner_key(owner)),
-                    _ => None,
-                };
-                if state != AddressState::Releasing && holder != lease.owner.as_ref().map(owner_key)
-                {
+                if mark_is_stale(&state, lease.owner.as_ref()) {
                     self.holder_changed(&lease.id);
                 }
                 continue;
@@ -249,10 +244,8 @@ impl PoolManager {
     /// harmless write of its current holder. Not found: gone. Found: kept,
     /// its mark rewritten. Any other answer: judged again next sweep.
     pub(super) async fn confirmed_gone(&self, lease_id: &str) -> bool {
-        let holder = match self.state_of(lease_id) {
-            Some(AddressState::Assigned(owner)) => Some(owner),
-            Some(AddressState::Idle | AddressState::Cooldown { .. }) => None,
-            Some(AddressState::Releasing) | None => return false,
+        let Some(holder) = self.state_of(lease_id).as_ref().and_then(holder_to_mark) else {
+            return false;
         };
         match self
             .timed("update_owner", self.backend.update_owner(lease_id, holder))
@@ -287,11 +280,9 @@ impl PoolManager {
     pub(super) fn relisted(&self, lease_id: &str) -> Result<(), PoolError> {
         for pool in self.all_pools() {
             let mut core = pool.lock();
-            let Some(record) = core.records.get(lease_id).filter(|record| record.lost) else {
+            let Some(found) = core.relisted(lease_id) else {
                 continue;
             };
-            let mut found = record.clone();
-            found.lost = false;
             self.store.apply(&[StoreOp::put(found.clone())])?;
             core.insert(found);
             tracing::warn!(lease = %lease_id, "the backend lists an address it said was gone; no longer lost");
@@ -308,14 +299,12 @@ impl PoolManager {
     pub(super) fn lose(&self, lease_id: &str, sweep: &mut OrphanSweep) -> Result<(), PoolError> {
         for pool in self.all_pools() {
             let mut core = pool.lock();
-            let Some(record) = core.records.get(lease_id).cloned() else {
+            if core.state_of(lease_id).is_none() {
                 continue;
-            };
-            let address = record.lease.address;
-            match &record.state {
-                AddressState::Releasing => {}
-                AddressState::Assigned(_) if record.lost => {}
-                AddressState::Idle | AddressState::Cooldown { .. } => {
+            }
+            match core.on_gone(lease_id) {
+                None => {}
+                Some(Gone::Drop(record)) => {
                     self.store
                         .apply(&[StoreOp::RemoveAddress(lease_id.to_owned())])?;
                     core.remove(lease_id);
@@ -328,32 +317,32 @@ impl PoolManager {
                     sweep.dropped_idle += 1;
                     tracing::warn!(
                         lease = %lease_id,
-                        %address,
+                        address = %record.lease.address,
                         pool = %pool.key.subnet,
                         state,
                         "the backend no longer has this address (the cloud took it back): \
                          dropped from the pool, never handed out again"
                     );
                 }
-                AddressState::Assigned(owner) => {
-                    let mut lost = record.clone();
-                    lost.lost = true;
+                Some(Gone::Lost(lost)) => {
                     self.store.apply(&[StoreOp::put(lost.clone())])?;
+                    if let AddressState::Assigned(owner) = &lost.state {
+                        tracing::error!(
+                            lease = %lease_id,
+                            address = %lost.lease.address,
+                            pool = %pool.key.subnet,
+                            pod = owner.pod.as_deref().unwrap_or("-"),
+                            container = %owner.container_id,
+                            ifname = %owner.ifname,
+                            "the backend no longer has the address this pod uses (the cloud \
+                             took it back; another node may hold it now): the pod keeps it \
+                             until its DEL, after which it is dropped, never handed out again; \
+                             recreate the pod"
+                        );
+                    }
                     core.insert(lost);
                     self.metrics.lease_lost(&pool.key, "assigned");
                     sweep.lost_assigned += 1;
-                    tracing::error!(
-                        lease = %lease_id,
-                        %address,
-                        pool = %pool.key.subnet,
-                        pod = owner.pod.as_deref().unwrap_or("-"),
-                        container = %owner.container_id,
-                        ifname = %owner.ifname,
-                        "the backend no longer has the address this pod uses (the cloud took \
-                         it back; another node may hold it now): the pod keeps it until its \
-                         DEL, after which it is dropped, never handed out again; recreate \
-                         the pod"
-                    );
                 }
             }
             return Ok(());
@@ -377,7 +366,7 @@ impl PoolManager {
     pub(super) fn adopt(
         &self,
         key: PoolKey,
-        mut lease: Lease,
+        lease: Lease,
         state: AddressState,
     ) -> Result<Adoption, PoolError> {
         let pool = self.pool(&key);
@@ -388,22 +377,10 @@ impl PoolManager {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             let others = self.held_elsewhere(&key);
             let mut core = pool.lock();
-            let over_cap = core.room(&pool.config) == 0;
-            match core.check_lease(&key, &lease, &others) {
+            let now = self.clock.now_ms();
+            match core.adopt_orphan(&key, &pool.config, &lease, state.clone(), &others, now) {
                 Err(anomaly) => Adoption::Refused(anomaly),
-                Ok(()) if over_cap && state == AddressState::Idle => {
-                    Adoption::Refused(Anomaly::OverCap)
-                }
-                Ok(()) => {
-                    lease.owner = None;
-                    let record = AddressRecord {
-                        key: key.clone(),
-                        lease: lease.clone(),
-                        state: state.clone(),
-                        since_ms: self.clock.now_ms(),
-                        fixed: false,
-                        lost: false,
-                    };
+                Ok((record, over_cap)) => {
                     self.store.apply(&[StoreOp::put(record.clone())])?;
                     core.insert(record);
                     Adoption::Adopted(over_cap)
