@@ -12,12 +12,15 @@
 //!   parent's MTU is lowered, and dies with its parent;
 //! - a link's changes apply in the kernel's order (MAC, MTU, name, up),
 //!   each kept when a later one is refused; a MAC must be unicast and not
-//!   all zero (EADDRNOTAVAIL), and an up macvlan slave's MAC must differ
-//!   from its parent's and its up siblings' (EADDRINUSE);
+//!   all zero (EADDRNOTAVAIL), and a macvlan slave's MAC must differ from
+//!   its parent's and its up siblings', when set and when it comes up
+//!   (EADDRINUSE);
 //! - an IPv4 address on an up link brings the connected route of its
 //!   prefix; routes, addresses and neighbours follow a renamed link and die
 //!   with a deleted one;
-//! - a route needs its link up (ENETDOWN); a route replace matches
+//! - a route needs its link up (ENETDOWN), and one via an IPv4 next hop
+//!   an IPv4 address in the namespace (EINVAL; `lo` gets 127.0.0.1/8 when
+//!   it comes up); a route replace matches
 //!   destination and metric whatever the link; an IPv6 route asked with
 //!   metric 0 gets the kernel's 1024; a delete at metric 0 matches any
 //!   metric and takes one route;
@@ -96,9 +99,14 @@ impl FakeNamespace {
         self.routes.iter().chain(&self.connected)
     }
 
-    /// Adds the connected route of each IPv4 address of the up link `name`.
+    /// Adds the connected route of each IPv4 address of the up link `name`
+    /// (the loopback's go to the local table).
     fn connect(&mut self, name: &str) {
-        let Some(link) = self.links.get(name).filter(|link| link.link.up) else {
+        let Some(link) = self
+            .links
+            .get(name)
+            .filter(|link| link.link.up && name != "lo")
+        else {
             return;
         };
         let routes: Vec<Route> = link
@@ -348,7 +356,7 @@ impl FakeKernel {
             if mac[0] & 1 == 1 || mac == [0; 6] {
                 return refuse(Errno::EADDRNOTAVAIL);
             }
-            if link.link.up && self.mac_in_use(state, ns, &link, mac) {
+            if self.mac_in_use(state, ns, &link, mac) {
                 return refuse(Errno::EADDRINUSE);
             }
             link_in(state, ns, name)?.link.mac = Some(mac);
@@ -393,7 +401,12 @@ impl FakeKernel {
             {
                 return refuse(Errno::EADDRINUSE);
             }
-            link_in(state, ns, &name)?.link.up = true;
+            let link = link_in(state, ns, &name)?;
+            link.link.up = true;
+            if name == "lo" && !link.addresses.contains(&loopback()) {
+                // The kernel gives the loopback its address when it comes up.
+                link.addresses.push(loopback());
+            }
             state.namespaces[ns.0].connect(&name);
         }
         Ok(())
@@ -465,6 +478,11 @@ fn rename(namespace: &mut FakeNamespace, from: &str, to: &str) {
             route.link = to.to_owned();
         }
     }
+}
+
+/// The loopback's IPv4 address.
+fn loopback() -> IpNet {
+    IpNet::new(IpAddr::from([127, 0, 0, 1]), 8).expect("8 is a valid IPv4 prefix length")
 }
 
 /// The metric the kernel stores for `route`: 1024 for an IPv6 route asked
@@ -635,6 +653,18 @@ impl Kernel for FakeKernel {
                 .ok_or_else(|| KernelError::LinkNotFound(route.link.clone()))?;
             if !link.link.up {
                 return Err(KernelError::errno(&operation, Errno::ENETDOWN));
+            }
+            // The kernel checks an IPv4 next hop against the local table,
+            // which only exists once the namespace has an IPv4 address.
+            let no_ipv4 = || {
+                !namespace.links.values().any(|link| {
+                    link.addresses
+                        .iter()
+                        .any(|address| address.addr().is_ipv4())
+                })
+            };
+            if route.gateway.is_some_and(|gateway| gateway.is_ipv4()) && no_ipv4() {
+                return Err(KernelError::errno(&operation, Errno::EINVAL));
             }
             let stored = Route {
                 metric: stored_metric(route),
