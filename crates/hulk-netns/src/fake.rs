@@ -771,6 +771,11 @@ mod tests {
         let pod = kernel.add_namespace("/var/run/netns/p");
         kernel.add_link(pod, "eth0", 1500);
         kernel.add_link(pod, "eth1", 1500);
+        // A next hop is checked against the namespace's IPv4 addresses.
+        kernel
+            .add_address(&pod, "eth0", "10.88.0.2/24".parse().unwrap())
+            .await
+            .unwrap();
         let default = default_route("10.88.0.1", "eth0");
         kernel.replace_route(&pod, &default).await.unwrap();
         let mut ours = default_route("10.20.0.1", "eth1");
