@@ -286,23 +286,50 @@ fn ip(text: &str) -> IpAddr {
     text.parse().expect("address")
 }
 
+/// A new pod namespace, opened.
+async fn open_pod<S: Setup>(setup: &mut S) -> <S::K as Kernel>::Ns {
+    let path = setup.pod();
+    setup.kernel().open(&path).await.expect("open")
+}
+
+/// Creates the macvlan slave `name` of the parent in `ns`.
+async fn add_slave<K: Kernel>(kernel: &K, ns: &K::Ns, name: &str) {
+    kernel
+        .create_slave(PARENT, name, MACVLAN, ns)
+        .await
+        .expect("create");
+}
+
+/// The link `name` of `ns`, which must exist.
+async fn link_of<K: Kernel>(kernel: &K, ns: &K::Ns, name: &str) -> Link {
+    kernel
+        .link(ns, name)
+        .await
+        .expect("lookup")
+        .unwrap_or_else(|| panic!("{name} exists"))
+}
+
+/// The IPv4 ones of `addresses` (the fake leaves IPv6 link-local ones out).
+fn ipv4(addresses: Vec<ipnet::IpNet>) -> Vec<ipnet::IpNet> {
+    addresses
+        .into_iter()
+        .filter(|address| address.addr().is_ipv4())
+        .collect()
+}
+
 /// A pod namespace with a macvlan slave `name`, up.
 async fn pod_with_slave<S: Setup>(setup: &mut S, name: &str) -> (PathBuf, <S::K as Kernel>::Ns) {
     let path = setup.pod();
     let kernel = setup.kernel();
     let pod = kernel.open(&path).await.expect("open");
-    kernel
-        .create_slave(PARENT, name, MACVLAN, &pod)
-        .await
-        .expect("create");
+    add_slave(kernel, &pod, name).await;
     kernel.update_link(&pod, name, &up()).await.expect("up");
     (path, pod)
 }
 
 async fn a_new_namespace_holds_only_lo_down<S: Setup>(mut setup: S) {
-    let path = setup.pod();
+    let pod = open_pod(&mut setup).await;
     let kernel = setup.kernel();
-    let pod = kernel.open(&path).await.expect("open");
     let links = kernel.links(&pod).await.expect("links");
     assert_eq!(names(&links), ["lo"]);
     let lo = &links[0];
@@ -359,25 +386,13 @@ async fn namespaces_are_told_apart_and_missing_ones_classified<S: Setup>(mut set
 }
 
 async fn a_slave_is_created_down_inside_its_namespace_and_renamed_there<S: Setup>(mut setup: S) {
-    let path = setup.pod();
+    let pod = open_pod(&mut setup).await;
     let kernel = setup.kernel();
-    let pod = kernel.open(&path).await.expect("open");
     let host = kernel.host();
-    let parent = kernel
-        .link(host, PARENT)
-        .await
-        .expect("lookup")
-        .expect("parent");
-    kernel
-        .create_slave(PARENT, TEMPORARY, MACVLAN, &pod)
-        .await
-        .expect("create");
+    let parent = link_of(kernel, host, PARENT).await;
+    add_slave(kernel, &pod, TEMPORARY).await;
     assert_eq!(kernel.link(host, TEMPORARY).await.expect("lookup"), None);
-    let slave = kernel
-        .link(&pod, TEMPORARY)
-        .await
-        .expect("lookup")
-        .expect("slave");
+    let slave = link_of(kernel, &pod, TEMPORARY).await;
     assert_eq!(slave.slave, Some(MACVLAN));
     assert!(!slave.up);
     assert_eq!(slave.mtu, PARENT_MTU);
@@ -390,15 +405,8 @@ async fn a_slave_is_created_down_inside_its_namespace_and_renamed_there<S: Setup
     assert_eq!(mac[0] & 0b11, 0b10, "locally administered unicast");
 
     // A second slave of the parent gets yet another MAC.
-    kernel
-        .create_slave(PARENT, "net1", MACVLAN, &pod)
-        .await
-        .expect("create");
-    let other = kernel
-        .link(&pod, "net1")
-        .await
-        .expect("lookup")
-        .expect("slave");
+    add_slave(kernel, &pod, "net1").await;
+    let other = link_of(kernel, &pod, "net1").await;
     assert_ne!(other.mac, slave.mac);
     assert_ne!(other.index, slave.index);
 
@@ -408,11 +416,7 @@ async fn a_slave_is_created_down_inside_its_namespace_and_renamed_there<S: Setup
         .await
         .expect("rename");
     assert_eq!(kernel.link(&pod, TEMPORARY).await.expect("lookup"), None);
-    let eth0 = kernel
-        .link(&pod, "eth0")
-        .await
-        .expect("lookup")
-        .expect("eth0");
+    let eth0 = link_of(kernel, &pod, "eth0").await;
     assert_eq!(
         Link {
             name: TEMPORARY.to_owned(),
@@ -431,11 +435,7 @@ async fn a_slave_is_created_down_inside_its_namespace_and_renamed_there<S: Setup
         .update_link(&pod, "eth0", &rename("eth2"))
         .await
         .expect("rename an up link");
-    let eth2 = kernel
-        .link(&pod, "eth2")
-        .await
-        .expect("lookup")
-        .expect("eth2");
+    let eth2 = link_of(kernel, &pod, "eth2").await;
     assert!(eth2.up);
     assert_eq!(eth2.index, slave.index);
 }
@@ -447,10 +447,7 @@ async fn names_are_unique_in_a_namespace_and_at_most_15_bytes<S: Setup>(mut setu
         kernel.open(&first).await.expect("open"),
         kernel.open(&second).await.expect("open"),
     );
-    kernel
-        .create_slave(PARENT, "eth0", MACVLAN, &a)
-        .await
-        .expect("create");
+    add_slave(kernel, &a, "eth0").await;
     let clash = kernel.create_slave(PARENT, "eth0", MACVLAN, &a).await;
     let Err(error) = clash else {
         panic!("a second eth0 was created: {clash:?}");
@@ -477,10 +474,7 @@ async fn names_are_unique_in_a_namespace_and_at_most_15_bytes<S: Setup>(mut setu
         .expect("the parent's name in a pod");
 
     // Renaming onto a taken name.
-    kernel
-        .create_slave(PARENT, TEMPORARY, MACVLAN, &a)
-        .await
-        .expect("create");
+    add_slave(kernel, &a, TEMPORARY).await;
     let outcome = kernel.update_link(&a, TEMPORARY, &rename("eth0")).await;
     assert!(
         matches!(outcome, Err(KernelError::Exists { .. })),
@@ -505,9 +499,8 @@ async fn names_are_unique_in_a_namespace_and_at_most_15_bytes<S: Setup>(mut setu
 }
 
 async fn missing_links_are_classified<S: Setup>(mut setup: S) {
-    let path = setup.pod();
+    let pod = open_pod(&mut setup).await;
     let kernel = setup.kernel();
-    let pod = kernel.open(&path).await.expect("open");
     let not_found = |outcome: Result<(), KernelError>, name: &str| {
         assert!(
             matches!(&outcome, Err(KernelError::LinkNotFound(missing)) if missing == name),
@@ -523,10 +516,7 @@ async fn missing_links_are_classified<S: Setup>(mut setup: S) {
         "eth9",
     );
     // The parent is looked up in the host, never in the pod.
-    kernel
-        .create_slave(PARENT, "eth1", MACVLAN, &pod)
-        .await
-        .expect("create");
+    add_slave(kernel, &pod, "eth1").await;
     kernel
         .update_link(&pod, "eth1", &rename("eth0"))
         .await
@@ -567,10 +557,7 @@ async fn a_slave_cannot_exceed_its_parents_mtu_and_follows_it_down<S: Setup>(mut
     let (path, pod) = pod_with_slave(&mut setup, "eth0").await;
     setup.plain_link(&path, "br0", 1500);
     let kernel = setup.kernel();
-    kernel
-        .create_slave(PARENT, "net1", MACVLAN, &pod)
-        .await
-        .expect("create");
+    add_slave(kernel, &pod, "net1").await;
     let outcome = kernel.update_link(&pod, "eth0", &mtu(PARENT_MTU + 1)).await;
     assert!(
         matches!(&outcome, Err(KernelError::Failed { .. })),
@@ -615,13 +602,9 @@ async fn a_slave_cannot_exceed_its_parents_mtu_and_follows_it_down<S: Setup>(mut
 }
 
 async fn link_changes_apply_in_the_kernels_order<S: Setup>(mut setup: S) {
-    let path = setup.pod();
+    let pod = open_pod(&mut setup).await;
     let kernel = setup.kernel();
-    let pod = kernel.open(&path).await.expect("open");
-    kernel
-        .create_slave(PARENT, TEMPORARY, MACVLAN, &pod)
-        .await
-        .expect("create");
+    add_slave(kernel, &pod, TEMPORARY).await;
     let mac = [0x02, 0x10, 0x20, 0x30, 0x40, 0x50];
     // MAC, then MTU (refused here), then name: the MAC stays.
     let refused = LinkUpdate {
@@ -634,21 +617,14 @@ async fn link_changes_apply_in_the_kernels_order<S: Setup>(mut setup: S) {
         errno_of(kernel.update_link(&pod, TEMPORARY, &refused).await),
         Some(Errno::EINVAL)
     );
-    let link = kernel
-        .link(&pod, TEMPORARY)
-        .await
-        .expect("lookup")
-        .expect("not renamed");
+    let link = link_of(kernel, &pod, TEMPORARY).await;
     assert_eq!(
         (link.mac, link.mtu, link.up),
         (Some(mac), PARENT_MTU, false)
     );
 
     // MTU, then name (refused here): the MTU stays, the link stays down.
-    kernel
-        .create_slave(PARENT, "eth0", MACVLAN, &pod)
-        .await
-        .expect("create");
+    add_slave(kernel, &pod, "eth0").await;
     let refused = LinkUpdate {
         rename: Some("eth0".to_owned()),
         mtu: Some(1400),
@@ -660,11 +636,7 @@ async fn link_changes_apply_in_the_kernels_order<S: Setup>(mut setup: S) {
         matches!(outcome, Err(KernelError::Exists { .. })),
         "{outcome:?}"
     );
-    let link = kernel
-        .link(&pod, TEMPORARY)
-        .await
-        .expect("lookup")
-        .expect("not renamed");
+    let link = link_of(kernel, &pod, TEMPORARY).await;
     assert_eq!((link.mtu, link.up), (1400, false));
 
     // All at once, as ADD asks.
@@ -677,11 +649,7 @@ async fn link_changes_apply_in_the_kernels_order<S: Setup>(mut setup: S) {
         .update_link(&pod, TEMPORARY, &wanted)
         .await
         .expect("update");
-    let link = kernel
-        .link(&pod, "eth0")
-        .await
-        .expect("lookup")
-        .expect("renamed");
+    let link = link_of(kernel, &pod, "eth0").await;
     assert_eq!((link.mac, link.mtu, link.up), (Some(mac), 1450, true));
 }
 
@@ -699,21 +667,10 @@ async fn macvlan_macs_must_be_unicast_and_not_in_use<S: Setup>(mut setup: S) {
             "{invalid:?}"
         );
     }
-    let eth0 = kernel
-        .link(&pod, "eth0")
-        .await
-        .expect("lookup")
-        .expect("eth0");
-    let parent = kernel
-        .link(kernel.host(), PARENT)
-        .await
-        .expect("lookup")
-        .expect("parent");
+    let eth0 = link_of(kernel, &pod, "eth0").await;
+    let parent = link_of(kernel, kernel.host(), PARENT).await;
     // Not the parent's, nor an up sibling's, even while down.
-    kernel
-        .create_slave(PARENT, "net1", MACVLAN, &pod)
-        .await
-        .expect("create");
+    add_slave(kernel, &pod, "net1").await;
     for taken in [parent.mac, eth0.mac] {
         assert_eq!(
             errno_of(
@@ -726,10 +683,7 @@ async fn macvlan_macs_must_be_unicast_and_not_in_use<S: Setup>(mut setup: S) {
         );
     }
     // Two down slaves may share one; only the first comes up with it.
-    kernel
-        .create_slave(PARENT, "net2", MACVLAN, &pod)
-        .await
-        .expect("create");
+    add_slave(kernel, &pod, "net2").await;
     let shared = [0x02, 0, 0, 0, 0, 0x99];
     for name in ["net1", "net2"] {
         kernel
@@ -742,22 +696,14 @@ async fn macvlan_macs_must_be_unicast_and_not_in_use<S: Setup>(mut setup: S) {
         errno_of(kernel.update_link(&pod, "net2", &up()).await),
         Some(Errno::EADDRINUSE)
     );
-    let net2 = kernel
-        .link(&pod, "net2")
-        .await
-        .expect("lookup")
-        .expect("net2");
+    let net2 = link_of(kernel, &pod, "net2").await;
     assert!(!net2.up);
 }
 
 async fn addresses_bring_their_connected_route_on_an_up_link<S: Setup>(mut setup: S) {
-    let path = setup.pod();
+    let pod = open_pod(&mut setup).await;
     let kernel = setup.kernel();
-    let pod = kernel.open(&path).await.expect("open");
-    kernel
-        .create_slave(PARENT, "eth0", MACVLAN, &pod)
-        .await
-        .expect("create");
+    add_slave(kernel, &pod, "eth0").await;
     let address = net("10.40.0.5/24");
     kernel
         .add_address(&pod, "eth0", address)
@@ -771,12 +717,6 @@ async fn addresses_bring_their_connected_route_on_an_up_link<S: Setup>(mut setup
         .add_address(&pod, "eth0", net("10.50.0.5/32"))
         .await
         .expect("a /32");
-    let ipv4 = |addresses: Vec<ipnet::IpNet>| {
-        addresses
-            .into_iter()
-            .filter(|address| address.addr().is_ipv4())
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
         ipv4(kernel.addresses(&pod, "eth0").await.expect("addresses")),
         [address, net("10.50.0.5/32")]
@@ -806,13 +746,9 @@ async fn addresses_bring_their_connected_route_on_an_up_link<S: Setup>(mut setup
 }
 
 async fn routes_need_an_up_link_and_replace_by_destination_and_metric<S: Setup>(mut setup: S) {
-    let path = setup.pod();
+    let pod = open_pod(&mut setup).await;
     let kernel = setup.kernel();
-    let pod = kernel.open(&path).await.expect("open");
-    kernel
-        .create_slave(PARENT, "eth0", MACVLAN, &pod)
-        .await
-        .expect("create");
+    add_slave(kernel, &pod, "eth0").await;
     let default = |gateway: &str, link: &str, metric: u32| Route {
         metric,
         ..Route::via(net("0.0.0.0/0"), ip(gateway), link)
@@ -841,10 +777,7 @@ async fn routes_need_an_up_link_and_replace_by_destination_and_metric<S: Setup>(
         ]
     );
 
-    kernel
-        .create_slave(PARENT, "net1", MACVLAN, &pod)
-        .await
-        .expect("create");
+    add_slave(kernel, &pod, "net1").await;
     kernel.update_link(&pod, "net1", &up()).await.expect("up");
     // Another metric: both stay.
     let second = default("10.40.0.1", "net1", 1);
@@ -1002,10 +935,7 @@ async fn ipv6_routes_get_the_kernels_default_metric<S: Setup>(mut setup: S) {
 async fn neighbours_are_permanent_and_replaced<S: Setup>(mut setup: S) {
     let (_, pod) = pod_with_slave(&mut setup, "eth0").await;
     let kernel = setup.kernel();
-    kernel
-        .create_slave(PARENT, "net1", MACVLAN, &pod)
-        .await
-        .expect("create");
+    add_slave(kernel, &pod, "net1").await;
     kernel.update_link(&pod, "net1", &up()).await.expect("up");
     let gateway = ip("10.40.0.1");
     let (old, new) = ([0xfa, 0x16, 0x3e, 0, 0, 1], [0xfa, 0x16, 0x3e, 0, 0, 2]);
