@@ -152,7 +152,7 @@ impl FakeState {
 
     /// Every slave of the host link `parent`, in any namespace, as
     /// (namespace, name).
-    fn slaves_of(&self, host: FakeNs, parent: &str) -> Vec<(usize, String)> {
+    fn slaves_of(&self, parent: &str) -> Vec<(usize, String)> {
         self.namespaces
             .iter()
             .enumerate()
@@ -163,7 +163,6 @@ impl FakeState {
                     .filter(|link| link.parent.as_deref() == Some(parent))
                     .map(move |link| (ns, link.link.name.clone()))
             })
-            .filter(|(ns, name)| !(*ns == host.0 && name == parent))
             .collect()
     }
 }
@@ -369,7 +368,7 @@ impl FakeKernel {
             link_in(state, ns, name)?.link.mtu = mtu;
             if ns == self.host {
                 // The kernel lowers the slaves above a parent's new MTU.
-                for (slave_ns, slave) in state.slaves_of(self.host, name) {
+                for (slave_ns, slave) in state.slaves_of(name) {
                     if let Some(slave) = state.namespaces[slave_ns].links.get_mut(&slave) {
                         slave.link.mtu = slave.link.mtu.min(mtu);
                     }
@@ -385,7 +384,7 @@ impl FakeKernel {
             }
             rename(namespace, &name, new_name);
             if ns == self.host {
-                for (slave_ns, slave) in state.slaves_of(self.host, &name) {
+                for (slave_ns, slave) in state.slaves_of(&name) {
                     if let Some(slave) = state.namespaces[slave_ns].links.get_mut(&slave) {
                         slave.parent = Some(new_name.clone());
                     }
@@ -427,7 +426,7 @@ impl FakeKernel {
             .and_then(|parent| parent.link.mac);
         parent_mac == Some(mac)
             || state
-                .slaves_of(self.host, parent)
+                .slaves_of(parent)
                 .iter()
                 .filter(|(slave_ns, slave)| !(*slave_ns == ns.0 && *slave == link.link.name))
                 .filter_map(|(slave_ns, slave)| state.namespaces[*slave_ns].links.get(slave))
@@ -596,7 +595,7 @@ impl Kernel for FakeKernel {
         self.mutate(&format!("deleting {name}"), |state| {
             if *ns == self.host {
                 // Slaves die with their parent, in whatever namespace.
-                for (slave_ns, slave) in state.slaves_of(self.host, name) {
+                for (slave_ns, slave) in state.slaves_of(name) {
                     state.namespaces[slave_ns].remove_link(&slave);
                 }
             }

@@ -324,6 +324,12 @@ impl KernelError {
 /// with the same destination and metric, whatever its link, as the kernel
 /// does: replacing `0.0.0.0/0 metric 0` through one link takes over
 /// another link's default route of that metric.
+///
+/// A request naming a link that does not exist is
+/// [`KernelError::LinkNotFound`] (deletes answer `false` instead); other
+/// refusals keep the kernel's errno ([`KernelError::raw_os_error`]).
+/// `tests/kernel_contract.rs` checks the in-memory kernel against the real
+/// one on every rule stated here.
 #[async_trait::async_trait]
 pub trait Kernel: Send + Sync {
     /// A handle to one network namespace.
@@ -358,7 +364,9 @@ pub trait Kernel: Send + Sync {
     async fn link(&self, ns: &Self::Ns, name: &str) -> Result<Option<Link>, KernelError>;
 
     /// Creates a slave of the host link `parent`, called `name`, directly
-    /// inside `into`.
+    /// inside `into`, down, with the parent's MTU. A name taken in `into`
+    /// is [`KernelError::Exists`]; one longer than 15 bytes ERANGE. The
+    /// slave dies with its parent.
     async fn create_slave(
         &self,
         parent: &str,
@@ -370,7 +378,12 @@ pub trait Kernel: Send + Sync {
     /// Deletes a link; `false` when there was none.
     async fn delete_link(&self, ns: &Self::Ns, name: &str) -> Result<bool, KernelError>;
 
-    /// Changes a link's name, MTU, MAC or state.
+    /// Changes a link's MAC, MTU, name and state, in that order, as the
+    /// kernel does: a refused step keeps the earlier ones. A slave's MTU
+    /// above its parent's is EINVAL; a taken name [`KernelError::Exists`];
+    /// a macvlan MAC that is not unicast EADDRNOTAVAIL, one its parent or
+    /// an up sibling has EADDRINUSE. A parent's lower MTU lowers its
+    /// slaves above it.
     async fn update_link(
         &self,
         ns: &Self::Ns,
@@ -378,7 +391,8 @@ pub trait Kernel: Send + Sync {
         update: &LinkUpdate,
     ) -> Result<(), KernelError>;
 
-    /// Adds an address to a link (replacing an equal one).
+    /// Adds an address to a link (replacing an equal one). An IPv4 address
+    /// on an up link brings the main-table route to its prefix.
     async fn add_address(
         &self,
         ns: &Self::Ns,
@@ -389,7 +403,11 @@ pub trait Kernel: Send + Sync {
     /// The addresses of a link.
     async fn addresses(&self, ns: &Self::Ns, link: &str) -> Result<Vec<IpNet>, KernelError>;
 
-    /// Adds or replaces a route of the main table.
+    /// Adds or replaces a route of the main table. The link must be up
+    /// (ENETDOWN), and an IPv4 next hop needs an IPv4 address somewhere in
+    /// the namespace (EINVAL; `lo` has 127.0.0.1 once up). An IPv6 route
+    /// asked with metric 0 gets 1024. Routes follow a renamed link and die
+    /// with a deleted one.
     async fn replace_route(&self, ns: &Self::Ns, route: &Route) -> Result<(), KernelError>;
 
     /// Deletes a route through `route.link` with its destination and next
