@@ -658,3 +658,72 @@ impl Kernel for NetlinkKernel {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    /// The kernel's answer `errno` to a netlink request.
+    fn refusal(errno: Errno) -> rtnetlink::Error {
+        let mut message = rtnetlink::packet_core::ErrorMessage::default();
+        message.code = std::num::NonZeroI32::new(-(errno as i32));
+        rtnetlink::Error::NetlinkError(message)
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_errno_and_the_operation() {
+        let error = kernel_error(
+            "creating macvlan Bridge hulk1 on eth1",
+            refusal(Errno::EEXIST),
+        );
+        assert!(matches!(error, KernelError::Exists { .. }), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "creating macvlan Bridge hulk1 on eth1: File exists (os error 17)"
+        );
+        let cause = error.source().expect("a cause");
+        assert_eq!(
+            cause
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error),
+            Some(Errno::EEXIST as i32)
+        );
+
+        let error = request_error(
+            "looking up eth0",
+            NetnsError::Netlink(refusal(Errno::EPERM)),
+        );
+        assert!(matches!(error, KernelError::Failed { .. }), "{error:?}");
+        assert_eq!(error.raw_os_error(), Some(Errno::EPERM as i32));
+        assert!(matches!(
+            request_error("looking up eth0", NetnsError::WorkerGone),
+            KernelError::Worker(NetnsError::WorkerGone)
+        ));
+    }
+
+    #[test]
+    fn a_namespace_that_cannot_be_entered_keeps_the_cause_chain() {
+        let path = Path::new("/run/netns/pod");
+        let error = namespace_error(path, NetnsError::Enter(Errno::EPERM));
+        assert!(
+            matches!(&error, KernelError::Namespace { path: found, .. } if found == path),
+            "{error:?}"
+        );
+        assert_eq!(error.raw_os_error(), Some(Errno::EPERM as i32));
+        let netns = error.source().expect("the namespace failure");
+        assert!(netns.is::<NetnsError>());
+        let errno = netns.source().expect("the errno");
+        assert_eq!(errno.downcast_ref::<Errno>(), Some(&Errno::EPERM));
+
+        let missing = NetnsError::Open {
+            path: path.to_path_buf(),
+            source: Errno::ENOENT.into(),
+        };
+        assert!(matches!(
+            namespace_error(path, missing),
+            KernelError::NamespaceNotFound(found) if found == path
+        ));
+    }
+}
