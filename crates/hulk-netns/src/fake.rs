@@ -15,9 +15,10 @@
 //!   all zero (EADDRNOTAVAIL), and a macvlan slave's MAC must differ from
 //!   its parent's and its up siblings', when set and when it comes up
 //!   (EADDRINUSE);
-//! - an IPv4 address on an up link brings the connected route of its
-//!   prefix; routes, addresses and neighbours follow a renamed link and die
-//!   with a deleted one;
+//! - an address on an up link brings the connected route of its prefix
+//!   (metric 256 for IPv6); routes, addresses and neighbours follow a
+//!   renamed link (renaming an up one needs Linux 6.2) and die with a
+//!   deleted one;
 //! - a route needs its link up (ENETDOWN), and one via an IPv4 next hop
 //!   an IPv4 address in the namespace (EINVAL; `lo` gets 127.0.0.1/8 when
 //!   it comes up); a route replace matches
@@ -29,8 +30,9 @@
 //!   and an all-zero MAC.
 //!
 //! Left out (the datapath does not depend on them): IPv6 link-local
-//! addresses and their `fe80::/64` routes, IPv6 connected routes, the
-//! kernel's local table, and neighbour entries the kernel learns.
+//! addresses and their `fe80::/64` routes, `lo`'s `::1`, the kernel's
+//! local table, and neighbour entries the kernel makes itself (learned
+//! ones, multicast ones for MLD).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -55,6 +57,9 @@ const MAX_NAME_LEN: usize = 15;
 
 /// The metric the kernel gives an IPv6 route asked with metric 0.
 const IPV6_DEFAULT_METRIC: u32 = 1024;
+
+/// The metric of the route the kernel adds for an IPv6 address's prefix.
+const IPV6_CONNECTED_METRIC: u32 = 256;
 
 /// A namespace of the fake kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -81,7 +86,7 @@ pub struct FakeNamespace {
     /// Main-table routes added through [`Kernel::replace_route`].
     pub routes: Vec<Route>,
     /// Main-table routes the kernel added itself: the connected route of
-    /// each IPv4 address on an up link.
+    /// each address on an up link (metric 256 for IPv6).
     pub connected: Vec<Route>,
     /// Sysctls written, by key.
     pub sysctls: BTreeMap<String, String>,
@@ -99,7 +104,7 @@ impl FakeNamespace {
         self.routes.iter().chain(&self.connected)
     }
 
-    /// Adds the connected route of each IPv4 address of the up link `name`
+    /// Adds the connected route of each address of the up link `name`
     /// (the loopback's go to the local table).
     fn connect(&mut self, name: &str) {
         let Some(link) = self
@@ -112,8 +117,15 @@ impl FakeNamespace {
         let routes: Vec<Route> = link
             .addresses
             .iter()
-            .filter(|address| address.addr().is_ipv4() && address.prefix_len() < 32)
-            .map(|address| Route::direct(address.trunc(), name))
+            .filter(|address| address.prefix_len() < address.max_prefix_len())
+            .map(|address| Route {
+                metric: if address.addr().is_ipv6() {
+                    IPV6_CONNECTED_METRIC
+                } else {
+                    0
+                },
+                ..Route::direct(address.trunc(), name)
+            })
             .collect();
         for route in routes {
             if !self.connected.contains(&route) {

@@ -391,8 +391,9 @@ pub trait Kernel: Send + Sync {
         update: &LinkUpdate,
     ) -> Result<(), KernelError>;
 
-    /// Adds an address to a link (replacing an equal one). An IPv4 address
-    /// on an up link brings the main-table route to its prefix.
+    /// Adds an address to a link (replacing an equal one). An address on
+    /// an up link brings the main-table route to its prefix (metric 256
+    /// for IPv6).
     async fn add_address(
         &self,
         ns: &Self::Ns,

@@ -3,7 +3,9 @@
 //! creates (a node namespace whose veth `eth1` is the parent of macvlan
 //! slaves; the host has no ipvlan). Every rule the fake encodes and the
 //! datapath relies on is asserted on both, so the fake's rules are checked
-//! against the kernel rather than assumed. Root; nextest group `netns`.
+//! against the kernel rather than assumed. Root; nextest group `netns`;
+//! Linux 6.2 or later (routes following a renamed link need an up link
+//! renamed).
 
 // Only the namespace guard is used here, not the VPC scenarios.
 #[allow(dead_code)]
@@ -738,6 +740,18 @@ async fn addresses_bring_their_connected_route_on_an_up_link<S: Setup>(mut setup
         lines(&kernel.all_routes(&pod).await.expect("routes")),
         ["10.40.0.0/24 dev eth0", "10.60.0.0/16 dev eth0"]
     );
+    kernel
+        .add_address(&pod, "eth0", net("2001:db8:5::5/64"))
+        .await
+        .expect("an IPv6 address");
+    assert_eq!(
+        lines(&kernel.routes(&pod, "eth0").await.expect("routes")),
+        [
+            "10.40.0.0/24 dev eth0",
+            "10.60.0.0/16 dev eth0",
+            "2001:db8:5::/64 dev eth0 metric 256"
+        ]
+    );
     assert!(kernel.delete_link(&pod, "eth0").await.expect("delete"));
     assert!(
         lines(&kernel.all_routes(&pod).await.expect("routes")).is_empty(),
@@ -939,6 +953,12 @@ async fn neighbours_are_permanent_and_replaced<S: Setup>(mut setup: S) {
     kernel.update_link(&pod, "net1", &up()).await.expect("up");
     let gateway = ip("10.40.0.1");
     let (old, new) = ([0xfa, 0x16, 0x3e, 0, 0, 1], [0xfa, 0x16, 0x3e, 0, 0, 2]);
+    // A down link takes a permanent entry too.
+    add_slave(kernel, &pod, "net2").await;
+    kernel
+        .replace_neighbour(&pod, "net2", gateway, old)
+        .await
+        .expect("neighbour on a down link");
     kernel
         .replace_neighbour(&pod, "eth0", gateway, old)
         .await
@@ -960,10 +980,12 @@ async fn neighbours_are_permanent_and_replaced<S: Setup>(mut setup: S) {
         permanent(kernel.neighbours(&pod, "eth0").await.expect("neighbours")),
         [entry(new)]
     );
-    assert_eq!(
-        permanent(kernel.neighbours(&pod, "net1").await.expect("neighbours")),
-        [entry(old)]
-    );
+    for link in ["net1", "net2"] {
+        assert_eq!(
+            permanent(kernel.neighbours(&pod, link).await.expect("neighbours")),
+            [entry(old)]
+        );
+    }
 }
 
 async fn slaves_die_with_their_parent<S: Setup>(mut setup: S) {
