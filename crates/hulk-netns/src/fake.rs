@@ -356,7 +356,7 @@ impl FakeKernel {
         update: &LinkUpdate,
         operation: &str,
     ) -> Result<(), KernelError> {
-        let refuse = |errno| Err(KernelError::errno(operation, errno));
+        let refuse = |errno| Err(KernelError::refused(operation, errno));
         let link = link_in(state, ns, name)?.clone();
         let parent = link
             .parent
@@ -465,11 +465,10 @@ fn link_mut<'a>(
         .ok_or_else(|| KernelError::LinkNotFound(name.to_owned()))
 }
 
-/// Refuses a name the kernel would not take: empty or longer than
-/// `IFNAMSIZ` - 1 bytes.
+/// Refuses a name longer than the kernel takes (`IFNAMSIZ` - 1 bytes).
 fn check_name(name: &str, operation: &str) -> Result<(), KernelError> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(KernelError::errno(operation, Errno::ERANGE));
+    if name.len() > MAX_NAME_LEN {
+        return Err(KernelError::refused(operation, Errno::ERANGE));
     }
     Ok(())
 }
@@ -573,7 +572,7 @@ impl Kernel for FakeKernel {
         self.mutate(&operation, |state| {
             check_name(name, &operation)?;
             if state.namespaces[into.0].links.contains_key(name) {
-                return Err(KernelError::errno(&operation, Errno::EEXIST));
+                return Err(KernelError::refused(&operation, Errno::EEXIST));
             }
             let index = state.take_index();
             let mac = match kind {
@@ -663,7 +662,7 @@ impl Kernel for FakeKernel {
                 .get(&route.link)
                 .ok_or_else(|| KernelError::LinkNotFound(route.link.clone()))?;
             if !link.link.up {
-                return Err(KernelError::errno(&operation, Errno::ENETDOWN));
+                return Err(KernelError::refused(&operation, Errno::ENETDOWN));
             }
             // The kernel checks an IPv4 next hop against the local table,
             // which only exists once the namespace has an IPv4 address.
@@ -675,7 +674,7 @@ impl Kernel for FakeKernel {
                 })
             };
             if route.gateway.is_some_and(|gateway| gateway.is_ipv4()) && no_ipv4() {
-                return Err(KernelError::errno(&operation, Errno::EINVAL));
+                return Err(KernelError::refused(&operation, Errno::EINVAL));
             }
             let stored = Route {
                 metric: stored_metric(route),
@@ -764,7 +763,7 @@ impl Kernel for FakeKernel {
             let namespace = &mut state.namespaces[ns.0];
             // A link's settings are a directory that exists with the link.
             if sysctl_link(key).is_some_and(|link| !namespace.links.contains_key(link)) {
-                return Err(KernelError::errno(&operation, Errno::ENOENT));
+                return Err(KernelError::refused(&operation, Errno::ENOENT));
             }
             namespace.sysctls.insert(key.to_owned(), value.to_owned());
             Ok(())

@@ -291,9 +291,9 @@ impl KernelError {
         }
     }
 
-    /// The kernel's refusal `errno` of `operation`, classified as
+    /// The kernel's refusal of `operation` with `errno`, classified as
     /// [`KernelError::os`] does.
-    pub fn errno(operation: impl Into<String>, errno: Errno) -> KernelError {
+    pub fn refused(operation: impl Into<String>, errno: Errno) -> KernelError {
         KernelError::os(operation, std::io::Error::from(errno))
     }
 
