@@ -1112,9 +1112,13 @@ mod tests {
     async fn a_second_network_leaves_the_first_ones_routes_and_takes_over_when_it_goes() {
         let (datapath, pod) = node();
         let kernel = datapath.kernel();
-        // The first network: a veth with the default route, and a route to
-        // the Service range at metric 100.
+        // The first network: a veth with its address, the default route,
+        // and a route to the Service range at metric 100.
         kernel.add_link(pod, "eth0", 1500);
+        kernel
+            .add_address(&pod, "eth0", "10.88.0.2/24".parse().unwrap())
+            .await
+            .unwrap();
         let first_default = Route::via(
             "0.0.0.0/0".parse().unwrap(),
             "10.88.0.1".parse().unwrap(),

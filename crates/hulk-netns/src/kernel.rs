@@ -7,6 +7,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
+use nix::errno::Errno;
+
+use crate::netns::NetnsError;
 
 /// An Ethernet address as the kernel stores it.
 pub type Mac = [u8; 6];
@@ -222,7 +225,9 @@ pub struct Neighbour {
 }
 
 /// Kernel failures, classified for callers that must tell "already gone"
-/// from real errors.
+/// from real errors. A refusal keeps the kernel's errno as its
+/// [`std::io::Error`] source, and the operation it refused, so a message
+/// reads "creating macvlan Bridge hulk1a2b on eth1: File exists (os error 17)".
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     /// The namespace path does not exist (the runtime removed it).
@@ -237,28 +242,76 @@ pub enum KernelError {
         /// What was found there instead.
         reason: String,
     },
-    /// A named link does not exist.
+    /// The namespace at the path could not be opened or entered for
+    /// another reason (permissions, a failing `setns(2)`, ...).
+    #[error("cannot open network namespace {path}: {source}")]
+    Namespace {
+        /// The path given.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: NetnsError,
+    },
+    /// A named link does not exist (the kernel's ENODEV).
     #[error("link {0} does not exist")]
     LinkNotFound(String),
-    /// The object already exists.
-    #[error("{0} already exists")]
-    Exists(String),
-    /// Any other refusal, with the operation that failed.
-    #[error("{operation}: {message}")]
-    Failed {
-        /// What was being done.
+    /// The object already exists: the kernel answered EEXIST.
+    #[error("{operation}: {source}")]
+    Exists {
+        /// What was being done, naming the object.
         operation: String,
-        /// The kernel's (or the system's) answer.
-        message: String,
+        /// The kernel's answer.
+        #[source]
+        source: std::io::Error,
     },
+    /// Any other refusal, with the operation that failed.
+    #[error("{operation}: {source}")]
+    Failed {
+        /// What was being done, naming the object.
+        operation: String,
+        /// The kernel's (or the system's) answer; its
+        /// [`std::io::Error::raw_os_error`] is the errno when there is one.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The netlink worker of the namespace could not run the request.
+    #[error("the netlink worker failed: {0}")]
+    Worker(#[source] NetnsError),
 }
 
 impl KernelError {
-    /// A failure of `operation` with `error` as the reason.
-    pub fn failed(operation: impl Into<String>, error: impl fmt::Display) -> KernelError {
-        KernelError::Failed {
-            operation: operation.into(),
-            message: error.to_string(),
+    /// The answer `source` to `operation`, classified: EEXIST is
+    /// [`KernelError::Exists`], anything else [`KernelError::Failed`].
+    pub fn os(operation: impl Into<String>, source: std::io::Error) -> KernelError {
+        let operation = operation.into();
+        if source.raw_os_error() == Some(Errno::EEXIST as i32) {
+            KernelError::Exists { operation, source }
+        } else {
+            KernelError::Failed { operation, source }
+        }
+    }
+
+    /// The kernel's refusal of `operation` with `errno`, classified as
+    /// [`KernelError::os`] does.
+    pub fn refused(operation: impl Into<String>, errno: Errno) -> KernelError {
+        KernelError::os(operation, std::io::Error::from(errno))
+    }
+
+    /// The errno behind the failure, when the kernel or the system gave
+    /// one: ENOENT for a missing namespace and ENODEV for a missing link
+    /// (what the kernel answers for them), the answer kept in
+    /// [`KernelError::Exists`], [`KernelError::Failed`] and
+    /// [`KernelError::Namespace`]; `None` for what has no errno (a path
+    /// that is not a namespace, a stopped worker, an injected failure).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            KernelError::NamespaceNotFound(_) => Some(Errno::ENOENT as i32),
+            KernelError::LinkNotFound(_) => Some(Errno::ENODEV as i32),
+            KernelError::Exists { source, .. } | KernelError::Failed { source, .. } => {
+                source.raw_os_error()
+            }
+            KernelError::Namespace { source, .. } => source.raw_os_error(),
+            KernelError::NotANamespace { .. } | KernelError::Worker(_) => None,
         }
     }
 }
@@ -271,6 +324,12 @@ impl KernelError {
 /// with the same destination and metric, whatever its link, as the kernel
 /// does: replacing `0.0.0.0/0 metric 0` through one link takes over
 /// another link's default route of that metric.
+///
+/// A request naming a link that does not exist is
+/// [`KernelError::LinkNotFound`] (deletes answer `false` instead); other
+/// refusals keep the kernel's errno ([`KernelError::raw_os_error`]).
+/// `tests/kernel_contract.rs` checks the in-memory kernel against the real
+/// one on every rule stated here.
 #[async_trait::async_trait]
 pub trait Kernel: Send + Sync {
     /// A handle to one network namespace.
@@ -305,7 +364,9 @@ pub trait Kernel: Send + Sync {
     async fn link(&self, ns: &Self::Ns, name: &str) -> Result<Option<Link>, KernelError>;
 
     /// Creates a slave of the host link `parent`, called `name`, directly
-    /// inside `into`.
+    /// inside `into`, down, with the parent's MTU. A name taken in `into`
+    /// is [`KernelError::Exists`]; one longer than 15 bytes ERANGE. The
+    /// slave dies with its parent.
     async fn create_slave(
         &self,
         parent: &str,
@@ -317,7 +378,12 @@ pub trait Kernel: Send + Sync {
     /// Deletes a link; `false` when there was none.
     async fn delete_link(&self, ns: &Self::Ns, name: &str) -> Result<bool, KernelError>;
 
-    /// Changes a link's name, MTU, MAC or state.
+    /// Changes a link's MAC, MTU, name and state, in that order, as the
+    /// kernel does: a refused step keeps the earlier ones. A slave's MTU
+    /// above its parent's is EINVAL; a taken name [`KernelError::Exists`];
+    /// a macvlan MAC that is not unicast EADDRNOTAVAIL, one its parent or
+    /// an up sibling has EADDRINUSE. A parent's lower MTU lowers its
+    /// slaves above it.
     async fn update_link(
         &self,
         ns: &Self::Ns,
@@ -325,7 +391,9 @@ pub trait Kernel: Send + Sync {
         update: &LinkUpdate,
     ) -> Result<(), KernelError>;
 
-    /// Adds an address to a link (replacing an equal one).
+    /// Adds an address to a link (replacing an equal one). An address on
+    /// an up link brings the main-table route to its prefix (metric 256
+    /// for IPv6).
     async fn add_address(
         &self,
         ns: &Self::Ns,
@@ -336,7 +404,11 @@ pub trait Kernel: Send + Sync {
     /// The addresses of a link.
     async fn addresses(&self, ns: &Self::Ns, link: &str) -> Result<Vec<IpNet>, KernelError>;
 
-    /// Adds or replaces a route of the main table.
+    /// Adds or replaces a route of the main table. The link must be up
+    /// (ENETDOWN), and an IPv4 next hop needs an IPv4 address somewhere in
+    /// the namespace (EINVAL; `lo` has 127.0.0.1 once up). An IPv6 route
+    /// asked with metric 0 gets 1024. Routes follow a renamed link and die
+    /// with a deleted one.
     async fn replace_route(&self, ns: &Self::Ns, route: &Route) -> Result<(), KernelError>;
 
     /// Deletes a route through `route.link` with its destination and next

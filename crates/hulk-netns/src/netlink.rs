@@ -50,15 +50,24 @@ fn errno_of(error: &rtnetlink::Error) -> Option<Errno> {
     }
 }
 
-fn kernel_error(operation: &str, error: rtnetlink::Error) -> KernelError {
-    match errno_of(&error) {
-        Some(Errno::EEXIST) => KernelError::Exists(operation.to_owned()),
-        _ => KernelError::failed(operation, error),
+/// The kernel's answer to `operation`, keeping its errno.
+fn kernel_error(operation: impl Into<String>, error: rtnetlink::Error) -> KernelError {
+    match error {
+        rtnetlink::Error::NetlinkError(message) => KernelError::os(operation, message.to_io()),
+        // Not an answer of the kernel: a message rtnetlink could not use.
+        error => KernelError::Failed {
+            operation: operation.into(),
+            source: std::io::Error::other(error),
+        },
     }
 }
 
-fn worker_error(error: NetnsError) -> KernelError {
-    KernelError::failed("netlink worker", error)
+/// A failure of a request made through [`link_by_name`].
+fn request_error(operation: impl Into<String>, error: NetnsError) -> KernelError {
+    match error {
+        NetnsError::Netlink(error) => kernel_error(operation, error),
+        error => KernelError::Worker(error),
+    }
 }
 
 /// Classifies a failure to open or enter the namespace at `path`.
@@ -68,7 +77,10 @@ fn namespace_error(path: &Path, error: NetnsError) -> KernelError {
             KernelError::NamespaceNotFound(path.to_path_buf())
         }
         NetnsError::NotANamespace { path, reason } => KernelError::NotANamespace { path, reason },
-        error => KernelError::failed(format!("opening namespace {}", path.display()), error),
+        source => KernelError::Namespace {
+            path: path.to_path_buf(),
+            source,
+        },
     }
 }
 
@@ -79,7 +91,7 @@ where
     Fut: std::future::Future<Output = Result<T, KernelError>> + 'static,
     T: Send + 'static,
 {
-    ns.run(job).await.map_err(worker_error)?
+    ns.run(job).await.map_err(KernelError::Worker)?
 }
 
 /// Runs a namespace file operation on tokio's blocking pool.
@@ -89,10 +101,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, KernelError> {
     match tokio::task::spawn_blocking(work).await {
         Ok(result) => result.map_err(|error| namespace_error(path, error)),
-        Err(error) => Err(KernelError::failed(
-            format!("opening namespace {}", path.display()),
-            error,
-        )),
+        Err(error) => Err(KernelError::Failed {
+            operation: format!("opening namespace {}", path.display()),
+            source: std::io::Error::other(error),
+        }),
     }
 }
 
@@ -103,14 +115,14 @@ where
     Fut: std::future::Future<Output = Result<T, KernelError>> + 'static,
     T: Send + 'static,
 {
-    ns.run_dump(job).await.map_err(worker_error)?
+    ns.run_dump(job).await.map_err(KernelError::Worker)?
 }
 
 async fn index_of(handle: &Handle, name: &str) -> Result<u32, KernelError> {
     match link_by_name(handle, name).await {
         Ok(Some(link)) => Ok(link.header.index),
         Ok(None) => Err(KernelError::LinkNotFound(name.to_owned())),
-        Err(error) => Err(KernelError::failed(format!("looking up {name}"), error)),
+        Err(error) => Err(request_error(format!("looking up {name}"), error)),
     }
 }
 
@@ -217,7 +229,11 @@ fn slave_message(name: &str, parent: u32, kind: SlaveKind) -> LinkMessage {
 }
 
 fn route_message(route: &Route, index: u32) -> Result<RouteMessage, KernelError> {
-    let invalid = |error| KernelError::failed(format!("building route {route}"), error);
+    // A route the kernel cannot be asked for, e.g. a gateway of the other family.
+    let invalid = |error| KernelError::Failed {
+        operation: format!("building route {route}"),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, error),
+    };
     let mut builder = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(route.dst.addr(), route.dst.prefix_len())
         .map_err(invalid)?
@@ -355,7 +371,7 @@ impl Kernel for NetlinkKernel {
             link_by_name(&handle, &name)
                 .await
                 .map(|link| link.as_ref().map(to_link))
-                .map_err(|error| KernelError::failed(format!("looking up {name}"), error))
+                .map_err(|error| request_error(format!("looking up {name}"), error))
         })
         .await
     }
@@ -377,9 +393,12 @@ impl Kernel for NetlinkKernel {
             if let Some(fd) = target {
                 message.attributes.push(LinkAttribute::NetNsFd(fd));
             }
-            handle.link().add(message).execute().await.map_err(|error| {
-                kernel_error(&format!("creating {kind} {name} on {parent}"), error)
-            })
+            handle
+                .link()
+                .add(message)
+                .execute()
+                .await
+                .map_err(|error| kernel_error(format!("creating {kind} {name} on {parent}"), error))
         })
         .await
     }
@@ -395,7 +414,7 @@ impl Kernel for NetlinkKernel {
             match handle.link().del(index).execute().await {
                 Ok(()) => Ok(true),
                 Err(error) if errno_of(&error) == Some(Errno::ENODEV) => Ok(false),
-                Err(error) => Err(kernel_error(&format!("deleting {name}"), error)),
+                Err(error) => Err(kernel_error(format!("deleting {name}"), error)),
             }
         })
         .await
@@ -428,7 +447,7 @@ impl Kernel for NetlinkKernel {
                 .set(builder.build())
                 .execute()
                 .await
-                .map_err(|error| kernel_error(&format!("updating {name}"), error))
+                .map_err(|error| kernel_error(format!("updating {name}"), error))
         })
         .await
     }
@@ -448,7 +467,7 @@ impl Kernel for NetlinkKernel {
                 .replace()
                 .execute()
                 .await
-                .map_err(|error| kernel_error(&format!("adding {address} to {link}"), error))
+                .map_err(|error| kernel_error(format!("adding {address} to {link}"), error))
         })
         .await
     }
@@ -464,7 +483,7 @@ impl Kernel for NetlinkKernel {
                 .execute()
                 .try_collect()
                 .await
-                .map_err(|error| kernel_error(&format!("listing addresses of {link}"), error))?;
+                .map_err(|error| kernel_error(format!("listing addresses of {link}"), error))?;
             Ok(messages
                 .iter()
                 .filter(|message| message.header.index == index)
@@ -494,7 +513,7 @@ impl Kernel for NetlinkKernel {
                 .replace()
                 .execute()
                 .await
-                .map_err(|error| kernel_error(&format!("adding route {route}"), error))
+                .map_err(|error| kernel_error(format!("adding route {route}"), error))
         })
         .await
     }
@@ -515,7 +534,7 @@ impl Kernel for NetlinkKernel {
             {
                 Ok(()) => Ok(true),
                 Err(error) if errno_of(&error) == Some(Errno::ESRCH) => Ok(false),
-                Err(error) => Err(kernel_error(&format!("deleting route {route}"), error)),
+                Err(error) => Err(kernel_error(format!("deleting route {route}"), error)),
             }
         })
         .await
@@ -572,7 +591,7 @@ impl Kernel for NetlinkKernel {
                 .replace()
                 .execute()
                 .await
-                .map_err(|error| kernel_error(&format!("adding neighbour {ip} on {link}"), error))
+                .map_err(|error| kernel_error(format!("adding neighbour {ip} on {link}"), error))
         })
         .await
     }
@@ -591,7 +610,7 @@ impl Kernel for NetlinkKernel {
                 .execute()
                 .try_collect()
                 .await
-                .map_err(|error| kernel_error(&format!("listing neighbours of {link}"), error))?;
+                .map_err(|error| kernel_error(format!("listing neighbours of {link}"), error))?;
             Ok(messages
                 .iter()
                 .filter(|message| message.header.ifindex == index)
@@ -634,8 +653,77 @@ impl Kernel for NetlinkKernel {
         // namespace, so /proc/sys/net shows that namespace's settings.
         on(ns, move |_| async move {
             std::fs::write(&path, value.as_bytes())
-                .map_err(|error| KernelError::failed(format!("writing {path}"), error))
+                .map_err(|error| KernelError::os(format!("writing {path}"), error))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    /// The kernel's answer `errno` to a netlink request.
+    fn refusal(errno: Errno) -> rtnetlink::Error {
+        let mut message = rtnetlink::packet_core::ErrorMessage::default();
+        message.code = std::num::NonZeroI32::new(-(errno as i32));
+        rtnetlink::Error::NetlinkError(message)
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_errno_and_the_operation() {
+        let error = kernel_error(
+            "creating macvlan Bridge hulk1 on eth1",
+            refusal(Errno::EEXIST),
+        );
+        assert!(matches!(error, KernelError::Exists { .. }), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "creating macvlan Bridge hulk1 on eth1: File exists (os error 17)"
+        );
+        let cause = error.source().expect("a cause");
+        assert_eq!(
+            cause
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error),
+            Some(Errno::EEXIST as i32)
+        );
+
+        let error = request_error(
+            "looking up eth0",
+            NetnsError::Netlink(refusal(Errno::EPERM)),
+        );
+        assert!(matches!(error, KernelError::Failed { .. }), "{error:?}");
+        assert_eq!(error.raw_os_error(), Some(Errno::EPERM as i32));
+        assert!(matches!(
+            request_error("looking up eth0", NetnsError::WorkerGone),
+            KernelError::Worker(NetnsError::WorkerGone)
+        ));
+    }
+
+    #[test]
+    fn a_namespace_that_cannot_be_entered_keeps_the_cause_chain() {
+        let path = Path::new("/run/netns/pod");
+        let error = namespace_error(path, NetnsError::Enter(Errno::EPERM));
+        assert!(
+            matches!(&error, KernelError::Namespace { path: found, .. } if found == path),
+            "{error:?}"
+        );
+        assert_eq!(error.raw_os_error(), Some(Errno::EPERM as i32));
+        let netns = error.source().expect("the namespace failure");
+        assert!(netns.is::<NetnsError>());
+        let errno = netns.source().expect("the errno");
+        assert_eq!(errno.downcast_ref::<Errno>(), Some(&Errno::EPERM));
+
+        let missing = NetnsError::Open {
+            path: path.to_path_buf(),
+            source: Errno::ENOENT.into(),
+        };
+        assert!(matches!(
+            namespace_error(path, missing),
+            KernelError::NamespaceNotFound(found) if found == path
+        ));
     }
 }

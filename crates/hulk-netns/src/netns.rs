@@ -41,16 +41,34 @@ pub enum NetnsError {
     },
     /// `setns(2)` or `unshare(2)` failed.
     #[error("cannot enter a network namespace: {0}")]
-    Enter(nix::Error),
+    Enter(#[source] nix::Error),
     /// The worker thread or its runtime could not be started.
     #[error("cannot start the netlink worker: {0}")]
-    Worker(std::io::Error),
+    Worker(#[source] std::io::Error),
     /// The worker thread is gone (it panicked or was shut down).
     #[error("the netlink worker thread has stopped")]
     WorkerGone,
     /// The kernel refused a netlink request.
     #[error("netlink request failed: {0}")]
     Netlink(#[from] rtnetlink::Error),
+}
+
+impl NetnsError {
+    /// The errno behind the failure, when there is one: the system's
+    /// answer to an open, `setns(2)`, `unshare(2)` or thread start, or the
+    /// kernel's answer to a netlink request.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            NetnsError::Open { source, .. } | NetnsError::Worker(source) => source.raw_os_error(),
+            NetnsError::Enter(errno) => Some(*errno as i32),
+            NetnsError::Netlink(rtnetlink::Error::NetlinkError(message)) => {
+                Some(-message.raw_code())
+            }
+            NetnsError::NotANamespace { .. } | NetnsError::WorkerGone | NetnsError::Netlink(_) => {
+                None
+            }
+        }
+    }
 }
 
 /// An open handle to a network namespace.
