@@ -14,11 +14,13 @@
 //! - [`rescue`]: the rescue API for `hulkctl`: messages, server, client.
 //! - [`http`]: the HTTP status endpoint (`/metrics`, `/healthz`).
 //! - [`backend`]: the IPAM backend a configuration names.
+//! - [`kubernetes`]: the node's pod directory over the Kubernetes API.
 
 mod agent;
 pub mod backend;
 pub mod config;
 pub mod http;
+pub mod kubernetes;
 pub mod plugin_service;
 pub mod rescue;
 pub mod server;
