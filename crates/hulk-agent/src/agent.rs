@@ -34,8 +34,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, BackendError};
-use crate::config::{AgentConfig, ConfigError};
+use crate::config::{AgentConfig, ConfigError, KubernetesSection};
 use crate::http::HttpLimits;
+use crate::kubernetes::{EVENT_CONTROLLER, KubePods};
 use crate::plugin_service::{PluginMetrics, PluginService};
 use crate::rescue::RescueService;
 use crate::server::{self, BindError, ServeLimits, SocketFile};
@@ -82,6 +83,9 @@ pub enum AgentError {
     /// The node-level datapath could not be restored.
     #[error("cannot restore the node's datapath")]
     Restore(#[source] NodeError),
+    /// The Kubernetes client could not be set up.
+    #[error("cannot set up the Kubernetes client")]
+    Kubernetes(#[source] hulk_kube::KubeError),
     /// The HTTP status endpoint could not listen.
     #[error("cannot listen on {address} for the HTTP status endpoint")]
     Http {
@@ -102,6 +106,9 @@ pub struct Agent<K> {
     plugin_socket: (UnixListener, SocketFile),
     rescue_socket: (UnixListener, SocketFile),
     http: Option<TcpListener>,
+    /// Stops what runs from construction on (the pod watch) once serving
+    /// has stopped.
+    watches: CancellationToken,
 }
 
 impl Agent<NetlinkKernel> {
@@ -178,6 +185,11 @@ impl<K: Kernel + 'static> Agent<K> {
             default_pool.clone(),
         )
         .with_del_notes(DelNotes::new(&config.pending_del_dir));
+        let watches = CancellationToken::new();
+        let node = match &config.kubernetes {
+            Some(section) => node.with_pods(kube_pods(section, &config.node_name, &watches).await?),
+            None => node,
+        };
         let http = match config.metrics_address {
             Some(address) => Some(
                 TcpListener::bind(address)
@@ -193,6 +205,7 @@ impl<K: Kernel + 'static> Agent<K> {
             plugin_socket,
             rescue_socket,
             http,
+            watches,
         })
     }
 
@@ -231,6 +244,7 @@ impl<K: Kernel + 'static> Agent<K> {
             plugin_socket: (listener, socket_file),
             rescue_socket: (rescue_listener, rescue_file),
             http,
+            watches,
         } = self;
         let node = Arc::new(node);
         let pools = node.pools().clone();
@@ -320,6 +334,7 @@ impl<K: Kernel + 'static> Agent<K> {
         .await;
         tracing::info!("plugin socket closed; finishing background work");
         marks.cancel();
+        watches.cancel();
         while let Some(joined) = background.join_next().await {
             if let Err(error) = joined {
                 tracing::error!(%error, "a background task of the agent failed");
@@ -329,6 +344,37 @@ impl<K: Kernel + 'static> Agent<K> {
         drop((socket_file, rescue_file));
         Ok(())
     }
+}
+
+/// The node's pods from the Kubernetes API `section` names: a watch of this
+/// node's pods (running until `watches` is cancelled) and an Event
+/// recorder. The API server is not called yet: the watch lists and
+/// retries in the background, and until it has listed, ADD asks with one
+/// GET and GC judges nobody.
+async fn kube_pods(
+    section: &KubernetesSection,
+    node_name: &str,
+    watches: &CancellationToken,
+) -> Result<Arc<dyn PodDirectory>, AgentError> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").ok();
+    let api_server = section
+        .api_server(host.as_deref(), port.as_deref())
+        .map_err(|message| AgentError::Config(ConfigError::Invalid(message)))?;
+    let options = hulk_kube::ClientOptions {
+        api_server: Some(api_server),
+        ca_file: section.ca_file.exists().then(|| section.ca_file.clone()),
+        token_file: section
+            .token_file
+            .exists()
+            .then(|| section.token_file.clone()),
+    };
+    let client = hulk_kube::client(&options)
+        .await
+        .map_err(AgentError::Kubernetes)?;
+    let pods = hulk_kube::NodePods::start(client.clone(), node_name, watches.child_token());
+    let events = hulk_kube::PodEvents::new(client, EVENT_CONTROLLER, node_name);
+    Ok(Arc::new(KubePods::new(pods, events)))
 }
 
 /// Cancels `shutdown` on SIGTERM (what Kubernetes sends a stopping pod)

@@ -91,7 +91,7 @@ use tokio_util::sync::CancellationToken;
 pub use hulk_agent_api::{DEFAULT_CALLER_TIMEOUT, PodAttachment, PodRequest};
 
 use crate::attachments::{AttachmentError, AttachmentRecord, Attachments, Phase};
-use crate::pods::{PodDirectory, PodDirectoryError};
+use crate::pods::{PodDirectory, PodDirectoryError, PodEvent};
 use crate::serial::Serializer;
 
 pub mod attachments;
@@ -162,20 +162,29 @@ pub struct Reapplied {
 impl NodeError {
     /// The CNI error for this failure: the one mapping of the project.
     pub fn to_cni(&self) -> CniError {
-        let code = match self {
-            NodeError::InvalidRequest(_) => ErrorCode::InvalidNetworkConfig,
-            NodeError::Pool(PoolError::Degraded {
+        CniError::new(self.code(), self.to_string()).with_causes(self)
+    }
+
+    /// The CNI code of a pool failure, as [`NodeError::to_cni`] maps it.
+    fn code_of_pool_error(error: &PoolError) -> ErrorCode {
+        match error {
+            PoolError::Degraded {
                 exhausted: true, ..
-            }) => codes::ADDRESS_EXHAUSTED,
-            NodeError::Pool(
-                PoolError::Empty { .. }
-                | PoolError::Degraded { .. }
-                | PoolError::Full { .. }
-                | PoolError::AddressUnavailable { .. },
-            ) => ErrorCode::TryAgainLater,
-            NodeError::Pool(PoolError::Backend(error)) => codes::of_ipam_error(error),
-            NodeError::Pool(PoolError::Store(_)) => codes::STATE_STORE,
-            NodeError::Pool(PoolError::InvalidConfig(_)) => ErrorCode::InvalidNetworkConfig,
+            } => codes::ADDRESS_EXHAUSTED,
+            PoolError::Empty { .. }
+            | PoolError::Degraded { .. }
+            | PoolError::Full { .. }
+            | PoolError::AddressUnavailable { .. } => ErrorCode::TryAgainLater,
+            PoolError::Backend(error) => codes::of_ipam_error(error),
+            PoolError::Store(_) => codes::STATE_STORE,
+            PoolError::InvalidConfig(_) => ErrorCode::InvalidNetworkConfig,
+        }
+    }
+
+    fn code(&self) -> ErrorCode {
+        match self {
+            NodeError::InvalidRequest(_) => ErrorCode::InvalidNetworkConfig,
+            NodeError::Pool(error) => Self::code_of_pool_error(error),
             NodeError::Datapath(
                 DatapathError::NamespaceNotFound(_)
                 | DatapathError::NotANamespace(..)
@@ -183,18 +192,17 @@ impl NodeError {
             ) => codes::NAMESPACE,
             NodeError::Datapath(DatapathError::Invalid(_)) => ErrorCode::InvalidNetworkConfig,
             NodeError::Datapath(_) => codes::DATAPATH,
-            // Guessing the pool would risk the wrong subnet or security
-            // groups; the runtime retries.
             // A refused token or missing RBAC does not heal by retrying:
             // say it is the configuration.
             NodeError::Pods(PodDirectoryError::Refused(_)) => ErrorCode::InvalidNetworkConfig,
+            // Guessing the pool would risk the wrong subnet or security
+            // groups; the runtime retries.
             NodeError::Pods(_) => ErrorCode::TryAgainLater,
             NodeError::Attachment(_) => codes::STATE_STORE,
             NodeError::AlreadyAttached(_) => codes::DATAPATH,
             // Nothing is left of the ADD: a retry starts afresh.
             NodeError::Abandoned { .. } => ErrorCode::TryAgainLater,
-        };
-        CniError::new(code, self.to_string()).with_causes(self)
+        }
     }
 }
 
@@ -202,7 +210,7 @@ impl NodeError {
 /// cannot write (every ADD and DEL would fail with 106; the store reopens
 /// its file before each try), or the backend refuses the node's
 /// credentials (no refill can succeed). STATUS answers 50 with these, and
-/// `/healthz` reports them (see [`metrics`]).
+/// `/healthz` reports them (the agent's HTTP status endpoint).
 pub fn agent_problems(pools: &PoolManager) -> Vec<String> {
     let mut problems = Vec::new();
     if let Some(reason) = pools.store().failing() {
@@ -522,11 +530,42 @@ impl<K: Kernel> Node<K> {
             (asked, annotated) => asked.or(annotated),
         };
         let owner = request.owner.clone();
-        let lease = match fixed_address {
-            Some(address) => self.pools.assign_address(&key, &owner, address).await?,
-            None => self.pools.assign(&key, &owner).await?,
+        if fixed_address.is_none() && self.pools.stats(&key).idle == 0 {
+            self.tell(
+                request,
+                PodEvent::AddressWaiting {
+                    subnet: key.subnet.clone(),
+                },
+            );
+        }
+        let assigned = match fixed_address {
+            Some(address) => self.pools.assign_address(&key, &owner, address).await,
+            None => self.pools.assign(&key, &owner).await,
         };
+        let lease = assigned.inspect_err(|error| {
+            let message = hulk_cni::describe(error);
+            let event = match NodeError::code_of_pool_error(error) {
+                code if code == codes::ADDRESS_EXHAUSTED => {
+                    Some(PodEvent::AddressExhausted { message })
+                }
+                ErrorCode::TryAgainLater => Some(PodEvent::CloudUnavailable { message }),
+                _ => None,
+            };
+            if let Some(event) = event {
+                self.tell(request, event);
+            }
+        })?;
         Ok((key, lease))
+    }
+
+    /// Tells the pod's owners `event` (a Kubernetes Event), in the
+    /// background: an ADD never waits for it.
+    fn tell(&self, request: &PodRequest, event: PodEvent) {
+        let (Some(pods), Some(pod)) = (&self.pods, &request.owner.pod) else {
+            return;
+        };
+        let (pods, pod) = (pods.clone(), pod.clone());
+        tokio::spawn(async move { pods.record(&pod, event).await });
     }
 
     /// The identity of the sandbox at `netns`, refusing what is not one.
