@@ -19,7 +19,7 @@ use hulk_netns::{
     SlaveKind, create_named_netns, delete_named_netns, run_blocking_in,
 };
 
-const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0x0a, 0x32, 0, 1];
+const GATEWAY_MAC: hulk_ipam::MacAddr = hulk_ipam::MacAddr([0x02, 0, 0x0a, 0x32, 0, 1]);
 
 struct Figures {
     samples: Vec<Duration>,

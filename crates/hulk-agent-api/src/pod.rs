@@ -4,8 +4,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use hulk_cni::{CniResult, Interface, IpConfig, Route};
-use hulk_ipam::{AttachmentId, Lease, Owner, PoolKey};
-use hulk_netns::{Attached, Mac, default_destination, format_mac};
+use hulk_ipam::{AttachmentId, Lease, MacAddr, Owner, PoolKey};
+use hulk_netns::{Attached, default_destination};
 use serde::{Deserialize, Serialize};
 
 /// One pod interface, as a CNI request names it: the attachment's owner
@@ -35,7 +35,7 @@ pub struct PodRequest {
     /// capability): given to a macvlan interface; an ipvlan interface
     /// shares its parent's MAC, so only that one can be honoured.
     #[serde(default)]
-    pub mac: Option<Mac>,
+    pub mac: Option<MacAddr>,
 }
 
 impl PodRequest {
@@ -67,7 +67,7 @@ pub struct PodAttachment {
     /// The interface's index in the pod.
     pub index: u32,
     /// The interface's MAC.
-    pub mac: Option<Mac>,
+    pub mac: Option<MacAddr>,
     /// The interface's MTU.
     pub mtu: u32,
     /// Every route ADD installed in the pod (default route, the node's
@@ -120,7 +120,7 @@ impl PodAttachment {
         CniResult {
             interfaces: vec![Interface {
                 name: ifname.to_owned(),
-                mac: self.mac.as_ref().map(format_mac),
+                mac: self.mac.as_ref().map(MacAddr::to_string),
                 mtu: Some(self.mtu),
                 sandbox: Some(sandbox.display().to_string()),
                 ..Interface::default()

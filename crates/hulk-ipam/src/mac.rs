@@ -21,6 +21,29 @@ impl MacAddr {
     }
 }
 
+impl From<[u8; 6]> for MacAddr {
+    fn from(octets: [u8; 6]) -> Self {
+        MacAddr(octets)
+    }
+}
+
+/// Bytes that are not six: what netlink's address attribute holds for a
+/// link that is not Ethernet-like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} bytes are not a MAC address (six are)")]
+pub struct MacLengthError(usize);
+
+impl TryFrom<&[u8]> for MacAddr {
+    type Error = MacLengthError;
+
+    /// The six bytes of a netlink `IFLA_ADDRESS`.
+    fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
+        <[u8; 6]>::try_from(bytes)
+            .map(MacAddr)
+            .map_err(|_| MacLengthError(bytes.len()))
+    }
+}
+
 impl FromStr for MacAddr {
     type Err = ParseMacError;
 
@@ -56,10 +79,20 @@ impl Serialize for MacAddr {
 }
 
 impl<'de> Deserialize<'de> for MacAddr {
+    /// The written form (`"fa:16:3e:00:00:01"`), or six numbers: how the
+    /// datapath's records and the plugin API wrote a MAC before this type
+    /// was the only one, so records of an older agent stay readable.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Text(String),
+            Octets([u8; 6]),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Text(text) => text.parse().map_err(serde::de::Error::custom),
+            Written::Octets(octets) => Ok(MacAddr(octets)),
+        }
     }
 }
 
@@ -67,6 +100,18 @@ impl<'de> Deserialize<'de> for MacAddr {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn reads_the_written_form_and_an_older_records_octets() {
+        let written: MacAddr = serde_json::from_str("\"fa:16:3e:00:0a:ff\"").unwrap();
+        let octets: MacAddr = serde_json::from_str("[250, 22, 62, 0, 10, 255]").unwrap();
+        assert_eq!(written, octets);
+        assert_eq!(
+            serde_json::to_string(&octets).unwrap(),
+            "\"fa:16:3e:00:0a:ff\""
+        );
+        assert!(serde_json::from_str::<MacAddr>("[250, 22, 62]").is_err());
+    }
 
     #[test]
     fn parses_colon_and_dash_forms() {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ipnet::IpNet;
 
 use crate::kernel::{
-    Kernel, KernelError, Link, LinkUpdate, Mac, Neighbour, NsId, Route, SlaveKind, format_mac,
+    Kernel, KernelError, Link, LinkUpdate, MacAddr, Neighbour, NsId, Route, SlaveKind,
 };
 use crate::netns::PROCESS_NETNS;
 
@@ -42,9 +42,9 @@ pub struct PodNetwork {
     pub gateway: IpAddr,
     /// The gateway's MAC: installed as a permanent neighbour so the pod is
     /// reachable before the VPC's flow rules reach the node.
-    pub gateway_mac: Option<Mac>,
+    pub gateway_mac: Option<MacAddr>,
     /// The pod's MAC (macvlan only: ipvlan slaves share the parent's).
-    pub mac: Option<Mac>,
+    pub mac: Option<MacAddr>,
     /// The MTU; default: the parent's. Above the parent's, the parent's is
     /// used (a slave cannot exceed it).
     pub mtu: Option<u32>,
@@ -59,7 +59,7 @@ pub struct Attached {
     /// The interface's index inside the pod.
     pub index: u32,
     /// Its MAC.
-    pub mac: Option<Mac>,
+    pub mac: Option<MacAddr>,
     /// Its MTU.
     pub mtu: u32,
     /// The addresses given to it.
@@ -276,7 +276,7 @@ fn describe(link: &Link) -> String {
         link.index,
         link.kind_description(),
         link.mac
-            .map_or_else(|| "none".to_owned(), |mac| format_mac(&mac))
+            .map_or_else(|| "none".to_owned(), |mac| mac.to_string())
     )
 }
 
@@ -564,7 +564,7 @@ impl<K: Kernel> Datapath<K> {
         ifname: &str,
         recorded: &Attached,
         gateway: IpAddr,
-        mac: Mac,
+        mac: MacAddr,
     ) -> Result<Option<Neighbour>, DatapathError> {
         let kernel = &self.kernel;
         let pod = match self.open(netns).await {
@@ -642,7 +642,7 @@ impl<K: Kernel> Datapath<K> {
             differences.push(format!(
                 "{} does not have MAC {}",
                 spec.ifname,
-                format_mac(&mac)
+                mac
             ));
         }
         if !link.up {
@@ -674,7 +674,7 @@ impl<K: Kernel> Datapath<K> {
             differences.push(format!(
                 "the permanent neighbour {} -> {} is missing",
                 spec.gateway,
-                format_mac(&mac)
+                mac
             ));
         }
         let host_route = spec.host_route();
@@ -716,7 +716,7 @@ mod tests {
     use crate::netns::PROCESS_NETNS;
 
     const NETNS: &str = "/var/run/netns/pod-a";
-    const GATEWAY_MAC: Mac = [0xfa, 0x16, 0x3e, 0, 0, 1];
+    const GATEWAY_MAC: MacAddr = MacAddr([0xfa, 0x16, 0x3e, 0, 0, 1]);
 
     fn spec() -> PodNetwork {
         PodNetwork {
@@ -759,7 +759,7 @@ mod tests {
     async fn a_gateway_is_repinned_only_on_the_recorded_link() {
         let (datapath, pod) = node();
         let attached = datapath.attach(Path::new(NETNS), &spec()).await.unwrap();
-        let moved: Mac = [0xfa, 0x16, 0x3e, 0, 0, 2];
+        let moved: MacAddr = MacAddr([0xfa, 0x16, 0x3e, 0, 0, 2]);
         let gateway = spec().gateway;
         let pinned = datapath
             .repin_gateway(Path::new(NETNS), "eth0", &attached, gateway, moved)
@@ -984,7 +984,7 @@ mod tests {
             Err(DatapathError::Invalid(_))
         ));
         let mut ipvlan_mac = spec();
-        ipvlan_mac.mac = Some([2, 0, 0, 0, 0, 1]);
+        ipvlan_mac.mac = Some(MacAddr([2, 0, 0, 0, 0, 1]));
         assert!(matches!(
             datapath.attach(Path::new(NETNS), &ipvlan_mac).await,
             Err(DatapathError::Invalid(_))
@@ -999,7 +999,7 @@ mod tests {
         spec.kind = SlaveKind::MacVlan {
             mode: MacVlanMode::Bridge,
         };
-        spec.mac = Some([0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
+        spec.mac = Some(MacAddr([0x02, 0x11, 0x22, 0x33, 0x44, 0x55]));
         let attached = datapath.attach(Path::new(NETNS), &spec).await.unwrap();
         assert_eq!(attached.mac, spec.mac);
         assert_eq!(
@@ -1188,7 +1188,7 @@ mod tests {
         let mut other_index = attached.clone();
         other_index.index += 100;
         let mut other_mac = attached.clone();
-        other_mac.mac = Some([2, 0, 0, 0, 0, 0x99]);
+        other_mac.mac = Some(MacAddr([2, 0, 0, 0, 0, 0x99]));
         for stale in [other_index, other_mac] {
             let detached = detach_recorded(&datapath, &stale).await;
             assert!(!detached.link_removed);

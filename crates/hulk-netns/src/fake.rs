@@ -43,7 +43,7 @@ use ipnet::IpNet;
 use nix::errno::Errno;
 
 use crate::kernel::{
-    Kernel, KernelError, Link, LinkUpdate, Mac, Neighbour, NsId, Route, SlaveKind,
+    Kernel, KernelError, Link, LinkUpdate, MacAddr, Neighbour, NsId, Route, SlaveKind,
 };
 
 use crate::netns::PROCESS_NETNS;
@@ -234,7 +234,7 @@ impl FakeKernel {
                     name: name.to_owned(),
                     slave: None,
                     mtu,
-                    mac: Some(mac),
+                    mac: Some(MacAddr(mac)),
                     up: name != "lo",
                 },
                 addresses: Vec::new(),
@@ -364,7 +364,7 @@ impl FakeKernel {
             .and_then(|parent| state.namespaces[self.host.0].links.get(parent))
             .map(|parent| parent.link.clone());
         if let Some(mac) = update.mac {
-            if mac[0] & 1 == 1 || mac == [0; 6] {
+            if mac.0[0] & 1 == 1 || mac.0 == [0; 6] {
                 return refuse(Errno::EADDRNOTAVAIL);
             }
             if self.mac_in_use(state, ns, &link, mac) {
@@ -425,7 +425,7 @@ impl FakeKernel {
 
     /// Whether `mac` on the macvlan slave `link` of `ns` clashes with its
     /// parent's MAC or an up sibling's, as macvlan refuses.
-    fn mac_in_use(&self, state: &FakeState, ns: FakeNs, link: &FakeLink, mac: Mac) -> bool {
+    fn mac_in_use(&self, state: &FakeState, ns: FakeNs, link: &FakeLink, mac: MacAddr) -> bool {
         let Some(parent) = link.parent.as_deref() else {
             return false;
         };
@@ -578,9 +578,14 @@ impl Kernel for FakeKernel {
             let mac = match kind {
                 SlaveKind::IpVlan { .. } => parent_link.mac,
                 // macvlan picks a random, locally administered unicast MAC.
-                SlaveKind::MacVlan { .. } => {
-                    Some([0x02, 0x4d, 0x56, 0, (index >> 8) as u8, index as u8])
-                }
+                SlaveKind::MacVlan { .. } => Some(MacAddr([
+                    0x02,
+                    0x4d,
+                    0x56,
+                    0,
+                    (index >> 8) as u8,
+                    index as u8,
+                ])),
             };
             state.namespaces[into.0].links.insert(
                 name.to_owned(),
@@ -733,7 +738,7 @@ impl Kernel for FakeKernel {
         ns: &FakeNs,
         link: &str,
         ip: IpAddr,
-        mac: Mac,
+        mac: MacAddr,
     ) -> Result<(), KernelError> {
         self.mutate(&format!("adding neighbour {ip} on {link}"), |state| {
             let link = link_in(state, *ns, link)?;

@@ -11,16 +11,7 @@ use nix::errno::Errno;
 
 use crate::netns::NetnsError;
 
-/// An Ethernet address as the kernel stores it.
-pub type Mac = [u8; 6];
-
-/// Writes a MAC the usual way, `fa:16:3e:00:00:01`.
-pub fn format_mac(mac: &Mac) -> String {
-    mac.iter()
-        .map(|octet| format!("{octet:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use hulk_ipam::MacAddr;
 
 /// ipvlan modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -107,7 +98,7 @@ pub struct Link {
     /// MTU.
     pub mtu: u32,
     /// Hardware address.
-    pub mac: Option<Mac>,
+    pub mac: Option<MacAddr>,
     /// Administratively up.
     pub up: bool,
 }
@@ -128,7 +119,7 @@ pub struct LinkUpdate {
     /// A new MTU.
     pub mtu: Option<u32>,
     /// A new hardware address.
-    pub mac: Option<Mac>,
+    pub mac: Option<MacAddr>,
     /// Bring the link up.
     pub up: bool,
 }
@@ -219,7 +210,7 @@ pub struct Neighbour {
     /// The neighbour's address.
     pub ip: IpAddr,
     /// Its hardware address, when resolved.
-    pub mac: Option<Mac>,
+    pub mac: Option<MacAddr>,
     /// Whether the entry is permanent (static).
     pub permanent: bool,
 }
@@ -429,7 +420,7 @@ pub trait Kernel: Send + Sync {
         ns: &Self::Ns,
         link: &str,
         ip: IpAddr,
-        mac: Mac,
+        mac: MacAddr,
     ) -> Result<(), KernelError>;
 
     /// The neighbour entries of a link.
@@ -531,7 +522,7 @@ impl<K: Kernel + ?Sized> Kernel for std::sync::Arc<K> {
         ns: &Self::Ns,
         link: &str,
         ip: IpAddr,
-        mac: Mac,
+        mac: MacAddr,
     ) -> Result<(), KernelError> {
         (**self).replace_neighbour(ns, link, ip, mac).await
     }

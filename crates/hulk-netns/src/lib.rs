@@ -25,7 +25,7 @@
 //!     ifname: "eth0".into(),
 //!     address: "10.20.0.5/24".parse()?,
 //!     gateway: "10.20.0.1".parse()?,
-//!     gateway_mac: Some([0xfa, 0x16, 0x3e, 0x00, 0x00, 0x01]),
+//!     gateway_mac: Some(MacAddr([0xfa, 0x16, 0x3e, 0x00, 0x00, 0x01])),
 //!     mac: None,
 //!     mtu: None,
 //!     service_path: None,
@@ -63,8 +63,8 @@ pub use attach::{
     default_destination,
 };
 pub use kernel::{
-    IpVlanFlag, IpVlanMode, Kernel, KernelError, Link, LinkUpdate, Mac, MacVlanMode, Neighbour,
-    NsId, Route, SlaveKind, format_mac,
+    IpVlanFlag, IpVlanMode, Kernel, KernelError, Link, LinkUpdate, MacAddr, MacVlanMode, Neighbour,
+    NsId, Route, SlaveKind,
 };
 pub use netlink::NetlinkKernel;
 pub use netns::{

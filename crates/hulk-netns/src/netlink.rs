@@ -18,7 +18,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, LinkIpVlan, LinkMacVlan, LinkUnspec, RouteMessageBuilder};
 
 use crate::kernel::{
-    IpVlanFlag, IpVlanMode, Kernel, KernelError, Link, LinkUpdate, Mac, MacVlanMode, Neighbour,
+    IpVlanFlag, IpVlanMode, Kernel, KernelError, Link, LinkUpdate, MacAddr, MacVlanMode, Neighbour,
     NsId, Route, SlaveKind,
 };
 use crate::netns::{NetlinkWorker, Netns, NetnsError, PROCESS_NETNS, identify_netns, link_by_name};
@@ -192,7 +192,7 @@ fn to_link(message: &LinkMessage) -> Link {
         match attribute {
             LinkAttribute::IfName(name) => link.name = name.clone(),
             LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
-            LinkAttribute::Address(bytes) => link.mac = <Mac>::try_from(bytes.as_slice()).ok(),
+            LinkAttribute::Address(bytes) => link.mac = <MacAddr>::try_from(bytes.as_slice()).ok(),
             _ => {}
         }
     }
@@ -437,7 +437,7 @@ impl Kernel for NetlinkKernel {
                 builder = builder.mtu(mtu);
             }
             if let Some(mac) = update.mac {
-                builder = builder.address(mac.to_vec());
+                builder = builder.address(mac.0.to_vec());
             }
             if update.up {
                 builder = builder.up();
@@ -578,7 +578,7 @@ impl Kernel for NetlinkKernel {
         ns: &NetlinkWorker,
         link: &str,
         ip: IpAddr,
-        mac: Mac,
+        mac: MacAddr,
     ) -> Result<(), KernelError> {
         let link = link.to_owned();
         on(ns, move |handle| async move {
@@ -586,7 +586,7 @@ impl Kernel for NetlinkKernel {
             handle
                 .neighbours()
                 .add(index, ip)
-                .link_layer_address(&mac)
+                .link_layer_address(&mac.0)
                 .state(NeighbourState::Permanent)
                 .replace()
                 .execute()
@@ -626,7 +626,7 @@ impl Kernel for NetlinkKernel {
                                 ip = Some(IpAddr::V6(*v6))
                             }
                             NeighbourAttribute::LinkLayerAddress(bytes) => {
-                                mac = <Mac>::try_from(bytes.as_slice()).ok()
+                                mac = <MacAddr>::try_from(bytes.as_slice()).ok()
                             }
                             _ => {}
                         }

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use hulk_netns::fake::FakeKernel;
 use hulk_netns::{
-    Kernel, KernelError, Link, LinkUpdate, MacVlanMode, Neighbour, NetlinkKernel, Route, SlaveKind,
+    Kernel, KernelError, Link, LinkUpdate, MacAddr, MacVlanMode, Neighbour, NetlinkKernel, Route,
+    SlaveKind,
 };
 use nix::errno::Errno;
 use support::Namespace;
@@ -337,7 +338,7 @@ async fn a_new_namespace_holds_only_lo_down<S: Setup>(mut setup: S) {
     let lo = &links[0];
     assert_eq!(
         (lo.up, lo.mtu, lo.mac, lo.slave),
-        (false, 65536, Some([0; 6]), None)
+        (false, 65536, Some(MacAddr([0; 6])), None)
     );
     assert_eq!(
         kernel.link(&pod, "lo").await.expect("lo").as_ref(),
@@ -404,7 +405,7 @@ async fn a_slave_is_created_down_inside_its_namespace_and_renamed_there<S: Setup
         parent.mac,
         "a macvlan slave has a MAC of its own"
     );
-    assert_eq!(mac[0] & 0b11, 0b10, "locally administered unicast");
+    assert_eq!(mac.0[0] & 0b11, 0b10, "locally administered unicast");
 
     // A second slave of the parent gets yet another MAC.
     add_slave(kernel, &pod, "net1").await;
@@ -539,7 +540,7 @@ async fn missing_links_are_classified<S: Setup>(mut setup: S) {
     not_found(kernel.replace_route(&pod, &route).await, "eth9");
     not_found(
         kernel
-            .replace_neighbour(&pod, "eth9", ip("10.40.0.1"), [2, 0, 0, 0, 0, 1])
+            .replace_neighbour(&pod, "eth9", ip("10.40.0.1"), MacAddr([2, 0, 0, 0, 0, 1]))
             .await,
         "eth9",
     );
@@ -607,7 +608,7 @@ async fn link_changes_apply_in_the_kernels_order<S: Setup>(mut setup: S) {
     let pod = open_pod(&mut setup).await;
     let kernel = setup.kernel();
     add_slave(kernel, &pod, TEMPORARY).await;
-    let mac = [0x02, 0x10, 0x20, 0x30, 0x40, 0x50];
+    let mac = MacAddr([0x02, 0x10, 0x20, 0x30, 0x40, 0x50]);
     // MAC, then MTU (refused here), then name: the MAC stays.
     let refused = LinkUpdate {
         rename: Some("eth0".to_owned()),
@@ -662,7 +663,7 @@ async fn macvlan_macs_must_be_unicast_and_not_in_use<S: Setup>(mut setup: S) {
         mac: Some(mac),
         ..LinkUpdate::default()
     };
-    for invalid in [[0x03, 0, 0, 0, 0, 1], [0; 6]] {
+    for invalid in [MacAddr([0x03, 0, 0, 0, 0, 1]), MacAddr([0; 6])] {
         assert_eq!(
             errno_of(kernel.update_link(&pod, "eth0", &set_mac(invalid)).await),
             Some(Errno::EADDRNOTAVAIL),
@@ -686,7 +687,7 @@ async fn macvlan_macs_must_be_unicast_and_not_in_use<S: Setup>(mut setup: S) {
     }
     // Two down slaves may share one; only the first comes up with it.
     add_slave(kernel, &pod, "net2").await;
-    let shared = [0x02, 0, 0, 0, 0, 0x99];
+    let shared = MacAddr([0x02, 0, 0, 0, 0, 0x99]);
     for name in ["net1", "net2"] {
         kernel
             .update_link(&pod, name, &set_mac(shared))
@@ -887,11 +888,11 @@ async fn routes_follow_a_renamed_link_and_die_with_a_deleted_one<S: Setup>(mut s
         .expect("route");
     let neighbour = Neighbour {
         ip: ip("10.40.0.1"),
-        mac: Some([2, 0, 0, 0, 0, 1]),
+        mac: Some(MacAddr([2, 0, 0, 0, 0, 1])),
         permanent: true,
     };
     kernel
-        .replace_neighbour(&pod, TEMPORARY, neighbour.ip, [2, 0, 0, 0, 0, 1])
+        .replace_neighbour(&pod, TEMPORARY, neighbour.ip, MacAddr([2, 0, 0, 0, 0, 1]))
         .await
         .expect("neighbour");
     kernel
@@ -952,7 +953,10 @@ async fn neighbours_are_permanent_and_replaced<S: Setup>(mut setup: S) {
     add_slave(kernel, &pod, "net1").await;
     kernel.update_link(&pod, "net1", &up()).await.expect("up");
     let gateway = ip("10.40.0.1");
-    let (old, new) = ([0xfa, 0x16, 0x3e, 0, 0, 1], [0xfa, 0x16, 0x3e, 0, 0, 2]);
+    let (old, new) = (
+        MacAddr([0xfa, 0x16, 0x3e, 0, 0, 1]),
+        MacAddr([0xfa, 0x16, 0x3e, 0, 0, 2]),
+    );
     // A down link takes a permanent entry too.
     add_slave(kernel, &pod, "net2").await;
     kernel

@@ -79,11 +79,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hulk_agent_api::codes;
 use hulk_agent_api::del_notes::DelNotes;
 use hulk_cni::{Attachment, CniError, ErrorCode};
-use hulk_ipam::{AttachmentId, Lease, Owner, PoolKey};
-use hulk_netns::format_mac;
+use hulk_ipam::{AttachmentId, Lease, MacAddr, Owner, PoolKey};
 use hulk_netns::{
-    Attached, Datapath, DatapathError, Kernel, Mac, NodeNetwork, NodeState, NsId, Ownership,
-    PodNetwork, RestoreReport,
+    Attached, Datapath, DatapathError, Kernel, NodeNetwork, NodeState, NsId, Ownership, PodNetwork,
+    RestoreReport,
 };
 use hulk_pool::{AddressState, OrphanSweep, PoolError, PoolManager, ReconcileReport};
 use tokio_util::sync::CancellationToken;
@@ -358,7 +357,7 @@ impl<K: Kernel> Node<K> {
     /// macvlan; on ipvlan, where every slave shares the parent's MAC, a
     /// request for the parent's MAC is met by itself and any other is
     /// refused (7) rather than silently ignored.
-    async fn requested_mac(&self, request: &PodRequest) -> Result<Option<Mac>, NodeError> {
+    async fn requested_mac(&self, request: &PodRequest) -> Result<Option<MacAddr>, NodeError> {
         let Some(asked) = request.mac else {
             return Ok(None);
         };
@@ -376,10 +375,10 @@ impl<K: Kernel> Node<K> {
         }
         Err(NodeError::InvalidRequest(format!(
             "MAC {} cannot be given: an ipvlan interface shares its parent's MAC ({}); use kind = \"macvlan\" for pod MACs",
-            format_mac(&asked),
+            asked,
             parent
                 .as_ref()
-                .map_or_else(|| "unknown".to_owned(), format_mac)
+                .map_or_else(|| "unknown".to_owned(), MacAddr::to_string)
         )))
     }
 
@@ -387,7 +386,7 @@ impl<K: Kernel> Node<K> {
         &self,
         request: &PodRequest,
         lease: &Lease,
-        mac: Option<Mac>,
+        mac: Option<MacAddr>,
     ) -> Result<PodNetwork, NodeError> {
         let gateway = lease.gateway.ok_or_else(|| {
             NodeError::InvalidRequest(format!("lease {} has no gateway", lease.id))
@@ -398,7 +397,7 @@ impl<K: Kernel> Node<K> {
             ifname: request.owner.ifname.clone(),
             address: lease.address,
             gateway,
-            gateway_mac: lease.gateway_mac.map(|mac| mac.octets()),
+            gateway_mac: lease.gateway_mac,
             mac,
             mtu: lease.mtu,
             service_path: Some(self.network.service_path()),
@@ -1235,14 +1234,14 @@ impl<K: Kernel> Node<K> {
 
     /// The gateway and MAC a ready attachment should have pinned, when it
     /// has another (or none) pinned: its lease's, as the pools know it.
-    fn gateway_to_pin(&self, record: &AttachmentRecord) -> Option<(IpAddr, hulk_netns::Mac)> {
+    fn gateway_to_pin(&self, record: &AttachmentRecord) -> Option<(IpAddr, MacAddr)> {
         if record.phase != Phase::Ready {
             return None;
         }
         let created = record.created.as_ref()?;
         let lease = self.pools.lease_of(&record.owner)?;
         let gateway = lease.gateway?;
-        let mac = lease.gateway_mac?.octets();
+        let mac = lease.gateway_mac?;
         let pinned = created
             .neighbours
             .iter()

@@ -24,7 +24,7 @@ use hulk_cni::{
     NetConf, Plugin,
 };
 use hulk_ipam::{AllocationRequest, IpamBackend, MacAddr, MockBackend, Owner, PoolKey};
-use hulk_netns::{Datapath, Mac, NetlinkKernel, format_mac};
+use hulk_netns::{Datapath, NetlinkKernel};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -123,7 +123,10 @@ fn pod_request(
 /// and the `ips` / `mac` capabilities in `runtimeConfig`. An address may
 /// be written with a prefix (`10.61.0.50/24`); the subnet's prefix is what
 /// the pod gets. One address per interface; two sources must agree.
-fn requested(config: &NetConf, args: &CniArgs) -> Result<(Option<IpAddr>, Option<Mac>), CniError> {
+fn requested(
+    config: &NetConf,
+    args: &CniArgs,
+) -> Result<(Option<IpAddr>, Option<MacAddr>), CniError> {
     let runtime = config.runtime_config.as_ref();
     let mut addresses: Vec<(String, &str)> = Vec::new();
     if let Some(value) = args.get("IP") {
@@ -160,9 +163,7 @@ fn requested(config: &NetConf, args: &CniArgs) -> Result<(Option<IpAddr>, Option
             .ok_or_else(|| CniError::invalid_config("runtimeConfig.mac must be a string"))?;
         macs.push((text.to_owned(), "runtimeConfig.mac"));
     }
-    let mac = agreeing(&macs, "MAC address", |text| {
-        text.parse::<MacAddr>().ok().map(MacAddr::octets)
-    })?;
+    let mac = agreeing(&macs, "MAC address", |text| text.parse::<MacAddr>().ok())?;
     Ok((address, mac))
 }
 
@@ -214,11 +215,11 @@ fn compare_prev_result(
         )));
     };
     if let (Some(listed), Some(mac)) = (&prev.interfaces[index].mac, &found.mac)
-        && !listed.eq_ignore_ascii_case(&format_mac(mac))
+        && !listed.eq_ignore_ascii_case(&mac.to_string())
     {
         return Err(mismatch(format!(
             "prevResult gives {ifname} MAC {listed}, the pod's is {}",
-            format_mac(mac)
+            mac
         )));
     }
     let listed: Vec<IpNet> = prev
@@ -355,7 +356,7 @@ async fn dry_add(request: &AttachRequest) -> Result<CniResult, CniError> {
         })?
         .remove(0);
     let attachment = PodAttachment {
-        mac: lease.mac.map(|mac| mac.octets()),
+        mac: lease.mac,
         mtu: lease.mtu.unwrap_or(1500),
         index: 0,
         lease,

@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use hulk_netns::rtnetlink::{LinkBridge, LinkUnspec, LinkVeth};
 use hulk_netns::{
-    Datapath, NetlinkKernel, NetlinkWorker, Netns, NodeNetwork, PodNetwork, SlaveKind,
+    Datapath, MacAddr, NetlinkKernel, NetlinkWorker, Netns, NodeNetwork, PodNetwork, SlaveKind,
     create_named_netns, delete_named_netns, link_by_name, run_blocking_in,
 };
 use std::os::fd::{AsFd, AsRawFd};
 
 pub const GATEWAY: &str = "10.40.0.1";
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
-pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x00, 0x0a, 0x28, 0x00, 0x01];
+pub const GATEWAY_MAC: MacAddr = MacAddr([0x02, 0x00, 0x0a, 0x28, 0x00, 0x01]);
 
 /// A named namespace deleted on drop.
 pub struct Namespace {
@@ -102,7 +102,7 @@ impl Vpc {
             // A fixed MAC: a bridge without one takes its lowest port's,
             // which would make the pods' static gateway entry stale.
             let bridge = LinkBridge::new("vpc")
-                .address(GATEWAY_MAC.to_vec())
+                .address(GATEWAY_MAC.0.to_vec())
                 .up()
                 .build();
             handle.link().add(bridge).execute().await?;
