@@ -380,9 +380,9 @@ impl hulk_pool::PoolStore for FlakyStore {
     fn apply(&self, ops: &[hulk_pool::StoreOp]) -> Result<(), hulk_pool::StoreError> {
         if self.full.load(std::sync::atomic::Ordering::SeqCst) {
             // ENOSPC, as redb reports a write to a full disk.
-            return Err(hulk_pool::StoreError::Database(redb::Error::Io(
+            return Err(hulk_pool::StoreError::Database(Box::new(redb::Error::Io(
                 std::io::Error::from_raw_os_error(28),
-            )));
+            ))));
         }
         self.inner.apply(ops)
     }

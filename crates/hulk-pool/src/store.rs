@@ -130,9 +130,10 @@ pub struct Snapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database failed: redb's error (the file's I/O, a full disk,
-    /// corruption, a transaction or table error).
+    /// corruption, a transaction or table error); boxed, since redb's
+    /// error is large and this one travels in every `Result` of the pool.
     #[error("pool store database: {0}")]
-    Database(#[source] redb::Error),
+    Database(#[source] Box<redb::Error>),
     /// The database is closed: reopening it after a failure failed (that
     /// failure was returned then).
     #[error("pool store is not open: reopening it after a failure failed")]
@@ -244,7 +245,7 @@ impl std::fmt::Debug for RedbStore {
 /// A redb error of any stage (open, transaction, table, storage, commit)
 /// as the store's, its cause kept.
 fn database_error(error: impl Into<redb::Error>) -> StoreError {
-    StoreError::Database(error.into())
+    StoreError::Database(Box::new(error.into()))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
