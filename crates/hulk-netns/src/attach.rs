@@ -639,11 +639,7 @@ impl<K: Kernel> Datapath<K> {
         if let Some(mac) = spec.mac
             && link.mac != Some(mac)
         {
-            differences.push(format!(
-                "{} does not have MAC {}",
-                spec.ifname,
-                mac
-            ));
+            differences.push(format!("{} does not have MAC {}", spec.ifname, mac));
         }
         if !link.up {
             differences.push(format!("{} is down", spec.ifname));
@@ -673,8 +669,7 @@ impl<K: Kernel> Datapath<K> {
         {
             differences.push(format!(
                 "the permanent neighbour {} -> {} is missing",
-                spec.gateway,
-                mac
+                spec.gateway, mac
             ));
         }
         let host_route = spec.host_route();

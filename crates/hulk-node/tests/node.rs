@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use hulk_agent_api::codes;
 use hulk_cni::{Attachment, ErrorCode};
-use hulk_ipam::{IpamError, MockBackend, Owner};
+use hulk_ipam::{IpamError, MacAddr, MockBackend, Owner};
 use hulk_netns::fake::{FakeKernel, FakeNs};
 use hulk_netns::{Datapath, DatapathError, Kernel};
 use hulk_node::{Node, NodeError, PodRequest};
@@ -348,7 +348,7 @@ async fn an_ipvlan_pod_can_have_only_its_parents_mac() {
     };
     node.add(&with_mac("a", parent)).await.unwrap();
     let refused = node
-        .add(&with_mac("b", [2, 0, 0, 0, 0, 7]))
+        .add(&with_mac("b", MacAddr([2, 0, 0, 0, 0, 7])))
         .await
         .unwrap_err();
     assert_eq!(

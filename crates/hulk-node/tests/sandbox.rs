@@ -442,7 +442,7 @@ async fn an_add_an_earlier_agent_completed_but_may_not_have_answered_is_answered
 }
 
 /// The gateway MAC pinned on eth0 in `pod`.
-fn pinned_gateway(kernel: &FakeKernel, pod: FakeNs) -> Option<hulk_netns::Mac> {
+fn pinned_gateway(kernel: &FakeKernel, pod: FakeNs) -> Option<hulk_ipam::MacAddr> {
     let namespace = kernel.namespace(pod);
     let neighbours = &namespace.links.get("eth0")?.neighbours;
     assert!(neighbours.len() <= 1, "{neighbours:?}");
@@ -459,20 +459,20 @@ async fn a_gateway_mac_the_cloud_moves_is_repinned_in_running_pods_and_given_to_
     let store: Arc<dyn PoolStore> = Arc::new(MemoryStore::default());
     let node = node_over(backend.clone(), store.clone(), kernel.clone(), true).await;
     node.add(&pod("a")).await.unwrap();
-    assert_eq!(pinned_gateway(&kernel, namespaces[0]), Some(old.octets()));
+    assert_eq!(pinned_gateway(&kernel, namespaces[0]), Some(old));
 
     // The cloud moves its router: an operator's reapply picks it up.
     backend.set_gateway_mac(Some(new));
     let reapplied = node.reapply().await.unwrap();
     assert_eq!(reapplied.gateways_repinned, 1);
-    assert_eq!(pinned_gateway(&kernel, namespaces[0]), Some(new.octets()));
+    assert_eq!(pinned_gateway(&kernel, namespaces[0]), Some(new));
     let record = node.attachments().get(&pod("a").attachment_id()).unwrap();
     let recorded = &record.created.unwrap().neighbours;
     assert_eq!(recorded.len(), 1);
-    assert_eq!(recorded[0].mac, Some(new.octets()), "the record follows");
+    assert_eq!(recorded[0].mac, Some(new), "the record follows");
     // A pod from the warm pool gets the new facts too.
     node.add(&pod("b")).await.unwrap();
-    assert_eq!(pinned_gateway(&kernel, namespaces[1]), Some(new.octets()));
+    assert_eq!(pinned_gateway(&kernel, namespaces[1]), Some(new));
     assert_eq!(node.reapply().await.unwrap().gateways_repinned, 0);
 
     // Moved again while the agent is down: the restart picks it up.
@@ -480,7 +480,7 @@ async fn a_gateway_mac_the_cloud_moves_is_repinned_in_running_pods_and_given_to_
     backend.set_gateway_mac(Some(newer));
     let restarted = node_over(backend.clone(), store, kernel.clone(), false).await;
     for namespace in &namespaces {
-        assert_eq!(pinned_gateway(&kernel, *namespace), Some(newer.octets()));
+        assert_eq!(pinned_gateway(&kernel, *namespace), Some(newer));
     }
     assert_eq!(restarted.repin_gateways().await, 0);
 }

@@ -529,7 +529,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(podman.0, Some("10.61.0.50".parse().unwrap()));
-        assert_eq!(podman.1, Some([2, 0x11, 0x22, 0x33, 0x44, 0x55]));
+        assert_eq!(podman.1, Some(MacAddr([2, 0x11, 0x22, 0x33, 0x44, 0x55])));
         let capability = requested(
             &conf(json!({"ips": ["10.61.0.50/24"], "mac": "02:11:22:33:44:55"})),
             &args("IP=10.61.0.50"),
@@ -567,7 +567,7 @@ mod tests {
         PodAttachment {
             lease,
             index: 3,
-            mac: Some([2, 0, 0, 0, 0, 9]),
+            mac: Some(MacAddr([2, 0, 0, 0, 0, 9])),
             mtu: 1500,
             routes: Vec::new(),
         }

@@ -139,7 +139,7 @@ async fn main() -> Result<(), Failure> {
             ifname: "eth0".into(),
             address: lease.address,
             gateway,
-            gateway_mac: lease.gateway_mac.map(|mac| mac.octets()),
+            gateway_mac: lease.gateway_mac,
             mac: None,
             mtu: lease.mtu,
             service_path: None,
