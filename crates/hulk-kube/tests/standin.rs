@@ -365,6 +365,16 @@ async fn lease_acquired_then_refused_to_a_second_holder_by_name() {
 
     // The same holder again (a restart keeping its id) takes it back.
     assert!(first.acquire().await.is_ok());
+
+    // Released, it is free for the next holder at once.
+    assert!(first.release().await.is_ok());
+    assert_eq!(holder(&standin), None);
+    assert!(second.acquire().await.is_ok());
+    assert_eq!(holder(&standin), Some("agent-b".to_owned()));
+    assert_eq!(
+        stored_lease(&standin).and_then(|spec| spec.lease_transitions),
+        Some(1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
