@@ -510,7 +510,7 @@ async fn renewal_keeps_the_lease_and_a_takeover_is_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewals_failing_for_a_whole_duration_lose_the_lease() {
+async fn renewals_failing_until_the_renew_deadline_lose_the_lease() {
     let standin = standin(StandInConfig::default()).await;
     let cancel = CancellationToken::new();
     let lease = Arc::new(IdentityLease::new(
@@ -518,10 +518,36 @@ async fn renewals_failing_for_a_whole_duration_lose_the_lease() {
         lease_config("agent-a", 1),
     ));
     assert!(lease.acquire().await.is_ok());
+    let acquired = Instant::now();
     let mut keeper = lease.clone().keep_renewed(cancel.clone());
     standin.deny(Verb::Update, Resource::Leases);
     let loss = tokio::time::timeout(Duration::from_secs(3), keeper.lost()).await;
     assert_eq!(loss.ok().flatten(), Some(LeaseLoss::NotRenewed));
+    // Reported at two thirds of the 1 s duration, before others may take it.
+    let reported = acquired.elapsed();
+    assert!(
+        reported >= Duration::from_millis(600) && reported < Duration::from_secs(1),
+        "{reported:?}"
+    );
+
+    // A renewal that hangs (held at a barrier nobody else reaches) counts
+    // as failed too.
+    let hung = self::standin(StandInConfig::default()).await;
+    let lease = Arc::new(IdentityLease::new(
+        client(&hung).await,
+        lease_config("agent-a", 1),
+    ));
+    assert!(lease.acquire().await.is_ok());
+    let acquired = Instant::now();
+    hung.barrier(Verb::Update, Resource::Leases, 100);
+    let mut keeper = lease.clone().keep_renewed(cancel.clone());
+    let loss = tokio::time::timeout(Duration::from_secs(3), keeper.lost()).await;
+    assert_eq!(loss.ok().flatten(), Some(LeaseLoss::NotRenewed));
+    assert!(
+        acquired.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        acquired.elapsed()
+    );
 
     // Cancelled renewals report no loss.
     let stop = CancellationToken::new();
