@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use hulk_kube_standin::{Resource, StandIn, StandInConfig, Verb};
+use hulk_kube_standin::{Resource, StandIn, StandInConfig, Verb, pod_on as pod};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::core::{PartialObjectMeta, TypeMeta};
@@ -22,24 +22,6 @@ async fn standin(config: StandInConfig) -> (StandIn, kube::Client) {
     match kube::Client::try_from(kube::Config::new(url)) {
         Ok(client) => (standin, client),
         Err(error) => panic!("no client: {error}"),
-    }
-}
-
-fn pod(name: &str, node: &str, phase: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some("default".to_owned()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.to_owned()),
-            ..PodSpec::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some(phase.to_owned()),
-            ..PodStatus::default()
-        }),
     }
 }
 

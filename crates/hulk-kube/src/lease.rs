@@ -165,6 +165,17 @@ impl IdentityLease {
         format!("{}/{}", self.config.namespace, self.config.name)
     }
 
+    /// The lease as the apiserver has it now.
+    async fn read(&self) -> Result<Option<Lease>, KubeError> {
+        self.api
+            .get_opt(&self.config.name)
+            .await
+            .map_err(KubeError::request(format!(
+                "get lease {}",
+                self.lease_name()
+            )))
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, Option<(Lease, Instant)>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -231,14 +242,7 @@ impl IdentityLease {
     pub async fn acquire(&self) -> Result<(), KubeError> {
         let name = &self.config.name;
         for _ in 0..WRITE_ATTEMPTS {
-            let existing = self
-                .api
-                .get_opt(name)
-                .await
-                .map_err(KubeError::request(format!(
-                    "get lease {}",
-                    self.lease_name()
-                )))?;
+            let existing = self.read().await?;
             let now = Timestamp::now();
             let written = match existing {
                 None => {
@@ -303,15 +307,7 @@ impl IdentityLease {
         for _ in 0..WRITE_ATTEMPTS {
             let mut lease = match known.take() {
                 Some(lease) => lease,
-                None => self
-                    .api
-                    .get_opt(name)
-                    .await
-                    .map_err(KubeError::request(format!(
-                        "get lease {}",
-                        self.lease_name()
-                    )))?
-                    .ok_or_else(|| lost(LeaseLoss::Deleted))?,
+                None => self.read().await?.ok_or_else(|| lost(LeaseLoss::Deleted))?,
             };
             let holder = lease
                 .spec

@@ -10,10 +10,10 @@ use hulk_kube::{
     ClientOptions, ClusterNodes, IdentityLease, KubeError, LeaseConfig, LeaseLoss, NodePods,
     PodEvent, PodEvents, PodMeta,
 };
-use hulk_kube_standin::{Failure, Resource, StandIn, StandInConfig, Verb};
+use hulk_kube_standin::{Failure, Resource, StandIn, StandInConfig, Verb, pod_on};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use tokio_util::sync::CancellationToken;
 
@@ -57,23 +57,11 @@ async fn client(standin: &StandIn) -> kube::Client {
     client_with(standin, None).await
 }
 
+/// A pod of `hulk_kube_standin::pod_on` with an annotation to find again.
 fn pod(name: &str, node: &str, phase: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some("default".to_owned()),
-            annotations: Some([("hulk-vpc/subnet".to_owned(), "blue".to_owned())].into()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.to_owned()),
-            ..PodSpec::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some(phase.to_owned()),
-            ..PodStatus::default()
-        }),
-    }
+    let mut pod = pod_on(name, node, phase);
+    pod.metadata.annotations = Some([("hulk-vpc/subnet".to_owned(), "blue".to_owned())].into());
+    pod
 }
 
 fn apply_pod(standin: &StandIn, pod: &Pod) -> Pod {
