@@ -64,8 +64,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, PodStatus};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -74,6 +75,27 @@ use tokio::sync::{Barrier, broadcast};
 use tokio::task::JoinHandle;
 
 use crate::state::{Inner, Key, Notice};
+
+/// A pod in namespace `default` scheduled to `node` in `phase` (`Pending`,
+/// `Running`, `Succeeded`, `Failed`), for tests to hand to
+/// [`StandIn::apply_pod`].
+pub fn pod_on(name: &str, node: &str, phase: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some("default".to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.to_owned()),
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some(phase.to_owned()),
+            ..PodStatus::default()
+        }),
+    }
+}
 
 /// The resources the stand-in serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

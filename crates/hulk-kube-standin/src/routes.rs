@@ -484,6 +484,14 @@ fn watch_response(body: Body) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// The stored object with `success`, or the error's `Status`.
+fn respond(result: Result<Value, ApiError>, success: StatusCode) -> Response {
+    match result {
+        Ok(object) => (success, wire::json_body(&object)).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))?;
@@ -568,10 +576,7 @@ async fn create(
         }
         Ok(shared.put(&mut inner, resource, key, object))
     });
-    match result {
-        Ok(created) => (StatusCode::CREATED, wire::json_body(&created)).into_response(),
-        Err(error) => error.into_response(),
-    }
+    respond(result, StatusCode::CREATED)
 }
 
 async fn update_lease(
@@ -605,10 +610,7 @@ async fn update_lease(
         }
         Ok(shared.put(&mut inner, resource, key, object))
     });
-    match result {
-        Ok(updated) => wire::json_body(&updated).into_response(),
-        Err(error) => error.into_response(),
-    }
+    respond(result, StatusCode::OK)
 }
 
 async fn patch_event(
@@ -643,8 +645,5 @@ async fn patch_event(
         wire::merge_patch(&mut object, &patch);
         Ok(shared.put(&mut inner, resource, key, object))
     });
-    match result {
-        Ok(patched) => wire::json_body(&patched).into_response(),
-        Err(error) => error.into_response(),
-    }
+    respond(result, StatusCode::OK)
 }

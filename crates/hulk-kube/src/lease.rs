@@ -94,8 +94,8 @@ pub enum LeaseLoss {
     },
     /// The Lease object was deleted.
     Deleted,
-    /// No renewal succeeded for a whole lease duration, so another holder
-    /// may have taken it over by now.
+    /// No renewal succeeded within two thirds of the lease duration: another
+    /// holder may take it over once the rest has passed.
     NotRenewed,
 }
 
@@ -165,6 +165,17 @@ impl IdentityLease {
         format!("{}/{}", self.config.namespace, self.config.name)
     }
 
+    /// The lease as the apiserver has it now.
+    async fn read(&self) -> Result<Option<Lease>, KubeError> {
+        self.api
+            .get_opt(&self.config.name)
+            .await
+            .map_err(KubeError::request(format!(
+                "get lease {}",
+                self.lease_name()
+            )))
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, Option<(Lease, Instant)>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -231,14 +242,7 @@ impl IdentityLease {
     pub async fn acquire(&self) -> Result<(), KubeError> {
         let name = &self.config.name;
         for _ in 0..WRITE_ATTEMPTS {
-            let existing = self
-                .api
-                .get_opt(name)
-                .await
-                .map_err(KubeError::request(format!(
-                    "get lease {}",
-                    self.lease_name()
-                )))?;
+            let existing = self.read().await?;
             let now = Timestamp::now();
             let written = match existing {
                 None => {
@@ -303,15 +307,7 @@ impl IdentityLease {
         for _ in 0..WRITE_ATTEMPTS {
             let mut lease = match known.take() {
                 Some(lease) => lease,
-                None => self
-                    .api
-                    .get_opt(name)
-                    .await
-                    .map_err(KubeError::request(format!(
-                        "get lease {}",
-                        self.lease_name()
-                    )))?
-                    .ok_or_else(|| lost(LeaseLoss::Deleted))?,
+                None => self.read().await?.ok_or_else(|| lost(LeaseLoss::Deleted))?,
             };
             let holder = lease
                 .spec
@@ -375,25 +371,42 @@ impl IdentityLease {
 
     /// Renews the lease every third of its duration in a task until `cancel`
     /// fires. The returned [`LeaseKeeper`] reports a loss: the lease taken
-    /// over, deleted, or not renewed for a whole duration (failed renewals
-    /// are retried at the same pace until then). Call after
-    /// [`IdentityLease::acquire`].
+    /// over, deleted, or not renewed within two thirds of its duration since
+    /// the last successful write (a failed or hung renewal is retried at the
+    /// next tick until then). Reporting at two thirds leaves the holder a
+    /// third of the duration to stop before another instance may judge the
+    /// lease expired and take it over. Call after [`IdentityLease::acquire`].
     pub fn keep_renewed(self: Arc<Self>, cancel: CancellationToken) -> LeaseKeeper {
         let (sender, lost) = watch::channel(None);
         let interval = self.config.duration() / 3;
+        let deadline = interval * 2;
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(interval) => {}
                 }
-                let loss = match self.renew().await {
-                    Ok(()) => continue,
-                    Err(KubeError::LeaseLost { loss, .. }) => loss,
-                    Err(error) => {
-                        let renewed = self.held().as_ref().map(|(_, at)| *at);
-                        if renewed.is_some_and(|at| at.elapsed() < self.config.duration()) {
-                            tracing::warn!(lease = %self.lease_name(), error = &error as &dyn std::error::Error, "lease renewal failed, retrying");
+                // kube's read timeout is minutes: a renewal that hangs must
+                // not hold the loop past the deadline.
+                let renewed = tokio::time::timeout(interval, self.renew()).await;
+                let loss = match renewed {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(KubeError::LeaseLost { loss, .. })) => loss,
+                    failed => {
+                        let written = self.held().as_ref().map(|(_, at)| *at);
+                        if written.is_some_and(|at| at.elapsed() < deadline) {
+                            match &failed {
+                                Ok(Err(error)) => tracing::warn!(
+                                    lease = %self.lease_name(),
+                                    error = error as &dyn std::error::Error,
+                                    "lease renewal failed, retrying"
+                                ),
+                                _ => tracing::warn!(
+                                    lease = %self.lease_name(),
+                                    timeout = ?interval,
+                                    "lease renewal timed out, retrying"
+                                ),
+                            }
                             continue;
                         }
                         LeaseLoss::NotRenewed

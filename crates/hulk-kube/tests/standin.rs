@@ -10,10 +10,10 @@ use hulk_kube::{
     ClientOptions, ClusterNodes, IdentityLease, KubeError, LeaseConfig, LeaseLoss, NodePods,
     PodEvent, PodEvents, PodMeta,
 };
-use hulk_kube_standin::{Failure, Resource, StandIn, StandInConfig, Verb};
+use hulk_kube_standin::{Failure, Resource, StandIn, StandInConfig, Verb, pod_on};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use tokio_util::sync::CancellationToken;
 
@@ -57,23 +57,11 @@ async fn client(standin: &StandIn) -> kube::Client {
     client_with(standin, None).await
 }
 
+/// A pod of `hulk_kube_standin::pod_on` with an annotation to find again.
 fn pod(name: &str, node: &str, phase: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some("default".to_owned()),
-            annotations: Some([("hulk-vpc/subnet".to_owned(), "blue".to_owned())].into()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.to_owned()),
-            ..PodSpec::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some(phase.to_owned()),
-            ..PodStatus::default()
-        }),
-    }
+    let mut pod = pod_on(name, node, phase);
+    pod.metadata.annotations = Some([("hulk-vpc/subnet".to_owned(), "blue".to_owned())].into());
+    pod
 }
 
 fn apply_pod(standin: &StandIn, pod: &Pod) -> Pod {
@@ -365,6 +353,16 @@ async fn lease_acquired_then_refused_to_a_second_holder_by_name() {
 
     // The same holder again (a restart keeping its id) takes it back.
     assert!(first.acquire().await.is_ok());
+
+    // Released, it is free for the next holder at once.
+    assert!(first.release().await.is_ok());
+    assert_eq!(holder(&standin), None);
+    assert!(second.acquire().await.is_ok());
+    assert_eq!(holder(&standin), Some("agent-b".to_owned()));
+    assert_eq!(
+        stored_lease(&standin).and_then(|spec| spec.lease_transitions),
+        Some(1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +498,7 @@ async fn renewal_keeps_the_lease_and_a_takeover_is_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewals_failing_for_a_whole_duration_lose_the_lease() {
+async fn renewals_failing_until_the_renew_deadline_lose_the_lease() {
     let standin = standin(StandInConfig::default()).await;
     let cancel = CancellationToken::new();
     let lease = Arc::new(IdentityLease::new(
@@ -508,10 +506,36 @@ async fn renewals_failing_for_a_whole_duration_lose_the_lease() {
         lease_config("agent-a", 1),
     ));
     assert!(lease.acquire().await.is_ok());
+    let acquired = Instant::now();
     let mut keeper = lease.clone().keep_renewed(cancel.clone());
     standin.deny(Verb::Update, Resource::Leases);
     let loss = tokio::time::timeout(Duration::from_secs(3), keeper.lost()).await;
     assert_eq!(loss.ok().flatten(), Some(LeaseLoss::NotRenewed));
+    // Reported at two thirds of the 1 s duration, before others may take it.
+    let reported = acquired.elapsed();
+    assert!(
+        reported >= Duration::from_millis(600) && reported < Duration::from_secs(1),
+        "{reported:?}"
+    );
+
+    // A renewal that hangs (held at a barrier nobody else reaches) counts
+    // as failed too.
+    let hung = self::standin(StandInConfig::default()).await;
+    let lease = Arc::new(IdentityLease::new(
+        client(&hung).await,
+        lease_config("agent-a", 1),
+    ));
+    assert!(lease.acquire().await.is_ok());
+    let acquired = Instant::now();
+    hung.barrier(Verb::Update, Resource::Leases, 100);
+    let mut keeper = lease.clone().keep_renewed(cancel.clone());
+    let loss = tokio::time::timeout(Duration::from_secs(3), keeper.lost()).await;
+    assert_eq!(loss.ok().flatten(), Some(LeaseLoss::NotRenewed));
+    assert!(
+        acquired.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        acquired.elapsed()
+    );
 
     // Cancelled renewals report no loss.
     let stop = CancellationToken::new();
