@@ -4,7 +4,7 @@
 //! bursts of 50-200 ADDs (some alone, some in rollout waves), two idle
 //! hours, a smaller ramp with more bursts. Pods live minutes and are
 //! deleted, so addresses churn through the reuse cooldown. The real
-//! `PoolManager` and refiller run against `MockBackend` behind `Faulty`
+//! `PoolManager` and refiller run against `MemoryBackend` behind `Faulty`
 //! with a fixed latency (2 s and 10 s a call), on a clock that reads the
 //! virtual time, so cooldowns, the allocation-time average and the
 //! arrival-rate estimate all follow the simulation.
@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hulk_ipam::{
-    AllocationRequest, FaultPlan, Faulty, IpamBackend, IpamError, Lease, ListScope, MockBackend,
+    AllocationRequest, FaultPlan, Faulty, IpamBackend, IpamError, Lease, ListScope, MemoryBackend,
     Owner, PoolKey,
 };
 use hulk_pool::{MemoryStore, PoolConfig, PoolError, PoolManager, TokioClock};
@@ -179,7 +179,7 @@ fn trace() -> Vec<Pod> {
 
 /// The slow backend, with its allocate and release calls counted.
 struct Counted {
-    inner: Faulty<MockBackend>,
+    inner: Faulty<MemoryBackend>,
     allocations: AtomicU64,
     releases: AtomicU64,
 }
@@ -240,7 +240,7 @@ async fn add(pools: &PoolManager, n: usize) -> Duration {
 async fn simulate(config: PoolConfig, latency: Duration, pods: &[Pod]) -> Outcome {
     let backend = Arc::new(Counted {
         inner: Faulty::new(
-            MockBackend::new("10.0.0.0/16".parse().expect("cidr")),
+            MemoryBackend::new("10.0.0.0/16".parse().expect("cidr")),
             FaultPlan::fixed_latency(latency),
         ),
         allocations: AtomicU64::new(0),

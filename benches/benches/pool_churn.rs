@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hulk_ipam::{FaultPlan, Faulty, MockBackend, Owner, PoolKey};
+use hulk_ipam::{FaultPlan, Faulty, MemoryBackend, Owner, PoolKey};
 use hulk_pool::{
     AddressRecord, AddressState, MemoryStore, PoolConfig, PoolError, PoolManager, TokioClock,
 };
@@ -210,7 +210,7 @@ struct Measured {
 
 async fn simulate(scenario: Scenario) -> Measured {
     let backend = Arc::new(Faulty::new(
-        MockBackend::new(SUBNET.parse().expect("cidr")),
+        MemoryBackend::new(SUBNET.parse().expect("cidr")),
         FaultPlan::fixed_latency(scenario.latency),
     ));
     let mut nodes = Vec::new();
@@ -364,7 +364,7 @@ fn stale_releasing(records: &[(String, AddressRecord)]) -> usize {
 /// What must hold at the end: every address in one record only, every pod
 /// the simulation believes addressed holding one, and the backend's books
 /// equal to the nodes' records.
-fn check(nodes: &[Arc<Node>], backend: &MockBackend) -> Vec<String> {
+fn check(nodes: &[Arc<Node>], backend: &MemoryBackend) -> Vec<String> {
     let records = records_by_node(nodes);
     let mut problems = shared_addresses(&records);
     for node in nodes {

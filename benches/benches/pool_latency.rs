@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hulk_ipam::{
-    AllocationRequest, FaultPlan, Faulty, IpamBackend, Latency, MockBackend, Owner, PoolKey,
+    AllocationRequest, FaultPlan, Faulty, IpamBackend, Latency, MemoryBackend, Owner, PoolKey,
 };
 use hulk_pool::{PoolConfig, PoolManager, RedbStore, SystemClock};
 
@@ -42,7 +42,7 @@ fn durable_latency() {
     std::fs::create_dir_all(&directory).expect("temp dir");
     let path = directory.join("pool.redb");
     let samples = runtime.block_on(async {
-        let backend = Arc::new(MockBackend::new("10.0.0.0/16".parse().expect("cidr")));
+        let backend = Arc::new(MemoryBackend::new("10.0.0.0/16".parse().expect("cidr")));
         let store = Arc::new(RedbStore::open(&path).expect("redb"));
         let config = PoolConfig {
             min_idle: 64,
@@ -76,9 +76,9 @@ fn durable_latency() {
     );
 }
 
-fn slow_backend() -> Arc<Faulty<MockBackend>> {
+fn slow_backend() -> Arc<Faulty<MemoryBackend>> {
     Arc::new(Faulty::new(
-        MockBackend::new("10.0.0.0/16".parse().expect("cidr")),
+        MemoryBackend::new("10.0.0.0/16".parse().expect("cidr")),
         FaultPlan {
             latency: Latency::Fixed(Duration::from_secs(10)),
             ..FaultPlan::default()
@@ -89,7 +89,7 @@ fn slow_backend() -> Arc<Faulty<MockBackend>> {
 /// Every pod's wait, in virtual time.
 async fn burst(
     pools: Option<Arc<PoolManager>>,
-    backend: Arc<Faulty<MockBackend>>,
+    backend: Arc<Faulty<MemoryBackend>>,
 ) -> Vec<Duration> {
     let started = tokio::time::Instant::now();
     let handles: Vec<_> = (0..200)

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use hulk_ipam::{MockBackend, Owner, PoolKey};
+use hulk_ipam::{MemoryBackend, Owner, PoolKey};
 use hulk_pool::{MemoryStore, PoolConfig, PoolManager, PoolStore, RedbStore, SystemClock};
 
 const OPERATIONS_PER_ITERATION: u64 = 2 * 1024;
@@ -34,7 +34,7 @@ fn config() -> PoolConfig {
 
 fn pools(runtime: &tokio::runtime::Runtime, store: Arc<dyn PoolStore>) -> Arc<PoolManager> {
     runtime.block_on(async {
-        let backend = Arc::new(MockBackend::new("10.0.0.0/16".parse().expect("cidr")));
+        let backend = Arc::new(MemoryBackend::new("10.0.0.0/16".parse().expect("cidr")));
         let pools = PoolManager::open(backend, store, Arc::new(SystemClock), "node", config())
             .await
             .expect("open");

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MockBackend};
+use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MemoryBackend};
 use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
 use hulk_openstack::neutron::{NeutronAuth, NeutronClient};
 use hulk_openstack::ultron::UltronBackend;
@@ -66,15 +66,15 @@ pub(crate) fn http_client(
 /// be set up.
 pub fn from_section(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, BackendError> {
     Ok(match section {
-        BackendSection::Mock {
+        BackendSection::Memory {
             subnet,
             gateway,
             gateway_mac,
             latency_ms,
         } => {
             let mut memory = match gateway {
-                Some(gateway) => MockBackend::with_gateway(*subnet, *gateway),
-                None => MockBackend::new(*subnet),
+                Some(gateway) => MemoryBackend::with_gateway(*subnet, *gateway),
+                None => MemoryBackend::new(*subnet),
             };
             if let Some(mac) = gateway_mac {
                 memory = memory.with_gateway_mac(*mac);

@@ -21,7 +21,7 @@ pub struct AgentConfig {
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
     /// The pool store; without it, state lives in memory only. Required
-    /// with a cloud backend, refused with the mock (whose leases live in
+    /// with a cloud backend, refused with the memory backend (whose leases live in
     /// memory: a restart would hand out again what the store says pods
     /// hold).
     #[serde(default)]
@@ -289,8 +289,10 @@ impl Default for PoolKnobs {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum BackendSection {
-    /// The in-memory mock (demos, tests).
-    Mock {
+    /// The in-memory backend (demos, tests): `type = "memory"` (or its
+    /// older name, `"mock"`). It forgets its leases when the agent stops.
+    #[serde(alias = "mock")]
+    Memory {
         /// The subnet it hands out.
         subnet: IpNet,
         /// The gateway; default: the subnet's first host.
@@ -446,23 +448,23 @@ impl AgentConfig {
         // Cloud addresses outlive the agent, and only the store knows
         // cooldowns, drains and the holders the cloud's marks have not
         // caught up with yet.
-        if self.state_file.is_none() && !matches!(self.backend, BackendSection::Mock { .. }) {
+        if self.state_file.is_none() && !matches!(self.backend, BackendSection::Memory { .. }) {
             return Err(
                 "state_file is required with a cloud backend: without it a restarted agent \
                  forgets which pods hold addresses"
                     .into(),
             );
         }
-        // The mock keeps its leases in the agent's memory: restarted, it
+        // The memory backend keeps its leases in the agent's memory: restarted, it
         // hands out from the start of its subnet again while the store
         // says pods hold those addresses, so one address ends up in two
         // pods.
-        if self.state_file.is_some() && matches!(self.backend, BackendSection::Mock { .. }) {
+        if self.state_file.is_some() && matches!(self.backend, BackendSection::Memory { .. }) {
             return Err(
-                "state_file cannot be used with backend.type = \"mock\": the mock keeps its \
-                 leases in memory, so after a restart it hands out again the addresses the \
+                "state_file cannot be used with backend.type = \"memory\": that backend keeps \
+                 its leases in memory, so after a restart it hands out again the addresses the \
                  state file says pods hold, and one address ends up in two pods; remove \
-                 state_file (the mock is for demos and tests) or use a cloud backend"
+                 state_file (the memory backend is for demos and tests) or use a cloud backend"
                     .into(),
             );
         }
@@ -598,7 +600,7 @@ mod tests {
         subnet = "subnet-a"
         security_groups = ["sg-b", "sg-a"]
         [backend]
-        type = "mock"
+        type = "memory"
         subnet = "10.20.0.0/24"
     "#;
 
@@ -640,7 +642,7 @@ mod tests {
             "node_name = \"node-1\"\nstate_file = \"/var/lib/hulk-vpc/pool.redb\"",
         );
         let ultron = with_state.replace(
-            "type = \"mock\"\n        subnet = \"10.20.0.0/24\"",
+            "type = \"memory\"\n        subnet = \"10.20.0.0/24\"",
             "type = \"ultron\"\nurl = \"https://ipam.example\"\ntoken_file = \"/etc/hulk/token\"\ncluster = \"prod\"",
         );
         assert!(matches!(
@@ -655,7 +657,7 @@ mod tests {
             described(&error)
         );
         let neutron = with_state.replace(
-            "type = \"mock\"\n        subnet = \"10.20.0.0/24\"",
+            "type = \"memory\"\n        subnet = \"10.20.0.0/24\"",
             "type = \"neutron\"\nauth_url = \"https://keystone:5000/v3\"\napplication_credential_id = \"id\"\napplication_credential_secret_file = \"/etc/hulk/secret\"\ncluster = \"prod\"",
         );
         let BackendSection::Neutron { region, .. } = AgentConfig::parse(&neutron).unwrap().backend
@@ -666,13 +668,22 @@ mod tests {
     }
 
     #[test]
-    fn the_mock_backend_refuses_a_state_file() {
+    fn the_memory_backend_keeps_its_older_name() {
+        let old = MINIMAL.replace("type = \"memory\"", "type = \"mock\"");
+        assert_eq!(
+            AgentConfig::parse(&old).unwrap().backend,
+            AgentConfig::parse(MINIMAL).unwrap().backend
+        );
+    }
+
+    #[test]
+    fn the_memory_backend_refuses_a_state_file() {
         let with_state = MINIMAL.replace(
             "node_name = \"node-1\"",
             "node_name = \"node-1\"\nstate_file = \"/var/lib/hulk-vpc/pool.redb\"",
         );
         let error = AgentConfig::parse(&with_state).unwrap_err();
-        for named in ["state_file", "backend.type = \"mock\"", "two pods"] {
+        for named in ["state_file", "backend.type = \"memory\"", "two pods"] {
             assert!(
                 described(&error).contains(named),
                 "{named:?} not in {}",
@@ -791,7 +802,7 @@ mod tests {
             ),
             (MINIMAL.replace("node_name", "nodename"), "nodename"),
             (
-                MINIMAL.replace("type = \"mock\"", "type = \"carrier-pigeon\""),
+                MINIMAL.replace("type = \"memory\"", "type = \"carrier-pigeon\""),
                 "carrier-pigeon",
             ),
             (

@@ -20,7 +20,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hulk_cni::ErrorCode;
-use hulk_ipam::{MockBackend, Owner, PoolKey};
+use hulk_ipam::{MemoryBackend, Owner, PoolKey};
 use hulk_netns::fake::FakeKernel;
 use hulk_netns::{Datapath, NodeNetwork, SlaveKind};
 use hulk_node::kube::{
@@ -293,7 +293,7 @@ async fn node(kube: KubeClient, pods: &[&str]) -> Node<FakeKernel> {
         ..PoolConfig::default()
     };
     let pools = PoolManager::open(
-        Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap())),
+        Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap())),
         Arc::new(MemoryStore::default()),
         Arc::new(SystemClock),
         NODE,

@@ -296,7 +296,7 @@ impl<B: IpamBackend> IpamBackend for Faulty<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{MockBackend, PoolKey};
+    use crate::{MemoryBackend, PoolKey};
 
     fn request() -> AllocationRequest {
         AllocationRequest::new(
@@ -306,8 +306,8 @@ mod tests {
         )
     }
 
-    fn backend(plan: FaultPlan) -> Faulty<MockBackend> {
-        Faulty::new(MockBackend::new("10.0.0.0/24".parse().unwrap()), plan)
+    fn backend(plan: FaultPlan) -> Faulty<MemoryBackend> {
+        Faulty::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), plan)
     }
 
     #[tokio::test]

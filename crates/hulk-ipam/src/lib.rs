@@ -5,10 +5,10 @@
 //! # Example
 //!
 //! ```
-//! use hulk_ipam::{AllocationRequest, IpamBackend, MockBackend, PoolKey};
+//! use hulk_ipam::{AllocationRequest, IpamBackend, MemoryBackend, PoolKey};
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-//! let backend = MockBackend::new("10.20.0.0/29".parse().unwrap());
+//! let backend = MemoryBackend::new("10.20.0.0/29".parse().unwrap());
 //! let key = PoolKey::new("vpc-net", "subnet-a", ["sg-web", "sg-base"], None);
 //! let request = AllocationRequest::new(key, "node-1", 2);
 //! let leases = backend.allocate(&request).await.unwrap();
@@ -20,7 +20,7 @@
 
 mod faults;
 mod mac;
-mod mock;
+mod memory;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use faults::{Fault, FaultPlan, Faulty, Latency};
 pub use mac::{MacAddr, ParseMacError};
-pub use mock::MockBackend;
+pub use memory::MemoryBackend;
 
 /// What a pool is keyed by: addresses from one subnet with one set of
 /// security groups and one QoS policy are interchangeable.
@@ -314,7 +314,7 @@ impl IpamError {
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait::async_trait]
 pub trait IpamBackend: Send + Sync {
-    /// A short name for logs and metrics (`neutron`, `ultron`, `mock`).
+    /// A short name for logs and metrics (`neutron`, `ultron`, `memory`).
     fn name(&self) -> &str;
 
     /// Allocates `request.count` addresses; all or none. A client should
@@ -360,7 +360,7 @@ mod tests {
     #[test]
     fn the_trait_is_object_safe() {
         let backend: std::sync::Arc<dyn IpamBackend> =
-            std::sync::Arc::new(MockBackend::new("10.0.0.0/30".parse().unwrap()));
-        assert_eq!(backend.name(), "mock");
+            std::sync::Arc::new(MemoryBackend::new("10.0.0.0/30".parse().unwrap()));
+        assert_eq!(backend.name(), "memory");
     }
 }

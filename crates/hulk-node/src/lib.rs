@@ -27,14 +27,14 @@
 //! ```no_run
 //! use std::path::PathBuf;
 //! use std::sync::Arc;
-//! use hulk_ipam::{MockBackend, PoolKey};
+//! use hulk_ipam::{MemoryBackend, PoolKey};
 //! use hulk_netns::{Datapath, NetlinkKernel, NodeNetwork, SlaveKind};
 //! use hulk_node::{Node, PodRequest};
 //! use hulk_pool::{MemoryStore, PoolConfig, PoolManager, SystemClock};
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let pools = PoolManager::open(
-//!     Arc::new(MockBackend::new("10.20.0.0/24".parse()?)),
+//!     Arc::new(MemoryBackend::new("10.20.0.0/24".parse()?)),
 //!     Arc::new(MemoryStore::default()),
 //!     Arc::new(SystemClock),
 //!     "node-1",

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use hulk_agent_api::codes;
 use hulk_cni::{Attachment, ErrorCode};
-use hulk_ipam::{IpamError, MacAddr, MockBackend, Owner};
+use hulk_ipam::{IpamError, MacAddr, MemoryBackend, Owner};
 use hulk_netns::fake::{FakeKernel, FakeNs};
 use hulk_netns::{Datapath, DatapathError, Kernel};
 use hulk_node::{Node, NodeError, PodRequest};
@@ -32,7 +32,7 @@ async fn node(pods: &[&str]) -> (Node<FakeKernel>, Vec<FakeNs>) {
         ..PoolConfig::default()
     };
     let pools = PoolManager::open(
-        Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap())),
+        Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap())),
         Arc::new(MemoryStore::default()),
         Arc::new(SystemClock),
         "node-1",
@@ -405,7 +405,7 @@ async fn status_tells_the_truth_about_the_store_and_the_backends_credentials() {
         ..hulk_ipam::FaultPlan::default()
     };
     let backend = Arc::new(hulk_ipam::Faulty::new(
-        MockBackend::new("10.20.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.20.0.0/24".parse().unwrap()),
         refusing,
     ));
     let pools = PoolManager::open(
@@ -459,7 +459,7 @@ async fn the_collector_sweeps_every_pass_until_a_starts_intents_are_settled() {
         })])
         .unwrap();
     let backend = Faulty::new(
-        MockBackend::new("10.20.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.20.0.0/24".parse().unwrap()),
         FaultPlan {
             on_call: [(1, Fault::Error(IpamError::Transient("down".into())))].into(),
             ..FaultPlan::default()

@@ -19,7 +19,7 @@ use std::time::Duration;
 use hulk_agent_api::codes;
 use hulk_agent_api::del_notes::DelNotes;
 use hulk_cni::ErrorCode;
-use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MacAddr, MockBackend, Owner};
+use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MacAddr, MemoryBackend, Owner};
 use hulk_netns::fake::{FakeKernel, FakeNs};
 use hulk_netns::{Datapath, Kernel, SlaveKind};
 use hulk_node::attachments::Phase;
@@ -86,7 +86,7 @@ fn kernel(pods: &[&str]) -> (Arc<FakeKernel>, Vec<FakeNs>) {
 
 async fn harness(pods: &[&str]) -> Harness {
     let (kernel, namespaces) = kernel(pods);
-    let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()));
     let node = node_over(backend, Arc::new(MemoryStore::default()), kernel, true).await;
     Harness {
         node: Arc::new(node),
@@ -163,7 +163,7 @@ async fn an_add_whose_caller_gave_up_is_undone_and_the_del_finds_nothing_left() 
     // waiting 2 s.
     let (kernel, namespaces) = kernel(&["a"]);
     let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.20.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.20.0.0/24".parse().unwrap()),
         FaultPlan::fixed_latency(Duration::from_millis(4000)),
     ));
     let node = Arc::new(node_over(backend, Arc::new(MemoryStore::default()), kernel, false).await);
@@ -191,7 +191,7 @@ async fn an_add_whose_caller_gave_up_is_undone_and_the_del_finds_nothing_left() 
 async fn a_del_during_an_add_cancels_it_and_waits_for_the_undo() {
     let (kernel, namespaces) = kernel(&["a"]);
     let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.20.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.20.0.0/24".parse().unwrap()),
         FaultPlan::fixed_latency(Duration::from_millis(1500)),
     ));
     let node = Arc::new(node_over(backend, Arc::new(MemoryStore::default()), kernel, false).await);
@@ -304,7 +304,7 @@ async fn del_touches_only_what_add_built() {
 /// `eth0` DOWN without an address (renamed, not configured) and maybe a
 /// temporary link, and the store already assigns the address.
 async fn crash_mid_add(store: Arc<dyn PoolStore>, kernel: Arc<FakeKernel>) {
-    let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()));
     let node = node_over(backend, store, kernel, true).await;
     node.add(&pod("a")).await.unwrap();
     // Turn the finished ADD back into a half-built one, as a kill between
@@ -333,7 +333,7 @@ async fn a_retried_add_after_a_crash_mid_add_rebuilds_the_interface() {
     let store: Arc<dyn PoolStore> = Arc::new(MemoryStore::default());
     let (kernel, _) = kernel(&["a"]);
     crash_mid_add(store.clone(), kernel.clone()).await;
-    let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()));
     let node = node_over(backend, store, kernel, false).await;
     let attached = node.add(&pod("a")).await.unwrap();
     assert_eq!(
@@ -363,7 +363,7 @@ async fn a_del_after_a_crash_mid_add_removes_the_half_built_interface_and_leftov
     let store: Arc<dyn PoolStore> = Arc::new(MemoryStore::default());
     let (kernel, _) = kernel(&["a"]);
     crash_mid_add(store.clone(), kernel.clone()).await;
-    let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()));
     let node = node_over(backend, store, kernel, false).await;
     node.restore().await.unwrap();
     node.del(&pod("a")).await.unwrap();
@@ -379,7 +379,7 @@ async fn a_del_noted_while_the_agent_was_down_is_replayed_once() {
     let directory = std::env::temp_dir().join(format!("hulk-del-notes-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&directory);
     let (kernel, _) = kernel(&["a", "b"]);
-    let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()));
     let node = node_over(backend, Arc::new(MemoryStore::default()), kernel, true)
         .await
         .with_del_notes(DelNotes::new(&directory));
@@ -407,7 +407,7 @@ async fn a_del_noted_while_the_agent_was_down_is_replayed_once() {
 async fn attachments_survive_a_restart_of_the_node() {
     let store: Arc<dyn PoolStore> = Arc::new(MemoryStore::default());
     let (kernel, _) = kernel(&["a"]);
-    let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()));
     let first = node_over(backend.clone(), store.clone(), kernel.clone(), true).await;
     first.add(&pod("a")).await.unwrap();
     let records = first.attachments().all();
@@ -425,7 +425,7 @@ async fn an_add_an_earlier_agent_completed_but_may_not_have_answered_is_answered
     // answers what was built; its own answered ADDs stay the spec's error.
     let store: Arc<dyn PoolStore> = Arc::new(MemoryStore::default());
     let (kernel, _) = kernel(&["a"]);
-    let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()));
     let first = node_over(backend.clone(), store.clone(), kernel.clone(), true).await;
     let built = first.add(&pod("a")).await.unwrap();
     drop(first);
@@ -455,7 +455,7 @@ async fn a_gateway_mac_the_cloud_moves_is_repinned_in_running_pods_and_given_to_
     let new = MacAddr([0xfa, 0x16, 0x3e, 0, 0, 2]);
     let newer = MacAddr([0xfa, 0x16, 0x3e, 0, 0, 3]);
     let (kernel, namespaces) = kernel(&["a", "b"]);
-    let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()).with_gateway_mac(old));
+    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()).with_gateway_mac(old));
     let store: Arc<dyn PoolStore> = Arc::new(MemoryStore::default());
     let node = node_over(backend.clone(), store.clone(), kernel.clone(), true).await;
     node.add(&pod("a")).await.unwrap();

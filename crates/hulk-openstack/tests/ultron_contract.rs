@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hulk_ipam::{
-    AllocationRequest, Fault, FaultPlan, Faulty, IpamBackend, IpamError, ListScope, MockBackend,
+    AllocationRequest, Fault, FaultPlan, Faulty, IpamBackend, IpamError, ListScope, MemoryBackend,
     Owner, PoolKey,
 };
 use hulk_openstack::ultron::{ErrorBody, UltronBackend, WireAddress, server};
@@ -42,7 +42,7 @@ fn request(node: &str, count: usize) -> AllocationRequest {
 }
 
 fn mock(cidr: &str) -> Arc<dyn IpamBackend> {
-    Arc::new(MockBackend::new(cidr.parse().unwrap()))
+    Arc::new(MemoryBackend::new(cidr.parse().unwrap()))
 }
 
 #[tokio::test]
@@ -176,7 +176,7 @@ async fn errors_carry_their_contract_codes() {
         ..FaultPlan::default()
     };
     let base = serve(Arc::new(Faulty::new(
-        MockBackend::new("10.33.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.33.0.0/24".parse().unwrap()),
         throttled,
     )))
     .await;
@@ -272,7 +272,7 @@ async fn a_short_answer_is_passed_on_not_thrown_away() {
         ..FaultPlan::default()
     };
     let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.34.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.34.0.0/24".parse().unwrap()),
         short,
     ));
     let base = serve(backend.clone()).await;

@@ -23,7 +23,7 @@ use hulk_cni::{
     AttachRequest, CheckRequest, CniArgs, CniError, CniResult, DelRequest, ErrorCode, GcRequest,
     NetConf, Plugin,
 };
-use hulk_ipam::{AllocationRequest, IpamBackend, MacAddr, MockBackend, Owner, PoolKey};
+use hulk_ipam::{AllocationRequest, IpamBackend, MacAddr, MemoryBackend, Owner, PoolKey};
 use hulk_netns::{Datapath, NetlinkKernel};
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -338,8 +338,8 @@ fn note_del(fields: &PluginFields, pod: &PodRequest) -> Result<PathBuf, CniError
 async fn dry_add(request: &AttachRequest) -> Result<CniResult, CniError> {
     let ipam = mock_ipam(&request.config)?;
     let backend = match ipam.gateway {
-        Some(gateway) => MockBackend::with_gateway(ipam.subnet, gateway),
-        None => MockBackend::new(ipam.subnet),
+        Some(gateway) => MemoryBackend::with_gateway(ipam.subnet, gateway),
+        None => MemoryBackend::new(ipam.subnet),
     };
     let key = PoolKey::new(
         &request.config.name,

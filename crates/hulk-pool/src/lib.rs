@@ -33,11 +33,11 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use hulk_ipam::{MockBackend, Owner, PoolKey};
+//! use hulk_ipam::{MemoryBackend, Owner, PoolKey};
 //! use hulk_pool::{MemoryStore, PoolConfig, PoolManager, SystemClock};
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-//! let backend = Arc::new(MockBackend::new("10.20.0.0/24".parse().unwrap()));
+//! let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()));
 //! let pools = PoolManager::open(
 //!     backend,
 //!     Arc::new(MemoryStore::default()),

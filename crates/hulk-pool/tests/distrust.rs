@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hulk_ipam::{
-    AllocationRequest, Fault, FaultPlan, Faulty, IpamBackend, IpamError, ListScope, MockBackend,
+    AllocationRequest, Fault, FaultPlan, Faulty, IpamBackend, IpamError, ListScope, MemoryBackend,
     Owner, PoolKey,
 };
 use hulk_pool::{
@@ -81,9 +81,9 @@ fn config() -> PoolConfig {
 
 /// A /24 mock backend with `faults` on those calls (call 1 is the sweep at
 /// open).
-fn faulty(faults: impl IntoIterator<Item = (u64, Fault)>) -> Faulty<MockBackend> {
+fn faulty(faults: impl IntoIterator<Item = (u64, Fault)>) -> Faulty<MemoryBackend> {
     Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
         FaultPlan {
             on_call: faults.into_iter().collect(),
             ..FaultPlan::default()
@@ -92,13 +92,13 @@ fn faulty(faults: impl IntoIterator<Item = (u64, Fault)>) -> Faulty<MockBackend>
 }
 
 struct Setup {
-    backend: Arc<Faulty<MockBackend>>,
+    backend: Arc<Faulty<MemoryBackend>>,
     store: Arc<MemoryStore>,
     pools: Arc<PoolManager>,
     registry: prometheus_client::registry::Registry,
 }
 
-async fn open(backend: Faulty<MockBackend>, config: PoolConfig, clock: Arc<dyn Clock>) -> Setup {
+async fn open(backend: Faulty<MemoryBackend>, config: PoolConfig, clock: Arc<dyn Clock>) -> Setup {
     let backend = Arc::new(backend);
     let store = Arc::new(MemoryStore::default());
     let pools = PoolManager::open(backend.clone(), store.clone(), clock, "node-1", config)
@@ -399,7 +399,7 @@ async fn a_refiller_that_panics_is_restarted() {
 }
 
 /// A backend whose allocations from call 2 to `last` fail with `error`.
-fn failing_until(last: u64, error: IpamError) -> Faulty<MockBackend> {
+fn failing_until(last: u64, error: IpamError) -> Faulty<MemoryBackend> {
     faulty((2..=last).map(|call| (call, Fault::Error(error.clone()))))
 }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use hulk_ipam::{Fault, FaultPlan, Faulty, IpamError, MockBackend, Owner, PoolKey};
+use hulk_ipam::{Fault, FaultPlan, Faulty, IpamError, MemoryBackend, Owner, PoolKey};
 use hulk_pool::core::{AddressStep, AssignStep, Gone, Held, PoolCore, RefillEnd, Release, millis};
 use hulk_pool::{
     AddressRecord, AddressState, Clock, MemoryStore, PoolConfig, PoolError, PoolManager, PoolStore,
@@ -130,7 +130,7 @@ struct Model {
 }
 
 struct System {
-    backend: Arc<Faulty<MockBackend>>,
+    backend: Arc<Faulty<MemoryBackend>>,
     store: Arc<MemoryStore>,
     clock: Arc<ManualClock>,
     pools: Arc<PoolManager>,
@@ -138,7 +138,7 @@ struct System {
 
 impl System {
     async fn open(
-        backend: Arc<Faulty<MockBackend>>,
+        backend: Arc<Faulty<MemoryBackend>>,
         store: Arc<MemoryStore>,
         clock: Arc<ManualClock>,
     ) -> System {
@@ -162,7 +162,7 @@ impl System {
 
 async fn run(faults: BTreeMap<u64, Fault>, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
         FaultPlan {
             on_call: faults,
             ..FaultPlan::default()

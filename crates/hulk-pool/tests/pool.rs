@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hulk_ipam::{
     AllocationRequest, Fault, FaultPlan, Faulty, IpamBackend, IpamError, Latency, ListScope,
-    MockBackend, Owner, PoolKey,
+    MemoryBackend, Owner, PoolKey,
 };
 use hulk_pool::{
     AddressRecord, AddressState, Clock, Intent, IntentKind, LostLabels, MemoryStore, OrphanSweep,
@@ -35,15 +35,15 @@ impl Clock for ManualClock {
 }
 
 /// A pool manager over a /24 mock backend and a memory store, default knobs.
-async fn memory_pools() -> (Arc<MockBackend>, Arc<PoolManager>) {
-    in_memory(MockBackend::new("10.0.0.0/24".parse().unwrap())).await
+async fn memory_pools() -> (Arc<MemoryBackend>, Arc<PoolManager>) {
+    in_memory(MemoryBackend::new("10.0.0.0/24".parse().unwrap())).await
 }
 
 /// A pool manager like [`memory_pools`]'s whose backend answers after
 /// `latency`.
-async fn slow_pools(latency: Duration) -> (Arc<Faulty<MockBackend>>, Arc<PoolManager>) {
+async fn slow_pools(latency: Duration) -> (Arc<Faulty<MemoryBackend>>, Arc<PoolManager>) {
     in_memory(Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
         FaultPlan {
             latency: Latency::Fixed(latency),
             ..FaultPlan::default()
@@ -171,7 +171,7 @@ async fn without_a_refill_an_assignment_gives_up_in_time() {
     let mut quick = config();
     quick.assign_timeout = Duration::from_millis(100);
     let (_, _, pools) =
-        in_memory_with(MockBackend::new("10.0.0.0/24".parse().unwrap()), quick).await;
+        in_memory_with(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), quick).await;
     let error = pools.assign(&key(), &owner(1)).await.unwrap_err();
     assert!(matches!(error, PoolError::Empty { .. }), "{error}");
 }
@@ -195,7 +195,7 @@ async fn exhaustion_for_one_address_degrades_the_pool_until_the_backoff_passes()
     let mut one = config();
     one.min_idle = 1;
     let (backend, clock, pools) = in_memory_with(
-        Faulty::new(MockBackend::new("10.0.0.0/24".parse().unwrap()), plan),
+        Faulty::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), plan),
         one,
     )
     .await;
@@ -238,7 +238,7 @@ async fn exhaustion_for_one_address_degrades_the_pool_until_the_backoff_passes()
 async fn an_exhausted_subnet_is_asked_for_fewer_until_what_is_left_is_found() {
     // A /28 (13 addresses besides the gateway) where another node holds
     // 11: 2 are free, and batches of 4 are refused whole.
-    let backend = Arc::new(MockBackend::new("10.0.0.0/28".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.0.0.0/28".parse().unwrap()));
     let others = backend
         .allocate(&AllocationRequest::new(key(), "node-2", 11))
         .await
@@ -287,7 +287,7 @@ async fn idle_addresses_are_kept_while_the_subnet_is_tight() {
     knobs.max_idle = 1;
     knobs.reuse_cooldown = Duration::ZERO;
     let (backend, clock, pools) = in_memory_with(
-        Faulty::new(MockBackend::new("10.0.0.0/24".parse().unwrap()), plan),
+        Faulty::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), plan),
         knobs,
     )
     .await;
@@ -320,7 +320,7 @@ async fn cooling_addresses_do_not_count_against_pod_capacity() {
     four_pods.warm_up = 0;
     let stop = tokio_util::sync::CancellationToken::new();
     let pools = manager(
-        Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap())),
+        Arc::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap())),
         Arc::new(MemoryStore::default()),
         Arc::new(ManualClock::default()),
         four_pods,
@@ -363,7 +363,7 @@ async fn returns_never_hold_up_the_allocations_waiting_adds_need() {
     knobs.batch = 10;
     knobs.assign_timeout = Duration::from_secs(10);
     let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
         plan,
     ));
     let clock = Arc::new(ManualClock::default());
@@ -399,7 +399,7 @@ async fn a_burst_keeps_what_waiting_adds_are_about_to_take() {
     burst.max_held = Some(60);
     let (backend, pools) = {
         let backend = Arc::new(Faulty::new(
-            MockBackend::new("10.0.0.0/24".parse().unwrap()),
+            MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
             FaultPlan::fixed_latency(Duration::from_millis(50)),
         ));
         let pools = manager(
@@ -445,7 +445,7 @@ async fn released_addresses_cool_down_before_reuse_and_extras_go_back() {
     one_idle.max_idle = 1;
     one_idle.warm_up = 1;
     let (backend, clock, pools) =
-        in_memory_with(MockBackend::new("10.0.0.0/24".parse().unwrap()), one_idle).await;
+        in_memory_with(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), one_idle).await;
     pools.warm_up(&key()).await.unwrap();
     let first = pools.assign(&key(), &owner(1)).await.unwrap();
     pools.release(&key(), &owner(1)).await.unwrap();
@@ -529,7 +529,7 @@ fn temp_store(name: &str) -> (std::path::PathBuf, Arc<RedbStore>) {
 
 #[tokio::test]
 async fn assignments_survive_a_restart_on_redb() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap()));
     let (dir, store) = temp_store("restart");
     let pools = manager(backend.clone(), store, Arc::default(), config()).await;
     pools.warm_up(&key()).await.unwrap();
@@ -550,7 +550,7 @@ async fn assignments_survive_a_restart_on_redb() {
 
 #[tokio::test]
 async fn a_drain_outlives_a_restart_until_resumed() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap()));
     let (dir, store) = temp_store("drain");
     let pools = manager(backend.clone(), store, Arc::default(), config()).await;
     pools.warm_up(&key()).await.unwrap();
@@ -584,7 +584,7 @@ async fn a_drain_outlives_a_restart_until_resumed() {
 
 #[tokio::test]
 async fn a_crash_during_allocation_leaks_nothing() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap()));
     let store = Arc::new(MemoryStore::default());
     // The crash: the backend created two addresses, the store only has the intent.
     backend
@@ -622,7 +622,7 @@ async fn a_crash_during_allocation_leaks_nothing() {
 
 #[tokio::test]
 async fn a_crash_during_release_is_finished_at_start() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap()));
     let store = Arc::new(MemoryStore::default());
     let pools = manager(backend.clone(), store.clone(), Arc::default(), config()).await;
     pools.warm_up(&key()).await.unwrap();
@@ -644,7 +644,7 @@ async fn a_crash_during_release_is_finished_at_start() {
 }
 
 /// The backend's mark of who holds `lease_id`.
-async fn marked_holder(backend: &MockBackend, lease_id: &str) -> Option<Owner> {
+async fn marked_holder(backend: &MemoryBackend, lease_id: &str) -> Option<Owner> {
     let listed = backend
         .list(&ListScope::Node("node-1".into()))
         .await
@@ -685,7 +685,7 @@ async fn marks_are_written_four_at_a_time() {
     (eight.warm_up, eight.batch, eight.max_idle) = (8, 8, 8);
     let (_, _, pools) = in_memory_with(
         Faulty::new(
-            MockBackend::new("10.0.0.0/24".parse().unwrap()),
+            MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
             FaultPlan {
                 latency: Latency::Fixed(Duration::from_secs(1)),
                 ..FaultPlan::default()
@@ -710,7 +710,7 @@ async fn a_failed_mark_is_written_on_a_later_pass() {
     // Call 1 (the sweep at open) and 2 (the warm-up) go through.
     on_call.insert(3, Fault::Error(IpamError::Transient("down".into())));
     let (backend, pools) = in_memory(Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
         FaultPlan {
             on_call,
             ..FaultPlan::default()
@@ -794,7 +794,7 @@ async fn orphans_are_adopted_and_extras_returned() {
 /// Two leases of node-1, `idle` unmarked and `held` marked as owner 1's,
 /// from a backend that does not name their network and subnet.
 async fn unnamed_leases() -> Vec<hulk_ipam::Lease> {
-    let mut leases = MockBackend::new("10.0.0.0/24".parse().unwrap())
+    let mut leases = MemoryBackend::new("10.0.0.0/24".parse().unwrap())
         .allocate(&AllocationRequest::new(key(), "node-1", 2))
         .await
         .unwrap();
@@ -833,7 +833,7 @@ async fn without_a_named_pool_the_sweep_releases_unmarked_and_spares_marked_addr
 
 #[tokio::test]
 async fn nonsense_configuration_is_refused() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap()));
     let mut bad = config();
     bad.min_idle = 9;
     let error = PoolManager::open(
@@ -852,7 +852,7 @@ async fn nonsense_configuration_is_refused() {
     let mut nonsense = config();
     nonsense.max_idle = 100;
     let error = PoolManager::open(
-        Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap())),
+        Arc::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap())),
         Arc::new(MemoryStore::default()),
         Arc::new(ManualClock::default()),
         "n",
@@ -878,7 +878,7 @@ async fn metrics_count_pools_calls_and_errors() {
         ..FaultPlan::default()
     };
     let (_, pools) = in_memory(Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
         plan,
     ))
     .await;
@@ -917,7 +917,7 @@ async fn backend_calls_are_rate_limited() {
     limited.batch = 1;
     limited.warm_up = 5;
     let (_, _, pools) =
-        in_memory_with(MockBackend::new("10.0.0.0/24".parse().unwrap()), limited).await;
+        in_memory_with(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), limited).await;
     let started = tokio::time::Instant::now();
     assert_eq!(pools.warm_up(&key()).await.unwrap(), 5);
     // The sweep at open took the one saved call: one every half second.
@@ -931,7 +931,7 @@ async fn long_idle_addresses_beyond_min_idle_are_reclaimed() {
     reclaim.warm_up = 4;
     reclaim.batch = 4;
     let (backend, clock, pools) =
-        in_memory_with(MockBackend::new("10.0.0.0/24".parse().unwrap()), reclaim).await;
+        in_memory_with(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), reclaim).await;
     pools.warm_up(&key()).await.unwrap();
     assert_eq!(pools.refill(&key()).await.unwrap().released, 0);
     clock.advance(Duration::from_secs(601));
@@ -1077,7 +1077,7 @@ async fn a_fixed_address_asked_for_by_a_cancelled_add_can_be_asked_for_again() {
 #[tokio::test]
 async fn a_released_fixed_address_goes_back_to_the_backend_after_its_cooldown() {
     let (backend, clock, pools) =
-        in_memory_with(MockBackend::new("10.0.0.0/24".parse().unwrap()), config()).await;
+        in_memory_with(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), config()).await;
     let fixed = address("10.0.0.50");
     pools
         .assign_address(&key(), &owner(1), fixed)
@@ -1106,7 +1106,7 @@ async fn a_released_fixed_address_goes_back_to_the_backend_after_its_cooldown() 
 async fn in_a_full_subnet_an_add_waits_for_an_address_leaving_cooldown() {
     // A /29: 5 addresses besides the gateway. This node holds one, another
     // node the other four.
-    let backend = Arc::new(MockBackend::new("10.0.0.0/29".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.0.0.0/29".parse().unwrap()));
     let mut knobs = config();
     knobs.min_idle = 0;
     knobs.max_idle = 1;
@@ -1184,7 +1184,7 @@ async fn idle_addresses_the_cloud_took_back_are_never_handed_out_again() {
     // The input: a warm pool of 4, two of its idle addresses
     // deleted in the cloud, a sweep, another node allocating them.
     let (backend, clock, pools) = in_memory_with(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
         PoolConfig {
             warm_up: 4,
             batch: 4,
@@ -1248,7 +1248,7 @@ async fn idle_addresses_the_cloud_took_back_are_never_handed_out_again() {
 
 #[tokio::test]
 async fn a_pods_address_the_cloud_took_back_is_flagged_lost_and_dropped_at_its_del() {
-    let backend = Arc::new(MockBackend::new("10.0.0.0/24".parse().unwrap()));
+    let backend = Arc::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap()));
     let store = Arc::new(MemoryStore::default());
     let clock = Arc::new(ManualClock::default());
     let pools = manager(backend.clone(), store.clone(), clock.clone(), config()).await;
@@ -1310,7 +1310,7 @@ async fn a_pods_address_the_cloud_took_back_is_flagged_lost_and_dropped_at_its_d
 
 #[tokio::test]
 async fn a_start_while_the_backend_is_down_serves_and_a_later_sweep_settles_the_intents() {
-    let mock = MockBackend::new("10.0.0.0/24".parse().unwrap());
+    let mock = MemoryBackend::new("10.0.0.0/24".parse().unwrap());
     let store = Arc::new(MemoryStore::default());
     // What the last run left: an idle address, one being returned (shrink
     // crashed mid-call), and one its crashed allocation created that the
@@ -1418,7 +1418,7 @@ async fn a_start_while_the_backend_is_down_serves_and_a_later_sweep_settles_the_
 /// A backend whose listing of a node misses some of its leases (as a
 /// Neutron port whose binding is not visible yet), the rest as the mock.
 struct PartialListing {
-    inner: MockBackend,
+    inner: MemoryBackend,
     unlisted: std::sync::Mutex<HashSet<String>>,
 }
 
@@ -1460,7 +1460,7 @@ impl IpamBackend for PartialListing {
 async fn an_address_a_listing_misses_but_the_backend_has_is_kept() {
     let (backend, _clock, pools) = in_memory_with(
         PartialListing {
-            inner: MockBackend::new("10.0.0.0/24".parse().unwrap()),
+            inner: MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
             unlisted: std::sync::Mutex::new(HashSet::new()),
         },
         config(),
@@ -1499,7 +1499,7 @@ async fn an_add_cancelled_while_waiting_leaves_no_demand_behind() {
     none_idle.max_idle = 0;
     none_idle.warm_up = 0;
     let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.0.0.0/24".parse().unwrap()),
+        MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
         FaultPlan::fixed_latency(Duration::from_secs(10)),
     ));
     let pools = manager(
@@ -1535,7 +1535,7 @@ async fn an_add_cancelled_while_waiting_leaves_no_demand_behind() {
 /// another node's, and a deleted cluster's all go back.
 #[tokio::test]
 async fn the_cluster_sweeps_release_a_gone_nodes_addresses_or_the_whole_clusters() {
-    let backend = MockBackend::new("10.0.0.0/24".parse().unwrap());
+    let backend = MemoryBackend::new("10.0.0.0/24".parse().unwrap());
     backend
         .allocate(&AllocationRequest::new(key(), "node-1", 2))
         .await

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hulk_ipam::{FaultPlan, Faulty, IpamError, Latency, MockBackend, Owner, PoolKey};
+use hulk_ipam::{FaultPlan, Faulty, IpamError, Latency, MemoryBackend, Owner, PoolKey};
 use hulk_pool::{MemoryStore, PoolConfig, PoolError, PoolManager, PoolStore, SystemClock};
 use ipnet::IpNet;
 
@@ -20,7 +20,7 @@ const CYCLES_PER_TASK: usize = 782; // 64 x 782 x 2 operations = 100,096
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_thousand_operations_keep_every_invariant() {
     let backend = Arc::new(Faulty::new(
-        MockBackend::new("10.0.0.0/20".parse().unwrap()),
+        MemoryBackend::new("10.0.0.0/20".parse().unwrap()),
         FaultPlan {
             latency: Latency::Uniform {
                 min: Duration::ZERO,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use hulk_ipam::{MockBackend, Owner, PoolKey};
+use hulk_ipam::{MemoryBackend, Owner, PoolKey};
 use hulk_netns::rtnetlink::{LinkUnspec, LinkVeth};
 use hulk_netns::{
     Datapath, IpVlanFlag, IpVlanMode, MacVlanMode, NETNS_RUN_DIR, NetlinkKernel, NetlinkWorker,
@@ -97,7 +97,7 @@ async fn main() -> Result<(), Failure> {
     };
     let datapath = Datapath::new(NetlinkKernel::with_host(node)?);
     let pools = PoolManager::open(
-        Arc::new(MockBackend::new(args.subnet)),
+        Arc::new(MemoryBackend::new(args.subnet)),
         Arc::new(MemoryStore::default()),
         Arc::new(SystemClock),
         "embed-node",

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use hulk_ipam::{FaultPlan, Faulty, MacAddr, MockBackend};
+use hulk_ipam::{FaultPlan, Faulty, MacAddr, MemoryBackend};
 use ipnet::IpNet;
 
 /// Serve the UltrON-style IPAM contract v1 from memory.
@@ -41,7 +41,7 @@ async fn main() -> std::io::Result<()> {
         .init();
     let args = Args::parse();
     let latency = Duration::from_millis(args.latency_ms);
-    let mut mock = MockBackend::new(args.subnet);
+    let mut mock = MemoryBackend::new(args.subnet);
     if let Some(mac) = args.gateway_mac {
         mock = mock.with_gateway_mac(mac);
     }

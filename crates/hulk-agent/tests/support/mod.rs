@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hulk_ipam::{MockBackend, Owner, PoolKey};
+use hulk_ipam::{MemoryBackend, Owner, PoolKey};
 use hulk_netns::fake::FakeKernel;
 use hulk_netns::{Datapath, NodeNetwork, SlaveKind};
 use hulk_node::{Node, PodRequest};
@@ -51,7 +51,7 @@ pub fn pod(name: &str) -> PodRequest {
 /// 10.20.0.0/24, its pool warmed up with `config`, restored.
 pub async fn mock_node(kernel: FakeKernel, config: PoolConfig) -> Arc<Node<FakeKernel>> {
     let pools = PoolManager::open(
-        Arc::new(MockBackend::new("10.20.0.0/24".parse().expect("a prefix"))),
+        Arc::new(MemoryBackend::new("10.20.0.0/24".parse().expect("a prefix"))),
         Arc::new(MemoryStore::default()),
         Arc::new(SystemClock),
         "node-1",

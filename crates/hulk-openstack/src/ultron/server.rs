@@ -1,5 +1,5 @@
 //! A server of the v1 contract over any [`IpamBackend`]: with
-//! [`hulk_ipam::MockBackend`] it is the conformant fake other teams run
+//! [`hulk_ipam::MemoryBackend`] it is the conformant fake other teams run
 //! against their clients; over another backend it is an adapter.
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,4 +1,6 @@
-//! An in-memory backend for tests, demos and benchmarks.
+//! An in-memory backend: a working IPAM of one subnet held in the process
+//! (tests, demos, benchmarks, and `type = "memory"` in the agent's
+//! configuration, where it forgets its leases on restart).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -13,15 +15,15 @@ use crate::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, MacAddr
 /// bytes, as Neutron's prefix). Wrap it in [`crate::Faulty`] for latency and
 /// failures.
 #[derive(Debug)]
-pub struct MockBackend {
+pub struct MemoryBackend {
     subnet: IpNet,
     gateway: IpAddr,
     mtu: u32,
-    state: Mutex<MockState>,
+    state: Mutex<MemoryState>,
 }
 
 #[derive(Debug, Default)]
-struct MockState {
+struct MemoryState {
     by_address: BTreeMap<IpAddr, String>,
     leases: HashMap<String, Lease>,
     next_id: u64,
@@ -31,21 +33,21 @@ struct MockState {
 /// The MTU a mock lease reports (an overlay VPC's).
 pub const MOCK_MTU: u32 = 1450;
 
-impl MockBackend {
+impl MemoryBackend {
     /// A backend for `subnet`; its first host address is the gateway.
     pub fn new(subnet: IpNet) -> Self {
         let subnet = subnet.trunc();
         let gateway = subnet.hosts().next().unwrap_or(subnet.addr());
-        MockBackend::with_gateway(subnet, gateway)
+        MemoryBackend::with_gateway(subnet, gateway)
     }
 
     /// A backend for `subnet` with an explicit gateway.
     pub fn with_gateway(subnet: IpNet, gateway: IpAddr) -> Self {
-        MockBackend {
+        MemoryBackend {
             subnet: subnet.trunc(),
             gateway,
             mtu: MOCK_MTU,
-            state: Mutex::new(MockState::default()),
+            state: Mutex::new(MemoryState::default()),
         }
     }
 
@@ -71,7 +73,7 @@ impl MockBackend {
         self.lock().leases.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, MockState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState> {
         // Every update below is a pair of inserts or removes that cannot
         // panic half-way, so a poisoned lock still guards consistent maps.
         self.state
@@ -110,9 +112,9 @@ impl MockBackend {
 }
 
 #[async_trait::async_trait]
-impl IpamBackend for MockBackend {
+impl IpamBackend for MemoryBackend {
     fn name(&self) -> &str {
-        "mock"
+        "memory"
     }
 
     async fn allocate(&self, request: &AllocationRequest) -> Result<Vec<Lease>, IpamError> {
@@ -212,7 +214,7 @@ mod tests {
     #[tokio::test]
     async fn hands_out_distinct_addresses_until_exhausted() {
         // A /29 has 6 hosts; one is the gateway.
-        let backend = MockBackend::new("10.0.0.0/29".parse().unwrap());
+        let backend = MemoryBackend::new("10.0.0.0/29".parse().unwrap());
         let leases = backend.allocate(&request(5)).await.unwrap();
         let addresses: HashSet<_> = leases.iter().map(|lease| lease.address).collect();
         assert_eq!(addresses.len(), 5);
@@ -233,7 +235,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_specific_address_is_given_once_and_only_inside_the_subnet() {
-        let backend = MockBackend::new("10.0.0.0/29".parse().unwrap());
+        let backend = MemoryBackend::new("10.0.0.0/29".parse().unwrap());
         let key = PoolKey::new("net", "sub", ["sg"], None);
         let wanted: IpAddr = "10.0.0.5".parse().unwrap();
         let fixed = AllocationRequest::for_address(key.clone(), "node", wanted);
@@ -264,14 +266,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_partial_batch_allocates_nothing() {
-        let backend = MockBackend::new("10.0.0.0/29".parse().unwrap());
+        let backend = MemoryBackend::new("10.0.0.0/29".parse().unwrap());
         assert!(backend.allocate(&request(6)).await.is_err());
         assert_eq!(backend.allocated(), 0);
     }
 
     #[tokio::test]
     async fn released_addresses_come_back_and_double_release_is_not_found() {
-        let backend = MockBackend::new("10.0.0.0/30".parse().unwrap());
+        let backend = MemoryBackend::new("10.0.0.0/30".parse().unwrap());
         let lease = backend.allocate(&request(1)).await.unwrap().remove(0);
         assert_eq!(lease.address.to_string(), "10.0.0.2/30");
         assert_eq!(lease.mac.unwrap().to_string(), "fa:16:3e:00:00:02");
@@ -287,7 +289,7 @@ mod tests {
 
     #[tokio::test]
     async fn owners_are_recorded_and_listed_per_node() {
-        let backend = MockBackend::new("10.0.0.0/28".parse().unwrap());
+        let backend = MemoryBackend::new("10.0.0.0/28".parse().unwrap());
         let mine = backend.allocate(&request(2)).await.unwrap();
         let mut other = request(1);
         other.node = "node-2".into();
@@ -323,7 +325,7 @@ mod tests {
 
     #[tokio::test]
     async fn zero_addresses_is_an_invalid_request() {
-        let backend = MockBackend::new("10.0.0.0/30".parse().unwrap());
+        let backend = MemoryBackend::new("10.0.0.0/30".parse().unwrap());
         assert!(matches!(
             backend.allocate(&request(0)).await,
             Err(IpamError::InvalidRequest(_))
