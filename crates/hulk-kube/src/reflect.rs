@@ -61,8 +61,10 @@ where
                     // The reflector has applied the whole list to the store
                     // before it passes InitDone on.
                     Some(Ok(watcher::Event::InitDone)) => {
-                        synced_sender.send_replace(true);
+                        // The failure goes first: whoever the flag wakes
+                        // finds the store trusted.
                         *errors.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                        synced_sender.send_replace(true);
                     }
                     // The watch delivers again: the store is current.
                     Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
