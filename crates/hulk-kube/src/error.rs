@@ -20,9 +20,10 @@ pub enum KubeError {
         #[source]
         source: Box<kube::Error>,
     },
-    /// The reflector has not finished its first full list yet, so its store
+    /// The reflector has not finished its first full list yet, or its
+    /// watch has failed since the last event it delivered, so its store
     /// cannot tell which objects exist.
-    #[error("the {what} reflector has not synced yet")]
+    #[error("the {what} reflector is not in sync (not listed yet, or its watch is failing)")]
     NotSynced {
         /// Which reflector (`pods of node n1`, `nodes`).
         what: String,
@@ -64,6 +65,18 @@ pub enum KubeError {
     /// configuration.
     #[error("invalid Kubernetes client configuration")]
     Config(#[source] Box<kube::config::KubeconfigError>),
+    /// The token file holds whitespace around the token (typically the
+    /// trailing newline an editor or `echo` adds). kube-rs sends the file's
+    /// content verbatim (client-go trims it), and no HTTP header may hold a
+    /// newline: every request would fail.
+    #[error(
+        "token file {} has whitespace around the token (a trailing newline?); write the token alone",
+        path.display()
+    )]
+    TokenFileWhitespace {
+        /// The token file.
+        path: std::path::PathBuf,
+    },
     /// The HTTP client could not be built from the configuration (e.g. a CA
     /// certificate rustls rejects).
     #[error("cannot build the Kubernetes client")]
@@ -96,7 +109,10 @@ impl KubeError {
         matches!(self.status_code(), Some(401 | 403))
             || matches!(
                 self,
-                Self::InferConfig(_) | Self::Config(_) | Self::Client(_)
+                Self::InferConfig(_)
+                    | Self::Config(_)
+                    | Self::TokenFileWhitespace { .. }
+                    | Self::Client(_)
             )
     }
 

@@ -47,8 +47,10 @@ pub struct ClientOptions {
     /// A PEM file with the CA certificates that sign the API server's
     /// certificate; `None`: the system's roots.
     pub ca_file: Option<PathBuf>,
-    /// A file holding the bearer token. It is read again as it changes, so
-    /// rotated (projected service account) tokens keep working.
+    /// A file holding the bearer token, and nothing else (no trailing
+    /// newline: [`KubeError::TokenFileWhitespace`]). kube-rs reads it again
+    /// once its copy is 50 s old, so rotated (projected service account)
+    /// tokens keep working; a file that has gone keeps the last token.
     pub token_file: Option<PathBuf>,
 }
 
@@ -61,6 +63,9 @@ pub async fn client(options: &ClientOptions) -> Result<Client, KubeError> {
             .await
             .map_err(|error| KubeError::InferConfig(Box::new(error)))?,
         Some(api_server) => {
+            if let Some(path) = &options.token_file {
+                check_token_file(path)?;
+            }
             // An in-memory kubeconfig: kube then reads the CA file and
             // reloads the token file as it does for a kubeconfig on disk.
             let kubeconfig = Kubeconfig {
@@ -105,4 +110,15 @@ pub async fn client(options: &ClientOptions) -> Result<Client, KubeError> {
         }
     };
     Client::try_from(config).map_err(|error| KubeError::Client(Box::new(error)))
+}
+
+/// Refuses a token file kube-rs would send as an invalid header. A file
+/// that cannot be read is left to kube, whose error names it.
+fn check_token_file(path: &std::path::Path) -> Result<(), KubeError> {
+    match std::fs::read_to_string(path) {
+        Ok(token) if token.trim() != token => Err(KubeError::TokenFileWhitespace {
+            path: path.to_path_buf(),
+        }),
+        _ => Ok(()),
+    }
 }

@@ -46,7 +46,7 @@ impl ClusterNodes {
     }
 
     /// The names of all nodes; [`KubeError::NotSynced`] before the first
-    /// complete list.
+    /// complete list and while the watch fails.
     pub fn names(&self) -> Result<Vec<String>, KubeError> {
         self.reflection.require_synced()?;
         Ok(self
@@ -59,8 +59,8 @@ impl ClusterNodes {
     }
 
     /// Whether a node of this name exists; [`KubeError::NotSynced`] before
-    /// the first complete list, so a node is never judged gone from an
-    /// empty cache.
+    /// the first complete list and while the watch fails, so a node is
+    /// never judged gone from an empty or stale cache.
     pub fn is_known(&self, name: &str) -> Result<bool, KubeError> {
         self.reflection.require_synced()?;
         Ok(self.reflection.store.get(&ObjectRef::new(name)).is_some())
@@ -68,7 +68,7 @@ impl ClusterNodes {
 
     /// Whether the node's `Ready` condition is `True`: `None` for an unknown
     /// node or one without the condition; [`KubeError::NotSynced`] before the
-    /// first complete list.
+    /// first complete list and while the watch fails.
     pub fn is_ready(&self, name: &str) -> Result<Option<bool>, KubeError> {
         self.reflection.require_synced()?;
         Ok(self

@@ -88,8 +88,9 @@ impl NodePods {
     /// Every live pod of the node, in no particular order.
     ///
     /// Errors with [`KubeError::NotSynced`] until the first complete list
-    /// has been stored, so a caller never takes pods for gone because the
-    /// cache is still empty.
+    /// has been stored, and while the watch fails (until it delivers an
+    /// event again), so a caller never takes pods for gone because the
+    /// cache is still empty or stale (a pod created meanwhile is missing).
     pub fn live(&self) -> Result<Vec<PodMeta>, KubeError> {
         self.reflection.require_synced()?;
         Ok(self

@@ -1,6 +1,15 @@
 //! The watch task behind [`crate::NodePods`] and [`crate::ClusterNodes`]:
 //! a kube_runtime watcher with its default backoff, applied to a reflector
-//! store, with a synced flag the first complete list sets.
+//! store, with a synced flag the first complete list sets, and the watch
+//! failure since the last event the store received.
+//!
+//! A store whose watch fails is not trusted to tell what is gone: an object
+//! created meanwhile is missing from it (a pod ADDed through the GET
+//! fallback would be collected while it runs). It is trusted again with the
+//! next event the watch delivers (the resumed watch replays what it missed,
+//! or a relist ends in `InitDone`); anything gone while the watch failed
+//! arrives as such an event, so nothing that needs collecting waits for a
+//! quiet watch.
 
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -52,10 +61,18 @@ where
                     // The reflector has applied the whole list to the store
                     // before it passes InitDone on.
                     Some(Ok(watcher::Event::InitDone)) => {
+                        // The failure goes first: whoever the flag wakes
+                        // finds the store trusted.
+                        *errors.lock().unwrap_or_else(PoisonError::into_inner) = None;
                         synced_sender.send_replace(true);
+                    }
+                    // The watch delivers again: the store is current.
+                    Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
                         *errors.lock().unwrap_or_else(PoisonError::into_inner) = None;
                     }
-                    Some(Ok(_)) => {}
+                    // A relist in progress: the store keeps the old state
+                    // until InitDone.
+                    Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
                     Some(Err(error)) => {
                         // The watcher retries by itself, after the backoff;
                         // a 410 Gone makes it list again.
@@ -92,8 +109,15 @@ where
         }
     }
 
+    /// Ok when the first list has been stored and the watch has not failed
+    /// since the last event it delivered; otherwise `NotSynced`.
     pub fn require_synced(&self) -> Result<(), KubeError> {
-        if self.is_synced() {
+        let failing = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        if self.is_synced() && !failing {
             Ok(())
         } else {
             Err(self.not_synced())

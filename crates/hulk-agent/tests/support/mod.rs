@@ -10,6 +10,7 @@ use std::sync::Arc;
 use hulk_ipam::{MemoryBackend, Owner, PoolKey};
 use hulk_netns::fake::FakeKernel;
 use hulk_netns::{Datapath, NodeNetwork, SlaveKind};
+use hulk_node::pods::PodDirectory;
 use hulk_node::{Node, PodRequest};
 use hulk_pool::{MemoryStore, PoolConfig, PoolManager, SystemClock};
 
@@ -50,6 +51,23 @@ pub fn pod(name: &str) -> PodRequest {
 /// A node over `kernel` (which must hold `eth1`) and the mock backend in
 /// 10.20.0.0/24, its pool warmed up with `config`, restored.
 pub async fn mock_node(kernel: FakeKernel, config: PoolConfig) -> Arc<Node<FakeKernel>> {
+    node_over(kernel, config, None).await
+}
+
+/// [`mock_node`], learning about pods from `pods`.
+pub async fn mock_node_with_pods(
+    kernel: FakeKernel,
+    config: PoolConfig,
+    pods: Arc<dyn PodDirectory>,
+) -> Arc<Node<FakeKernel>> {
+    node_over(kernel, config, Some(pods)).await
+}
+
+async fn node_over(
+    kernel: FakeKernel,
+    config: PoolConfig,
+    pods: Option<Arc<dyn PodDirectory>>,
+) -> Arc<Node<FakeKernel>> {
     let pools = PoolManager::open(
         Arc::new(MemoryBackend::new("10.20.0.0/24".parse().expect("a prefix"))),
         Arc::new(MemoryStore::default()),
@@ -60,7 +78,11 @@ pub async fn mock_node(kernel: FakeKernel, config: PoolConfig) -> Arc<Node<FakeK
     .await
     .expect("the pools open");
     pools.warm_up(&key()).await.expect("the pool warms up");
-    let node = Arc::new(Node::new(pools, Datapath::new(kernel), network(), key()));
+    let mut node = Node::new(pools, Datapath::new(kernel), network(), key());
+    if let Some(pods) = pods {
+        node = node.with_pods(pods);
+    }
+    let node = Arc::new(node);
     node.restore().await.expect("the node restores");
     node
 }
