@@ -810,3 +810,84 @@ async fn a_failing_api_releases_nothing() {
     );
     assert!(matches!(state_of(&node, b), AddressState::Cooldown { .. }));
 }
+
+#[tokio::test]
+async fn an_add_that_waits_for_the_cloud_and_fails_is_told_on_the_pod() {
+    let api = Api::start(vec![pod("a", &[]), pod("b", &[])]).await;
+    let kernel = FakeKernel::new();
+    kernel.add_parent("eth1", 1500);
+    for name in ["a", "b"] {
+        kernel.add_namespace(format!("/var/run/netns/{name}"));
+    }
+    // A /30: its first host is the gateway, so one address for pods.
+    let pools = hulk_pool::PoolManager::open(
+        Arc::new(hulk_ipam::MemoryBackend::new(
+            "10.30.0.0/30".parse().unwrap(),
+        )),
+        Arc::new(hulk_pool::MemoryStore::default()),
+        Arc::new(hulk_pool::SystemClock),
+        NODE,
+        PoolConfig {
+            assign_timeout: Duration::from_millis(200),
+            ..PoolConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Narrowing batches after "exhausted", the warm-up ends with the one
+    // address (and reports the exhaustion).
+    let _ = pools.warm_up(&support::key()).await;
+    assert_eq!(pools.stats(&support::key()).idle, 1);
+    let node = Node::new(
+        pools,
+        hulk_netns::Datapath::new(kernel),
+        support::network(),
+        support::key(),
+    )
+    .with_pods(api.directory().await);
+    node.restore().await.unwrap();
+
+    add(&node, &api.request("a")).await;
+    let error = node.add(&api.request("b")).await.unwrap_err();
+    let code = error.to_cni().code;
+    assert!(
+        [
+            hulk_agent_api::codes::ADDRESS_EXHAUSTED,
+            ErrorCode::TryAgainLater
+        ]
+        .contains(&code),
+        "{error}"
+    );
+    // Recorded in the background: the ADD does not wait for it.
+    let reasons = || -> Vec<(String, String, String)> {
+        api.standin
+            .events("default")
+            .unwrap()
+            .into_iter()
+            .map(|event| {
+                let regarding = event.regarding.unwrap_or_default();
+                (
+                    regarding.name.unwrap_or_default(),
+                    event.reason.unwrap_or_default(),
+                    event.type_.unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    eventually("the waiting and the failure are told on pod b", || {
+        let told = reasons();
+        told.iter()
+            .any(|(pod, reason, kind)| pod == "b" && reason == "AddressWaiting" && kind == "Normal")
+            && told.iter().any(|(pod, reason, kind)| {
+                pod == "b"
+                    && ["AddressExhausted", "CloudUnavailable"].contains(&reason.as_str())
+                    && kind == "Warning"
+            })
+    })
+    .await;
+    let told = reasons();
+    assert!(
+        told.iter().all(|(pod, _, _)| pod == "b"),
+        "pod a's ADD found an idle address and is told nothing: {told:?}"
+    );
+}

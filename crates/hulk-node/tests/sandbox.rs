@@ -455,7 +455,8 @@ async fn a_gateway_mac_the_cloud_moves_is_repinned_in_running_pods_and_given_to_
     let new = MacAddr([0xfa, 0x16, 0x3e, 0, 0, 2]);
     let newer = MacAddr([0xfa, 0x16, 0x3e, 0, 0, 3]);
     let (kernel, namespaces) = kernel(&["a", "b"]);
-    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()).with_gateway_mac(old));
+    let backend =
+        Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()).with_gateway_mac(old));
     let store: Arc<dyn PoolStore> = Arc::new(MemoryStore::default());
     let node = node_over(backend.clone(), store.clone(), kernel.clone(), true).await;
     node.add(&pod("a")).await.unwrap();

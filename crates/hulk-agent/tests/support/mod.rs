@@ -69,7 +69,9 @@ async fn node_over(
     pods: Option<Arc<dyn PodDirectory>>,
 ) -> Arc<Node<FakeKernel>> {
     let pools = PoolManager::open(
-        Arc::new(MemoryBackend::new("10.20.0.0/24".parse().expect("a prefix"))),
+        Arc::new(MemoryBackend::new(
+            "10.20.0.0/24".parse().expect("a prefix"),
+        )),
         Arc::new(MemoryStore::default()),
         Arc::new(SystemClock),
         "node-1",

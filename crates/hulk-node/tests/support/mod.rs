@@ -51,7 +51,9 @@ pub fn pod(name: &str) -> PodRequest {
 /// 10.20.0.0/24, its pool warmed up with `config`, restored.
 pub async fn mock_node(kernel: FakeKernel, config: PoolConfig) -> Arc<Node<FakeKernel>> {
     let pools = PoolManager::open(
-        Arc::new(MemoryBackend::new("10.20.0.0/24".parse().expect("a prefix"))),
+        Arc::new(MemoryBackend::new(
+            "10.20.0.0/24".parse().expect("a prefix"),
+        )),
         Arc::new(MemoryStore::default()),
         Arc::new(SystemClock),
         "node-1",
