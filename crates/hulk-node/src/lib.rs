@@ -878,7 +878,7 @@ impl<K: Kernel> Node<K> {
             return Ok(ReconcileReport::default());
         };
         let pods = pods.live_pods().await?;
-        let live: HashSet<(String, String)> = self
+        let live: HashSet<AttachmentId> = self
             .assigned_owners()
             .filter(|owner| {
                 owner
@@ -886,7 +886,7 @@ impl<K: Kernel> Node<K> {
                     .as_ref()
                     .is_none_or(|pod| pods.shows(pod, owner.pod_uid.as_deref()))
             })
-            .map(|owner| (owner.container_id, owner.ifname))
+            .map(|owner| owner.attachment_id())
             .collect();
         let missing = self.pools.find_missing(&live);
         let gone = missing.gone.into_iter().map(|(_, owner)| owner).collect();

@@ -250,9 +250,9 @@ async fn run(faults: BTreeMap<u64, Fault>, ops: Vec<Op>) -> Result<(), TestCaseE
                 system.clock.0.fetch_add(ms, Ordering::SeqCst);
             }
             Op::Reconcile(alive) => {
-                let live: HashSet<(String, String)> = (0..OWNERS)
+                let live: HashSet<hulk_ipam::AttachmentId> = (0..OWNERS)
                     .filter(|n| alive[*n])
-                    .map(|n| (owner(n).container_id, owner(n).ifname))
+                    .map(|n| owner(n).attachment_id())
                     .collect();
                 // As hulk-node's dead-pod collection does: judge, then
                 // release what is gone (after its route is torn down).

@@ -476,7 +476,7 @@ async fn released_addresses_cool_down_before_reuse_and_extras_go_back() {
 /// down its route first); returns the released and the suspected owners.
 async fn collect_gone(
     pools: &PoolManager,
-    live: &HashSet<(String, String)>,
+    live: &HashSet<hulk_ipam::AttachmentId>,
 ) -> (Vec<Owner>, Vec<Owner>) {
     let missing = pools.find_missing(live);
     let mut released = Vec::new();
@@ -493,7 +493,7 @@ async fn reconciliation_spares_a_pod_seen_missing_once() {
     pools.warm_up(&key()).await.unwrap();
     pools.assign(&key(), &owner(1)).await.unwrap();
     pools.assign(&key(), &owner(2)).await.unwrap();
-    let live: HashSet<(String, String)> = [("c1".to_owned(), "eth0".to_owned())].into();
+    let live: HashSet<hulk_ipam::AttachmentId> = [Owner::new("c1", "eth0").attachment_id()].into();
     let (released, suspected) = collect_gone(&pools, &live).await;
     assert_eq!((released.len(), suspected), (0, vec![owner(2)]));
     assert!(pools.lease_of(&owner(2)).is_some());
@@ -509,7 +509,7 @@ async fn a_pod_that_reappears_is_no_longer_suspected() {
     pools.warm_up(&key()).await.unwrap();
     pools.assign(&key(), &owner(1)).await.unwrap();
     collect_gone(&pools, &HashSet::new()).await;
-    let live: HashSet<(String, String)> = [("c1".to_owned(), "eth0".to_owned())].into();
+    let live: HashSet<hulk_ipam::AttachmentId> = [Owner::new("c1", "eth0").attachment_id()].into();
     collect_gone(&pools, &live).await;
     let (released, _) = collect_gone(&pools, &HashSet::new()).await;
     assert!(

@@ -8,9 +8,9 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use hulk_ipam::{Lease, Owner, PoolKey};
+use hulk_ipam::{AttachmentId, Lease, Owner, PoolKey};
 
-use super::{Anomaly, Held, OwnerKey, PoolCore, Refusal, millis, owner_key};
+use super::{Anomaly, Held, PoolCore, Refusal, millis};
 use crate::config::PoolConfig;
 use crate::store::{AddressRecord, AddressState};
 
@@ -99,7 +99,7 @@ pub struct MissingAssignments {
 /// owner is gone only when missing on two passes in a row, since the
 /// Kubernetes API may lag behind a pod being created.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Suspects(HashSet<OwnerKey>);
+pub struct Suspects(HashSet<AttachmentId>);
 
 impl Suspects {
     /// Judges this pass's `missing` owners (with their pool): those
@@ -112,11 +112,11 @@ impl Suspects {
         let mut judged = MissingAssignments::default();
         let mut missing_now = HashSet::new();
         for (key, owner) in missing {
-            let owner_key = owner_key(&owner);
-            if self.0.contains(&owner_key) {
+            let id = owner.attachment_id();
+            if self.0.contains(&id) {
                 judged.gone.push((key, owner));
             } else {
-                missing_now.insert(owner_key);
+                missing_now.insert(id);
                 judged.suspected.push(owner);
             }
         }
@@ -141,10 +141,10 @@ pub fn holder_to_mark(state: &AddressState) -> Option<Option<Owner>> {
 /// and the address is not being returned.
 pub fn mark_is_stale(state: &AddressState, marked: Option<&Owner>) -> bool {
     let holder = match state {
-        AddressState::Assigned(owner) => Some(owner_key(owner)),
+        AddressState::Assigned(owner) => Some(owner.attachment_id()),
         _ => None,
     };
-    *state != AddressState::Releasing && holder != marked.map(owner_key)
+    *state != AddressState::Releasing && holder != marked.map(Owner::attachment_id)
 }
 
 /// `record` as a start takes it from the store: `releasing` (its release
@@ -389,10 +389,10 @@ impl PoolCore {
 
     /// The owners of this pool's assignments missing from `live`
     /// (container id and interface of every live pod interface).
-    pub fn missing_from(&self, live: &HashSet<OwnerKey>) -> Vec<Owner> {
+    pub fn missing_from(&self, live: &HashSet<AttachmentId>) -> Vec<Owner> {
         self.owners
             .iter()
-            .filter(|(owner_key, _)| !live.contains(*owner_key))
+            .filter(|(id, _)| !live.contains(*id))
             .filter_map(|(_, id)| match &self.records.get(id)?.state {
                 AddressState::Assigned(owner) => Some(owner.clone()),
                 _ => None,

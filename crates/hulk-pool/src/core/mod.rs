@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use hulk_ipam::{IpamError, Lease, Owner, PoolKey};
+use hulk_ipam::{AttachmentId, IpamError, Lease, Owner, PoolKey};
 use serde::{Deserialize, Serialize};
 
 use crate::config::PoolConfig;
@@ -49,9 +49,6 @@ pub fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// An owner as the pool indexes it: container id and interface.
-pub type OwnerKey = (String, String);
-
 /// The lease of a record, with its owner when assigned.
 pub fn leased(record: &AddressRecord) -> Lease {
     let mut lease = record.lease.clone();
@@ -59,11 +56,6 @@ pub fn leased(record: &AddressRecord) -> Lease {
         lease.owner = Some(owner.clone());
     }
     lease
-}
-
-/// The index key of an owner.
-pub fn owner_key(owner: &Owner) -> OwnerKey {
-    (owner.container_id.clone(), owner.ifname.clone())
 }
 
 /// A backend's refusal to give more addresses, which pauses refills.
@@ -232,7 +224,7 @@ pub enum RefillEnd {
 pub struct PoolCore {
     records: HashMap<String, AddressRecord>,
     idle: VecDeque<String>,
-    owners: HashMap<OwnerKey, String>,
+    owners: HashMap<AttachmentId, String>,
     waiters: usize,
     in_flight: usize,
     degraded: Option<Refusal>,
@@ -298,7 +290,7 @@ impl PoolCore {
         match &record.state {
             AddressState::Idle => self.idle.push_back(id.clone()),
             AddressState::Assigned(owner) => {
-                self.owners.insert(owner_key(owner), id.clone());
+                self.owners.insert(owner.attachment_id(), id.clone());
             }
             AddressState::Cooldown { .. } | AddressState::Releasing => {}
         }
@@ -319,7 +311,7 @@ impl PoolCore {
         match state {
             AddressState::Idle => self.idle.retain(|idle| idle != id),
             AddressState::Assigned(owner) => {
-                let key = owner_key(owner);
+                let key = owner.attachment_id();
                 if self.owners.get(&key).is_some_and(|held| held == id) {
                     self.owners.remove(&key);
                 }
@@ -330,7 +322,7 @@ impl PoolCore {
 
     /// The record of the address `owner` holds here, if any.
     pub fn held_by(&self, owner: &Owner) -> Option<&AddressRecord> {
-        let id = self.owners.get(&owner_key(owner))?;
+        let id = self.owners.get(&owner.attachment_id())?;
         self.records.get(id)
     }
 
@@ -391,7 +383,7 @@ impl PoolCore {
 
     /// The lease `owner` holds here, if any.
     pub fn assigned_lease(&self, owner: &Owner) -> Option<Lease> {
-        let id = self.owners.get(&owner_key(owner))?;
+        let id = self.owners.get(&owner.attachment_id())?;
         self.records.get(id).map(leased)
     }
 
@@ -466,7 +458,7 @@ impl PoolCore {
     /// Moves `owner`'s address to cooldown: the record as it should be
     /// stored, or `None` when the owner holds nothing here.
     pub fn cool_down(&self, owner: &Owner, now_ms: u64, cooldown_ms: u64) -> Option<AddressRecord> {
-        let id = self.owners.get(&owner_key(owner))?;
+        let id = self.owners.get(&owner.attachment_id())?;
         let mut record = self.records.get(id)?.clone();
         record.state = AddressState::Cooldown {
             until_ms: now_ms.saturating_add(cooldown_ms),
@@ -477,7 +469,7 @@ impl PoolCore {
 
     /// Commits [`PoolCore::cool_down`]'s record.
     pub fn commit_cool_down(&mut self, owner: &Owner, record: AddressRecord) {
-        self.owners.remove(&owner_key(owner));
+        self.owners.remove(&owner.attachment_id());
         self.insert(record);
     }
 

@@ -401,7 +401,7 @@ fn an_index_naming_a_missing_record_is_skipped_not_a_panic() {
     let mut core = PoolCore::default();
     core.idle.push_back("gone".into());
     core.owners
-        .insert(owner_key(&owner("p1")), "gone-too".into());
+        .insert(owner("p1").attachment_id(), "gone-too".into());
     assert_eq!(core.assigned_lease(&owner("p1")), None);
     assert_eq!(core.cool_down(&owner("p1"), 0, 30_000), None);
     assert!(core.take_idle(&owner("p2"), 0).is_none());

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use hulk_ipam::{IpamBackend, IpamError, ListScope, Owner, PoolKey};
+use hulk_ipam::{AttachmentId, IpamBackend, IpamError, ListScope, Owner, PoolKey};
 
 use super::{OrphanSweep, PoolError, PoolManager};
 use crate::core::{MissingAssignments, restored};
@@ -149,7 +149,7 @@ impl PoolManager {
     /// tears each gone owner down and then calls [`PoolManager::release`]. An assignment missing from `live` is
     /// gone only when it was also missing on the previous pass, so a pod
     /// still being created is never robbed.
-    pub fn find_missing(&self, live: &HashSet<(String, String)>) -> MissingAssignments {
+    pub fn find_missing(&self, live: &HashSet<AttachmentId>) -> MissingAssignments {
         let missing: Vec<(PoolKey, Owner)> = self
             .all_pools()
             .iter()
