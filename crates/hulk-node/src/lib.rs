@@ -842,15 +842,19 @@ impl<K: Kernel> Node<K> {
         cni_network: Option<&str>,
         valid: &[Attachment],
     ) -> Result<Vec<Owner>, NodeError> {
-        let valid: HashSet<(&str, &str)> = valid
+        // The spec's `cni.dev/attachments` entries, as the node names them.
+        let valid: HashSet<AttachmentId> = valid
             .iter()
-            .map(|attachment| (attachment.container_id.as_str(), attachment.ifname.as_str()))
+            .map(|attachment| AttachmentId {
+                container_id: attachment.container_id.clone(),
+                ifname: attachment.ifname.clone(),
+            })
             .collect();
         let gone: Vec<Owner> = self
             .assigned_owners()
             .filter(|owner| {
                 owner.cni_network.as_deref() == cni_network
-                    && !valid.contains(&(owner.container_id.as_str(), owner.ifname.as_str()))
+                    && !valid.contains(&owner.attachment_id())
             })
             .collect();
         self.collect_all(gone).await
