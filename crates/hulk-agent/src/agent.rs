@@ -83,9 +83,36 @@ pub enum AgentError {
     /// The node-level datapath could not be restored.
     #[error("cannot restore the node's datapath")]
     Restore(#[source] NodeError),
-    /// The Kubernetes client could not be set up.
-    #[error("cannot set up the Kubernetes client")]
+    /// The Kubernetes client could not be set up, or the node's Lease not
+    /// read or written.
+    #[error("cannot set up the Kubernetes client or the node's Lease")]
     Kubernetes(#[source] hulk_kube::KubeError),
+    /// Another agent holds this node's name: two nodes with one name would
+    /// hand out the same addresses and collect each other's pods.
+    #[error(
+        "another agent ({holder}) holds node {node}'s Lease until {until}; \
+         refusing to start: two agents under one node name would hand out the same addresses"
+    )]
+    NodeHeld {
+        /// The node name.
+        node: String,
+        /// The other agent's instance id (host name and random bits).
+        holder: String,
+        /// When its Lease expires unless renewed (RFC 3339).
+        until: String,
+    },
+    /// The node's Lease was taken by another agent (or not renewed in
+    /// time) while serving: the agent stopped serving.
+    #[error("node {node}'s Lease was lost ({loss}); stopped serving")]
+    LeaseLost {
+        /// The node name.
+        node: String,
+        /// How it was lost.
+        loss: hulk_kube::LeaseLoss,
+    },
+    /// The instance id could not be kept.
+    #[error(transparent)]
+    InstanceId(#[from] crate::identity::InstanceIdError),
     /// The HTTP status endpoint could not listen.
     #[error("cannot listen on {address} for the HTTP status endpoint")]
     Http {
@@ -109,6 +136,8 @@ pub struct Agent<K> {
     /// Stops what runs from construction on (the pod watch) once serving
     /// has stopped.
     watches: CancellationToken,
+    /// The node's Lease, held from construction on (Kubernetes mode).
+    lease: Option<Arc<hulk_kube::NodeLease>>,
 }
 
 impl Agent<NetlinkKernel> {
@@ -151,6 +180,13 @@ impl<K: Kernel + 'static> Agent<K> {
                 which: "rescue",
                 source,
             })?;
+        // Before anything is adopted from the cloud or the store: prove
+        // this agent is the only one under its node name.
+        let watches = CancellationToken::new();
+        let kubernetes = match &config.kubernetes {
+            Some(section) => Some(Kubernetes::connect(section, &config, &watches).await?),
+            None => None,
+        };
         let backend = backend::from_section(&config.backend)?;
         let store: Arc<dyn PoolStore> = match &config.state_file {
             Some(path) => {
@@ -185,10 +221,9 @@ impl<K: Kernel + 'static> Agent<K> {
             default_pool.clone(),
         )
         .with_del_notes(DelNotes::new(&config.pending_del_dir));
-        let watches = CancellationToken::new();
-        let node = match &config.kubernetes {
-            Some(section) => node.with_pods(kube_pods(section, &config.node_name, &watches).await?),
-            None => node,
+        let (node, lease) = match kubernetes {
+            Some(kubernetes) => (node.with_pods(kubernetes.pods), Some(kubernetes.lease)),
+            None => (node, None),
         };
         let http = match config.metrics_address {
             Some(address) => Some(
@@ -206,6 +241,7 @@ impl<K: Kernel + 'static> Agent<K> {
             rescue_socket,
             http,
             watches,
+            lease,
         })
     }
 
@@ -245,6 +281,7 @@ impl<K: Kernel + 'static> Agent<K> {
             rescue_socket: (rescue_listener, rescue_file),
             http,
             watches,
+            lease,
         } = self;
         let node = Arc::new(node);
         let pools = node.pools().clone();
@@ -270,6 +307,23 @@ impl<K: Kernel + 'static> Agent<K> {
         }
 
         let mut background = tokio::task::JoinSet::new();
+        // Losing the node's Lease (another agent took it, or the API was
+        // unreachable for most of its duration) stops serving: two agents
+        // must never serve one node name.
+        let lost = Arc::new(std::sync::Mutex::new(None));
+        if let Some(lease) = &lease {
+            let mut keeper = lease.clone().keep_renewed(watches.child_token());
+            let (stop, lost) = (shutdown.clone(), lost.clone());
+            background.spawn(async move {
+                if let Some(loss) = keeper.lost().await {
+                    tracing::error!(%loss, "the node's Lease is lost: stopping");
+                    *lost
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(loss);
+                    stop.cancel();
+                }
+            });
+        }
         let warming = pools.clone();
         background.spawn(async move {
             match warming.warm_up(&default_pool).await {
@@ -342,39 +396,89 @@ impl<K: Kernel + 'static> Agent<K> {
         }
         // Removed only if still ours (see `SocketFile`).
         drop((socket_file, rescue_file));
+        let loss = lost
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(loss) = loss {
+            return Err(AgentError::LeaseLost {
+                node: config.node_name,
+                loss,
+            });
+        }
+        // Given back, so that a replacement machine need not wait for it
+        // to expire (this machine takes it back at once anyway).
+        if let Some(lease) = lease
+            && let Err(error) = lease.release().await
+        {
+            tracing::warn!(error = %hulk_cni::describe(&error), "cannot release the node's Lease; it expires");
+        }
         Ok(())
     }
 }
 
-/// The node's pods from the Kubernetes API `section` names: a watch of this
-/// node's pods (running until `watches` is cancelled) and an Event
-/// recorder. The API server is not called yet: the watch lists and
-/// retries in the background, and until it has listed, ADD asks with one
-/// GET and GC judges nobody.
-async fn kube_pods(
-    section: &KubernetesSection,
-    node_name: &str,
-    watches: &CancellationToken,
-) -> Result<Arc<dyn PodDirectory>, AgentError> {
-    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
-    let port = std::env::var("KUBERNETES_SERVICE_PORT").ok();
-    let api_server = section
-        .api_server(host.as_deref(), port.as_deref())
-        .map_err(|message| AgentError::Config(ConfigError::Invalid(message)))?;
-    let options = hulk_kube::ClientOptions {
-        api_server: Some(api_server),
-        ca_file: section.ca_file.exists().then(|| section.ca_file.clone()),
-        token_file: section
-            .token_file
-            .exists()
-            .then(|| section.token_file.clone()),
-    };
-    let client = hulk_kube::client(&options)
-        .await
-        .map_err(AgentError::Kubernetes)?;
-    let pods = hulk_kube::NodePods::start(client.clone(), node_name, watches.child_token());
-    let events = hulk_kube::PodEvents::new(client, EVENT_CONTROLLER, node_name);
-    Ok(Arc::new(KubePods::new(pods, events)))
+/// What the agent holds in Kubernetes mode.
+struct Kubernetes {
+    /// The node's pods: a watch and an Event recorder.
+    pods: Arc<dyn PodDirectory>,
+    /// The node's Lease, acquired.
+    lease: Arc<hulk_kube::NodeLease>,
+}
+
+impl Kubernetes {
+    /// Connects to the API server `section` names, acquires the node's
+    /// Lease as this agent's instance (refusing to go on when another
+    /// agent holds it), and starts the watch of the node's pods (running
+    /// until `watches` is cancelled; until it has listed, ADD asks with one
+    /// GET and GC judges nobody).
+    async fn connect(
+        section: &KubernetesSection,
+        config: &AgentConfig,
+        watches: &CancellationToken,
+    ) -> Result<Self, AgentError> {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+        let port = std::env::var("KUBERNETES_SERVICE_PORT").ok();
+        let api_server = section
+            .api_server(host.as_deref(), port.as_deref())
+            .map_err(|message| AgentError::Config(ConfigError::Invalid(message)))?;
+        let options = hulk_kube::ClientOptions {
+            api_server: Some(api_server),
+            ca_file: section.ca_file.exists().then(|| section.ca_file.clone()),
+            token_file: section
+                .token_file
+                .exists()
+                .then(|| section.token_file.clone()),
+        };
+        let client = hulk_kube::client(&options)
+            .await
+            .map_err(AgentError::Kubernetes)?;
+        let holder = crate::identity::instance_id(&config.instance_file)?;
+        let node = &config.node_name;
+        let lease = hulk_kube::NodeLease::new(
+            client.clone(),
+            hulk_kube::LeaseConfig::for_node(node, holder.clone())
+                .in_namespace(section.lease_namespace.clone()),
+        );
+        match lease.acquire().await {
+            Ok(()) => tracing::info!(%holder, "holding the node's Lease"),
+            Err(hulk_kube::KubeError::LeaseHeld {
+                holder, expires_at, ..
+            }) => {
+                return Err(AgentError::NodeHeld {
+                    node: node.clone(),
+                    holder,
+                    until: expires_at.to_string(),
+                });
+            }
+            Err(error) => return Err(AgentError::Kubernetes(error)),
+        }
+        let pods = hulk_kube::NodePods::start(client.clone(), node, watches.child_token());
+        let events = hulk_kube::PodEvents::new(client, EVENT_CONTROLLER, node);
+        Ok(Kubernetes {
+            pods: Arc::new(KubePods::new(pods, events)),
+            lease: Arc::new(lease),
+        })
+    }
 }
 
 /// Cancels `shutdown` on SIGTERM (what Kubernetes sends a stopping pod)

@@ -54,6 +54,11 @@ pub struct AgentConfig {
     /// The Kubernetes API, for pod annotations and the GC's live pods.
     #[serde(default)]
     pub kubernetes: Option<KubernetesSection>,
+    /// Where this agent's instance id is kept: the holder identity of the
+    /// node's Lease. Kept across restarts, so a restarted agent is the same
+    /// holder, while a second machine under the same node name is another.
+    #[serde(default = "default_instance_file")]
+    pub instance_file: PathBuf,
     /// The node's datapath.
     pub network: NetworkSection,
     /// Where pods' addresses come from unless a pod asks otherwise.
@@ -77,6 +82,10 @@ fn default_pending_del_dir() -> PathBuf {
     PathBuf::from(hulk_agent_api::del_notes::DEFAULT_DIR)
 }
 
+fn default_instance_file() -> PathBuf {
+    PathBuf::from("/var/lib/hulk-vpc/instance-id")
+}
+
 fn default_gc_interval() -> u64 {
     60
 }
@@ -95,6 +104,14 @@ pub struct KubernetesSection {
     /// The API server's CA bundle.
     #[serde(default = "default_kube_ca_file")]
     pub ca_file: PathBuf,
+    /// The namespace of the node's Lease (`hulk-vpc-node-<node>`), which
+    /// fences the node's identity: one agent per node name.
+    #[serde(default = "default_lease_namespace")]
+    pub lease_namespace: String,
+}
+
+fn default_lease_namespace() -> String {
+    "hulk-vpc".into()
 }
 
 const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -750,6 +767,7 @@ mod tests {
             api_server: None,
             token_file: default_token_file(),
             ca_file: default_kube_ca_file(),
+            lease_namespace: default_lease_namespace(),
         };
         assert_eq!(
             section.api_server(Some("10.96.0.1"), Some("443")).unwrap(),

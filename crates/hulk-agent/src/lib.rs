@@ -15,11 +15,13 @@
 //! - [`http`]: the HTTP status endpoint (`/metrics`, `/healthz`).
 //! - [`backend`]: the IPAM backend a configuration names.
 //! - [`kubernetes`]: the node's pod directory over the Kubernetes API.
+//! - [`identity`]: the instance id that holds the node's Lease.
 
 mod agent;
 pub mod backend;
 pub mod config;
 pub mod http;
+pub mod identity;
 pub mod kubernetes;
 pub mod plugin_service;
 pub mod rescue;

@@ -129,6 +129,14 @@ pub struct IdentityLease {
     held: Mutex<Option<(Lease, Instant)>>,
 }
 
+impl fmt::Debug for IdentityLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityLease")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The lease that fences one node's agent ([`LeaseConfig::for_node`]).
 pub type NodeLease = IdentityLease;
 /// The lease that elects a controller's active replica
