@@ -27,6 +27,12 @@
 #   HULK-VM-RESULT: fail (F of N failed: NAME...) run=TOKEN
 #   HULK-VM-RESULT: fail (modules did not load: M...; F of N failed[: NAME...]) run=TOKEN
 
+# First: the PATH for what follows.
+vm_path='' count='' token=''
+# shellcheck source=/dev/null
+. /tests/config
+export PATH="$vm_path" HOME=/root TERM=dumb HULK_IN_VM=1
+
 /bin/busybox mount -t proc proc /proc
 # Needs /proc to name itself as the links' target.
 /bin/busybox --install -s
@@ -51,11 +57,6 @@ mkdir -p /run/netns /sys/fs/cgroup
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 hostname hulk-vm
 ip link set lo up
-
-vm_path='' count='' token=''
-# shellcheck source=/dev/null
-. /tests/config
-export PATH="$vm_path" HOME=/root TERM=dumb HULK_IN_VM=1
 
 missing_modules=
 while read -r module kind; do

@@ -5,8 +5,8 @@
 # vm/run-in-vm.sh, which calls these functions in the order they appear
 # here (add_modules of vm/lib/modules.sh anywhere after new_tree).
 #
-# Reads: work (a scratch directory), root (the tree to fill). Needs
-# vm/lib/host.sh.
+# Reads: work (a scratch directory), root (the tree to fill, in it) and
+# vm_dir (vm/, for the runner). Needs vm/lib/host.sh.
 # The variables it reads are vm/run-in-vm.sh's, which shellcheck cannot see here:
 # shellcheck disable=SC2154
 

@@ -143,6 +143,7 @@ pvh_kernel() {
     fi
 }
 
+# Finds or fetches the kernel and sets the variables named at the top.
 use_kernel() {
     tree=$(kernel_tree)
     kernel=$(find "$tree/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit)
