@@ -1,4 +1,6 @@
-# Shared by scripts/vm-tests and scripts/vm-bench; source it.
+# shellcheck shell=bash
+# Shared by scripts/vm-tests, scripts/vm-bench and scripts/demo; source it
+# from the checkout's root. Sets target (below).
 
 # Prints the executables cargo builds for the given `cargo test`/`cargo bench`
 # arguments (with --no-run), one per line.
@@ -12,6 +14,11 @@ for line in sys.stdin:
         print(message["executable"])
 '
 }
+
+# Cargo's target directory, absolute: target/ in the checkout unless
+# CARGO_TARGET_DIR or cargo's configuration says otherwise.
+target=$(cargo metadata --format-version 1 --no-deps --locked \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 
 # Runs vm/run-in-vm.sh with what the VPC topology needs: a bridge as the
 # subnet, iptables (nft backend) standing in for kube-proxy, and the
@@ -29,19 +36,19 @@ run_in_vpc_vm() {
 }
 
 # Prints the --file options (one per line) that put the node's programs,
-# stripped, into the VM at their host paths under PROFILE_DIR (target/debug
-# or target/release): the e2e tests exec them there (CARGO_BIN_EXE_*).
+# stripped, into the VM at their host paths in $target/PROFILE (debug or
+# release): the e2e tests exec them there (CARGO_BIN_EXE_*).
 node_program_files() {
-    local program profile_dir=$1
+    local program profile_dir=$target/$1
     for program in hulk-agent hulk-vpc-cni hulkctl hulk-ultron-fake; do
-        printf '%s\n' --file "$PWD/$(stripped "$profile_dir/$program"):$PWD/$profile_dir/"
+        printf '%s\n' --file "$(stripped "$profile_dir/$program"):$profile_dir/"
     done
 }
 
 # Copies each binary without its debug info (a tenth of the size, so the
-# VM's initramfs stays small) to target/vm/ and prints the copies' paths.
+# VM's initramfs stays small) to $target/vm/ and prints the copies' paths.
 stripped() {
-    local binary directory=target/vm
+    local binary directory=$target/vm
     mkdir -p "$directory"
     for binary in "$@"; do
         objcopy --strip-debug "$binary" "$directory/${binary##*/}"
