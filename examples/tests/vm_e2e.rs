@@ -153,6 +153,9 @@ rescue_socket = "{dir}/rescue.sock"
 state_file = "{dir}/pool.redb"
 node_netns = "{netns}"
 gc_interval_seconds = 3600
+# As long as the plugin waits (agentTimeoutSeconds below): a burst of 100
+# ADDs on a 1.5 s backend in a 2-core VM takes most of a minute.
+request_timeout_seconds = 120
 pending_del_dir = "{dir}/pending-dels"
 [network]
 parent = "eth1"
