@@ -10,7 +10,7 @@
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use hulk_node::testing as support;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -266,7 +266,7 @@ async fn node(pods: Arc<KubePods>, sandboxes: &[&str]) -> Arc<Node<FakeKernel>> 
         assign_timeout: Duration::from_millis(50),
         ..PoolConfig::default()
     };
-    let node = support::mock_node_with_pods(kernel, config, pods).await;
+    let node = support::memory_node_with_pods(kernel, config, pods).await;
     node.pools().warm_up(&annotated_key()).await.unwrap();
     node
 }

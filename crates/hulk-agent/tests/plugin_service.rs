@@ -3,7 +3,7 @@
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use hulk_node::testing as support;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -52,7 +52,7 @@ async fn start(socket: &Path) -> CancellationToken {
         max_idle: 40,
         ..PoolConfig::default()
     };
-    let node = support::mock_node(kernel, config).await;
+    let node = support::memory_node(kernel, config).await;
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket).unwrap();
     let stop = CancellationToken::new();

@@ -9,7 +9,7 @@
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use hulk_node::testing as support;
 
 use std::io::{BufRead, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -68,7 +68,7 @@ async fn node() -> Arc<Node<FakeKernel>> {
         warm_up: 4,
         ..PoolConfig::default()
     };
-    support::mock_node(kernel, config).await
+    support::memory_node(kernel, config).await
 }
 
 /// A running server; dropping it does not stop it (the test's runtime

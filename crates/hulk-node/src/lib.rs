@@ -96,6 +96,8 @@ use crate::serial::Serializer;
 pub mod attachments;
 pub mod pods;
 mod serial;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// When the agent stops working for `request`: a little before the
 /// caller's own timeout (the request took time to arrive, and the answer

@@ -8,7 +8,7 @@
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use hulk_node::testing as support;
 
 use support::{key, network};
 

@@ -1,16 +1,16 @@
-//! What the node's tests share: the default pool, the node network, a
-//! pod's request, and a node over the mock backend and an in-memory kernel.
-
-// Each test binary uses only part of this module.
-#![allow(dead_code)]
+//! What tests of the node and of the crates above it share (feature
+//! `testing`): the default pool, the node network, a pod's request, and a
+//! node over the in-memory backend and the fake kernel. A helper panics
+//! when its setup fails: it is how a test setup reports a broken test.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::pods::PodDirectory;
+use crate::{Node, PodRequest};
 use hulk_ipam::{MemoryBackend, Owner, PoolKey};
 use hulk_netns::fake::FakeKernel;
 use hulk_netns::{Datapath, NodeNetwork, SlaveKind};
-use hulk_node::{Node, PodRequest};
 use hulk_pool::{MemoryStore, PoolConfig, PoolManager, SystemClock};
 
 /// The pool every test pod takes its address from.
@@ -49,7 +49,24 @@ pub fn pod(name: &str) -> PodRequest {
 
 /// A node over `kernel` (which must hold `eth1`) and the mock backend in
 /// 10.20.0.0/24, its pool warmed up with `config`, restored.
-pub async fn mock_node(kernel: FakeKernel, config: PoolConfig) -> Arc<Node<FakeKernel>> {
+pub async fn memory_node(kernel: FakeKernel, config: PoolConfig) -> Arc<Node<FakeKernel>> {
+    node_over(kernel, config, None).await
+}
+
+/// [`memory_node`], learning about pods from `pods`.
+pub async fn memory_node_with_pods(
+    kernel: FakeKernel,
+    config: PoolConfig,
+    pods: Arc<dyn PodDirectory>,
+) -> Arc<Node<FakeKernel>> {
+    node_over(kernel, config, Some(pods)).await
+}
+
+async fn node_over(
+    kernel: FakeKernel,
+    config: PoolConfig,
+    pods: Option<Arc<dyn PodDirectory>>,
+) -> Arc<Node<FakeKernel>> {
     let pools = PoolManager::open(
         Arc::new(MemoryBackend::new(
             "10.20.0.0/24".parse().expect("a prefix"),
@@ -62,7 +79,11 @@ pub async fn mock_node(kernel: FakeKernel, config: PoolConfig) -> Arc<Node<FakeK
     .await
     .expect("the pools open");
     pools.warm_up(&key()).await.expect("the pool warms up");
-    let node = Arc::new(Node::new(pools, Datapath::new(kernel), network(), key()));
+    let mut node = Node::new(pools, Datapath::new(kernel), network(), key());
+    if let Some(pods) = pods {
+        node = node.with_pods(pods);
+    }
+    let node = Arc::new(node);
     node.restore().await.expect("the node restores");
     node
 }
