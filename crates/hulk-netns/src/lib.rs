@@ -15,7 +15,7 @@
 //! ```no_run
 //! use std::path::Path;
 //!
-//! use hulk_netns::{Datapath, NetlinkKernel, Ownership, PodNetwork, SlaveKind};
+//! use hulk_netns::{Datapath, MacAddr, NetlinkKernel, Ownership, PodNetwork, SlaveKind};
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let datapath = Datapath::new(NetlinkKernel::new()?);
