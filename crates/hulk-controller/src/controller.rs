@@ -164,7 +164,7 @@ impl Controller {
     /// One pass: list the cluster's allocations, then (so that every lease
     /// listed was made for a node and a pod created before these reads)
     /// the nodes and, when a holder check needs them, the pods; plan; apply
-    /// while `stop` has not fired, dropping before each batch the releases
+    /// while `stop` has not fired, dropping before each call the releases
     /// whose node is listed again. `memory` moves on only when the pass
     /// judged.
     ///

@@ -1,4 +1,4 @@
-//! Applying releases: paced, bounded, in batches, stopping when told, one
+//! Applying releases: paced, bounded, reported in batches, stopping when told, one
 //! audit line and one metric per address. Shared by the controller's
 //! passes and the cluster teardown.
 
@@ -23,7 +23,7 @@ pub struct ReleaseTally {
     /// The backend refused or failed; the next pass tries again.
     pub failed: usize,
     /// Not attempted: leadership lost or shutdown, or the node came back
-    /// before its batch.
+    /// before its call.
     pub skipped: usize,
 }
 
@@ -36,13 +36,14 @@ impl ReleaseTally {
     }
 }
 
-/// Releases `releases` in batches of `settings.batch_size`: before each
-/// batch, `still_wanted` drops the releases that no longer hold (a node
-/// listed again); within a batch, `settings.concurrency` calls at a time,
-/// started no faster than `settings.releases_per_second`. Once `stop`
-/// fires no further call starts (calls in flight finish: a release is
-/// idempotent, and a new leader repeats what was cut off). A `NotFound`
-/// counts as done ([`ReleaseTally::already_gone`]).
+/// Releases `releases`, `settings.concurrency` calls at a time, started no
+/// faster than `settings.releases_per_second`, with a progress line every
+/// `settings.batch_size` releases. Right before each call, after its turn
+/// came, the release is dropped when `stop` has fired (leadership lost,
+/// shutdown: calls in flight finish, as a release is idempotent and a new
+/// leader repeats what was cut off) or `still_wanted` says no more (a node
+/// listed again). A `NotFound` counts as done
+/// ([`ReleaseTally::already_gone`]).
 pub(crate) async fn release_all(
     backend: &dyn IpamBackend,
     releases: Vec<Release>,
@@ -52,39 +53,34 @@ pub(crate) async fn release_all(
     still_wanted: impl Fn(&Release) -> bool,
 ) -> ReleaseTally {
     let mut pace = tokio::time::interval(settings.spacing());
-    // After a pause (a slow batch, a slow check) calls resume at the same
-    // spacing instead of catching up in a burst.
+    // After a pause calls resume at the same spacing instead of catching up
+    // in a burst.
     pace.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let pace = Mutex::new(pace);
+    let total = releases.len();
+    // The futures are made first: a stream that maps with a borrowing
+    // closure is not `Send` for every lifetime, which tokio::spawn needs.
+    // None runs before the stream polls it.
+    let calls: Vec<_> = releases
+        .iter()
+        .map(|release| release_one(backend, release, &pace, metrics, stop, &still_wanted))
+        .collect();
+    let mut outcomes = futures::stream::iter(calls).buffer_unordered(settings.concurrency.max(1));
     let mut tally = ReleaseTally::default();
-    for batch in releases.chunks(settings.batch_size.max(1)) {
-        if stop.is_cancelled() {
-            tally.skipped += batch.len();
-            continue;
-        }
-        let (wanted, dropped): (Vec<&Release>, Vec<&Release>) =
-            batch.iter().partition(|release| still_wanted(release));
-        tally.skipped += dropped.len();
-        for release in dropped {
+    let mut done = 0;
+    while let Some(outcome) = outcomes.next().await {
+        tally.add(outcome);
+        done += 1;
+        if done % settings.batch_size.max(1) == 0 || done == total {
             tracing::info!(
-                lease = %release.lease.id,
-                node = %release.lease.node,
-                reason = %release.reason,
-                "not releasing: the node is listed again"
+                done,
+                total,
+                released = tally.released,
+                already_gone = tally.already_gone,
+                failed = tally.failed,
+                skipped = tally.skipped,
+                "releases"
             );
-        }
-        // The futures are made first: a stream that maps with a borrowing
-        // closure is not `Send` for every lifetime, which tokio::spawn needs.
-        let calls: Vec<_> = wanted
-            .into_iter()
-            .map(|release| release_one(backend, release, &pace, metrics, stop))
-            .collect();
-        let outcomes: Vec<ReleaseTally> = futures::stream::iter(calls)
-            .buffer_unordered(settings.concurrency.max(1))
-            .collect()
-            .await;
-        for outcome in outcomes {
-            tally.add(outcome);
         }
     }
     tally
@@ -96,6 +92,7 @@ async fn release_one(
     pace: &Mutex<Interval>,
     metrics: &ControllerMetrics,
     stop: &CancellationToken,
+    still_wanted: &impl Fn(&Release) -> bool,
 ) -> ReleaseTally {
     let skipped = ReleaseTally {
         skipped: 1,
@@ -105,8 +102,18 @@ async fn release_one(
         () = stop.cancelled() => return skipped,
         _ = async { pace.lock().await.tick().await } => {}
     }
-    // Checked again after the wait: leadership may have gone meanwhile.
+    // Checked after the wait: leadership may have gone meanwhile, or the
+    // node come back.
     if stop.is_cancelled() {
+        return skipped;
+    }
+    if !still_wanted(release) {
+        tracing::info!(
+            lease = %release.lease.id,
+            node = %release.lease.node,
+            reason = %release.reason,
+            "not releasing: the node is listed again"
+        );
         return skipped;
     }
     let lease = &release.lease;

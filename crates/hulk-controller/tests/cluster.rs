@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hulk_controller::{
-    Controller, ControllerConfig, ControllerMetrics, Force, LEADER_LEASE, Outcome, Reason,
-    ReleaseSettings, TeardownError, teardown,
+    Controller, ControllerConfig, ControllerMetrics, Force, GoneMemory, LEADER_LEASE, Outcome,
+    Reason, ReleaseSettings, TeardownError, teardown,
 };
 use hulk_ipam::{
     AllocationRequest, FaultPlan, Faulty, IpamBackend, Lease, ListScope, MockBackend, PoolKey,
 };
-use hulk_kube::{ClientOptions, LeaseConfig};
+use hulk_kube::{ClientOptions, ClusterNodes, LeaseConfig};
 use hulk_kube_standin::{StandIn, StandInConfig};
 use hulk_openstack::ultron::UltronBackend;
 use hulk_openstack::{HttpClient, HttpSettings};
@@ -706,5 +706,80 @@ async fn a_new_leader_finishes_the_sweep_of_a_killed_one() {
         started.elapsed() < Duration::from_secs(60),
         "took {:?}",
         started.elapsed()
+    );
+}
+
+/// The figures of docs/operations.md: with the default release settings
+/// and every backend call taking 1.5 s, the pass that returns a deleted
+/// node's 100 addresses, and a teardown of 200 addresses, timed and their
+/// backend calls counted; a 10,000-address teardown is extrapolated from
+/// the measured time per release. Run with
+/// `cargo nextest run -p hulk-controller --run-ignored only --no-capture figures`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "about 40 s: the release figures of docs/operations.md"]
+async fn figures_at_one_and_a_half_seconds_a_call() {
+    const CALL: Duration = Duration::from_millis(1500);
+    let settings = ReleaseSettings::default();
+    let standin = standin().await;
+    let memory = MockBackend::new(
+        "10.0.0.0/16"
+            .parse()
+            .unwrap_or_else(|error| panic!("{error}")),
+    );
+    for node in ["node-a", "node-b"] {
+        allocate(&memory, node, 100).await;
+        apply_node(&standin, node, "True");
+    }
+    let backend = Arc::new(Faulty::new(memory, FaultPlan::fixed_latency(CALL)));
+    let client = kube_client(&standin).await;
+    let controller = Controller::new(
+        backend.clone(),
+        client.clone(),
+        config(0, settings.clone()),
+        leader("figures"),
+    );
+    let stop = CancellationToken::new();
+    let nodes = ClusterNodes::start(client, stop.child_token());
+    assert!(standin.delete_node("node-b"));
+    let mut memory = GoneMemory::default();
+    // The first pass that misses the node only remembers it.
+    let first = controller.pass(&nodes, &mut memory, &stop).await;
+    let first = first.unwrap_or_else(|error| panic!("pass fails: {error}"));
+    assert_eq!((first.missing_nodes, first.tally.released), (1, 0));
+
+    let calls = backend.calls();
+    let clock = Instant::now();
+    let second = controller.pass(&nodes, &mut memory, &stop).await;
+    let node_time = clock.elapsed();
+    let node_calls = backend.calls() - calls;
+    let second = second.unwrap_or_else(|error| panic!("pass fails: {error}"));
+    assert_eq!(second.tally.released, 100);
+    assert_eq!(node_calls, 101);
+
+    allocate(backend.inner(), "node-c", 100).await;
+    let calls = backend.calls();
+    let clock = Instant::now();
+    let report = teardown(backend.as_ref(), 0, Force::Yes, &settings, &stop).await;
+    let teardown_time = clock.elapsed();
+    let teardown_calls = backend.calls() - calls;
+    let report = report.unwrap_or_else(|error| panic!("teardown fails: {error}"));
+    assert_eq!((report.tally.released, report.remaining), (200, 0));
+    assert_eq!(teardown_calls, 202);
+    // Two lists, the releases started one spacing apart, and the last
+    // release's own call: the spacing measured scales to 10,000.
+    let spacing = teardown_time.saturating_sub(3 * CALL) / 199;
+    let ten_thousand = 3 * CALL + spacing * 9_999;
+    println!(
+        "settings: {} releases/s, {} in flight, batches of {}; 1.5 s a backend call",
+        settings.releases_per_second, settings.concurrency, settings.batch_size
+    );
+    println!(
+        "deleted node, 100 addresses: the pass that returns them took {node_time:.1?} with {node_calls} backend calls (1 list + 100 releases)"
+    );
+    println!(
+        "teardown of 200 addresses: {teardown_time:.1?}, {teardown_calls} backend calls (2 lists + 200 releases), releases started {spacing:.1?} apart"
+    );
+    println!(
+        "teardown of 10,000 addresses (extrapolated): {ten_thousand:.0?}, 10,002 backend calls"
     );
 }
