@@ -2,11 +2,14 @@
 //! leader lease, watches the Nodes, and on every pass lists the cluster's
 //! allocations, plans, and applies the plan while it leads.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hulk_ipam::{IpamBackend, IpamError, ListScope};
 use hulk_kube::{ClusterNodes, KubeError, LeaderLease, LeaseConfig};
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +31,16 @@ pub enum PassError {
     /// its watch is failing).
     #[error("cannot tell which nodes exist")]
     Nodes(#[source] KubeError),
+    /// A node the reflector misses could not be looked up to confirm it is
+    /// gone.
+    #[error("cannot confirm that node {node} is gone")]
+    Confirm {
+        /// The node.
+        node: String,
+        /// The GET's failure.
+        #[source]
+        source: KubeError,
+    },
 }
 
 /// What one pass did.
@@ -49,7 +62,7 @@ pub struct PassReport {
 /// leader lease) returns the addresses of nodes gone from the API
 /// ([`crate::plan`] says which and why).
 ///
-/// Kubernetes RBAC: `list`, `watch` on `nodes`; `list` on `pods`
+/// Kubernetes RBAC: `get`, `list`, `watch` on `nodes`; `list` on `pods`
 /// (metadata); `get`, `create`, `update` on `leases.coordination.k8s.io` in
 /// the lease's namespace.
 pub struct Controller {
@@ -220,6 +233,28 @@ impl Controller {
                 ),
             }
         }
+        // The reflector's store can be stale (a watch failing for longer
+        // than the grace period never learns of a node added meanwhile): a
+        // node loses addresses only when a GET confirms it is gone.
+        let suspects: BTreeSet<&str> = judged
+            .releases
+            .iter()
+            .map(|release| release.lease.node.as_str())
+            .collect();
+        let mut present = Vec::new();
+        for node in suspects {
+            if self.node_exists(node).await? {
+                present.push(node.to_owned());
+            }
+        }
+        if !present.is_empty() {
+            tracing::warn!(
+                nodes = ?present,
+                "nodes the watch's cache misses exist: keeping their addresses"
+            );
+            view.nodes.extend(present);
+            judged = plan(&view, &leases, memory, now, grace);
+        }
         let gone_nodes = judged.missing.iter().filter(|node| node.gone).count();
         self.metrics
             .missing_nodes
@@ -247,6 +282,23 @@ impl Controller {
             },
             judged.releases,
         ))
+    }
+}
+
+impl Controller {
+    /// Whether the API has the Node `name` now: one GET of its metadata.
+    async fn node_exists(&self, name: &str) -> Result<bool, PassError> {
+        Api::<Node>::all(self.client.clone())
+            .get_metadata_opt(name)
+            .await
+            .map(|node| node.is_some())
+            .map_err(|source| PassError::Confirm {
+                node: name.to_owned(),
+                source: KubeError::Request {
+                    action: format!("get node {name}"),
+                    source: Box::new(source),
+                },
+            })
     }
 }
 

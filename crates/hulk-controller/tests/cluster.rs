@@ -15,7 +15,7 @@ use hulk_ipam::{
     AllocationRequest, FaultPlan, Faulty, IpamBackend, Lease, ListScope, MockBackend, PoolKey,
 };
 use hulk_kube::{ClientOptions, ClusterNodes, LeaseConfig};
-use hulk_kube_standin::{StandIn, StandInConfig};
+use hulk_kube_standin::{Resource, StandIn, StandInConfig, Verb};
 use hulk_openstack::ultron::UltronBackend;
 use hulk_openstack::{HttpClient, HttpSettings};
 use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
@@ -403,6 +403,60 @@ async fn holders_gone_everywhere_go_before_the_grace_period() {
     let listed = ids().await;
     assert_eq!(listed.len(), 2);
     assert!(listed.contains(&leases[2].id) && listed.contains(&on_ready[0].id));
+    replica.stop().await;
+}
+
+/// The Node watch fails for good after the first list, so the cache never
+/// learns of a node added later: a GET confirms that node exists, and it
+/// keeps its addresses, while a node the API really lacks loses its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_the_stale_cache_misses_keeps_its_addresses() {
+    let standin = standin().await;
+    let ultron = Ultron::start(Duration::ZERO).await;
+    let prod: Arc<dyn IpamBackend> = Arc::new(ultron.client(CLUSTER));
+    apply_node(&standin, "old-1", "True");
+    allocate(prod.as_ref(), "old-1", 2).await;
+    let replica = Replica::start(Controller::new(
+        prod.clone(),
+        kube_client(&standin).await,
+        config(0, fast()),
+        leader("replica-a"),
+    ));
+    let ok_passes = || {
+        replica
+            .metrics
+            .passes
+            .get_or_create(&hulk_controller::PassLabels {
+                result: "ok".to_owned(),
+            })
+            .get()
+    };
+    assert!(eventually(Duration::from_secs(20), || ok_passes() >= 1).await);
+    standin.deny(Verb::Watch, Resource::Nodes);
+    standin.deny(Verb::List, Resource::Nodes);
+    standin.close_watches();
+    apply_node(&standin, "new-1", "True");
+    let added = allocate(prod.as_ref(), "new-1", 3).await;
+    allocate(prod.as_ref(), "never-listed", 2).await;
+    let passes = ok_passes();
+    assert!(eventually(Duration::from_secs(20), || ok_passes() >= passes + 3).await);
+
+    let remaining = by_node(&list(prod.as_ref()).await);
+    let mut ids: Vec<String> = added.into_iter().map(|lease| lease.id).collect();
+    ids.sort();
+    assert_eq!(
+        remaining.get("new-1"),
+        Some(&ids),
+        "the new node lost addresses"
+    );
+    assert_eq!(remaining.get("old-1").map(Vec::len), Some(2));
+    assert_eq!(
+        remaining.get("never-listed"),
+        None,
+        "a node the API lacks kept its addresses"
+    );
+    assert_eq!(replica.released(Reason::NodeGone), 2);
+    assert!(standin.requests(Verb::Get, Resource::Nodes) >= 2);
     replica.stop().await;
 }
 
