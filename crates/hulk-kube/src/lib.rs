@@ -7,6 +7,8 @@
 //!   controller replica.
 //! - [`PodEvents`]: `events.k8s.io/v1` Events on pods.
 //! - [`ClusterNodes`]: the cluster's Node objects, for the controller.
+//! - [`pod_uids`]: the UIDs of every pod in the cluster (paged metadata
+//!   LISTs), for the controller's check of holder marks.
 //! - [`KubeError`], which tells configuration errors (401/403) from
 //!   transient ones.
 //! - [`client`]: a [`kube::Client`] from in-cluster settings, kubeconfig,
@@ -34,7 +36,7 @@ pub use error::KubeError;
 pub use events::{EventKind, PodEvent, PodEvents};
 pub use lease::{IdentityLease, LeaderLease, LeaseConfig, LeaseKeeper, LeaseLoss, NodeLease};
 pub use nodes::ClusterNodes;
-pub use pods::{NodePods, PodMeta};
+pub use pods::{NodePods, PodMeta, pod_uids};
 
 /// Where the API server is and how to authenticate to it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1,11 +1,11 @@
 //! [`NodePods`]: the pods of one node, from a metadata-only reflector.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, ObjectMeta};
+use kube::api::{Api, ListParams, ObjectMeta};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -112,5 +112,34 @@ impl NodePods {
     /// `timeout` passes first.
     pub async fn wait_synced(&self, timeout: Duration) -> Result<(), KubeError> {
         self.reflection.wait_synced(timeout).await
+    }
+}
+
+/// How many pods one page of [`pod_uids`] asks for: the apiserver's own
+/// suggestion for clients that page.
+const POD_PAGE: u32 = 500;
+
+/// The UIDs of every pod in the cluster, in any namespace and phase, from
+/// paged metadata-only LISTs (`Accept: ...;as=PartialObjectMetadataList`,
+/// `limit` 500 with `continue`), for the cluster controller's check that a
+/// holder mark names a pod that exists nowhere any more. One call is a
+/// consistent snapshot (every page is served from the first page's
+/// resource version); a page that expires under it (410) is an error, and
+/// the caller lists again on its next pass. RBAC: `list` on `pods`
+/// cluster-wide.
+pub async fn pod_uids(client: Client) -> Result<HashSet<String>, KubeError> {
+    let api = Api::<Pod>::all(client);
+    let mut uids = HashSet::new();
+    let mut params = ListParams::default().limit(POD_PAGE);
+    loop {
+        let page = api
+            .list_metadata(&params)
+            .await
+            .map_err(KubeError::request("list pods (metadata) in all namespaces"))?;
+        uids.extend(page.items.into_iter().filter_map(|pod| pod.metadata.uid));
+        match page.metadata.continue_.filter(|token| !token.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(uids),
+        }
     }
 }

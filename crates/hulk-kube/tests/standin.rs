@@ -252,6 +252,52 @@ async fn pod_falls_back_to_a_get_for_a_pod_not_yet_in_the_store() {
     cancel.cancel();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_uids_pages_through_every_namespace() {
+    let standin = standin(StandInConfig::default()).await;
+    let mut expected = BTreeSet::new();
+    // More than one page (500), in two namespaces, on several nodes and in
+    // every phase: a pod exists while its object does.
+    for index in 0..620 {
+        let mut pod = pod(&format!("p-{index}"), &format!("n{}", index % 7), "Running");
+        if index % 2 == 1 {
+            pod.metadata.namespace = Some("other".to_owned());
+        }
+        if index % 5 == 0 {
+            pod.status = Some(PodStatus {
+                phase: Some("Succeeded".to_owned()),
+                ..PodStatus::default()
+            });
+        }
+        let stored = apply_pod(&standin, &pod);
+        expected.insert(stored.metadata.uid.unwrap_or_default());
+    }
+    let gone = apply_pod(&standin, &pod("gone", "n1", "Running"));
+    assert!(standin.delete_pod("default", "gone"));
+
+    let uids = hulk_kube::pod_uids(client(&standin).await).await;
+    let uids: BTreeSet<String> = match uids {
+        Ok(uids) => uids.into_iter().collect(),
+        Err(error) => panic!("pod_uids fails: {error:?}"),
+    };
+    assert_eq!(uids.len(), 620);
+    assert_eq!(uids, expected);
+    assert!(!uids.contains(&gone.metadata.uid.unwrap_or_default()));
+    assert_eq!(standin.requests(Verb::List, Resource::Pods), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_uids_reports_a_refused_list_as_configuration() {
+    let standin = standin(StandInConfig::default()).await;
+    apply_pod(&standin, &pod("p", "n1", "Running"));
+    standin.fail_next(Verb::List, Resource::Pods, Failure::Status(403));
+    let error = hulk_kube::pod_uids(client(&standin).await).await.err();
+    assert!(
+        error.as_ref().is_some_and(KubeError::is_configuration),
+        "{error:?}"
+    );
+}
+
 fn node(name: &str, ready: &str) -> Node {
     Node {
         metadata: ObjectMeta {
