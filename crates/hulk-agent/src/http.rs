@@ -142,42 +142,84 @@ impl AsyncWrite for BoundedStream {
     }
 }
 
-/// `/healthz`: 503 with the reason while the pool store cannot write (a
-/// liveness probe then restarts an agent that does not recover by
-/// itself), else 200: `ok`, or `degraded: ...` when the backend refuses
-/// the node's credentials (a restart would not help, and an agent in a
-/// restart loop could not serve DEL either; STATUS says 50 meanwhile).
-async fn healthz(pools: Arc<PoolManager>) -> (StatusCode, String) {
-    let store_failing = pools.store().failing().is_some();
-    let problems = hulk_node::agent_problems(&pools);
-    match (store_failing, problems.is_empty()) {
-        (true, _) => (
+/// What `/healthz` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// 200 `ok`.
+    Ok,
+    /// 200 `degraded: ...`: a problem a restart would not cure.
+    Degraded(String),
+    /// 503 `failing: ...`: a liveness probe should restart the process.
+    Failing(String),
+}
+
+/// What the endpoint serves besides the registry: gauges to bring up to
+/// date before each scrape, and the health `/healthz` reports.
+pub trait Status: Send + Sync + 'static {
+    /// Brings gauges up to date before a scrape.
+    fn refresh(&self) {}
+
+    /// What `/healthz` says.
+    fn health(&self) -> Health {
+        Health::Ok
+    }
+}
+
+/// Nothing to refresh, always healthy: a process whose metrics are all
+/// counters kept up to date as it works (the cluster controller).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AlwaysHealthy;
+
+impl Status for AlwaysHealthy {}
+
+/// The agent's pools: gauges refreshed per scrape; failing while the pool
+/// store cannot write (a liveness probe then restarts an agent that does
+/// not recover by itself), degraded when the backend refuses the node's
+/// credentials (a restart would not help, and an agent in a restart loop
+/// could not serve DEL either; STATUS says 50 meanwhile).
+impl Status for PoolManager {
+    fn refresh(&self) {
+        self.refresh_metrics();
+    }
+
+    fn health(&self) -> Health {
+        let problems = hulk_node::agent_problems(self);
+        if self.store().failing().is_some() {
+            Health::Failing(problems.join("; "))
+        } else if problems.is_empty() {
+            Health::Ok
+        } else {
+            Health::Degraded(problems.join("; "))
+        }
+    }
+}
+
+fn healthz(health: Health) -> (StatusCode, String) {
+    match health {
+        Health::Ok => (StatusCode::OK, "ok\n".to_owned()),
+        Health::Degraded(problems) => (StatusCode::OK, format!("degraded: {problems}\n")),
+        Health::Failing(problems) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("failing: {}\n", problems.join("; ")),
-        ),
-        (false, true) => (StatusCode::OK, "ok\n".to_owned()),
-        (false, false) => (
-            StatusCode::OK,
-            format!("degraded: {}\n", problems.join("; ")),
+            format!("failing: {problems}\n"),
         ),
     }
 }
 
-/// Serves Prometheus' `/metrics` (pool gauges refreshed per scrape) and
+/// Serves Prometheus' `/metrics` (`status` refreshed per scrape) and
 /// `/healthz` until `shutdown`, within `limits`.
-pub async fn serve(
+pub async fn serve<S: Status>(
     listener: TcpListener,
     limits: HttpLimits,
-    pools: Arc<PoolManager>,
+    status: Arc<S>,
     registry: Registry,
     shutdown: CancellationToken,
 ) {
     let registry = Arc::new(registry);
-    let health = pools.clone();
+    let health = status.clone();
     let scrape = move || {
-        let (pools, registry) = (pools.clone(), registry.clone());
+        let (status, registry) = (status.clone(), registry.clone());
         async move {
-            pools.refresh_metrics();
+            status.refresh();
             let mut text = String::new();
             match prometheus_client::encoding::text::encode(&mut text, &registry) {
                 Ok(()) => (
@@ -196,9 +238,13 @@ pub async fn serve(
             }
         }
     };
-    let app = Router::new()
-        .route("/metrics", get(scrape))
-        .route("/healthz", get(move || healthz(health.clone())));
+    let app = Router::new().route("/metrics", get(scrape)).route(
+        "/healthz",
+        get(move || {
+            let health = health.clone();
+            async move { healthz(health.health()) }
+        }),
+    );
     let listener = BoundedListener {
         listener,
         slots: ConnectionSlots::new(limits.max_connections),

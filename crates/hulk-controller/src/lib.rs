@@ -29,10 +29,10 @@
 //! ```
 //! use std::time::{Duration, Instant};
 //! use hulk_controller::{GoneMemory, NodeView, Reason, plan};
-//! use hulk_ipam::{AllocationRequest, IpamBackend, ListScope, MockBackend, PoolKey};
+//! use hulk_ipam::{AllocationRequest, IpamBackend, ListScope, MemoryBackend, PoolKey};
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-//! let backend = MockBackend::new("10.20.0.0/24".parse().unwrap());
+//! let backend = MemoryBackend::new("10.20.0.0/24".parse().unwrap());
 //! let key = PoolKey::new("net", "subnet", ["sg"], None);
 //! backend.allocate(&AllocationRequest::new(key.clone(), "node-1", 2)).await.unwrap();
 //! backend.allocate(&AllocationRequest::new(key, "node-2", 1)).await.unwrap();

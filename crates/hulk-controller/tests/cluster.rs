@@ -12,7 +12,7 @@ use hulk_controller::{
     Reason, ReleaseSettings, TeardownError, teardown,
 };
 use hulk_ipam::{
-    AllocationRequest, FaultPlan, Faulty, IpamBackend, Lease, ListScope, MockBackend, PoolKey,
+    AllocationRequest, FaultPlan, Faulty, IpamBackend, Lease, ListScope, MemoryBackend, PoolKey,
 };
 use hulk_kube::{ClientOptions, ClusterNodes, LeaseConfig};
 use hulk_kube_standin::{Resource, StandIn, StandInConfig, Verb};
@@ -87,7 +87,7 @@ impl Drop for Ultron {
 
 impl Ultron {
     async fn start(latency: Duration) -> Self {
-        let memory = MockBackend::new(
+        let memory = MemoryBackend::new(
             "10.0.0.0/16"
                 .parse()
                 .unwrap_or_else(|error| panic!("{error}")),
@@ -597,7 +597,7 @@ async fn teardown_refuses_while_nodes_are_listed_and_runs_again_until_none_remai
 
 #[tokio::test]
 async fn not_found_counts_as_already_gone_and_remaining_comes_from_a_new_list() {
-    let memory = MockBackend::new(
+    let memory = MemoryBackend::new(
         "10.0.0.0/24"
             .parse()
             .unwrap_or_else(|error| panic!("{error}")),
@@ -775,7 +775,7 @@ async fn figures_at_one_and_a_half_seconds_a_call() {
     const CALL: Duration = Duration::from_millis(1500);
     let settings = ReleaseSettings::default();
     let standin = standin().await;
-    let memory = MockBackend::new(
+    let memory = MemoryBackend::new(
         "10.0.0.0/16"
             .parse()
             .unwrap_or_else(|error| panic!("{error}")),

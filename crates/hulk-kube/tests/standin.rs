@@ -13,7 +13,7 @@ use hulk_kube::{
 use hulk_kube_standin::{Failure, Resource, StandIn, StandInConfig, Verb, pod_on};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Pod};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use tokio_util::sync::CancellationToken;
 

@@ -23,8 +23,6 @@
 //!   [`PoolManager::sweep_orphans`] takes the backend's addresses of this
 //!   node that nobody knows into their pool (as the marked pod's, or
 //!   idle), so a lost store loses no pod's address;
-//! - [`sweep_node`] and [`sweep_cluster`] release everything the backend
-//!   holds for a deleted node or cluster (for a cluster-level controller);
 //! - the engine does the I/O and locking; every decision taken under a
 //!   pool's lock is a method of [`core::PoolCore`], which property and
 //!   concurrency tests drive directly.
@@ -68,8 +66,7 @@ pub use core::{
 };
 pub use engine::{
     AUTH_FAILING_AFTER, BackendHealth, Clock, OrphanSweep, PoolError, PoolManager, PoolStats,
-    REFILLER_RESTART_DELAY, ReconcileReport, RefillOutcome, SystemClock, TokioClock, sweep_cluster,
-    sweep_node,
+    REFILLER_RESTART_DELAY, ReconcileReport, RefillOutcome, SystemClock, TokioClock,
 };
 pub use metrics::{
     AnomalyLabels, CallLabels, ErrorLabels, LostLabels, PoolLabels, PoolMetrics, error_kind,

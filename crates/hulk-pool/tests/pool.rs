@@ -782,13 +782,6 @@ async fn orphans_are_adopted_and_extras_returned() {
         "max_idle 4"
     );
     assert_eq!(backend.allocated(), 4);
-    assert_eq!(
-        hulk_pool::sweep_node(backend.as_ref(), "node-1")
-            .await
-            .unwrap(),
-        4
-    );
-    assert_eq!(backend.allocated(), 0);
 }
 
 /// Two leases of node-1, `idle` unmarked and `held` marked as owner 1's,
@@ -1528,31 +1521,4 @@ async fn an_add_cancelled_while_waiting_leaves_no_demand_behind() {
     assert_eq!(backend.inner().allocated(), 0);
     stop.cancel();
     refiller.abort();
-}
-
-/// The cluster-level sweeps (called by a cluster controller, never by a
-/// node agent): a deleted node's addresses go back without touching
-/// another node's, and a deleted cluster's all go back.
-#[tokio::test]
-async fn the_cluster_sweeps_release_a_gone_nodes_addresses_or_the_whole_clusters() {
-    let backend = MemoryBackend::new("10.0.0.0/24".parse().unwrap());
-    backend
-        .allocate(&AllocationRequest::new(key(), "node-1", 2))
-        .await
-        .unwrap();
-    let kept = backend
-        .allocate(&AllocationRequest::new(key(), "node-2", 3))
-        .await
-        .unwrap();
-    assert_eq!(hulk_pool::sweep_node(&backend, "node-1").await.unwrap(), 2);
-    let left = backend.list(&ListScope::Cluster).await.unwrap();
-    assert_eq!(
-        left.iter().map(|lease| &lease.id).collect::<Vec<_>>(),
-        kept.iter().map(|lease| &lease.id).collect::<Vec<_>>(),
-        "another node's addresses stay"
-    );
-    assert_eq!(hulk_pool::sweep_node(&backend, "node-1").await.unwrap(), 0);
-    assert_eq!(hulk_pool::sweep_cluster(&backend).await.unwrap(), 3);
-    assert_eq!(backend.allocated(), 0);
-    assert_eq!(hulk_pool::sweep_cluster(&backend).await.unwrap(), 0);
 }

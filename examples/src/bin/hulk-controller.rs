@@ -9,12 +9,8 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
-use axum::http::{StatusCode, header};
-use axum::routing::get;
 use clap::{Parser, Subcommand};
 use hulk_agent::config::BackendSection;
 use hulk_controller::{
@@ -234,48 +230,16 @@ async fn serve(file: File, holder: &str, shutdown: CancellationToken) -> Result<
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .map_err(|source| Failure::Metrics { address, source })?;
-        tokio::spawn(serve_metrics(listener, registry, shutdown.clone()));
+        tokio::spawn(hulk_agent::http::serve(
+            listener,
+            hulk_agent::http::HttpLimits::default(),
+            std::sync::Arc::new(hulk_agent::http::AlwaysHealthy),
+            registry,
+            shutdown.clone(),
+        ));
     }
     controller.run(shutdown).await;
     Ok(())
-}
-
-async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    registry: Registry,
-    shutdown: CancellationToken,
-) {
-    let registry = Arc::new(registry);
-    let scrape = move || {
-        let registry = registry.clone();
-        async move {
-            let mut text = String::new();
-            match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                Ok(()) => (
-                    StatusCode::OK,
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    text,
-                ),
-                Err(error) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    [(header::CONTENT_TYPE, "text/plain")],
-                    error.to_string(),
-                ),
-            }
-        }
-    };
-    let app = Router::new()
-        .route("/metrics", get(scrape))
-        .route("/healthz", get(|| async { "ok\n" }));
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!(%error, "the metrics endpoint failed");
-    }
 }
 
 /// How long the teardown waits for the Node list before it gives up.

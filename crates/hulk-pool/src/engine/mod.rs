@@ -27,7 +27,7 @@ mod sweep;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use error::{AUTH_FAILING_AFTER, BackendHealth, PoolError};
-pub use reconcile::{ReconcileReport, sweep_cluster, sweep_node};
+pub use reconcile::ReconcileReport;
 pub use refill::RefillOutcome;
 pub use refiller::REFILLER_RESTART_DELAY;
 pub use sweep::OrphanSweep;

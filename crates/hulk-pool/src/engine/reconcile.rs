@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use hulk_ipam::{AttachmentId, IpamBackend, IpamError, ListScope, Owner, PoolKey};
+use hulk_ipam::{AttachmentId, IpamError, Owner, PoolKey};
 
 use super::{OrphanSweep, PoolError, PoolManager};
 use crate::core::{MissingAssignments, restored};
@@ -163,36 +163,4 @@ impl PoolManager {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .judge(missing)
     }
-}
-
-/// Releases every address the backend holds for `node`, one release call
-/// each (a `NotFound` counts as released): for a node that was deleted
-/// without draining, so that its warm pool and its pods' addresses do not
-/// stay allocated in the cloud. Not called by the node agent, which never
-/// releases another node's addresses: the cluster-level controller calls
-/// it when a node object goes away. Returns how many were released;
-/// errors: the backend's list call, or the first release that failed
-/// (those before it stay released).
-pub async fn sweep_node(backend: &dyn IpamBackend, node: &str) -> Result<usize, IpamError> {
-    sweep(backend, &ListScope::Node(node.to_owned())).await
-}
-
-/// Releases every address the backend holds for this cluster (all its
-/// nodes), as [`sweep_node`] does for one: for a cluster that is being
-/// deleted, called by the cluster-level controller (or an operator's
-/// teardown), never by a node agent. Returns how many were released;
-/// errors as [`sweep_node`]'s.
-pub async fn sweep_cluster(backend: &dyn IpamBackend) -> Result<usize, IpamError> {
-    sweep(backend, &ListScope::Cluster).await
-}
-
-async fn sweep(backend: &dyn IpamBackend, scope: &ListScope) -> Result<usize, IpamError> {
-    let mut released = 0;
-    for lease in backend.list(scope).await? {
-        match backend.release(&lease.id).await {
-            Ok(()) | Err(IpamError::NotFound(_)) => released += 1,
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(released)
 }
