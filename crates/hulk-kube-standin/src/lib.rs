@@ -417,6 +417,11 @@ impl StandIn {
         self.shared.lock().denied.insert((verb, resource));
     }
 
+    /// Stops refusing this verb and resource ([`StandIn::deny`]).
+    pub fn allow(&self, verb: Verb, resource: Resource) {
+        self.shared.lock().denied.remove(&(verb, resource));
+    }
+
     /// Holds the next `count` requests of this verb and resource until all
     /// `count` have arrived, then lets them go together (e.g. two updates
     /// that both read the same resourceVersion).
