@@ -1,7 +1,9 @@
 //! The hulk-vpc node agent: parses its arguments and configuration and
 //! runs [`hulk_agent::Agent`] until SIGTERM or Ctrl-C.
 
-use std::io::IsTerminal;
+#[path = "../daemon_log.rs"]
+mod daemon_log;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -29,14 +31,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // RUST_LOG (e.g. `hulk_pool=debug`) overrides the default level, info.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    daemon_log::init();
     let args = Args::parse();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

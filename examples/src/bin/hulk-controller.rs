@@ -5,7 +5,9 @@
 //! for the base platform's cluster deletion; `check-config` validates the
 //! configuration.
 
-use std::io::IsTerminal;
+#[path = "../daemon_log.rs"]
+mod daemon_log;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -146,14 +148,7 @@ enum Failure {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // RUST_LOG (e.g. `hulk_controller=debug`) overrides the default, info.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    daemon_log::init();
     let args = Args::parse();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
