@@ -200,8 +200,13 @@ impl IpamBackend for Counted {
         self.inner.release(id).await
     }
 
-    async fn update_owner(&self, id: &str, owner: Option<Owner>) -> Result<Lease, IpamError> {
-        self.inner.update_owner(id, owner).await
+    async fn update_owner(
+        &self,
+        id: &str,
+        owner: Option<Owner>,
+        marked_by: Option<hulk_ipam::InstanceMark>,
+    ) -> Result<Lease, IpamError> {
+        self.inner.update_owner(id, owner, marked_by).await
     }
 
     async fn list(&self, scope: &ListScope) -> Result<Vec<Lease>, IpamError> {

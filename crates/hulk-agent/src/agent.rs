@@ -27,7 +27,7 @@ use hulk_netns::{Datapath, Kernel, NetlinkKernel, Netns, NetnsError};
 use hulk_node::pods::PodDirectory;
 use hulk_node::{Node, NodeError};
 use hulk_pool::{
-    MemoryStore, PoolError, PoolManager, PoolStore, RedbStore, StoreError, SystemClock,
+    Fencing, MemoryStore, PoolError, PoolManager, PoolStore, RedbStore, StoreError, SystemClock,
 };
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, UnixListener};
@@ -110,6 +110,18 @@ pub enum AgentError {
         /// How it was lost.
         loss: hulk_kube::LeaseLoss,
     },
+    /// Another agent instance marked this node's addresses in the backend
+    /// within three heartbeats: it serves this node name (in any mode,
+    /// with or without Kubernetes). At start nothing was adopted; while
+    /// serving, the agent stopped.
+    #[error("another agent serves node {node}: refusing to serve it too")]
+    HeldElsewhere {
+        /// The node name.
+        node: String,
+        /// Whose marks, on which address, how old.
+        #[source]
+        source: PoolError,
+    },
     /// The instance id could not be kept.
     #[error(transparent)]
     InstanceId(#[from] crate::identity::InstanceIdError),
@@ -183,8 +195,11 @@ impl<K: Kernel + 'static> Agent<K> {
         // Before anything is adopted from the cloud or the store: prove
         // this agent is the only one under its node name.
         let watches = CancellationToken::new();
+        let instance = crate::identity::instance_id(&config.instance_file)?;
         let kubernetes = match &config.kubernetes {
-            Some(section) => Some(Kubernetes::connect(section, &config, &watches).await?),
+            Some(section) => {
+                Some(Kubernetes::connect(section, &config, &instance, &watches).await?)
+            }
             None => None,
         };
         let backend = backend::from_section(&config.backend)?;
@@ -200,7 +215,13 @@ impl<K: Kernel + 'static> Agent<K> {
             }
             None => Arc::new(MemoryStore::default()),
         };
-        let pools = PoolManager::open(
+        // Without Kubernetes, the backend's marks are the only proof that
+        // no other agent serves this node name; with it, a second proof.
+        let fencing = Fencing {
+            instance,
+            heartbeat: Duration::from_secs(config.holder_heartbeat_seconds),
+        };
+        let pools = PoolManager::open_fenced(
             backend,
             store,
             Arc::new(SystemClock),
@@ -208,9 +229,16 @@ impl<K: Kernel + 'static> Agent<K> {
             config
                 .pool_config()
                 .map_err(|message| AgentError::Config(ConfigError::Invalid(message)))?,
+            Some(fencing),
         )
         .await
-        .map_err(AgentError::Pools)?;
+        .map_err(|error| match error {
+            PoolError::HeldElsewhere(_) => AgentError::HeldElsewhere {
+                node: config.node_name.clone(),
+                source: error,
+            },
+            error => AgentError::Pools(error),
+        })?;
         let default_pool = config.default_pool_key();
         let node = Node::new(
             pools,
@@ -324,6 +352,26 @@ impl<K: Kernel + 'static> Agent<K> {
                 }
             });
         }
+        // Another agent's fresh marks seen by a periodic sweep stop
+        // serving too, whichever agent came first: both stop, and the one
+        // that starts once the other's marks are stale serves alone.
+        let displaced = Arc::new(std::sync::Mutex::new(None));
+        {
+            let (watched, stop, displaced) = (pools.clone(), shutdown.clone(), displaced.clone());
+            let stopped = shutdown.clone();
+            background.spawn(async move {
+                tokio::select! {
+                    () = stopped.cancelled() => {}
+                    found = watched.displaced() => {
+                        tracing::error!(%found, "another agent serves this node name: stopping");
+                        *displaced
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(found);
+                        stop.cancel();
+                    }
+                }
+            });
+        }
         let warming = pools.clone();
         background.spawn(async move {
             match warming.warm_up(&default_pool).await {
@@ -406,6 +454,16 @@ impl<K: Kernel + 'static> Agent<K> {
                 loss,
             });
         }
+        let found = displaced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(found) = found {
+            return Err(AgentError::HeldElsewhere {
+                node: config.node_name,
+                source: PoolError::HeldElsewhere(found),
+            });
+        }
         // Given back, so that a replacement machine need not wait for it
         // to expire (this machine takes it back at once anyway).
         if let Some(lease) = lease
@@ -434,6 +492,7 @@ impl Kubernetes {
     async fn connect(
         section: &KubernetesSection,
         config: &AgentConfig,
+        instance: &str,
         watches: &CancellationToken,
     ) -> Result<Self, AgentError> {
         let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
@@ -452,7 +511,7 @@ impl Kubernetes {
         let client = hulk_kube::client(&options)
             .await
             .map_err(AgentError::Kubernetes)?;
-        let holder = crate::identity::instance_id(&config.instance_file)?;
+        let holder = instance.to_owned();
         let node = &config.node_name;
         let lease = hulk_kube::NodeLease::new(
             client.clone(),

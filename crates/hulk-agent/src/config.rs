@@ -59,6 +59,13 @@ pub struct AgentConfig {
     /// holder, while a second machine under the same node name is another.
     #[serde(default = "default_instance_file")]
     pub instance_file: PathBuf,
+    /// Seconds between heartbeats: one of the node's marks in the backend
+    /// rewritten with this agent's instance id, so that a second agent
+    /// under this node name refuses to start, in any mode, and a dead
+    /// agent's marks are taken over after three heartbeats
+    /// (`hulk_pool::Fencing`). One backend call each.
+    #[serde(default = "default_holder_heartbeat")]
+    pub holder_heartbeat_seconds: u64,
     /// The node's datapath.
     pub network: NetworkSection,
     /// Where pods' addresses come from unless a pod asks otherwise.
@@ -84,6 +91,10 @@ fn default_pending_del_dir() -> PathBuf {
 
 fn default_instance_file() -> PathBuf {
     PathBuf::from("/var/lib/hulk-vpc/instance-id")
+}
+
+fn default_holder_heartbeat() -> u64 {
+    60
 }
 
 fn default_gc_interval() -> u64 {
@@ -453,6 +464,9 @@ impl AgentConfig {
         // The pool's own check would name its field, `assign_timeout`.
         if self.pool.assign_timeout_seconds == 0 {
             return Err("[pool] assign_timeout_seconds must be at least 1".into());
+        }
+        if self.holder_heartbeat_seconds == 0 {
+            return Err("holder_heartbeat_seconds must be at least 1".into());
         }
         if self.gc_interval_seconds == 0 {
             return Err("gc_interval_seconds must be at least 1".into());

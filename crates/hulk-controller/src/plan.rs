@@ -238,6 +238,7 @@ mod tests {
                 pod_uid: Some(uid.into()),
                 ..Owner::new(format!("c-{id}"), "eth0")
             }),
+            marked_by: None,
         }
     }
 

@@ -343,7 +343,7 @@ async fn holders_gone_everywhere_go_before_the_grace_period() {
                 pod_uid: Some(uid),
                 ..hulk_ipam::Owner::new(format!("sandbox-{id}"), "eth0")
             };
-            if let Err(error) = prod.update_owner(&id, Some(owner)).await {
+            if let Err(error) = prod.update_owner(&id, Some(owner), None).await {
                 panic!("cannot mark {id}: {error}");
             }
         }

@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, Owner};
+use crate::{AllocationRequest, InstanceMark, IpamBackend, IpamError, Lease, ListScope, Owner};
 
 /// How long each call takes before it reaches the wrapped backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -277,9 +277,14 @@ impl<B: IpamBackend> IpamBackend for Faulty<B> {
         self.inner.release(id).await
     }
 
-    async fn update_owner(&self, id: &str, owner: Option<Owner>) -> Result<Lease, IpamError> {
+    async fn update_owner(
+        &self,
+        id: &str,
+        owner: Option<Owner>,
+        marked_by: Option<InstanceMark>,
+    ) -> Result<Lease, IpamError> {
         self.before_call().await?;
-        self.inner.update_owner(id, owner).await
+        self.inner.update_owner(id, owner, marked_by).await
     }
 
     async fn list(&self, scope: &ListScope) -> Result<Vec<Lease>, IpamError> {

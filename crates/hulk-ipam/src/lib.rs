@@ -83,6 +83,10 @@ pub struct AllocationRequest {
     /// someone else: [`IpamError::Conflict`]; outside the subnet:
     /// [`IpamError::InvalidRequest`].
     pub address: Option<IpAddr>,
+    /// The agent instance allocating, written as the new leases' first
+    /// mark ([`Lease::marked_by`]): an address another instance allocated
+    /// a moment ago is never taken for a dead predecessor's.
+    pub marked_by: Option<InstanceMark>,
 }
 
 impl AllocationRequest {
@@ -94,6 +98,7 @@ impl AllocationRequest {
             tags: Vec::new(),
             count,
             address: None,
+            marked_by: None,
         }
     }
 
@@ -200,6 +205,39 @@ impl std::fmt::Display for AttachmentId {
     }
 }
 
+/// Which agent instance wrote a lease's holder mark, and when: how a
+/// second agent started under a node name another agent still serves is
+/// detected, with or without Kubernetes. A live agent writes its mark on
+/// every address it allocates or hands to a pod, and refreshes one of
+/// them periodically (hulk-pool's heartbeat); an agent that finds marks of
+/// another instance younger than a few heartbeats refuses to adopt them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct InstanceMark {
+    /// The agent's instance id (its host name and random bits, kept across
+    /// restarts of the same machine).
+    pub instance: String,
+    /// When the mark was written: seconds since the Unix epoch, by the
+    /// writer's clock (ages of minutes are compared, so clocks kept by NTP
+    /// agree well enough).
+    pub at_unix: u64,
+}
+
+impl InstanceMark {
+    /// `instance`'s mark, written at `at_unix`.
+    pub fn new(instance: impl Into<String>, at_unix: u64) -> Self {
+        InstanceMark {
+            instance: instance.into(),
+            at_unix,
+        }
+    }
+
+    /// How old the mark is at `now_unix` (seconds since the Unix epoch);
+    /// zero for a mark from the future (a writer's clock ahead of ours).
+    pub fn age(&self, now_unix: u64) -> std::time::Duration {
+        std::time::Duration::from_secs(now_unix.saturating_sub(self.at_unix))
+    }
+}
+
 /// Which resources [`IpamBackend::list`] returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListScope {
@@ -239,6 +277,11 @@ pub struct Lease {
     pub node: String,
     /// The pod interface holding it; `None` while it idles in a pool.
     pub owner: Option<Owner>,
+    /// The agent instance that last wrote this lease's mark (allocation or
+    /// [`IpamBackend::update_owner`]), when the backend keeps it; `None`
+    /// for leases marked by agents older than instance marks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marked_by: Option<InstanceMark>,
 }
 
 impl Lease {
@@ -327,8 +370,15 @@ pub trait IpamBackend: Send + Sync {
     /// Releases a lease by its id; releasing an unknown id is `NotFound`.
     async fn release(&self, id: &str) -> Result<(), IpamError>;
 
-    /// Records which pod interface holds a lease (`None`: back in the pool).
-    async fn update_owner(&self, id: &str, owner: Option<Owner>) -> Result<Lease, IpamError>;
+    /// Records which pod interface holds a lease (`None`: back in the
+    /// pool), and which agent instance says so (`marked_by`, kept as given,
+    /// `None` included; see [`InstanceMark`]).
+    async fn update_owner(
+        &self,
+        id: &str,
+        owner: Option<Owner>,
+        marked_by: Option<InstanceMark>,
+    ) -> Result<Lease, IpamError>;
 
     /// Every lease this node or cluster holds, for reconciliation.
     async fn list(&self, scope: &ListScope) -> Result<Vec<Lease>, IpamError>;

@@ -8,7 +8,9 @@ use std::sync::Mutex;
 
 use ipnet::IpNet;
 
-use crate::{AllocationRequest, IpamBackend, IpamError, Lease, ListScope, MacAddr, Owner};
+use crate::{
+    AllocationRequest, InstanceMark, IpamBackend, IpamError, Lease, ListScope, MacAddr, Owner,
+};
 
 /// Hands out the addresses of one subnet in order, the first host being the
 /// gateway, with MACs derived from the address (`fa:16:3e` + its last three
@@ -107,6 +109,7 @@ impl MemoryBackend {
             qos_policy: request.key.qos_policy.clone(),
             node: request.node.clone(),
             owner: None,
+            marked_by: request.marked_by.clone(),
         }
     }
 }
@@ -167,13 +170,19 @@ impl IpamBackend for MemoryBackend {
         Ok(())
     }
 
-    async fn update_owner(&self, id: &str, owner: Option<Owner>) -> Result<Lease, IpamError> {
+    async fn update_owner(
+        &self,
+        id: &str,
+        owner: Option<Owner>,
+        marked_by: Option<InstanceMark>,
+    ) -> Result<Lease, IpamError> {
         let mut state = self.lock();
         let lease = state
             .leases
             .get_mut(id)
             .ok_or_else(|| IpamError::NotFound(format!("lease {id}")))?;
         lease.owner = owner;
+        lease.marked_by = marked_by;
         Ok(lease.clone())
     }
 
@@ -301,11 +310,13 @@ mod tests {
             cni_network: None,
             pod_uid: None,
         };
+        let mark = InstanceMark::new("host-a-1f2e", 1_700_000_000);
         let updated = backend
-            .update_owner(&mine[0].id, Some(owner.clone()))
+            .update_owner(&mine[0].id, Some(owner.clone()), Some(mark.clone()))
             .await
             .unwrap();
         assert_eq!(updated.owner.as_ref(), Some(&owner));
+        assert_eq!(updated.marked_by.as_ref(), Some(&mark));
         let listed = backend.list(&ListScope::Node("node".into())).await.unwrap();
         assert_eq!(listed.len(), 2);
         assert_eq!(
@@ -317,8 +328,16 @@ mod tests {
             Some(owner)
         );
         assert_eq!(backend.list(&ListScope::Cluster).await.unwrap().len(), 3);
+        let mut marked = request(1);
+        marked.marked_by = Some(mark.clone());
+        let allocated = backend.allocate(&marked).await.unwrap();
+        assert_eq!(
+            allocated[0].marked_by,
+            Some(mark),
+            "new leases carry the allocator's mark"
+        );
         assert!(matches!(
-            backend.update_owner("mock-99", None).await,
+            backend.update_owner("mock-99", None, None).await,
             Err(IpamError::NotFound(_))
         ));
     }

@@ -187,6 +187,8 @@ impl NodeError {
             PoolError::Backend(error) => codes::of_ipam_error(error),
             PoolError::Store(_) => codes::STATE_STORE,
             PoolError::InvalidConfig(_) => ErrorCode::InvalidNetworkConfig,
+            // Another agent serves this node name: this one is stopping.
+            PoolError::HeldElsewhere(_) => codes::AGENT_UNAVAILABLE,
         }
     }
 

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use hulk_ipam::{
-    AllocationRequest, IpamBackend, IpamError, Lease, ListScope, MANAGED_TAG, MacAddr, Owner,
-    cluster_tag, node_tag,
+    AllocationRequest, InstanceMark, IpamBackend, IpamError, Lease, ListScope, MANAGED_TAG,
+    MacAddr, Owner, cluster_tag, node_tag,
 };
 use ipnet::IpNet;
 use serde_json::json;
@@ -64,9 +64,12 @@ pub struct NeutronBackend {
 /// The longest port `name` (and `description`) Neutron accepts.
 const PORT_NAME_MAX: usize = 255;
 
-/// How a held port's `description` begins; the holder's pod UID and CNI
-/// network follow as `key=value` words.
+/// How a held port's `description` begins; the instance mark and the
+/// holder's pod UID and CNI network follow as `key=value` words.
 const HOLDER_DESCRIPTION: &str = "hulk-vpc holder";
+
+/// An idle port's `description`, followed by the instance mark.
+const IDLE_DESCRIPTION: &str = "hulk-vpc idle";
 
 /// A port's `name` while a pod holds it: `hulk-vpc:<ifname>:<namespace/pod>`.
 /// Neither an interface name nor a Kubernetes name can hold a `:`. A pod
@@ -85,23 +88,53 @@ fn owner_name(owner: &Owner) -> String {
     format!("{MANAGED_TAG}:{}:", owner.ifname)
 }
 
-/// A held port's `description`: the holder's pod UID and CNI network, which
-/// the name has no room for. Neither holds a space or an `=`; a CNI
-/// network name too long for Neutron is left out.
-fn owner_description(owner: &Owner) -> String {
-    let mut description = HOLDER_DESCRIPTION.to_owned();
-    for (key, value) in [
-        ("pod-uid", &owner.pod_uid),
-        ("cni-network", &owner.cni_network),
-    ] {
-        if let Some(value) = value {
-            let word = format!(" {key}={value}");
-            if description.len() + word.len() <= PORT_NAME_MAX {
-                description.push_str(&word);
+/// A port's `description`: `lead` (what the port is), then the instance
+/// mark (`instance=<id> at=<unix seconds>`, see [`InstanceMark`]), then a
+/// holder's pod UID and CNI network, which the name has no room for. No
+/// value holds a space or an `=`; a word that would make the description
+/// too long for Neutron is left out, the mark last of all.
+fn port_description(lead: &str, owner: Option<&Owner>, marked_by: Option<&InstanceMark>) -> String {
+    let mut description = lead.to_owned();
+    let mut words: Vec<(&str, String)> = Vec::new();
+    if let Some(mark) = marked_by {
+        words.push(("instance", mark.instance.clone()));
+        words.push(("at", mark.at_unix.to_string()));
+    }
+    if let Some(owner) = owner {
+        for (key, value) in [
+            ("pod-uid", &owner.pod_uid),
+            ("cni-network", &owner.cni_network),
+        ] {
+            if let Some(value) = value {
+                words.push((key, value.clone()));
             }
         }
     }
+    for (key, value) in words {
+        if value.is_empty() || value.contains(char::is_whitespace) {
+            continue;
+        }
+        let word = format!(" {key}={value}");
+        if description.len() + word.len() <= PORT_NAME_MAX {
+            description.push_str(&word);
+        }
+    }
     description
+}
+
+/// The value of `key=value` among a description's words.
+fn described(description: &str, key: &str) -> Option<String> {
+    description
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_owned)
+}
+
+/// The instance mark a port's description carries, if whole.
+fn marked_by(port: &Port) -> Option<InstanceMark> {
+    let instance = described(&port.description, "instance")?;
+    let at_unix = described(&port.description, "at")?.parse().ok()?;
+    Some(InstanceMark::new(instance, at_unix))
 }
 
 fn owner_of(port: &Port) -> Option<Owner> {
@@ -110,13 +143,7 @@ fn owner_of(port: &Port) -> Option<Owner> {
     }
     let mut parts = port.name.splitn(3, ':');
     let (_, ifname, pod) = (parts.next(), parts.next(), parts.next());
-    let described = |key: &str| {
-        port.description
-            .strip_prefix(HOLDER_DESCRIPTION)?
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
-            .map(str::to_owned)
-    };
+    let described = |key: &str| described(port.description.strip_prefix(HOLDER_DESCRIPTION)?, key);
     Some(Owner {
         container_id: port.device_id.clone(),
         ifname: ifname.unwrap_or_default().to_owned(),
@@ -234,6 +261,7 @@ impl NeutronBackend {
             qos_policy: port.qos_policy_id.clone(),
             node,
             owner: owner_of(port),
+            marked_by: marked_by(port),
         })
     }
 
@@ -278,7 +306,11 @@ impl IpamBackend for NeutronBackend {
             device_id: String::new(),
             binding_host_id: Some(request.node.clone()),
             name: MANAGED_TAG.to_owned(),
-            description: format!("hulk-vpc address of node {}", request.node),
+            description: port_description(
+                &format!("{MANAGED_TAG} address of node {}", request.node),
+                None,
+                request.marked_by.as_ref(),
+            ),
             tags: if tags_on_create {
                 tags.clone()
             } else {
@@ -321,14 +353,23 @@ impl IpamBackend for NeutronBackend {
         self.client.delete_port(id).await
     }
 
-    async fn update_owner(&self, id: &str, owner: Option<Owner>) -> Result<Lease, IpamError> {
+    async fn update_owner(
+        &self,
+        id: &str,
+        owner: Option<Owner>,
+        marked_by: Option<InstanceMark>,
+    ) -> Result<Lease, IpamError> {
         let changes = match &owner {
             Some(owner) => json!({
                 "device_id": owner.container_id,
                 "name": owner_name(owner),
-                "description": owner_description(owner),
+                "description": port_description(HOLDER_DESCRIPTION, Some(owner), marked_by.as_ref()),
             }),
-            None => json!({"device_id": "", "name": MANAGED_TAG}),
+            None => json!({
+                "device_id": "",
+                "name": MANAGED_TAG,
+                "description": port_description(IDLE_DESCRIPTION, None, marked_by.as_ref()),
+            }),
         };
         // Compare-and-swap on the revision: a concurrent change makes the
         // update fail instead of silently overwriting it; re-read and retry.
@@ -382,10 +423,11 @@ mod tests {
         let port: Port = serde_json::from_value(json!({
             "id": "p", "network_id": "n", "mac_address": "fa:16:3e:00:00:01",
             "device_id": "abc", "name": owner_name(&owner),
-            "description": owner_description(&owner)
+            "description": port_description(HOLDER_DESCRIPTION, Some(&owner), None)
         }))
         .unwrap();
         assert_eq!(owner_of(&port).as_ref(), Some(&owner));
+        assert_eq!(marked_by(&port), None, "no instance mark written");
         let unknown = Owner {
             cni_network: None,
             pod_uid: None,
@@ -416,5 +458,47 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(owner_of(&port).unwrap().pod, None, "left out, not cut");
+    }
+
+    #[test]
+    fn instance_marks_survive_the_description_round_trip() {
+        let mark = InstanceMark::new("node-7.example-9f3a", 1_764_000_000);
+        let owner = Owner {
+            pod_uid: Some("0b3e2f8a-6f1c-4d1e-9a57-3c1f0d9e2b11".into()),
+            cni_network: Some("hulk-vpc".into()),
+            ..Owner::new("abc", "eth0")
+        };
+        let port = |description: String, device_id: &str| -> Port {
+            serde_json::from_value(json!({
+                "id": "p", "network_id": "n", "mac_address": "fa:16:3e:00:00:01",
+                "device_id": device_id, "name": owner_name(&owner), "description": description
+            }))
+            .unwrap()
+        };
+        let held = port(
+            port_description(HOLDER_DESCRIPTION, Some(&owner), Some(&mark)),
+            "abc",
+        );
+        assert_eq!(marked_by(&held), Some(mark.clone()));
+        assert_eq!(
+            owner_of(&held),
+            Some(owner.clone()),
+            "the mark does not hide the holder"
+        );
+        let idle = port(port_description(IDLE_DESCRIPTION, None, Some(&mark)), "");
+        assert_eq!(marked_by(&idle), Some(mark.clone()));
+        let created = port(
+            port_description("hulk-vpc address of node n", None, Some(&mark)),
+            "",
+        );
+        assert_eq!(marked_by(&created), Some(mark));
+        // A mark cut short is no mark: a missing time must not read as 0
+        // (a dead instance) nor an instance without its time as fresh.
+        let cut = port("hulk-vpc idle instance=x".into(), "");
+        assert_eq!(marked_by(&cut), None);
+        let long = InstanceMark::new("h".repeat(300), 1);
+        let description = port_description(HOLDER_DESCRIPTION, Some(&owner), Some(&long));
+        assert!(description.len() <= PORT_NAME_MAX, "{description}");
+        assert_eq!(marked_by(&port(description, "abc")), None);
     }
 }

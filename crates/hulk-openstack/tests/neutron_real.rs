@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use hulk_ipam::{AllocationRequest, IpamBackend, IpamError, ListScope, Owner, PoolKey};
+use hulk_ipam::{
+    AllocationRequest, InstanceMark, IpamBackend, IpamError, ListScope, Owner, PoolKey,
+};
 use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
 use hulk_openstack::neutron::{NeutronAuth, NeutronClient};
 use hulk_openstack::{HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig};
@@ -142,11 +144,14 @@ async fn single_and_bulk_ports_carry_every_field_and_can_be_found_again() {
 async fn ownership_updates_are_compare_and_swap() {
     let vpc = vpc("owners", "10.62.0.0/24").await;
     let backend = neutron_backend(&unique("owners"));
-    let lease = backend
-        .allocate(&AllocationRequest::new(key(&vpc), "node-a", 1))
-        .await
-        .unwrap()
-        .remove(0);
+    let mark = InstanceMark::new("node-a-3f9c0a7d12e4b865", 1_764_590_000);
+    let mut request = AllocationRequest::new(key(&vpc), "node-a", 1);
+    request.marked_by = Some(InstanceMark::new("node-a-3f9c0a7d12e4b865", 1_764_589_000));
+    let lease = backend.allocate(&request).await.unwrap().remove(0);
+    assert_eq!(
+        lease.marked_by, request.marked_by,
+        "a new port carries the allocator's mark"
+    );
     let owner = Owner {
         container_id: "sandbox-1".into(),
         ifname: "eth0".into(),
@@ -155,7 +160,7 @@ async fn ownership_updates_are_compare_and_swap() {
         pod_uid: Some("0b3e2f8a-6f1c-4d1e-9a57-3c1f0d9e2b11".into()),
     };
     let updated = backend
-        .update_owner(&lease.id, Some(owner.clone()))
+        .update_owner(&lease.id, Some(owner.clone()), Some(mark.clone()))
         .await
         .unwrap();
     assert_eq!(updated.owner.as_ref(), Some(&owner));
@@ -164,6 +169,11 @@ async fn ownership_updates_are_compare_and_swap() {
         .await
         .unwrap();
     assert_eq!(listed[0].owner.as_ref(), Some(&owner));
+    assert_eq!(
+        listed[0].marked_by.as_ref(),
+        Some(&mark),
+        "listed with its mark"
+    );
 
     let port = backend.client().get_port(&lease.id).await.unwrap();
     let stale = port.revision_number - 1;
@@ -183,8 +193,16 @@ async fn ownership_updates_are_compare_and_swap() {
         "sandbox-1"
     );
 
-    let cleared = backend.update_owner(&lease.id, None).await.unwrap();
+    let cleared = backend
+        .update_owner(&lease.id, None, Some(mark.clone()))
+        .await
+        .unwrap();
     assert_eq!(cleared.owner, None);
+    assert_eq!(
+        cleared.marked_by,
+        Some(mark),
+        "an idle port keeps its instance mark"
+    );
 }
 
 #[tokio::test]

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hulk_ipam::{
-    AllocationRequest, Fault, FaultPlan, Faulty, IpamBackend, IpamError, ListScope, MemoryBackend,
-    Owner, PoolKey,
+    AllocationRequest, Fault, FaultPlan, Faulty, InstanceMark, IpamBackend, IpamError, ListScope,
+    MemoryBackend, Owner, PoolKey,
 };
 use hulk_openstack::ultron::{ErrorBody, UltronBackend, WireAddress, server};
 use hulk_openstack::{HttpClient, HttpSettings};
@@ -77,11 +77,17 @@ async fn allocate_list_own_and_release_round_trip() {
         cni_network: Some("hulk-vpc".into()),
         pod_uid: Some("0b3e2f8a-6f1c-4d1e-9a57-3c1f0d9e2b11".into()),
     };
+    let mark = InstanceMark::new("node-1-3f9c0a7d12e4b865", 1_764_590_000);
     let owned = ultron
-        .update_owner(&leases[1].id, Some(owner.clone()))
+        .update_owner(&leases[1].id, Some(owner.clone()), Some(mark.clone()))
         .await
         .unwrap();
     assert_eq!(owned.owner.as_ref(), Some(&owner));
+    assert_eq!(
+        owned.marked_by.as_ref(),
+        Some(&mark),
+        "the mark goes both ways"
+    );
     let listed = ultron
         .list(&ListScope::Node("node-1".into()))
         .await
@@ -94,6 +100,20 @@ async fn allocate_list_own_and_release_round_trip() {
             .owner,
         Some(owner)
     );
+    assert_eq!(
+        listed
+            .iter()
+            .find(|lease| lease.id == leases[1].id)
+            .unwrap()
+            .marked_by,
+        Some(mark.clone()),
+        "and is listed"
+    );
+    let mut marked = request("node-1", 1);
+    marked.marked_by = Some(mark.clone());
+    let allocated = ultron.allocate(&marked).await.unwrap();
+    assert_eq!(allocated[0].marked_by, Some(mark), "allocations carry it");
+    ultron.release(&allocated[0].id).await.unwrap();
 
     ultron.release(&leases[0].id).await.unwrap();
     assert!(matches!(
@@ -101,7 +121,7 @@ async fn allocate_list_own_and_release_round_trip() {
         Err(IpamError::NotFound(_))
     ));
     assert!(matches!(
-        ultron.update_owner(&leases[0].id, None).await,
+        ultron.update_owner(&leases[0].id, None, None).await,
         Err(IpamError::NotFound(_))
     ));
     assert_eq!(

@@ -65,8 +65,9 @@ pub use core::{
     Anomaly, BACKOFF_FIRST, BACKOFF_MAX, BackendFailure, MAX_BACKEND_PAUSE, MissingAssignments,
 };
 pub use engine::{
-    AUTH_FAILING_AFTER, BackendHealth, Clock, OrphanSweep, PoolError, PoolManager, PoolStats,
-    REFILLER_RESTART_DELAY, ReconcileReport, RefillOutcome, SystemClock, TokioClock,
+    AUTH_FAILING_AFTER, BackendHealth, Clock, Displaced, Fencing, OrphanSweep, PoolError,
+    PoolManager, PoolStats, REFILLER_RESTART_DELAY, ReconcileReport, RefillOutcome, SystemClock,
+    TokioClock,
 };
 pub use metrics::{
     AnomalyLabels, CallLabels, ErrorLabels, LostLabels, PoolLabels, PoolMetrics, error_kind,

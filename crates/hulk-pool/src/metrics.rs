@@ -116,6 +116,9 @@ pub struct PoolMetrics {
     /// pool held them (the cloud took them back), by pool and the record's
     /// state then; each is counted once.
     pub leases_lost: Family<LostLabels, Counter>,
+    /// Listings of this node's addresses that showed another agent
+    /// instance's fresh marks (a second agent under this node name).
+    pub held_elsewhere: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -138,6 +141,7 @@ impl Default for PoolMetrics {
             backend_anomalies: Family::default(),
             refiller_restarts: Family::default(),
             leases_lost: Family::default(),
+            held_elsewhere: Counter::default(),
         }
     }
 }
@@ -201,6 +205,11 @@ impl PoolMetrics {
             "leases_lost",
             "Addresses the backend no longer had while the pool held them, by the record's state",
             self.leases_lost.clone(),
+        );
+        registry.register(
+            "held_elsewhere",
+            "Listings of this node's addresses showing another agent instance's fresh marks",
+            self.held_elsewhere.clone(),
         );
     }
 

@@ -449,6 +449,7 @@ mod tests {
                 qos_policy: None,
                 node: "n".into(),
                 owner: None,
+                marked_by: None,
             },
             state,
             since_ms: 1,

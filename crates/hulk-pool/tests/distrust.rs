@@ -530,7 +530,7 @@ async fn the_holding_cap_bounds_warm_up_fixed_addresses_and_adoption() {
         .await
         .unwrap();
     inner
-        .update_owner(&orphans[3].id, Some(owner(7)))
+        .update_owner(&orphans[3].id, Some(owner(7)), None)
         .await
         .unwrap();
     assert_eq!(

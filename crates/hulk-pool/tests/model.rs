@@ -444,6 +444,7 @@ fn cloud_lease(n: u32) -> hulk_ipam::Lease {
         qos_policy: None,
         node: "node-1".into(),
         owner: None,
+        marked_by: None,
     }
 }
 

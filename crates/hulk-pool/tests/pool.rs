@@ -673,7 +673,7 @@ async fn the_backend_marks_who_holds_each_address() {
     assert_eq!(marked_holder(&backend, &passing.id).await, None);
 
     // A mark set behind the pool's back is put right by the next sweep.
-    backend.update_owner(&held.id, None).await.unwrap();
+    backend.update_owner(&held.id, None, None).await.unwrap();
     pools.sweep_orphans().await.unwrap();
     assert_eq!(pools.mark_holders().await.unwrap(), 1);
     assert_eq!(marked_holder(&backend, &held.id).await, Some(owner(1)));
@@ -1433,8 +1433,9 @@ impl IpamBackend for PartialListing {
         &self,
         id: &str,
         owner: Option<Owner>,
+        marked_by: Option<hulk_ipam::InstanceMark>,
     ) -> Result<hulk_ipam::Lease, IpamError> {
-        self.inner.update_owner(id, owner).await
+        self.inner.update_owner(id, owner, marked_by).await
     }
     async fn list(&self, scope: &ListScope) -> Result<Vec<hulk_ipam::Lease>, IpamError> {
         let unlisted = self.unlisted.lock().unwrap().clone();

@@ -51,6 +51,7 @@ fn record(id: usize) -> AddressRecord {
             qos_policy: None,
             node: "n".into(),
             owner: None,
+            marked_by: None,
         },
         state: AddressState::Idle,
         since_ms: 0,

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use hulk_ipam::{
-    AllocationRequest, IpamBackend, IpamError, Lease, ListScope, MANAGED_TAG, MacAddr, Owner,
-    cluster_tag, node_tag,
+    AllocationRequest, InstanceMark, IpamBackend, IpamError, Lease, ListScope, MANAGED_TAG,
+    MacAddr, Owner, cluster_tag, node_tag,
 };
 use ipnet::IpNet;
 use reqwest::{Method, StatusCode};
@@ -61,8 +61,38 @@ pub struct WireAddress {
     /// The pod interface holding it.
     #[serde(default)]
     pub owner: Option<WireOwner>,
+    /// The agent instance that last marked it (absent from services older
+    /// than this field: such a service keeps no instance marks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marked_by: Option<WireMark>,
     /// Tags.
     pub tags: Vec<String>,
+}
+
+/// An instance mark as the contract writes it (see
+/// [`hulk_ipam::InstanceMark`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireMark {
+    /// The agent's instance id.
+    pub instance: String,
+    /// When it was written, seconds since the Unix epoch.
+    pub at: u64,
+}
+
+impl From<InstanceMark> for WireMark {
+    fn from(mark: InstanceMark) -> Self {
+        WireMark {
+            instance: mark.instance,
+            at: mark.at_unix,
+        }
+    }
+}
+
+impl From<WireMark> for InstanceMark {
+    fn from(mark: WireMark) -> Self {
+        InstanceMark::new(mark.instance, mark.at)
+    }
 }
 
 /// An owner as the contract writes it.
@@ -125,6 +155,7 @@ impl WireAddress {
             qos_policy: lease.qos_policy,
             node: lease.node,
             owner: lease.owner.map(WireOwner::from),
+            marked_by: lease.marked_by.map(WireMark::from),
             tags,
         }
     }
@@ -150,6 +181,7 @@ impl WireAddress {
             qos_policy: self.qos_policy,
             node: self.node,
             owner: self.owner.map(Owner::from),
+            marked_by: self.marked_by.map(InstanceMark::from),
         })
     }
 }
@@ -178,13 +210,20 @@ pub struct AllocationBody {
     /// One specific address (count 1); absent means any free ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<IpAddr>,
+    /// The allocating agent's instance mark, stored on every new address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marked_by: Option<WireMark>,
 }
 
 /// `PUT /v1/addresses/{id}/owner`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct OwnerBody {
     /// The new owner, or `null` to free the address.
     pub owner: Option<WireOwner>,
+    /// The marking agent's instance mark, stored as given (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marked_by: Option<WireMark>,
 }
 
 /// A list of addresses, and for listings, where the next page starts.
@@ -361,6 +400,7 @@ impl IpamBackend for UltronBackend {
             tags,
             count: request.count,
             address: request.address,
+            marked_by: request.marked_by.clone().map(WireMark::from),
         };
         let page: AddressPage = self
             .call_expecting(Method::POST, "/allocations", &[], Some(&to_json(&body)))
@@ -403,9 +443,15 @@ impl IpamBackend for UltronBackend {
             .map(|_| ())
     }
 
-    async fn update_owner(&self, id: &str, owner: Option<Owner>) -> Result<Lease, IpamError> {
+    async fn update_owner(
+        &self,
+        id: &str,
+        owner: Option<Owner>,
+        marked_by: Option<InstanceMark>,
+    ) -> Result<Lease, IpamError> {
         let body = OwnerBody {
             owner: owner.map(WireOwner::from),
+            marked_by: marked_by.map(WireMark::from),
         };
         let address: WireAddress = self
             .call_expecting(

@@ -124,6 +124,7 @@ async fn allocate(
         tags: Vec::new(),
         count: body.count,
         address: body.address,
+        marked_by: body.marked_by.map(Into::into),
     };
     if let Err(error) = request.validate(MAX_ALLOCATION) {
         return failure(&error);
@@ -172,7 +173,11 @@ async fn update_owner(
     };
     match state
         .backend
-        .update_owner(&id, body.owner.map(Into::into))
+        .update_owner(
+            &id,
+            body.owner.map(Into::into),
+            body.marked_by.map(Into::into),
+        )
         .await
     {
         Ok(lease) => {

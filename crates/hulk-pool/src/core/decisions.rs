@@ -539,6 +539,7 @@ mod tests {
             qos_policy: None,
             node: "n".into(),
             owner: None,
+            marked_by: None,
         }
     }
 

@@ -21,6 +21,7 @@ fn record(id: &str, last: u8, state: AddressState) -> AddressRecord {
             qos_policy: None,
             node: "n".into(),
             owner: None,
+            marked_by: None,
         },
         state,
         since_ms: 0,

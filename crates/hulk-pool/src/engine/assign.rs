@@ -233,7 +233,10 @@ impl PoolManager {
         });
         let intent_id = intent.id;
         self.store.apply(&[StoreOp::PutIntent(intent)])?;
-        let request = AllocationRequest::for_address(pool.key.clone(), self.node.clone(), address);
+        let request = AllocationRequest {
+            marked_by: self.instance_mark(),
+            ..AllocationRequest::for_address(pool.key.clone(), self.node.clone(), address)
+        };
         let leases = match self
             .timed("allocate", self.backend.allocate(&request))
             .await

@@ -68,6 +68,14 @@ pub enum PoolError {
     /// A backend call failed.
     #[error(transparent)]
     Backend(#[from] IpamError),
+    /// Another agent instance marked this node's addresses within a few
+    /// heartbeats: it serves this node name too (see
+    /// [`super::Fencing`]). Nothing was adopted.
+    #[error(
+        "{0}: two agents under one node name would hand out the same addresses; \
+         if that agent is gone, its marks count as a dead agent's after three heartbeats"
+    )]
+    HeldElsewhere(super::Displaced),
 }
 
 /// How the backend answered lately, over every call of the manager

@@ -17,6 +17,7 @@ mod assign;
 mod clock;
 mod error;
 mod facts;
+mod fencing;
 mod owner_marks;
 mod rate_limit;
 mod reconcile;
@@ -27,6 +28,7 @@ mod sweep;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use error::{AUTH_FAILING_AFTER, BackendHealth, PoolError};
+pub use fencing::{Displaced, Fencing};
 pub use reconcile::ReconcileReport;
 pub use refill::RefillOutcome;
 pub use refiller::REFILLER_RESTART_DELAY;
@@ -137,6 +139,10 @@ pub struct PoolManager {
     /// those loaded at open that wait for the backend, and releases of
     /// this run whose answer the store could not record.
     unsettled: Mutex<Vec<Intent>>,
+    /// This agent's instance in the backend's marks, when fenced.
+    fencing: Option<Fencing>,
+    /// Another agent's fresh mark, once a listing showed one.
+    displaced: watch::Sender<Option<Displaced>>,
 }
 
 impl std::fmt::Debug for PoolManager {
@@ -168,6 +174,24 @@ impl PoolManager {
         node: impl Into<String>,
         config: PoolConfig,
     ) -> Result<Arc<PoolManager>, PoolError> {
+        Self::open_fenced(backend, store, clock, node, config, None).await
+    }
+
+    /// [`PoolManager::open`] as the agent instance `fencing` names: every
+    /// mark written carries it, and the start's comparison with the
+    /// backend refuses ([`PoolError::HeldElsewhere`], nothing adopted)
+    /// when another instance's marks on this node are fresh: a second
+    /// agent under this node name (see [`Fencing`]). A start that cannot
+    /// reach the backend goes on from the store, and the periodic sweeps
+    /// judge it later ([`PoolManager::displaced`]).
+    pub async fn open_fenced(
+        backend: Arc<dyn IpamBackend>,
+        store: Arc<dyn PoolStore>,
+        clock: Arc<dyn Clock>,
+        node: impl Into<String>,
+        config: PoolConfig,
+        fencing: Option<Fencing>,
+    ) -> Result<Arc<PoolManager>, PoolError> {
         config.validate().map_err(PoolError::InvalidConfig)?;
         let snapshot = store.load()?;
         let rate = RateLimiter::new(config.backend_calls_per_second, config.backend_burst);
@@ -189,6 +213,8 @@ impl PoolManager {
             adoption: Mutex::new(()),
             health: Mutex::new(BackendHealth::default()),
             unsettled: Mutex::new(Vec::new()),
+            fencing,
+            displaced: watch::Sender::new(None),
         });
         manager.recover(&snapshot).await?;
         Ok(manager)

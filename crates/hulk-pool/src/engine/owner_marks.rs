@@ -91,7 +91,11 @@ impl PoolManager {
         // taking the limiter's tokens would delay the refills that ADDs
         // wait for.
         match self
-            .metered("update_owner", self.backend.update_owner(lease_id, holder))
+            .metered(
+                "update_owner",
+                self.backend
+                    .update_owner(lease_id, holder, self.instance_mark()),
+            )
             .await
         {
             Ok(_) | Err(IpamError::NotFound(_)) => Ok(true),
@@ -102,8 +106,14 @@ impl PoolManager {
     /// Runs marking passes whenever an address changes hands (and again
     /// after a failure, every few seconds) until `shutdown` is cancelled,
     /// then one last pass (of at most ten seconds) so that a graceful stop
-    /// leaves every mark written.
+    /// leaves every mark written. With [`super::Fencing`], also a
+    /// heartbeat ([`PoolManager::heartbeat`]) every `heartbeat`.
     pub async fn run_owner_marks(self: Arc<Self>, shutdown: CancellationToken) {
+        let heartbeat = self
+            .fencing
+            .as_ref()
+            .map_or(Duration::MAX, |fencing| fencing.heartbeat);
+        let mut next_beat = tokio::time::Instant::now();
         loop {
             let retry = match self.mark_holders().await {
                 Ok(_) => None,
@@ -112,10 +122,19 @@ impl PoolManager {
                     Some(MARK_RETRY)
                 }
             };
+            if self.fencing.is_some() && tokio::time::Instant::now() >= next_beat {
+                next_beat = tokio::time::Instant::now() + heartbeat;
+                if let Err(error) = self.heartbeat().await {
+                    // Three missed in a row let another agent take the
+                    // node over: said loudly.
+                    tracing::warn!(%error, "cannot write the heartbeat mark in the backend");
+                }
+            }
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.holder_changed.notified(), if retry.is_none() => {}
                 () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
+                () = tokio::time::sleep_until(next_beat), if self.fencing.is_some() => {}
             }
         }
         match tokio::time::timeout(LAST_PASS_LIMIT, self.mark_holders()).await {

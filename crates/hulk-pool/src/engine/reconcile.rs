@@ -93,6 +93,8 @@ impl PoolManager {
                     tracing::warn!(?sweep, "the store and the backend disagreed");
                 }
             }
+            // Another agent serves this node name: nothing may start.
+            Err(error @ PoolError::HeldElsewhere(_)) => return Err(error),
             Err(error) => {
                 let unsettled = self.unsettled_intents();
                 tracing::warn!(

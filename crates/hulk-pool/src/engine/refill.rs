@@ -266,7 +266,10 @@ impl PoolManager {
         });
         let intent_id = intent.id;
         self.store.apply(&[StoreOp::PutIntent(intent)])?;
-        let request = AllocationRequest::new(pool.key.clone(), self.node.clone(), count);
+        let request = AllocationRequest {
+            marked_by: self.instance_mark(),
+            ..AllocationRequest::new(pool.key.clone(), self.node.clone(), count)
+        };
         let started_ms = self.clock.now_ms();
         let result = self
             .timed("allocate", self.backend.allocate(&request))

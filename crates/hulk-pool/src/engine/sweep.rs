@@ -94,6 +94,9 @@ impl PoolManager {
             .flat_map(|pool| pool.lock().lease_ids())
             .collect();
         let listed = self.timed("list", self.backend.list(&scope)).await?;
+        // Before anything is adopted or judged: another agent's fresh
+        // marks mean this node name is served twice.
+        self.check_sole_holder(&listed)?;
         sweep.facts_refreshed = self.refresh_facts(&listed)?;
         let listed_ids: HashSet<&str> = listed.iter().map(|lease| lease.id.as_str()).collect();
         // A few per sweep, a few at a time: a listing that lacks most of
@@ -125,10 +128,17 @@ impl PoolManager {
             }
             if let Some(state) = self.state_of(&lease.id) {
                 self.relisted(&lease.id)?;
-                if mark_is_stale(&state, lease.owner.as_ref()) {
+                if mark_is_stale(&state, lease.owner.as_ref())
+                    || self.instance_mark_is_stale(&lease)
+                {
                     self.holder_changed(&lease.id);
                 }
                 continue;
+            }
+            // What is adopted (a dead predecessor's, or an older agent's)
+            // is marked as this instance's.
+            if self.instance_mark_is_stale(&lease) {
+                self.holder_changed(&lease.id);
             }
             match (lease.owner.clone(), lease.pool_key()) {
                 (None, Some(key)) => match self.adopt(key, lease.clone(), AddressState::Idle)? {
@@ -248,7 +258,11 @@ impl PoolManager {
             return false;
         };
         match self
-            .timed("update_owner", self.backend.update_owner(lease_id, holder))
+            .timed(
+                "update_owner",
+                self.backend
+                    .update_owner(lease_id, holder, self.instance_mark()),
+            )
             .await
         {
             Err(IpamError::NotFound(_)) => true,
