@@ -2,7 +2,8 @@
 //! against the Kubernetes API stand-in: one agent per node name. A second
 //! agent under a held node name refuses to start, naming the holder; the
 //! same agent restarted takes its Lease back at once; a graceful stop
-//! gives the Lease back and removes the sockets.
+//! gives the Lease back and removes the sockets. Without Kubernetes, the
+//! instance marks in the backend refuse a second agent all the same.
 
 // Test code: a panic is how a helper reports a broken test.
 #![allow(clippy::unwrap_used)]
@@ -139,4 +140,116 @@ async fn one_agent_per_node_name_and_the_same_one_comes_back_at_once() {
     )
     .await
     .unwrap();
+}
+
+/// An agent of node `node-1` without Kubernetes, its addresses from the
+/// UltrON-style service at `ultron`.
+fn config_without_kubernetes(scratch: &Scratch, ultron: &str) -> AgentConfig {
+    let path = |file: &str| scratch.path(file).display().to_string();
+    std::fs::write(scratch.path("token"), "s3cret").unwrap();
+    AgentConfig::parse(&format!(
+        r#"
+        node_name = "node-1"
+        socket = "{}"
+        rescue_socket = "{}"
+        pending_del_dir = "{}"
+        instance_file = "{}"
+        state_file = "{}"
+        [network]
+        parent = "eth1"
+        node_address = "10.20.0.250/24"
+        [default_pool]
+        network = "vpc"
+        subnet = "subnet-a"
+        [backend]
+        type = "ultron"
+        url = "{ultron}"
+        token_file = "{}"
+        cluster = "test"
+        "#,
+        path("agent.sock"),
+        path("rescue.sock"),
+        path("pending-dels"),
+        path("instance-id"),
+        path("pool.redb"),
+        path("token"),
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn without_kubernetes_a_second_agent_under_one_node_name_is_refused_by_the_marks() {
+    let cloud = std::sync::Arc::new(hulk_ipam::MemoryBackend::new(
+        "10.20.0.0/24".parse().unwrap(),
+    ));
+    let app = hulk_openstack::ultron::server::router(cloud.clone(), "s3cret");
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let ultron = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum_serve(listener, app).await });
+
+    let (first, second) = (Scratch::new("marks-a"), Scratch::new("marks-b"));
+    let agent = Agent::with_kernel(config_without_kubernetes(&first, &ultron), kernel())
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(agent.run(shutdown.clone()));
+    // The warm-up allocates the node's first addresses, marked as the
+    // first agent's.
+    let holder = std::fs::read_to_string(first.path("instance-id")).unwrap();
+    let mut marked = Vec::new();
+    for _ in 0..100 {
+        marked = hulk_ipam::IpamBackend::list(&*cloud, &hulk_ipam::ListScope::Cluster)
+            .await
+            .unwrap();
+        if !marked.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!marked.is_empty(), "the first agent warmed its pool up");
+
+    // Another machine under the same node name, no Kubernetes anywhere.
+    let refused = Agent::with_kernel(config_without_kubernetes(&second, &ultron), kernel())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, AgentError::HeldElsewhere { node, .. } if node == "node-1"),
+        "{refused:?}"
+    );
+    let said = hulk_cni::describe(&refused);
+    assert!(
+        said.contains(holder.trim()),
+        "names the other holder: {said}"
+    );
+    assert!(!second.path("agent.sock").exists(), "it serves nothing");
+    let after = hulk_ipam::IpamBackend::list(&*cloud, &hulk_ipam::ListScope::Cluster)
+        .await
+        .unwrap();
+    assert!(
+        after
+            .iter()
+            .all(|lease| lease.marked_by.as_ref().unwrap().instance == holder.trim()),
+        "it marked nothing as its own: {after:?}"
+    );
+    // The first agent serves on.
+    let reply = call(
+        &first.path("agent.sock"),
+        &PluginRequest::Status,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(reply.unwrap(), PluginReply::Done);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server.abort();
+}
+
+async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) {
+    let _ = axum::serve(listener, app).await;
 }
