@@ -33,13 +33,29 @@ impl<K: Kernel> Node<K> {
 
     /// The owners of every address a pod holds, in every pool.
     pub(crate) fn assigned_owners(&self) -> impl Iterator<Item = Owner> {
+        self.assignments().map(|(owner, _)| owner)
+    }
+
+    /// Every address a pod holds, in every pool, with its owner.
+    fn assignments(&self) -> impl Iterator<Item = (Owner, IpAddr)> {
         self.pools
             .records()
             .into_iter()
             .filter_map(|record| match record.state {
-                AddressState::Assigned(owner) => Some(owner),
+                AddressState::Assigned(owner) => Some((owner, record.lease.address.addr())),
                 _ => None,
             })
+    }
+
+    /// Whether the pools still assign `address` to `owner` and no
+    /// attachment record names it: judged under the attachment's turn
+    /// before acting on what a pass found.
+    fn held_without_record(&self, owner: &Owner, address: IpAddr) -> bool {
+        self.attachments.get(&owner.attachment_id()).is_none()
+            && self
+                .pools
+                .lease_of(owner)
+                .is_some_and(|lease| lease.address.addr() == address)
     }
 
     /// The periodic GC: tears down the attachments of pods the Kubernetes
@@ -186,13 +202,7 @@ impl<K: Kernel> Node<K> {
     /// were tried).
     pub async fn collect_unproven_addresses(&self) -> Result<Vec<Owner>, NodeError> {
         let candidates: Vec<(Owner, IpAddr)> = self
-            .pools
-            .records()
-            .into_iter()
-            .filter_map(|record| match record.state {
-                AddressState::Assigned(owner) => Some((owner, record.lease.address.addr())),
-                _ => None,
-            })
+            .assignments()
             .filter(|(owner, _)| {
                 let id = owner.attachment_id();
                 self.attachments.get(&id).is_none() && !self.serializer.adding(&id)
@@ -217,7 +227,12 @@ impl<K: Kernel> Node<K> {
             let first_proof = lock(&self.proven).get(&address) != Some(&id);
             if first_proof {
                 tracing::info!(attachment = %id, %address, netns = %netns.display(), "an address without a record is held by a live interface: kept");
-                self.route_proven(address).await;
+                // Under the turn: a DEL releasing it meanwhile must not be
+                // followed by a route to an address no longer ours.
+                let _turn = self.serializer.turn(&id).await;
+                if self.held_without_record(&owner, address) {
+                    self.route_proven(address).await;
+                }
             } else {
                 tracing::debug!(attachment = %id, %address, netns = %netns.display(), "an address without a record is still held");
             }
@@ -232,12 +247,7 @@ impl<K: Kernel> Node<K> {
             let _turn = self.serializer.turn(&id).await;
             // Judged again under the turn: an ADD of the same attachment
             // may have recorded it since, or a DEL released it.
-            let still = self.attachments.get(&id).is_none()
-                && self
-                    .pools
-                    .lease_of(&owner)
-                    .is_some_and(|lease| lease.address.addr() == address);
-            if !still {
+            if !self.held_without_record(&owner, address) {
                 continue;
             }
             match self.del_unrecorded(&PodRequest::new(owner.clone())).await {
@@ -282,13 +292,7 @@ impl<K: Kernel> Node<K> {
     /// one that a live interface was last found holding.
     pub(crate) fn routed_addresses(&self) -> Vec<IpAddr> {
         let proven = lock(&self.proven).clone();
-        self.pools
-            .records()
-            .into_iter()
-            .filter_map(|record| match record.state {
-                AddressState::Assigned(owner) => Some((owner, record.lease.address.addr())),
-                _ => None,
-            })
+        self.assignments()
             .filter(|(owner, address)| {
                 let id = owner.attachment_id();
                 self.attachments.get(&id).is_some() || proven.get(address) == Some(&id)
