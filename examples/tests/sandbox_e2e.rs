@@ -1097,3 +1097,80 @@ fn sigkill_at_random_points_never_doubles_or_strands_an_address() {
     );
     drop(cloud);
 }
+
+/// The state file is lost while the agent is down, and one pod's sandbox
+/// dies meanwhile (a replacement node sees only dead ones). The restarted
+/// agent adopts both pods' addresses from the cloud's holder marks, with
+/// no attachment record: the one a live interface holds keeps its host
+/// route, the dead one is not routed and goes back after two GC passes.
+#[test]
+fn after_a_lost_state_file_only_addresses_a_live_interface_holds_are_kept_and_routed() {
+    let cloud = UltronFake::start("10.89.0.0/24", 0);
+    let mut node = Node::new(
+        "hk-sb-u",
+        "10.89.0",
+        1500,
+        "gc_interval_seconds = 1",
+        WARM_POOL,
+        |dir| cloud.backend(&dir.join("token")),
+    );
+    node.start();
+    let conf = node.conf(10);
+    let (live, dead) = (node.pod("live"), node.pod("dead"));
+    let mut added = Vec::new();
+    for (container, pod) in [("live", &live), ("dead", &dead)] {
+        let result = node.cni("ADD", container, pod, "eth0", &conf).unwrap();
+        added.push(bare(result["ips"][0]["address"].as_str().unwrap()));
+    }
+    let (live_address, dead_address) = (added[0].clone(), added[1].clone());
+    // A clean stop: the owner marks' last pass tells the cloud both holders.
+    let mut agent = node.agent.take().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(agent.wait().unwrap().success(), "{}", node.log(1));
+    std::fs::remove_file(node.dir.join("pool.redb")).unwrap();
+    node.remove_pod(&dead);
+
+    node.start();
+    let held: Vec<String> = node
+        .assigned()
+        .into_iter()
+        .map(|assigned| assigned.address)
+        .collect();
+    assert_eq!(held.len(), 2, "both adopted from the marks: {held:?}");
+    assert_eq!(
+        node.attachments(),
+        Vec::<Value>::new(),
+        "no record of either"
+    );
+    assert_eq!(
+        node.host_routes(),
+        std::slice::from_ref(&live_address),
+        "routed only to the live pod\n{}",
+        node.log(2)
+    );
+    let started = Instant::now();
+    let freed = node.wait_until(Duration::from_secs(10), || node.assigned().len() == 1);
+    println!(
+        "the dead pod's address was free {:?} after the restart",
+        started.elapsed()
+    );
+    assert!(freed, "{:?}\n{}", node.assigned(), node.log(2));
+    assert_eq!(node.assigned()[0].container, "live");
+    assert_eq!(node.host_routes(), std::slice::from_ref(&live_address));
+    assert!(
+        addresses(&live)
+            .unwrap()
+            .iter()
+            .any(|(_, address)| *address == live_address),
+        "the live pod keeps its address"
+    );
+    assert!(
+        node.log(2).contains("held by a live interface"),
+        "the kept address is logged with its namespace"
+    );
+    assert_ne!(live_address, dead_address);
+    drop(cloud);
+}

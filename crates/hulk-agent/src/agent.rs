@@ -6,7 +6,9 @@
 //!    restoring and replaying DELs under the running one. Until serving
 //!    starts, callers wait in the listen backlog.
 //! 2. The backend, the store, the pools and the node are built.
-//! 3. [`Agent::run`]: node-level state back first ([`Node::restore`]), then
+//! 3. [`Agent::run`]: node-level state back first ([`Node::restore`], after
+//!    a first [`Node::collect_unproven_addresses`] tells which addresses
+//!    held without a record a live interface holds), then
 //!    the DELs the plugin noted while the agent was down, then serving.
 //!    Serving does not wait for the warm-up: after a restart the pool may
 //!    hold idle addresses already, and a cloud outage must not keep the
@@ -313,6 +315,23 @@ impl<K: Kernel + 'static> Agent<K> {
         } = self;
         let node = Arc::new(node);
         let pools = node.pools().clone();
+        // The first pass over the addresses held without a record, before
+        // the restore: the ones a live interface holds (a state file lost
+        // on this machine, records from before they existed) keep their
+        // host routes; a dead predecessor's get none, and go back after
+        // the next pass.
+        match node.collect_unproven_addresses().await {
+            Ok(released) if !released.is_empty() => {
+                tracing::info!(
+                    released = released.len(),
+                    "addresses without a record released"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot judge the addresses held without a record yet; their pods get no host route until a pass can")
+            }
+        }
         let restored = node.restore().await.map_err(AgentError::Restore)?;
         tracing::info!(
             routes = restored.node.routes_installed,

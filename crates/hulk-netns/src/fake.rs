@@ -27,7 +27,9 @@
 //!   metric and takes one route;
 //! - a sysctl of a link (`net/ipv4/conf/LINK/...`) needs the link (ENOENT);
 //! - every namespace has its own identity; `lo` is down, with MTU 65536
-//!   and an all-zero MAC.
+//!   and an all-zero MAC;
+//! - the sandbox namespaces list each namespace reachable by a path once,
+//!   never the host's, and not one whose paths are all removed.
 //!
 //! Left out (the datapath does not depend on them): IPv6 link-local
 //! addresses and their `fe80::/64` routes, `lo`'s `::1`, the kernel's
@@ -153,6 +155,8 @@ struct FakeState {
     next_index: u32,
     operations: usize,
     fail_at: Option<usize>,
+    /// [`Kernel::sandbox_namespaces`] fails while set.
+    listing_fails: bool,
 }
 
 impl FakeState {
@@ -305,6 +309,12 @@ impl FakeKernel {
     pub fn fail_operation(&self, n: usize) {
         let mut state = self.state();
         state.fail_at = Some(state.operations + n);
+    }
+
+    /// Makes [`Kernel::sandbox_namespaces`] fail (as a real listing does
+    /// when `/proc` cannot be read) while `fail` is set.
+    pub fn fail_namespace_listing(&self, fail: bool) {
+        self.state().listing_fails = fail;
     }
 
     /// How many state-changing operations ran so far.
@@ -538,6 +548,28 @@ impl Kernel for FakeKernel {
 
     fn identity(&self, ns: &FakeNs) -> Option<NsId> {
         Some(self.identity_of(*ns))
+    }
+
+    async fn sandbox_namespaces(&self) -> Result<Vec<PathBuf>, KernelError> {
+        let state = self.state();
+        if state.listing_fails {
+            return Err(KernelError::Failed {
+                operation: "listing network namespaces".to_owned(),
+                source: std::io::Error::other("injected failure"),
+            });
+        }
+        // Every path bound to a namespace, the named ones before those of
+        // processes (`/proc/...`) as the kernel lists them, each namespace
+        // once; the host (also the process's namespace here) left out.
+        let mut paths: Vec<(&PathBuf, FakeNs)> =
+            state.paths.iter().map(|(path, ns)| (path, *ns)).collect();
+        paths.sort_by_key(|(path, _)| (path.starts_with("/proc"), *path));
+        let mut seen = std::collections::BTreeSet::from([self.host]);
+        Ok(paths
+            .into_iter()
+            .filter(|(_, ns)| seen.insert(*ns))
+            .map(|(path, _)| path.clone())
+            .collect())
     }
 
     async fn links(&self, ns: &FakeNs) -> Result<Vec<Link>, KernelError> {

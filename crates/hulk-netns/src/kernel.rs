@@ -348,6 +348,22 @@ pub trait Kernel: Send + Sync {
         self.identity(self.host())
     }
 
+    /// Every network namespace a sandbox may live in on this node, one
+    /// path each: the bind mounts in `/run/netns` and `/var/run/netns`
+    /// (where runtimes and `ip netns` name them), then `/proc/PID/ns/net`
+    /// of every process (a sandbox no runtime named). Each namespace is
+    /// listed once, under the first of its paths in that order; the node's
+    /// own namespaces ([`Kernel::host`] and the process's
+    /// [`crate::PROCESS_NETNS`]) are left out, and so is whatever is not
+    /// a network namespace. A process that exits while it is read, or a
+    /// bind mount removed meanwhile, is skipped, and so is a process whose
+    /// namespace the caller may not read (EACCES, EPERM: ptrace rules),
+    /// since every CNI runtime also names its sandboxes' namespaces in
+    /// those directories; any other failure to read a directory or a
+    /// namespace file is an error, since a namespace left out could be
+    /// the one holding a pod's address.
+    async fn sandbox_namespaces(&self) -> Result<Vec<PathBuf>, KernelError>;
+
     /// Every link of a namespace.
     async fn links(&self, ns: &Self::Ns) -> Result<Vec<Link>, KernelError>;
 
@@ -455,6 +471,10 @@ impl<K: Kernel + ?Sized> Kernel for std::sync::Arc<K> {
 
     fn host_identity(&self) -> Option<NsId> {
         (**self).host_identity()
+    }
+
+    async fn sandbox_namespaces(&self) -> Result<Vec<PathBuf>, KernelError> {
+        (**self).sandbox_namespaces().await
     }
 
     async fn links(&self, ns: &Self::Ns) -> Result<Vec<Link>, KernelError> {

@@ -57,6 +57,7 @@ mod netlink;
 mod netns;
 mod nftables;
 mod node;
+mod sandboxes;
 
 pub use attach::{
     Attached, Datapath, DatapathError, Detached, Ownership, PodNetwork, ServicePath,

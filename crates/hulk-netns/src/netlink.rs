@@ -1,8 +1,10 @@
 //! [`Kernel`] over rtnetlink: every namespace is a [`NetlinkWorker`].
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
@@ -21,7 +23,104 @@ use crate::kernel::{
     IpVlanFlag, IpVlanMode, Kernel, KernelError, Link, LinkUpdate, MacAddr, MacVlanMode, Neighbour,
     NsId, Route, SlaveKind,
 };
-use crate::netns::{NetlinkWorker, Netns, NetnsError, PROCESS_NETNS, identify_netns, link_by_name};
+use crate::netns::{
+    NETNS_RUN_DIR, NetlinkWorker, Netns, NetnsError, PROCESS_NETNS, identify_netns, link_by_name,
+};
+
+/// Where runtimes and `ip netns` bind-mount the namespaces they name:
+/// `/run/netns`, and `/var/run/netns` for systems where `/var/run` is not
+/// a link to `/run` (most have both name the same directory, and the
+/// namespaces are listed once either way).
+const NAMED_NETNS_DIRS: [&str; 2] = [NETNS_RUN_DIR, "/var/run/netns"];
+
+/// Whether `error` says the object went away while it was read: a bind
+/// mount removed, a process gone (ENOENT, or ESRCH from a task that is
+/// exiting).
+fn vanished(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::NotFound
+        || error.raw_os_error() == Some(Errno::ESRCH as i32)
+}
+
+/// [`Kernel::sandbox_namespaces`] of the real kernel, blocking: the named
+/// namespaces, then every process's, each identity once, none of
+/// `excluded`.
+fn list_sandbox_namespaces(excluded: &[NsId]) -> Result<Vec<PathBuf>, KernelError> {
+    let mut seen: HashSet<NsId> = excluded.iter().copied().collect();
+    let mut found = Vec::new();
+    let listing = |dir: &Path| -> Result<Vec<PathBuf>, KernelError> {
+        let failed = |source| KernelError::Failed {
+            operation: format!("listing {}", dir.display()),
+            source,
+        };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(failed(error)),
+        };
+        let mut paths = Vec::new();
+        for entry in entries {
+            paths.push(entry.map_err(failed)?.path());
+        }
+        paths.sort();
+        Ok(paths)
+    };
+    for dir in NAMED_NETNS_DIRS {
+        for path in listing(Path::new(dir))? {
+            // Checked to be a namespace file without opening what is
+            // there (a placeholder file, a FIFO, a directory is skipped).
+            let id = match Netns::open(&path) {
+                Ok(netns) => netns.id(),
+                Err(NetnsError::Open { source, .. }) if vanished(&source) => continue,
+                Err(NetnsError::NotANamespace { .. }) => continue,
+                Err(source) => return Err(KernelError::Namespace { path, source }),
+            };
+            if seen.insert(id) {
+                found.push(path);
+            }
+        }
+    }
+    let mut processes: Vec<(u32, PathBuf)> = listing(Path::new("/proc"))?
+        .into_iter()
+        .filter_map(|path| {
+            let pid = path.file_name()?.to_str()?.parse::<u32>().ok()?;
+            Some((pid, path.join("ns/net")))
+        })
+        .collect();
+    processes.sort();
+    for (_, path) in processes {
+        // A process's namespace link is always a network namespace: its
+        // identity is what stat(2) of the link's target says.
+        let metadata = match std::fs::metadata(&path) {
+            Ok(metadata) => metadata,
+            Err(error) if vanished(&error) => continue,
+            // Not ours to look into (ptrace rules: a process of another
+            // user namespace, the sandbox manager of a container): every
+            // CNI runtime names its sandboxes' namespaces in the
+            // directories above, which must be readable.
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::debug!(path = %path.display(), %error, "a process's network namespace cannot be read; skipped");
+                continue;
+            }
+            Err(source) => {
+                return Err(KernelError::Namespace {
+                    source: NetnsError::Open {
+                        path: path.clone(),
+                        source,
+                    },
+                    path,
+                });
+            }
+        };
+        let id = NsId {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+        };
+        if seen.insert(id) {
+            found.push(path);
+        }
+    }
+    Ok(found)
+}
 
 /// The real kernel, reached through netlink.
 #[derive(Debug)]
@@ -359,6 +458,35 @@ impl Kernel for NetlinkKernel {
 
     fn identity(&self, ns: &NetlinkWorker) -> Option<NsId> {
         Some(ns.netns().id())
+    }
+
+    async fn sandbox_namespaces(&self) -> Result<Vec<PathBuf>, KernelError> {
+        let host = self.host.netns().id();
+        // Off the async workers: thousands of processes mean thousands of
+        // stat(2) calls, and a hung mount must not stall the agent.
+        match tokio::task::spawn_blocking(move || {
+            let process =
+                std::fs::metadata(PROCESS_NETNS).map_err(|source| KernelError::Namespace {
+                    path: PathBuf::from(PROCESS_NETNS),
+                    source: NetnsError::Open {
+                        path: PathBuf::from(PROCESS_NETNS),
+                        source,
+                    },
+                })?;
+            let process = NsId {
+                dev: process.dev(),
+                ino: process.ino(),
+            };
+            list_sandbox_namespaces(&[host, process])
+        })
+        .await
+        {
+            Ok(listed) => listed,
+            Err(error) => Err(KernelError::Failed {
+                operation: "listing network namespaces".to_owned(),
+                source: std::io::Error::other(error),
+            }),
+        }
     }
 
     async fn links(&self, ns: &NetlinkWorker) -> Result<Vec<Link>, KernelError> {

@@ -58,6 +58,14 @@ trait Setup {
     /// Removes the path of the namespace at `path`, as a runtime does when
     /// a pod dies; open handles keep the namespace.
     fn remove(&mut self, path: &Path);
+
+    /// Makes the namespace at `path` reachable a second way: a process
+    /// living in it (the real kernel), a second path (the fake).
+    fn second_path(&mut self, path: &Path);
+
+    /// A regular file where named namespaces are bound, as a failed
+    /// `ip netns add` leaves one; its path.
+    fn placeholder(&mut self) -> PathBuf;
 }
 
 /// The fake kernel.
@@ -102,6 +110,17 @@ impl Setup for Fake {
     fn remove(&mut self, path: &Path) {
         self.kernel.remove_namespace(path);
     }
+
+    fn second_path(&mut self, path: &Path) {
+        let ns = futures::executor::block_on(self.kernel.open(path)).expect("open");
+        self.kernel.bind("/proc/4242/ns/net", ns);
+    }
+
+    fn placeholder(&mut self) -> PathBuf {
+        let path = PathBuf::from("/var/run/netns/contract-placeholder");
+        self.kernel.add_file(&path);
+        path
+    }
 }
 
 /// The real kernel: a node namespace with a veth pair `eth1`/`eth1p`, up,
@@ -113,6 +132,10 @@ struct Real {
     pods: Vec<Namespace>,
     prefix: String,
     scratch: PathBuf,
+    /// Processes living in pod namespaces, killed on drop.
+    processes: Vec<std::process::Child>,
+    /// Files made in the named namespaces' directory, removed on drop.
+    placeholders: Vec<PathBuf>,
 }
 
 impl Real {
@@ -135,6 +158,8 @@ impl Real {
             pods: Vec::new(),
             prefix,
             scratch,
+            processes: Vec::new(),
+            placeholders: Vec::new(),
         }
     }
 }
@@ -175,10 +200,40 @@ impl Setup for Real {
     fn remove(&mut self, path: &Path) {
         self.pods.retain(|pod| pod.path() != path);
     }
+
+    fn second_path(&mut self, path: &Path) {
+        let pod = self
+            .pods
+            .iter()
+            .find(|pod| pod.path() == path)
+            .expect("a pod of this setup");
+        // A child forked by a thread inside the namespace lives there.
+        let child = hulk_netns::run_blocking_in(&pod.netns, || {
+            std::process::Command::new("sleep").arg("600").spawn()
+        })
+        .expect("enter the namespace")
+        .expect("start a process");
+        self.processes.push(child);
+    }
+
+    fn placeholder(&mut self) -> PathBuf {
+        let path =
+            Path::new(hulk_netns::NETNS_RUN_DIR).join(format!("{}-placeholder", self.prefix));
+        std::fs::write(&path, b"").expect("placeholder");
+        self.placeholders.push(path.clone());
+        path
+    }
 }
 
 impl Drop for Real {
     fn drop(&mut self) {
+        for child in &mut self.processes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for path in &self.placeholders {
+            let _ = std::fs::remove_file(path);
+        }
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
@@ -224,6 +279,7 @@ contract!(
     neighbours_are_permanent_and_replaced,
     slaves_die_with_their_parent,
     link_sysctls_need_the_link,
+    sandbox_namespaces_are_listed_once_each_without_the_hosts,
 );
 
 fn names(links: &[Link]) -> Vec<String> {
@@ -1038,4 +1094,47 @@ async fn link_sysctls_need_the_link<S: Setup>(mut setup: S) {
         error.to_string(),
         "writing /proc/sys/net/ipv4/conf/eth9/arp_notify: No such file or directory (os error 2)"
     );
+}
+
+async fn sandbox_namespaces_are_listed_once_each_without_the_hosts<S: Setup>(mut setup: S) {
+    let (first, second) = (setup.pod(), setup.pod());
+    setup.second_path(&first);
+    let placeholder = setup.placeholder();
+    let kernel = setup.kernel();
+    let listed = kernel.sandbox_namespaces().await.expect("listing");
+    // The named path comes before any other path of the same namespace.
+    assert!(listed.contains(&first), "{first:?} in {listed:?}");
+    assert!(listed.contains(&second), "{second:?} in {listed:?}");
+    assert!(!listed.contains(&placeholder), "not a namespace");
+    let (first_id, second_id) = (
+        kernel.identify(&first).await.expect("identify"),
+        kernel.identify(&second).await.expect("identify"),
+    );
+    let mut ids = Vec::new();
+    for path in &listed {
+        // The real listing holds every process's namespace: one that
+        // exits or moves by now is not this test's concern.
+        if let Ok(Some(id)) = kernel.identify(path).await {
+            ids.push(id);
+        }
+    }
+    for ours in [first_id, second_id] {
+        assert!(ours.is_some());
+        assert_eq!(
+            ids.iter().filter(|id| Some(**id) == ours).count(),
+            1,
+            "each namespace once: {listed:?}"
+        );
+    }
+    assert!(
+        !ids.iter().any(|id| Some(*id) == kernel.host_identity()),
+        "never the host's: {listed:?}"
+    );
+
+    // A namespace nothing holds any more is no sandbox's.
+    setup.remove(&second);
+    let kernel = setup.kernel();
+    let listed = kernel.sandbox_namespaces().await.expect("listing");
+    assert!(!listed.contains(&second), "{listed:?}");
+    assert!(listed.contains(&first), "{listed:?}");
 }

@@ -33,13 +33,29 @@ impl<K: Kernel> Node<K> {
 
     /// The owners of every address a pod holds, in every pool.
     pub(crate) fn assigned_owners(&self) -> impl Iterator<Item = Owner> {
+        self.assignments().map(|(owner, _)| owner)
+    }
+
+    /// Every address a pod holds, in every pool, with its owner.
+    fn assignments(&self) -> impl Iterator<Item = (Owner, IpAddr)> {
         self.pools
             .records()
             .into_iter()
             .filter_map(|record| match record.state {
-                AddressState::Assigned(owner) => Some(owner),
+                AddressState::Assigned(owner) => Some((owner, record.lease.address.addr())),
                 _ => None,
             })
+    }
+
+    /// Whether the pools still assign `address` to `owner` and no
+    /// attachment record names it: judged under the attachment's turn
+    /// before acting on what a pass found.
+    fn held_without_record(&self, owner: &Owner, address: IpAddr) -> bool {
+        self.attachments.get(&owner.attachment_id()).is_none()
+            && self
+                .pools
+                .lease_of(owner)
+                .is_some_and(|lease| lease.address.addr() == address)
     }
 
     /// The periodic GC: tears down the attachments of pods the Kubernetes
@@ -167,6 +183,124 @@ impl<K: Kernel> Node<K> {
         }
     }
 
+    /// The liveness pass for addresses the pools assign to a holder with
+    /// no attachment record (none with an ADD in progress): the ones the
+    /// orphan sweep adopted from the cloud's holder marks after a lost
+    /// state file, or on a replacement node with the same name, and ones
+    /// whose record could not be read. Nothing on this node says which
+    /// sandbox they were in, and a pod's name in Kubernetes proves
+    /// nothing (the kubelet recreates a dead node's pods in new sandboxes
+    /// under new container ids), so the kernel judges: an address an
+    /// interface holds in some sandbox namespace
+    /// ([`Datapath::sandbox_holders`]) is proven live and kept, and the
+    /// host routes to it from then on (the route is installed when it is
+    /// first proven); one no interface holds on two passes in a row is
+    /// released as a DEL would (its host route first), the same grace as
+    /// for a gone sandbox. A failed scan judges nothing: it is returned,
+    /// and the counts stay as they were. Returns the holders released; one
+    /// failure does not stop the others (the first is returned after all
+    /// were tried).
+    pub async fn collect_unproven_addresses(&self) -> Result<Vec<Owner>, NodeError> {
+        let candidates: Vec<(Owner, IpAddr)> = self
+            .assignments()
+            .filter(|(owner, _)| {
+                let id = owner.attachment_id();
+                self.attachments.get(&id).is_none() && !self.serializer.adding(&id)
+            })
+            .collect();
+        let addresses: Vec<IpAddr> = candidates.iter().map(|(_, address)| *address).collect();
+        let holders = self.datapath.sandbox_holders(&addresses).await?;
+        let mut unheld_now = std::collections::HashMap::new();
+        let mut proven_now = std::collections::HashMap::new();
+        let mut due = Vec::new();
+        for (owner, address) in candidates {
+            let id = owner.attachment_id();
+            let Some(netns) = holders.get(&address) else {
+                let passes = lock(&self.unheld).get(&id).copied().unwrap_or(0) + 1;
+                if passes >= GONE_PASSES {
+                    due.push((owner, address));
+                } else {
+                    unheld_now.insert(id, passes);
+                }
+                continue;
+            };
+            let first_proof = lock(&self.proven).get(&address) != Some(&id);
+            if first_proof {
+                tracing::info!(attachment = %id, %address, netns = %netns.display(), "an address without a record is held by a live interface: kept");
+                // Under the turn: a DEL releasing it meanwhile must not be
+                // followed by a route to an address no longer ours.
+                let _turn = self.serializer.turn(&id).await;
+                if self.held_without_record(&owner, address) {
+                    self.route_proven(address).await;
+                }
+            } else {
+                tracing::debug!(attachment = %id, %address, netns = %netns.display(), "an address without a record is still held");
+            }
+            proven_now.insert(address, id);
+        }
+        *lock(&self.unheld) = unheld_now;
+        *lock(&self.proven) = proven_now;
+        let mut released = Vec::with_capacity(due.len());
+        let mut first_error = None;
+        for (owner, address) in due {
+            let id = owner.attachment_id();
+            let _turn = self.serializer.turn(&id).await;
+            // Judged again under the turn: an ADD of the same attachment
+            // may have recorded it since, or a DEL released it.
+            if !self.held_without_record(&owner, address) {
+                continue;
+            }
+            match self.del_unrecorded(&PodRequest::new(owner.clone())).await {
+                Ok(()) => {
+                    self.pools.metrics().gc_releases.inc();
+                    tracing::info!(attachment = %id, %address, "no interface holds an address without a record: released");
+                    released.push(owner);
+                }
+                Err(error) => {
+                    tracing::warn!(attachment = %id, %address, %error, "cannot release an address no interface holds");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(released),
+        }
+    }
+
+    /// Installs the host route to a record-less address just proven live.
+    /// A failure is logged: [`Node::restore`] and [`Node::reapply`] route
+    /// every proven address.
+    async fn route_proven(&self, address: IpAddr) {
+        let kernel = self.datapath.kernel();
+        match kernel
+            .replace_route(kernel.host(), &self.host_route(address))
+            .await
+        {
+            Ok(()) => {}
+            // No host link yet (the pass before the restore after a
+            // reboot): the restore routes it.
+            Err(hulk_netns::KernelError::LinkNotFound(_)) => {}
+            Err(error) => {
+                tracing::warn!(%address, %error, "cannot install the host route to a proven address");
+            }
+        }
+    }
+
+    /// The addresses the host routes to: every address the pools assign
+    /// to a holder with an attachment record, and those of holders without
+    /// one that a live interface was last found holding.
+    pub(crate) fn routed_addresses(&self) -> Vec<IpAddr> {
+        let proven = lock(&self.proven).clone();
+        self.assignments()
+            .filter(|(owner, address)| {
+                let id = owner.attachment_id();
+                self.attachments.get(&id).is_some() || proven.get(address) == Some(&id)
+            })
+            .map(|(_, address)| address)
+            .collect()
+    }
+
     pub(crate) fn gone_passes(&self, id: &AttachmentId) -> u32 {
         lock(&self.gone).get(id).copied().unwrap_or(0)
     }
@@ -212,7 +346,8 @@ impl<K: Kernel> Node<K> {
 
     /// Runs the periodic GC until `shutdown` is cancelled: every `interval`
     /// the DEL notes ([`Node::replay_del_notes`]), a liveness pass
-    /// ([`Node::collect_gone_sandboxes`]), a pass of
+    /// ([`Node::collect_gone_sandboxes`]) and one of the addresses without
+    /// a record ([`Node::collect_unproven_addresses`]), a pass of
     /// [`Node::collect_dead_pods`], and every tenth pass an
     /// orphan sweep of the backend (a list call, kept rare for large
     /// clusters); every pass while the pools have intents a start could
@@ -237,6 +372,18 @@ impl<K: Kernel> Node<K> {
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "liveness pass failed"),
+            }
+            match self.collect_unproven_addresses().await {
+                Ok(released) if !released.is_empty() => {
+                    tracing::info!(
+                        released = released.len(),
+                        "liveness pass of addresses without a record"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "liveness pass of addresses without a record failed")
+                }
             }
             match self.collect_dead_pods().await {
                 Ok(report) if !report.released.is_empty() || !report.suspected.is_empty() => {

@@ -15,10 +15,15 @@
 //!   what the record says, in the recorded sandbox only, and returns the
 //!   address; anything already gone counts as done.
 //! - [`Node::collect_gone_sandboxes`]: the liveness pass, with or without
-//!   Kubernetes; [`Node::replay_del_notes`]: the DELs the plugin did while
-//!   the agent was down ([`hulk_agent_api::del_notes`]).
+//!   Kubernetes; [`Node::collect_unproven_addresses`]: the same for the
+//!   addresses the pools assign without an attachment record (adopted
+//!   from the cloud's marks after a lost state file or by a replacement
+//!   node), judged by whether a live interface holds them;
+//!   [`Node::replay_del_notes`]: the DELs the plugin did while the agent
+//!   was down ([`hulk_agent_api::del_notes`]).
 //! - [`Node::restore`]: after a reboot or an agent restart, re-applies the
-//!   node-level datapath for the pods that still hold addresses.
+//!   node-level datapath for the pods that still hold addresses (a
+//!   record-less address once a live interface is found holding it).
 //! - [`NodeError::to_cni`]: the mapping to CNI codes (11 try again later,
 //!   102 exhausted, 104 datapath, 105 namespace, ...), the cause chain in
 //!   the error's `details`.
@@ -263,6 +268,14 @@ pub struct Node<K> {
     /// Attachments whose sandbox the last liveness pass found gone, with
     /// how many passes in a row did.
     gone: Mutex<std::collections::HashMap<AttachmentId, u32>>,
+    /// Holders without an attachment record whose address no interface
+    /// held on the last passes of [`Node::collect_unproven_addresses`],
+    /// with how many passes in a row.
+    unheld: Mutex<std::collections::HashMap<AttachmentId, u32>>,
+    /// Addresses of holders without an attachment record that a live
+    /// interface was last found holding, with the holder: the only
+    /// record-less addresses the host routes to.
+    proven: Mutex<std::collections::HashMap<IpAddr, AttachmentId>>,
     /// Attachments this agent process completed and answered: a second
     /// ADD of one is the caller's error (one an earlier process completed
     /// may never have been answered).
@@ -298,8 +311,9 @@ fn now_ms() -> u64 {
 impl<K: Kernel> Node<K> {
     /// A node serving pods from `default_pool` unless a request names its
     /// own, with the attachment records kept in `pools`' store. Records
-    /// that cannot be read are logged and left out: without a record an
-    /// attachment is never judged dead by the kernel, only by DEL and GC.
+    /// that cannot be read are logged and left out: their addresses are
+    /// judged as those of any holder without a record
+    /// ([`Node::collect_unproven_addresses`]).
     pub fn new(
         pools: Arc<PoolManager>,
         datapath: Datapath<K>,
@@ -320,6 +334,8 @@ impl<K: Kernel> Node<K> {
             attachments,
             serializer: Serializer::default(),
             gone: Mutex::default(),
+            unheld: Mutex::default(),
+            proven: Mutex::default(),
             answered: Mutex::default(),
             del_notes: None,
         }

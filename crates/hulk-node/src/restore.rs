@@ -6,7 +6,7 @@ impl<K: Kernel> Node<K> {
     /// The node-level datapath compared with what the pods holding
     /// addresses need.
     pub async fn inspect(&self) -> Result<NodeState, NodeError> {
-        let live: Vec<IpAddr> = self.pools.assigned_addresses();
+        let live: Vec<IpAddr> = self.routed_addresses();
         Ok(self.datapath.inspect_node(&self.network, &live).await?)
     }
 
@@ -63,9 +63,13 @@ impl<K: Kernel> Node<K> {
     /// Re-applies the node-level datapath (host slave, sysctls, a host
     /// route per pod holding an address) after a reboot or restart, and
     /// re-pins running pods' gateway entries to what the pools now know
-    /// ([`Node::repin_gateways`]).
+    /// ([`Node::repin_gateways`]). An address held without an attachment
+    /// record is routed only once a live interface was found holding it
+    /// ([`Node::collect_unproven_addresses`], which the agent runs just
+    /// before): the node never routes to a dead predecessor's pods, and a
+    /// route to an unproven address is removed as a stale one.
     pub async fn restore(&self) -> Result<Reapplied, NodeError> {
-        let live: Vec<IpAddr> = self.pools.assigned_addresses();
+        let live: Vec<IpAddr> = self.routed_addresses();
         let node = self.datapath.restore_node(&self.network, &live).await?;
         Ok(Reapplied {
             node,

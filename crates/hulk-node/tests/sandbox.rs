@@ -485,3 +485,165 @@ async fn a_gateway_mac_the_cloud_moves_is_repinned_in_running_pods_and_given_to_
     }
     assert_eq!(restarted.repin_gateways().await, 0);
 }
+
+/// Three leases of node-1 the backend marks as held by pods `names`' eth0,
+/// as a node that died leaves them.
+async fn marked_by_pods(backend: &MemoryBackend, names: &[&str]) -> Vec<hulk_ipam::Lease> {
+    let leases = backend
+        .allocate(&hulk_ipam::AllocationRequest::new(
+            key(),
+            "node-1",
+            names.len(),
+        ))
+        .await
+        .unwrap();
+    for (lease, name) in leases.iter().zip(names) {
+        backend
+            .update_owner(&lease.id, Some(pod(name).owner))
+            .await
+            .unwrap();
+    }
+    leases
+}
+
+/// A node named node-1 with a new, empty store over `backend`: its
+/// start adopts the marked addresses as their pods'.
+async fn node_with_lost_store(
+    backend: Arc<MemoryBackend>,
+    kernel: Arc<FakeKernel>,
+) -> Node<Arc<FakeKernel>> {
+    let node = node_over(backend, Arc::new(MemoryStore::default()), kernel, false).await;
+    assert_eq!(node.pools().stats(&key()).assigned, 3, "adopted as held");
+    assert!(node.attachments().all().is_empty());
+    node
+}
+
+fn host_routes_of(node: &Node<Arc<FakeKernel>>) -> Vec<String> {
+    node.datapath().kernel().host_namespace().route_lines()
+}
+
+const DEAD: [&str; 3] = ["dead-1", "dead-2", "dead-3"];
+
+#[tokio::test]
+async fn a_replacement_node_gives_a_dead_predecessors_pod_addresses_back_unrouted() {
+    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()));
+    let leases = marked_by_pods(&backend, &DEAD).await;
+    // A new machine: none of the dead pods' namespaces exists.
+    let (kernel, _) = kernel(&[]);
+    let node = node_with_lost_store(backend.clone(), kernel).await;
+    assert!(host_routes_of(&node).is_empty(), "restore routes none");
+    let releases = node.pools().metrics().gc_releases.get();
+
+    assert!(
+        node.collect_unproven_addresses().await.unwrap().is_empty(),
+        "one pass is not enough"
+    );
+    assert_eq!(node.pools().stats(&key()).assigned, 3);
+    assert!(host_routes_of(&node).is_empty());
+    let mut released = node.collect_unproven_addresses().await.unwrap();
+    released.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+    assert_eq!(
+        released,
+        DEAD.iter().map(|name| pod(name).owner).collect::<Vec<_>>()
+    );
+    assert_eq!(node.pools().stats(&key()).assigned, 0);
+    for lease in &leases {
+        assert_eq!(node.pools().holder_of(lease.address.addr()), None);
+    }
+    assert_eq!(node.pools().metrics().gc_releases.get(), releases + 3);
+    assert!(host_routes_of(&node).is_empty(), "never routed");
+    assert!(node.collect_unproven_addresses().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_lost_store_keeps_and_routes_the_addresses_live_interfaces_hold() {
+    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()));
+    let leases = marked_by_pods(&backend, &DEAD).await;
+    // The same machine: the pods' sandboxes still hold their addresses.
+    let (kernel, namespaces) = kernel(&DEAD);
+    for (ns, lease) in namespaces.iter().zip(&leases) {
+        kernel
+            .create_slave("eth1", "eth0", SlaveKind::default(), ns)
+            .await
+            .unwrap();
+        kernel.add_address(ns, "eth0", lease.address).await.unwrap();
+    }
+    let node = node_with_lost_store(backend, kernel.clone()).await;
+    let mut routes: Vec<String> = leases
+        .iter()
+        .map(|lease| format!("{}/32 dev hulk0", lease.address.addr()))
+        .collect();
+    routes.sort();
+    for _ in 0..5 {
+        assert!(node.collect_unproven_addresses().await.unwrap().is_empty());
+        assert_eq!(node.pools().stats(&key()).assigned, 3);
+        let mut found = host_routes_of(&node);
+        found.sort();
+        assert_eq!(found, routes, "routed once proven");
+    }
+    let restored = node.restore().await.unwrap();
+    assert_eq!(restored.node.routes_installed, 3);
+    assert!(restored.node.stale_routes_removed.is_empty());
+
+    // One sandbox dies: its address goes back after the same grace.
+    kernel.remove_namespace(&netns("dead-2"));
+    assert!(node.collect_unproven_addresses().await.unwrap().is_empty());
+    assert_eq!(
+        node.collect_unproven_addresses().await.unwrap(),
+        [pod("dead-2").owner]
+    );
+    assert_eq!(node.pools().stats(&key()).assigned, 2);
+    assert!(
+        !host_routes_of(&node).contains(&format!("{}/32 dev hulk0", leases[1].address.addr())),
+        "its route leaves with it"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_namespace_scan_judges_nothing() {
+    let backend = Arc::new(MemoryBackend::new("10.20.0.0/24".parse().unwrap()));
+    marked_by_pods(&backend, &DEAD).await;
+    let (kernel, _) = kernel(&[]);
+    let node = node_with_lost_store(backend, kernel.clone()).await;
+    kernel.fail_namespace_listing(true);
+    for _ in 0..4 {
+        assert!(node.collect_unproven_addresses().await.is_err());
+    }
+    assert_eq!(node.pools().stats(&key()).assigned, 3, "all kept");
+    kernel.fail_namespace_listing(false);
+    assert!(
+        node.collect_unproven_addresses().await.unwrap().is_empty(),
+        "failed scans counted no pass"
+    );
+    assert_eq!(node.collect_unproven_addresses().await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn an_address_with_an_attachment_record_is_not_judged_by_the_kernel_scan() {
+    let h = harness(&["a"]).await;
+    let attached = h.node.add(&pod("a")).await.unwrap();
+    // The interface is gone but the sandbox lives: the record's pass
+    // judges this attachment, not the scan of addresses without one.
+    let kernel = h.node.datapath().kernel();
+    kernel.delete_link(&h.namespaces[0], "eth0").await.unwrap();
+    for _ in 0..3 {
+        assert!(
+            h.node
+                .collect_unproven_addresses()
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(h.assigned(), 1);
+    assert!(
+        h.node
+            .attachments()
+            .get(&pod("a").attachment_id())
+            .is_some()
+    );
+    assert_eq!(
+        h.host_routes(),
+        [format!("{}/32 dev hulk0", attached.lease.address.addr())]
+    );
+}

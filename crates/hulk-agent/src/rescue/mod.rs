@@ -182,6 +182,11 @@ pub enum RescueReply {
         /// two passes in a row).
         #[serde(default)]
         sandboxes_gone: Vec<AttachmentId>,
+        /// Holders without an attachment record whose address no
+        /// interface in the node's namespaces held on two passes in a
+        /// row, released.
+        #[serde(default)]
+        unheld_released: Vec<Owner>,
         /// DELs the plugin noted while the agent was down, done now.
         #[serde(default)]
         del_notes_replayed: usize,
@@ -288,6 +293,7 @@ impl<K: Kernel + 'static> RescueService<K> {
     async fn gc(&self) -> Result<RescueReply, NodeError> {
         let del_notes_replayed = self.node.replay_del_notes().await;
         let sandboxes_gone = self.node.collect_gone_sandboxes().await?;
+        let unheld_released = self.node.collect_unproven_addresses().await?;
         let report = self.node.collect_dead_pods().await?;
         let orphans = self.node.pools().sweep_orphans().await?;
         Ok(RescueReply::Collected {
@@ -296,6 +302,7 @@ impl<K: Kernel + 'static> RescueService<K> {
             orphans,
             pods_checked: self.node.has_pods(),
             sandboxes_gone,
+            unheld_released,
             del_notes_replayed,
         })
     }

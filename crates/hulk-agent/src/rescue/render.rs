@@ -243,10 +243,18 @@ fn render(reply: &RescueReply, now_ms: u64) -> String {
             orphans,
             pods_checked,
             sandboxes_gone,
+            unheld_released,
             del_notes_replayed,
         } => {
             for id in sandboxes_gone {
                 let _ = writeln!(out, "sandbox gone: {id} torn down");
+            }
+            for owner in unheld_released {
+                let _ = writeln!(
+                    out,
+                    "held by no interface: {} released (no record)",
+                    owner_text(owner)
+                );
             }
             if *del_notes_replayed > 0 {
                 let _ = writeln!(
