@@ -499,7 +499,7 @@ async fn marked_by_pods(backend: &MemoryBackend, names: &[&str]) -> Vec<hulk_ipa
         .unwrap();
     for (lease, name) in leases.iter().zip(names) {
         backend
-            .update_owner(&lease.id, Some(pod(name).owner))
+            .update_owner(&lease.id, Some(pod(name).owner), None)
             .await
             .unwrap();
     }
