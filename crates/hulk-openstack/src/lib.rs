@@ -46,4 +46,4 @@ mod neutron_backend;
 pub mod ultron;
 
 pub use http::{HttpClient, HttpSettings};
-pub use neutron_backend::{NeutronBackend, NeutronBackendConfig};
+pub use neutron_backend::{NeutronBackend, NeutronBackendConfig, NodePort};
