@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts a real Neutron API (noauth, SQLite, ML2 with a no-op binding driver,
-# port security, the QoS, router and trunk service plugins) and a real Keystone on loopback, installed from PyPI, for the
-# hulk-openstack integration tests.
+# port security, the QoS, router and trunk service plugins) and a real
+# Keystone on loopback, installed from PyPI, for the hulk-openstack
+# integration tests.
 #
 # usage: tests/openstack/up.sh STATE_DIR
 # Writes STATE_DIR/env (NEUTRON_URL, KEYSTONE_URL, credentials, PIDs) and
