@@ -474,9 +474,7 @@ impl AgentConfig {
             ..
         } = &self.backend
         {
-            if node_port.is_empty()
-                || node_port.chars().any(|c| c.is_whitespace() || c == '/')
-            {
+            if node_port.is_empty() || node_port.chars().any(|c| c.is_whitespace() || c == '/') {
                 return Err(format!(
                     "[backend] node_port must be \"{NODE_PORT_AUTO}\" or a Neutron port id, \
                      not {node_port:?}"
@@ -735,12 +733,13 @@ mod tests {
             let error = described(&AgentConfig::parse(&nested).unwrap_err());
             assert!(error.contains(expected), "{expected:?} not in {error}");
         }
-        let macvlan = format!("{neutron}\nnode_port = \"auto\"\n").replace(
-            "parent = \"eth1\"",
-            "parent = \"eth1\"\nkind = \"macvlan\"",
-        );
+        let macvlan = format!("{neutron}\nnode_port = \"auto\"\n")
+            .replace("parent = \"eth1\"", "parent = \"eth1\"\nkind = \"macvlan\"");
         let error = described(&AgentConfig::parse(&macvlan).unwrap_err());
-        assert!(error.contains("needs [network] kind = \"ipvlan\""), "{error}");
+        assert!(
+            error.contains("needs [network] kind = \"ipvlan\""),
+            "{error}"
+        );
     }
 
     #[test]

@@ -422,7 +422,10 @@ impl CountingProxy {
             body: Bytes,
         ) -> Response {
             let path = uri.path().to_owned();
-            let query = uri.query().map(|query| format!("?{query}")).unwrap_or_default();
+            let query = uri
+                .query()
+                .map(|query| format!("?{query}"))
+                .unwrap_or_default();
             let mut request = reqwest::Client::new()
                 .request(method.clone(), format!("{target}{path}{query}"))
                 .body(body);
@@ -581,11 +584,7 @@ async fn nested_pairs_follow_allocation_and_release() {
 
     // Another backend (the cluster controller, or this agent restarted)
     // releasing a port it never saw finds the pair through the port's tag.
-    let other = nested_backend(
-        noauth_client(),
-        "unused",
-        NodePort::Id(node.id.clone()),
-    );
+    let other = nested_backend(noauth_client(), "unused", NodePort::Id(node.id.clone()));
     other.release(&leases[1].id).await.unwrap();
     assert_eq!(
         pairs_of(&client, &node.id).await,
@@ -702,7 +701,10 @@ async fn two_backends_racing_on_one_node_port_both_land_their_pairs() {
             }
         }
     };
-    tokio::join!(releases("first", &gone[..2]), releases("second", &gone[2..]));
+    tokio::join!(
+        releases("first", &gone[..2]),
+        releases("second", &gone[2..])
+    );
     assert_eq!(
         pairs_of(&client, &node.id).await,
         with_mac(kept, &node.mac_address)

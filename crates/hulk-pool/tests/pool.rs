@@ -1450,11 +1450,7 @@ impl IpamBackend for PartialListing {
     async fn health(&self) -> Result<(), IpamError> {
         self.inner.health().await
     }
-    async fn reconcile_node(
-        &self,
-        node: &str,
-        held: &[hulk_ipam::Lease],
-    ) -> Result<(), IpamError> {
+    async fn reconcile_node(&self, node: &str, held: &[hulk_ipam::Lease]) -> Result<(), IpamError> {
         let ids = held.iter().map(|lease| lease.id.clone()).collect();
         self.reconciled.lock().unwrap().push((node.to_owned(), ids));
         Ok(())
@@ -1496,7 +1492,10 @@ async fn each_sweep_reconciles_the_node_with_what_it_holds() {
     pools.sweep_orphans().await.unwrap();
     let mut expected = all.clone();
     expected.remove(&held.id);
-    assert_eq!(backend.reconciled.lock().unwrap().last().unwrap().1, expected);
+    assert_eq!(
+        backend.reconciled.lock().unwrap().last().unwrap().1,
+        expected
+    );
 }
 
 #[tokio::test]

@@ -349,16 +349,24 @@ impl NeutronBackend {
         node_port: &str,
         address: IpAddr,
     ) -> Result<(), IpamError> {
-        self.nested
-            .released
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(lease_id.to_owned());
+        // Only a node agent reconciles, and drains this set.
+        if self.nested.setting != NodePort::Off {
+            self.nested
+                .released
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(lease_id.to_owned());
+        }
         let none = BTreeSet::new();
         let remove = BTreeSet::from([address]);
         match self
             .change_pairs(node_port, false, |port| {
-                changed_pairs(&port.allowed_address_pairs, &port.mac_address, &none, &remove)
+                changed_pairs(
+                    &port.allowed_address_pairs,
+                    &port.mac_address,
+                    &none,
+                    &remove,
+                )
             })
             .await
         {
@@ -483,12 +491,12 @@ mod tests {
         let subnet: IpNet = "10.0.0.0/24".parse().unwrap();
         let owned = |ip: IpAddr| subnet.contains(&ip);
         let current = pairs(&[
-            ("10.0.0.5", MAC),                   // held: kept
-            ("10.0.0.7", MAC),                   // stale: removed
-            ("10.0.0.8", "fa:16:3e:00:00:02"),   // held, wrong MAC: replaced
-            ("10.0.0.8", MAC),                   // held, right MAC: kept
-            ("10.0.0.5/32", MAC),                // a duplicate: dropped
-            ("10.0.0.0/28", MAC),                // a range: an operator's, kept
+            ("10.0.0.5", MAC),                    // held: kept
+            ("10.0.0.7", MAC),                    // stale: removed
+            ("10.0.0.8", "fa:16:3e:00:00:02"),    // held, wrong MAC: replaced
+            ("10.0.0.8", MAC),                    // held, right MAC: kept
+            ("10.0.0.5/32", MAC),                 // a duplicate: dropped
+            ("10.0.0.0/28", MAC),                 // a range: an operator's, kept
             ("172.16.0.10", "fa:16:3e:77:77:77"), // outside the subnets: kept
         ]);
         let held = ips(&["10.0.0.5", "10.0.0.8", "10.0.0.9"]);
