@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Starts a real Neutron API (noauth, SQLite, ML2 with a no-op binding driver)
-# and a real Keystone on loopback, installed from PyPI, for the
-# hulk-openstack integration tests.
+# Starts a real Neutron API (noauth, SQLite, ML2 with a no-op binding driver,
+# port security, the QoS, router and trunk service plugins) and a real
+# Keystone on loopback, installed from PyPI, for the hulk-openstack
+# integration tests.
 #
 # usage: tests/openstack/up.sh STATE_DIR
 # Writes STATE_DIR/env (NEUTRON_URL, KEYSTONE_URL, credentials, PIDs) and
@@ -42,7 +43,10 @@ cp "$here/neutron_api_wsgi.py" "$state/neutron/"
 cat >"$state/neutron/etc/neutron.conf" <<CONF
 [DEFAULT]
 core_plugin = ml2
-service_plugins = qos,router
+service_plugins = qos,router,trunk
+# Nested mode keeps every address a VM node holds as a pair on its port;
+# Neutron's default of 10 is too few for a node's pool.
+max_allowed_address_pair = 128
 auth_strategy = noauth
 transport_url = fake://
 state_path = $state/neutron/state

@@ -204,7 +204,11 @@ impl<K: Kernel + 'static> Agent<K> {
             }
             None => None,
         };
-        let backend = backend::from_section(&config.backend)?;
+        let node_facts = backend::NodeFacts {
+            parent_mac: parent_mac(&kernel, &config).await,
+            node_address: config.network.node_address.addr(),
+        };
+        let backend = backend::for_node(&config.backend, &node_facts)?;
         let store: Arc<dyn PoolStore> = match &config.state_file {
             Some(path) => {
                 if let Some(directory) = path.parent() {
@@ -491,6 +495,33 @@ impl<K: Kernel + 'static> Agent<K> {
             tracing::warn!(error = %hulk_cni::describe(&error), "cannot release the node's Lease; it expires");
         }
         Ok(())
+    }
+}
+
+/// The parent interface's MAC, by which nested mode finds the node's
+/// Neutron port; only looked up in nested mode. Unreadable: `None`
+/// (logged), and the node port is found by the node's address alone.
+async fn parent_mac<K: Kernel>(kernel: &K, config: &AgentConfig) -> Option<hulk_ipam::MacAddr> {
+    if !matches!(
+        &config.backend,
+        crate::config::BackendSection::Neutron {
+            node_port: Some(_),
+            ..
+        }
+    ) {
+        return None;
+    }
+    let parent = &config.network.parent;
+    match kernel.link(kernel.host(), parent).await {
+        Ok(Some(link)) if link.mac.is_some() => link.mac,
+        Ok(_) => {
+            tracing::warn!(%parent, "the parent interface has no MAC; the node port is found by the node's address");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(%parent, %error, "cannot read the parent interface's MAC; the node port is found by the node's address");
+            None
+        }
     }
 }
 

@@ -5,13 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MemoryBackend};
+use std::net::IpAddr;
+
+use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MacAddr, MemoryBackend};
 use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
 use hulk_openstack::neutron::{NeutronAuth, NeutronClient};
 use hulk_openstack::ultron::UltronBackend;
-use hulk_openstack::{HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig};
+use hulk_openstack::{HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig, NodePort};
 
-use crate::config::BackendSection;
+use crate::config::{BackendSection, NODE_PORT_AUTO};
 
 /// Why a backend could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +59,48 @@ pub(crate) fn http_client(
     .map_err(|source| BackendError::Client { backend, source })
 }
 
-/// The backend `section` names. Secrets are read now, once; the Neutron
-/// backend authenticates with Keystone on its first call.
+/// What a node agent knows of its node that the Neutron backend's nested
+/// mode (`[backend] node_port = "auto"`) finds the node's port by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// The parent interface's MAC, when it could be read.
+    pub parent_mac: Option<MacAddr>,
+    /// The node's address (`[network] node_address`).
+    pub node_address: IpAddr,
+}
+
+/// The backend `section` names, for the cluster (the controller): nested
+/// mode is off, as the node port is a node's own; releasing a nested pod
+/// port still removes its pair from the node port its tag names. Secrets
+/// are read now, once; the Neutron backend authenticates with Keystone on
+/// its first call.
 ///
 /// # Errors
 ///
 /// [`BackendError`] when a secret file cannot be read or a client cannot
 /// be set up.
 pub fn from_section(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, BackendError> {
+    build(section, None)
+}
+
+/// The backend `section` names, for the node `node` describes: with
+/// `node_port` set, Neutron's nested mode (`"auto"` finds the node port by
+/// `node`'s parent MAC and address). Otherwise as [`from_section`].
+///
+/// # Errors
+///
+/// As [`from_section`].
+pub fn for_node(
+    section: &BackendSection,
+    node: &NodeFacts,
+) -> Result<Arc<dyn IpamBackend>, BackendError> {
+    build(section, Some(node))
+}
+
+fn build(
+    section: &BackendSection,
+    node: Option<&NodeFacts>,
+) -> Result<Arc<dyn IpamBackend>, BackendError> {
     Ok(match section {
         BackendSection::Memory {
             subnet,
@@ -101,6 +137,7 @@ pub fn from_section(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, Ba
             endpoint,
             region,
             ca_file,
+            node_port,
         } => {
             let credentials = Credentials::ApplicationCredential {
                 id: application_credential_id.clone(),
@@ -119,10 +156,16 @@ pub fn from_section(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, Ba
                 backend: "neutron",
                 source,
             })?;
-            Arc::new(NeutronBackend::new(
-                client,
-                NeutronBackendConfig::new(cluster.clone()),
-            ))
+            let mut config = NeutronBackendConfig::new(cluster.clone());
+            config.node_port = match (node_port.as_deref(), node) {
+                (None, _) | (Some(_), None) => NodePort::Off,
+                (Some(NODE_PORT_AUTO), Some(node)) => NodePort::Auto {
+                    mac: node.parent_mac,
+                    address: Some(node.node_address),
+                },
+                (Some(id), Some(_)) => NodePort::Id(id.to_owned()),
+            };
+            Arc::new(NeutronBackend::new(client, config))
         }
     })
 }

@@ -364,8 +364,18 @@ pub enum BackendSection {
         /// A PEM CA bundle to trust besides the system roots.
         #[serde(default)]
         ca_file: Option<PathBuf>,
+        /// Nested mode, for nodes that are Nova VMs: `"auto"` (the port
+        /// with the parent interface's MAC and the node's address) or the
+        /// node port's id. Pod addresses are then unbound ports, each
+        /// allowed on the node port (`allowed_address_pairs`). Absent: off,
+        /// pod ports bound to the node's host (bare metal).
+        #[serde(default)]
+        node_port: Option<String>,
     },
 }
+
+/// The value of `[backend] node_port` that finds the node port by itself.
+pub const NODE_PORT_AUTO: &str = "auto";
 
 /// Why a configuration cannot be used. Each says where the problem is:
 /// the file, an environment override, or a value that is well-formed but
@@ -473,6 +483,28 @@ impl AgentConfig {
         }
         self.pool_config()?;
         self.slave_kind()?;
+        if let BackendSection::Neutron {
+            node_port: Some(node_port),
+            ..
+        } = &self.backend
+        {
+            if node_port.is_empty() || node_port.chars().any(|c| c.is_whitespace() || c == '/') {
+                return Err(format!(
+                    "[backend] node_port must be \"{NODE_PORT_AUTO}\" or a Neutron port id, \
+                     not {node_port:?}"
+                ));
+            }
+            // Port security passes one MAC per address pair: the node
+            // port's, which only ipvlan slaves share.
+            if self.network.kind != LinkKind::Ipvlan {
+                return Err(format!(
+                    "[backend] node_port (nested mode) needs [network] kind = \"ipvlan\": \
+                     Neutron lets pod addresses through the node's port with its MAC only, \
+                     and {} slaves have their own",
+                    self.network.kind
+                ));
+            }
+        }
         if self.node_name.is_empty() {
             return Err("node_name must not be empty".into());
         }
@@ -691,11 +723,37 @@ mod tests {
             "type = \"memory\"\n        subnet = \"10.20.0.0/24\"",
             "type = \"neutron\"\nauth_url = \"https://keystone:5000/v3\"\napplication_credential_id = \"id\"\napplication_credential_secret_file = \"/etc/hulk/secret\"\ncluster = \"prod\"",
         );
-        let BackendSection::Neutron { region, .. } = AgentConfig::parse(&neutron).unwrap().backend
+        let BackendSection::Neutron {
+            region, node_port, ..
+        } = AgentConfig::parse(&neutron).unwrap().backend
         else {
             panic!("not neutron");
         };
-        assert_eq!(region, None);
+        assert_eq!((region, node_port), (None, None), "nested mode is off");
+        for setting in ["auto", "6f1c2a3e-1b2c-4d5e-8f90-1a2b3c4d5e6f"] {
+            let nested = format!("{neutron}\nnode_port = \"{setting}\"\n");
+            let BackendSection::Neutron { node_port, .. } =
+                AgentConfig::parse(&nested).unwrap().backend
+            else {
+                panic!("not neutron");
+            };
+            assert_eq!(node_port.as_deref(), Some(setting));
+        }
+        for (setting, expected) in [
+            ("", "must be \"auto\" or a Neutron port id"),
+            ("a port", "must be \"auto\" or a Neutron port id"),
+        ] {
+            let nested = format!("{neutron}\nnode_port = \"{setting}\"\n");
+            let error = described(&AgentConfig::parse(&nested).unwrap_err());
+            assert!(error.contains(expected), "{expected:?} not in {error}");
+        }
+        let macvlan = format!("{neutron}\nnode_port = \"auto\"\n")
+            .replace("parent = \"eth1\"", "parent = \"eth1\"\nkind = \"macvlan\"");
+        let error = described(&AgentConfig::parse(&macvlan).unwrap_err());
+        assert!(
+            error.contains("needs [network] kind = \"ipvlan\""),
+            "{error}"
+        );
     }
 
     #[test]

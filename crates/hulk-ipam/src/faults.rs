@@ -296,6 +296,13 @@ impl<B: IpamBackend> IpamBackend for Faulty<B> {
         self.before_call().await?;
         self.inner.health().await
     }
+
+    /// Forwarded without a fault and not counted: plans number the calls
+    /// that hand out and return addresses, and a sweep's node-level repair
+    /// must not shift them.
+    async fn reconcile_node(&self, node: &str, held: &[Lease]) -> Result<(), IpamError> {
+        self.inner.reconcile_node(node, held).await
+    }
 }
 
 #[cfg(test)]

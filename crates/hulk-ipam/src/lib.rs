@@ -385,6 +385,23 @@ pub trait IpamBackend: Send + Sync {
 
     /// Checks that the backend answers.
     async fn health(&self) -> Result<(), IpamError>;
+
+    /// Brings node-level state the backend keeps for `node` in line with
+    /// `held`, every address the node holds (idle, cooling down or a
+    /// pod's; neither those being released nor those the cloud took
+    /// back). Called after each orphan sweep, so at start and
+    /// periodically. The Neutron backend in nested mode makes the node
+    /// port's allowed address pairs equal `held`'s addresses (see
+    /// `hulk_openstack::NodePort`); backends without node-level state do
+    /// nothing (the default).
+    ///
+    /// # Errors
+    ///
+    /// The backend's calls failed; what was changed until then stays.
+    async fn reconcile_node(&self, node: &str, held: &[Lease]) -> Result<(), IpamError> {
+        let _ = (node, held);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

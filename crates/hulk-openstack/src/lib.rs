@@ -7,7 +7,9 @@
 //!   and paginated list, compare-and-swap update, tags, delete), subnets and
 //!   networks, mapping `NeutronError` types to [`hulk_ipam::IpamError`];
 //! - [`NeutronBackend`]: [`hulk_ipam::IpamBackend`] on top, every port
-//!   tagged `hulk-vpc`, `hulk-cluster=…` and `hulk-node=…`;
+//!   tagged `hulk-vpc`, `hulk-cluster=…` and `hulk-node=…`; with
+//!   [`NodePort`], nested mode for nodes that are Nova VMs (pod addresses
+//!   allowed on the node's own port);
 //! - [`ultron`]: the UltrON-style REST contract v1 (`docs/ultron-ipam-v1.md`),
 //!   its client [`ultron::UltronBackend`] and, with the `ultron-server`
 //!   feature, a conformant server over any backend.
@@ -46,4 +48,4 @@ mod neutron_backend;
 pub mod ultron;
 
 pub use http::{HttpClient, HttpSettings};
-pub use neutron_backend::{NeutronBackend, NeutronBackendConfig};
+pub use neutron_backend::{NeutronBackend, NeutronBackendConfig, NodePort};

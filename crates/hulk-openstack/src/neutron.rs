@@ -69,6 +69,26 @@ pub struct Port {
     /// Revision, for compare-and-swap updates.
     #[serde(default)]
     pub revision_number: u64,
+    /// Addresses besides the fixed IPs that port security lets through
+    /// (nested mode adds the node's pod addresses to the node's port).
+    #[serde(default)]
+    pub allowed_address_pairs: Vec<AddressPair>,
+    /// Whether port security filters the port (`None`: the extension is
+    /// not loaded, so nothing filters it).
+    #[serde(default)]
+    pub port_security_enabled: Option<bool>,
+}
+
+/// One entry of a port's `allowed_address_pairs`: an address (or CIDR)
+/// and the MAC it may be sent from (Neutron fills in the port's own MAC
+/// when a request leaves it out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressPair {
+    /// An address, or a CIDR.
+    pub ip_address: String,
+    /// The MAC the address may come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_address: Option<String>,
 }
 
 /// The fields of a port to create.

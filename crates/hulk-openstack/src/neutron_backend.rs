@@ -1,5 +1,9 @@
 //! [`IpamBackend`] on Neutron ports: each address is a port on the VPC
-//! subnet, bound to the node, tagged so it can always be found again.
+//! subnet, bound to the node (or, nested, an unbound port whose address
+//! the node's own port allows: [`NodePort`]), tagged so it can always be
+//! found again.
+
+mod node_port;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -13,6 +17,8 @@ use serde_json::json;
 use tokio::sync::{Mutex, OnceCell};
 
 use crate::neutron::{FixedIp, NeutronClient, Port, PortRequest};
+pub use node_port::NodePort;
+use node_port::{Nested, node_port_of, node_port_tag};
 
 /// The extension that lets a port create (single or bulk) carry tags.
 const TAGS_ON_CREATE: &str = "tag-ports-during-bulk-creation";
@@ -28,17 +34,20 @@ pub struct NeutronBackendConfig {
     pub bulk: bool,
     /// Page size for listing.
     pub page_size: usize,
+    /// Nested mode (the node is a Nova VM): which port is the node's own.
+    pub node_port: NodePort,
 }
 
 impl NeutronBackendConfig {
     /// Defaults for a cluster: device owner `compute:hulk-vpc`, bulk on,
-    /// pages of 200.
+    /// pages of 200, not nested.
     pub fn new(cluster: impl Into<String>) -> Self {
         NeutronBackendConfig {
             cluster: cluster.into(),
             device_owner: "compute:hulk-vpc".into(),
             bulk: true,
             page_size: 200,
+            node_port: NodePort::Off,
         }
     }
 }
@@ -46,6 +55,7 @@ impl NeutronBackendConfig {
 /// What a lease needs from the subnet and network, fetched once.
 #[derive(Debug, Clone)]
 struct SubnetFacts {
+    cidr: IpNet,
     prefix_len: u8,
     gateway: Option<IpAddr>,
     gateway_mac: Option<MacAddr>,
@@ -59,6 +69,18 @@ pub struct NeutronBackend {
     config: NeutronBackendConfig,
     subnets: Mutex<HashMap<String, SubnetFacts>>,
     tags_on_create: OnceCell<bool>,
+    nested: Nested,
+    /// What a release needs of each pod port seen (allocated or listed):
+    /// its address and the node port carrying its pair, by port id.
+    seen: std::sync::Mutex<HashMap<String, SeenPort>>,
+}
+
+/// A pod port as a release needs it.
+#[derive(Debug, Clone)]
+struct SeenPort {
+    address: IpAddr,
+    node: String,
+    node_port: Option<String>,
 }
 
 /// The longest port `name` (and `description`) Neutron accepts.
@@ -158,9 +180,11 @@ impl NeutronBackend {
     pub fn new(client: NeutronClient, config: NeutronBackendConfig) -> Self {
         NeutronBackend {
             client,
+            nested: Nested::new(config.node_port.clone()),
             config,
             subnets: Mutex::new(HashMap::new()),
             tags_on_create: OnceCell::new(),
+            seen: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -217,6 +241,7 @@ impl NeutronBackend {
             None => None,
         };
         let facts = SubnetFacts {
+            cidr: cidr.trunc(),
             prefix_len: cidr.prefix_len(),
             gateway,
             gateway_mac,
@@ -247,6 +272,14 @@ impl NeutronBackend {
                     .find_map(|tag| tag.strip_prefix("hulk-node=").map(str::to_owned))
             })
             .unwrap_or_default();
+        self.seen_ports().insert(
+            port.id.clone(),
+            SeenPort {
+                address: ip,
+                node: node.clone(),
+                node_port: node_port_of(port),
+            },
+        );
         Ok(Lease {
             id: port.id.clone(),
             address: IpNet::new(ip, facts.prefix_len)
@@ -273,10 +306,44 @@ impl NeutronBackend {
         Ok(leases)
     }
 
+    fn seen_ports(&self) -> std::sync::MutexGuard<'_, HashMap<String, SeenPort>> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets the ports a listing of `scope` lacks: they are gone.
+    fn forget_unlisted(&self, scope: &ListScope, listed: &[Port]) {
+        let listed: std::collections::HashSet<&str> =
+            listed.iter().map(|port| port.id.as_str()).collect();
+        self.seen_ports().retain(|id, seen| {
+            let in_scope = match scope {
+                ListScope::Cluster => true,
+                ListScope::Node(node) => &seen.node == node,
+            };
+            !in_scope || listed.contains(id.as_str())
+        });
+    }
+
+    /// The address and node port of pod port `id`, for its release: as
+    /// seen, else (nested only: today's mode needs nothing) read.
+    async fn release_facts(&self, id: &str) -> Result<Option<SeenPort>, IpamError> {
+        if let Some(seen) = self.seen_ports().get(id).cloned() {
+            return Ok(Some(seen));
+        }
+        if self.nested.setting == NodePort::Off {
+            return Ok(None);
+        }
+        let port = self.client.get_port(id).await?;
+        self.lease(&port).await?;
+        Ok(self.seen_ports().get(id).cloned())
+    }
+
     /// Deletes ports after a failed all-or-nothing allocation; failures are
     /// logged (the orphan sweep finds these ports by their tags).
     async fn discard(&self, ports: &[Port]) {
         for port in ports {
+            self.seen_ports().remove(&port.id);
             if let Err(error) = self.client.delete_port(&port.id).await {
                 tracing::warn!(port = %port.id, %error, "cannot delete a port of a failed allocation");
             }
@@ -293,7 +360,19 @@ impl IpamBackend for NeutronBackend {
     async fn allocate(&self, request: &AllocationRequest) -> Result<Vec<Lease>, IpamError> {
         request.validate(usize::MAX)?;
         let tags_on_create = self.takes_tags_on_create().await?;
-        let tags = self.tags(&request.node, &request.tags);
+        let node_port = self.node_port().await?;
+        let mut tags = self.tags(&request.node, &request.tags);
+        if let Some(node_port) = &node_port {
+            // Port security passes the pairs of the node port's own network.
+            if node_port.network_id != request.key.network {
+                return Err(IpamError::InvalidRequest(format!(
+                    "nested mode: network {} is not the node port's ({}); pods of a VM node \
+                     get addresses on its port's network only",
+                    request.key.network, node_port.network_id
+                )));
+            }
+            tags.push(node_port_tag(&node_port.id));
+        }
         let port = PortRequest {
             network_id: request.key.network.clone(),
             fixed_ips: vec![FixedIp {
@@ -304,7 +383,9 @@ impl IpamBackend for NeutronBackend {
             qos_policy_id: request.key.qos_policy.clone(),
             device_owner: self.config.device_owner.clone(),
             device_id: String::new(),
-            binding_host_id: Some(request.node.clone()),
+            // Nested: a reservation, bound to nothing; the VM's port
+            // carries the traffic.
+            binding_host_id: node_port.is_none().then(|| request.node.clone()),
             name: MANAGED_TAG.to_owned(),
             description: port_description(
                 &format!("{MANAGED_TAG} address of node {}", request.node),
@@ -340,17 +421,38 @@ impl IpamBackend for NeutronBackend {
                 }
             }
         }
-        match self.leases(&ports).await {
-            Ok(leases) => Ok(leases),
+        let leases = match self.leases(&ports).await {
+            Ok(leases) => leases,
             Err(error) => {
                 self.discard(&ports).await;
-                Err(error)
+                return Err(error);
+            }
+        };
+        if let Some(node_port) = &node_port {
+            // One update for the whole batch, so an ADD later costs no call.
+            let addresses = leases.iter().map(|lease| lease.address.addr()).collect();
+            if let Err(error) = self.add_pairs(&node_port.id, addresses).await {
+                self.discard(&ports).await;
+                return Err(error);
             }
         }
+        Ok(leases)
     }
 
     async fn release(&self, id: &str) -> Result<(), IpamError> {
-        self.client.delete_port(id).await
+        // The pair goes first: a pair whose port is gone would let this
+        // node send from an address the cloud may give to someone else.
+        if let Some(SeenPort {
+            address,
+            node_port: Some(node_port),
+            ..
+        }) = self.release_facts(id).await?
+        {
+            self.remove_pair(id, &node_port, address).await?;
+        }
+        self.client.delete_port(id).await?;
+        self.seen_ports().remove(id);
+        Ok(())
     }
 
     async fn update_owner(
@@ -399,11 +501,19 @@ impl IpamBackend for NeutronBackend {
             .client
             .list_ports(&filters, self.config.page_size)
             .await?;
+        self.forget_unlisted(scope, &ports);
         self.leases(&ports).await
     }
 
     async fn health(&self) -> Result<(), IpamError> {
         self.client.extensions().await.map(|_| ())
+    }
+
+    /// Nested mode: the node port's pairs in the pools' subnets become
+    /// exactly `held`'s addresses (one compare-and-swap update, none when
+    /// they already are); other pairs are left alone. Not nested: nothing.
+    async fn reconcile_node(&self, _node: &str, held: &[Lease]) -> Result<(), IpamError> {
+        self.reconcile_pairs(held).await
     }
 }
 

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use hulk_ipam::{AllocationRequest, IpamBackend, IpamError, PoolKey};
 use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
 use hulk_openstack::neutron::{NeutronAuth, NeutronClient};
-use hulk_openstack::{HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig};
+use hulk_openstack::{HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig, NodePort};
 use serde_json::{Value, json};
 
 /// How the fake answers port creation.
@@ -366,4 +366,141 @@ async fn backend_timeout_of(base: &str) -> IpamError {
         .allocate(&request(1))
         .await
         .unwrap_err()
+}
+
+/// A node port (`node`) carrying pod port `p0`'s pair, where another
+/// writer changes the node port before each of the first `conflicts`
+/// updates, which Neutron then refuses (412, stale revision).
+struct NodePortFake {
+    revision: u64,
+    pairs: Vec<Value>,
+    conflicts: usize,
+    updates: usize,
+    deleted: Vec<String>,
+}
+
+type SharedNode = Arc<Mutex<NodePortFake>>;
+
+async fn node_get(State(fake): State<SharedNode>, Path(id): Path<String>) -> Response {
+    let fake = fake.lock().unwrap();
+    let port = match id.as_str() {
+        "node" => json!({"id": "node", "network_id": "net", "mac_address": "fa:16:3e:aa:aa:aa",
+            "fixed_ips": [{"subnet_id": "sub", "ip_address": "10.9.0.2"}],
+            "allowed_address_pairs": fake.pairs, "port_security_enabled": true,
+            "revision_number": fake.revision}),
+        "p0" if !fake.deleted.contains(&id) => {
+            json!({"id": "p0", "network_id": "net", "mac_address": "fa:16:3e:00:00:09",
+            "fixed_ips": [{"subnet_id": "sub", "ip_address": "10.9.0.9"}],
+            "tags": ["hulk-vpc", "hulk-node=node-a", "hulk-node-port=node"], "revision_number": 1})
+        }
+        _ => {
+            let gone = json!({"NeutronError": {"type": "PortNotFound", "message": "gone"}});
+            return (StatusCode::NOT_FOUND, Json(gone)).into_response();
+        }
+    };
+    Json(json!({ "port": port })).into_response()
+}
+
+async fn node_put(
+    State(fake): State<SharedNode>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let mut fake = fake.lock().unwrap();
+    fake.updates += 1;
+    let asked = headers
+        .get("if-match")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("revision_number="))
+        .and_then(|value| value.parse::<u64>().ok());
+    if fake.conflicts > 0 {
+        // Another writer got there first.
+        fake.conflicts -= 1;
+        fake.revision += 1;
+        let other = format!("10.9.0.{}", 100 + fake.conflicts % 100);
+        fake.pairs
+            .push(json!({"ip_address": other, "mac_address": "fa:16:3e:aa:aa:aa"}));
+    }
+    if asked != Some(fake.revision) {
+        let stale =
+            json!({"NeutronError": {"type": "RevisionNumberConstraintFailed", "message": "stale"}});
+        return (StatusCode::PRECONDITION_FAILED, Json(stale)).into_response();
+    }
+    fake.revision += 1;
+    fake.pairs = body["port"]["allowed_address_pairs"]
+        .as_array()
+        .unwrap()
+        .clone();
+    Json(
+        json!({"port": {"id": "node", "network_id": "net", "mac_address": "fa:16:3e:aa:aa:aa",
+        "allowed_address_pairs": fake.pairs, "revision_number": fake.revision}}),
+    )
+    .into_response()
+}
+
+async fn node_delete(State(fake): State<SharedNode>, Path(id): Path<String>) -> StatusCode {
+    fake.lock().unwrap().deleted.push(id);
+    StatusCode::NO_CONTENT
+}
+
+async fn node_port_backend(conflicts: usize) -> (SharedNode, NeutronBackend) {
+    let shared = Arc::new(Mutex::new(NodePortFake {
+        revision: 7,
+        pairs: vec![json!({"ip_address": "10.9.0.9", "mac_address": "fa:16:3e:aa:aa:aa"})],
+        conflicts,
+        updates: 0,
+        deleted: Vec::new(),
+    }));
+    let app = Router::new()
+        .route(
+            "/v2.0/ports/{id}",
+            get(node_get).put(node_put).delete(node_delete),
+        )
+        .route("/v2.0/subnets/{id}", get(subnet))
+        .route("/v2.0/networks/{id}", get(network))
+        .route("/v2.0/ports", get(list_ports))
+        .with_state(shared.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let http = HttpClient::new(&HttpSettings::default()).unwrap();
+    let client = NeutronClient::new(http, NeutronAuth::None, Some(base)).unwrap();
+    let mut config = NeutronBackendConfig::new("c");
+    config.node_port = NodePort::Id("node".into());
+    (shared, NeutronBackend::new(client, config))
+}
+
+#[tokio::test]
+async fn a_lost_compare_and_swap_is_read_again_and_keeps_the_other_writers_pairs() {
+    let (fake, backend) = node_port_backend(2).await;
+    backend.release("p0").await.unwrap();
+    let fake = fake.lock().unwrap();
+    assert_eq!(fake.updates, 3, "two refused, the third landed");
+    let pairs: Vec<&str> = fake
+        .pairs
+        .iter()
+        .map(|pair| pair["ip_address"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        pairs,
+        ["10.9.0.101", "10.9.0.100"],
+        "p0's pair gone, the other writer's kept"
+    );
+    assert_eq!(fake.deleted, ["p0"], "the port goes after its pair");
+}
+
+#[tokio::test]
+async fn endless_conflicts_give_up_and_keep_the_port() {
+    let (fake, backend) = node_port_backend(usize::MAX).await;
+    let error = backend.release("p0").await.unwrap_err();
+    assert!(
+        matches!(error, IpamError::Conflict(_)) && error.is_retryable(),
+        "{error}"
+    );
+    let fake = fake.lock().unwrap();
+    assert_eq!(fake.updates, 10);
+    assert!(
+        fake.deleted.is_empty(),
+        "a port whose pair is still on the node port is not deleted"
+    );
 }

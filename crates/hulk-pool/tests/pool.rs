@@ -809,6 +809,7 @@ async fn without_a_named_pool_the_sweep_releases_unmarked_and_spares_marked_addr
     backend.expect_name().return_const("unnamed".to_owned());
     let leases = unnamed_leases().await;
     backend.expect_list().returning(move |_| Ok(leases.clone()));
+    backend.expect_reconcile_node().returning(|_, _| Ok(()));
     // Only the unmarked one goes back; the one a pod holds is never released.
     backend
         .expect_release()
@@ -1410,9 +1411,11 @@ async fn a_start_while_the_backend_is_down_serves_and_a_later_sweep_settles_the_
 
 /// A backend whose listing of a node misses some of its leases (as a
 /// Neutron port whose binding is not visible yet), the rest as the mock.
+/// It also records each `reconcile_node` call: the node and the lease ids.
 struct PartialListing {
     inner: MemoryBackend,
     unlisted: std::sync::Mutex<HashSet<String>>,
+    reconciled: std::sync::Mutex<Vec<(String, HashSet<String>)>>,
 }
 
 #[async_trait::async_trait]
@@ -1448,18 +1451,57 @@ impl IpamBackend for PartialListing {
     async fn health(&self) -> Result<(), IpamError> {
         self.inner.health().await
     }
+    async fn reconcile_node(&self, node: &str, held: &[hulk_ipam::Lease]) -> Result<(), IpamError> {
+        let ids = held.iter().map(|lease| lease.id.clone()).collect();
+        self.reconciled.lock().unwrap().push((node.to_owned(), ids));
+        Ok(())
+    }
+}
+
+fn partial_listing() -> PartialListing {
+    PartialListing {
+        inner: MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
+        unlisted: std::sync::Mutex::new(HashSet::new()),
+        reconciled: std::sync::Mutex::new(Vec::new()),
+    }
+}
+
+#[tokio::test]
+async fn each_sweep_reconciles_the_node_with_what_it_holds() {
+    let (backend, _clock, pools) = in_memory_with(partial_listing(), config()).await;
+    assert_eq!(
+        backend.reconciled.lock().unwrap().clone(),
+        [("node-1".to_owned(), HashSet::new())],
+        "at start, after the first sweep"
+    );
+    assert_eq!(pools.warm_up(&key()).await.unwrap(), 3);
+    let held = pools.assign(&key(), &owner(1)).await.unwrap();
+    pools.sweep_orphans().await.unwrap();
+    let all: HashSet<String> = pools
+        .records()
+        .into_iter()
+        .map(|record| record.lease.id)
+        .collect();
+    assert_eq!(all.len(), 3);
+    assert_eq!(
+        backend.reconciled.lock().unwrap().last().unwrap().1,
+        all,
+        "idle and assigned addresses alike"
+    );
+    // The cloud takes the pod's address back: no longer the node's.
+    backend.inner.release(&held.id).await.unwrap();
+    pools.sweep_orphans().await.unwrap();
+    let mut expected = all.clone();
+    expected.remove(&held.id);
+    assert_eq!(
+        backend.reconciled.lock().unwrap().last().unwrap().1,
+        expected
+    );
 }
 
 #[tokio::test]
 async fn an_address_a_listing_misses_but_the_backend_has_is_kept() {
-    let (backend, _clock, pools) = in_memory_with(
-        PartialListing {
-            inner: MemoryBackend::new("10.0.0.0/24".parse().unwrap()),
-            unlisted: std::sync::Mutex::new(HashSet::new()),
-        },
-        config(),
-    )
-    .await;
+    let (backend, _clock, pools) = in_memory_with(partial_listing(), config()).await;
     assert_eq!(pools.warm_up(&key()).await.unwrap(), 3);
     let held = pools.assign(&key(), &owner(1)).await.unwrap();
     let idle = pools

@@ -78,9 +78,12 @@ impl PoolManager {
     /// only addresses the pools held before the list call are judged, so
     /// one that arrives while the backend answers is never taken for lost.
     /// Known ones also get their facts (gateway, its MAC, MTU...)
-    /// refreshed from the listing.
-    /// Errors: the backend's list or release call failed, or the store
-    /// refused a write; what was done until then stays done.
+    /// refreshed from the listing. Last, the backend lines its node-level
+    /// state up with what the node holds
+    /// ([`hulk_ipam::IpamBackend::reconcile_node`]: the node port's allowed
+    /// address pairs in Neutron's nested mode).
+    /// Errors: the backend's list, release or reconcile call failed, or
+    /// the store refused a write; what was done until then stays done.
     pub async fn sweep_orphans(&self) -> Result<OrphanSweep, PoolError> {
         // Releases of addresses no allocation can touch: outside the gate,
         // so a slow cloud does not hold allocations up meanwhile.
@@ -175,7 +178,37 @@ impl PoolManager {
         // Whatever an allocation interrupted by the last stop left in the
         // backend is adopted now: its intent has served.
         self.settle_allocations()?;
+        // Still under the allocation gate: no allocation adds an address
+        // the snapshot lacks while the backend lines its node-level state
+        // up with it.
+        let held = self.held_leases(&pending_releases);
+        self.timed(
+            "reconcile_node",
+            self.backend.reconcile_node(&self.node, &held),
+        )
+        .await?;
         Ok(sweep)
+    }
+
+    /// Every lease the node holds, as [`hulk_ipam::IpamBackend::reconcile_node`]
+    /// takes them: idle, cooling down or a pod's; not those being returned
+    /// (`Releasing`, or a release still pending from the last stop), nor
+    /// those the cloud took back (`lost`).
+    fn held_leases(&self, pending_releases: &HashSet<String>) -> Vec<Lease> {
+        self.all_pools()
+            .iter()
+            .flat_map(|pool| {
+                pool.lock()
+                    .records()
+                    .filter(|record| {
+                        record.state != AddressState::Releasing
+                            && !record.lost
+                            && !pending_releases.contains(&record.lease.id)
+                    })
+                    .map(|record| record.lease.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// Retries the releases left unsettled at open; returns the lease ids
