@@ -47,10 +47,19 @@ pub enum AddressStep {
     HoldsOther(Lease),
     /// Pods hold `max_total` addresses.
     Full,
-    /// The pool holds it idle or cooling down: the record as it should be
-    /// stored for the owner (fixed), committed by [`PoolCore::insert`],
-    /// put back by [`PoolCore::untake`] if the store refuses.
+    /// The pool holds it idle, or cooling down as a pod's fixed address
+    /// (reserved to that pod through its cooldown): the record as it
+    /// should be stored for the owner (fixed), committed by
+    /// [`PoolCore::insert`], put back by [`PoolCore::untake`] if the store
+    /// refuses.
     Take(Box<AddressRecord>),
+    /// Another pod released it from the pool (not as a fixed address) and
+    /// it cools down until `until_ms` (Unix milliseconds): Service
+    /// endpoints may still point at that pod, so no pod gets it before.
+    CoolingDown {
+        /// When its cooldown ends (Unix milliseconds).
+        until_ms: u64,
+    },
     /// Another pod holds it.
     HeldBy(Owner),
     /// It is being returned to the backend.
@@ -258,7 +267,9 @@ impl PoolCore {
 
     /// The assignment of exactly `address` to `owner` (a pod's fixed IP):
     /// see [`AddressStep`]. The cooldown protects strangers, not a pod
-    /// asking for its own fixed address back, so a cooling one is taken.
+    /// asking for its own fixed address back, so a cooling fixed one is
+    /// taken; a pool address another pod released waits out its cooldown
+    /// ([`AddressStep::CoolingDown`]), as it would for any ADD.
     pub fn take_address_for(
         &mut self,
         config: &PoolConfig,
@@ -281,6 +292,7 @@ impl PoolCore {
             Ok(None) if self.pending_addresses.insert(address) => AddressStep::Allocate,
             Ok(None) => AddressStep::Pending,
             Err(AddressState::Assigned(holder)) => AddressStep::HeldBy(holder),
+            Err(AddressState::Cooldown { until_ms }) => AddressStep::CoolingDown { until_ms },
             Err(_) => AddressStep::Releasing,
         }
     }

@@ -409,11 +409,16 @@ impl PoolCore {
         None
     }
 
-    /// Takes `address` for `owner` when this pool holds it idle or cooling
-    /// down (the cooldown protects strangers, not a pod asking for its own
-    /// fixed address back): the record as it should be stored, committed
-    /// by [`PoolCore::insert`]; [`PoolCore::untake`] puts an idle one back.
-    /// `Ok(None)`: the pool does not hold it. `Err`: it is held otherwise.
+    /// Takes `address` for `owner` when this pool holds it idle, or
+    /// cooling down as a fixed address (the cooldown protects strangers,
+    /// not a pod asking for its own fixed address back; the annotation
+    /// naming it is what makes the pod its own): the record as it should
+    /// be stored, committed by [`PoolCore::insert`]; [`PoolCore::untake`]
+    /// puts an idle one back. `Ok(None)`: the pool does not hold it.
+    /// `Err`: it is held otherwise, or it is a pool address another pod
+    /// released and its cooldown has not ended at `now_ms` (a fixed-address
+    /// request must not hand a stranger's endpoints to this pod any more
+    /// than an ordinary ADD may).
     pub fn take_address(
         &mut self,
         owner: &Owner,
@@ -428,7 +433,8 @@ impl PoolCore {
             return Ok(None);
         };
         match &record.state {
-            AddressState::Idle | AddressState::Cooldown { .. } => {}
+            AddressState::Idle => {}
+            AddressState::Cooldown { until_ms } if record.fixed || *until_ms <= now_ms => {}
             held => return Err(held.clone()),
         }
         let mut taken = record.clone();

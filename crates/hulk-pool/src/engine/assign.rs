@@ -137,7 +137,8 @@ impl PoolManager {
     /// Hands exactly `address` of `key` to `owner` (a pod's fixed IP): the
     /// pool's own record of it when idle or cooling down, else one backend
     /// allocation of that address, which the ADD waits for. The same owner
-    /// gets it back on a retry. Held by another pod, being released or
+    /// gets it back on a retry. Held by another pod, cooling down after
+    /// another pod released it from the pool, being released or
     /// allocated, or in another pool: [`PoolError::AddressUnavailable`]
     /// (the other pod may be on its way out: retry later).
     pub async fn assign_address(
@@ -180,6 +181,12 @@ impl PoolManager {
                     return Err(unavailable(format!(
                         "held by {}/{}",
                         holder.container_id, holder.ifname
+                    )));
+                }
+                AddressStep::CoolingDown { until_ms } => {
+                    return Err(unavailable(format!(
+                        "another pod released it; it cools down for {} ms more",
+                        until_ms.saturating_sub(now)
                     )));
                 }
                 AddressStep::Releasing => return Err(unavailable("it is being released".into())),
