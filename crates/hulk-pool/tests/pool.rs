@@ -1028,6 +1028,32 @@ async fn a_fixed_address_comes_from_the_backend_once_then_from_the_pool() {
 }
 
 #[tokio::test]
+async fn a_fixed_address_another_pod_released_from_the_pool_cools_down_first() {
+    let (backend, clock, pools) =
+        in_memory_with(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), config()).await;
+    pools.warm_up(&key()).await.unwrap();
+    let pooled = pools.assign(&key(), &owner(1)).await.unwrap();
+    pools.release(&key(), &owner(1)).await.unwrap();
+    // A pod whose annotation names that address: Service endpoints may
+    // still point at the pod that released it, so not before its cooldown.
+    let wanted = pooled.address.addr();
+    let refused = pools.assign_address(&key(), &owner(2), wanted).await;
+    assert!(
+        matches!(refused, Err(PoolError::AddressUnavailable { address, .. }) if address == wanted),
+        "{refused:?}"
+    );
+    assert_eq!(pools.stats(&key()).cooldown, 1, "it keeps cooling down");
+    let allocated = backend.allocated();
+    clock.advance(Duration::from_secs(31));
+    let lease = pools
+        .assign_address(&key(), &owner(2), wanted)
+        .await
+        .unwrap();
+    assert_eq!(lease.address, pooled.address);
+    assert_eq!(backend.allocated(), allocated, "the pool's own record");
+}
+
+#[tokio::test]
 async fn two_pods_racing_for_one_fixed_address_get_it_once() {
     let (backend, pools) = slow_pools(Duration::from_millis(200)).await;
     let fixed = address("10.0.0.60");

@@ -527,3 +527,41 @@ fn pauses_are_capped_and_back_off_doubles_to_its_ceiling() {
     assert_eq!(core.paused_until(10), None);
     assert_eq!(core.failures().1, 0);
 }
+
+#[test]
+fn a_fixed_address_request_waits_out_a_strangers_cooldown_but_not_its_own() {
+    let config = demand_config();
+    let mut core = PoolCore::default();
+    // A pool address another pod released, and a pod's fixed address
+    // released by its pod: both cooling down until 30 s.
+    let pooled = record("pooled", 2, AddressState::Cooldown { until_ms: 30_000 });
+    let mut reserved = record("reserved", 3, AddressState::Cooldown { until_ms: 30_000 });
+    reserved.fixed = true;
+    core.insert(pooled.clone());
+    core.insert(reserved.clone());
+    let who = owner("stateful-0");
+
+    assert_eq!(
+        core.take_address_for(&config, &who, pooled.lease.address.addr(), 29_999),
+        AddressStep::CoolingDown { until_ms: 30_000 },
+        "a stranger's endpoints may still point at it"
+    );
+    assert!(
+        !core.is_pending(pooled.lease.address.addr()),
+        "not allocated either"
+    );
+    match core.take_address_for(&config, &who, reserved.lease.address.addr(), 0) {
+        AddressStep::Take(taken) => {
+            assert_eq!(taken.state, AddressState::Assigned(who.clone()));
+            assert!(taken.fixed);
+        }
+        other => panic!("its pod takes its fixed address back at once: {other:?}"),
+    }
+    // Once cooled down, the pool address serves the fixed request too
+    // (also before a promotion made it idle).
+    let other = owner("stateful-1");
+    match core.take_address_for(&config, &other, pooled.lease.address.addr(), 30_000) {
+        AddressStep::Take(taken) => assert_eq!(taken.state, AddressState::Assigned(other)),
+        other => panic!("cooled down: {other:?}"),
+    }
+}
