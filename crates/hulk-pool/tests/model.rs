@@ -542,8 +542,10 @@ impl CoreModel {
             .into_iter()
             .map(|lease| AddressRecord {
                 key: key(),
+                state: self
+                    .core
+                    .arrival_state(lease.address.addr(), state.clone(), self.now),
                 lease,
-                state: state.clone(),
                 since_ms: self.now,
                 fixed: wanted_address.is_some(),
                 lost: false,
@@ -718,6 +720,7 @@ impl CoreModel {
                             if let Some(record) = adopted.first() {
                                 prop_assert_eq!(record.lease.address, wanted);
                                 self.held.insert(n, wanted);
+                                self.cooling.remove(&wanted);
                                 self.fixed.insert(wanted);
                             }
                         }
@@ -744,10 +747,10 @@ impl CoreModel {
                         };
                         if stored {
                             let address = self.held.remove(&n).unwrap();
-                            if let Release::CoolDown(_) = release {
-                                self.cooling.insert(address, self.now + cooldown);
-                            }
-                            self.core.commit_release(&who, release);
+                            // Dropped too: should the cloud give it back,
+                            // the pool still cools it down.
+                            self.cooling.insert(address, self.now + cooldown);
+                            self.core.commit_release(&who, release, self.now, cooldown);
                         }
                     }
                 }
@@ -810,11 +813,11 @@ impl CoreModel {
                         prop_assert!(dropped, "{:?} dropped", record.state);
                         if !refused {
                             self.store.remove(&id);
-                            self.core.remove(&id);
+                            self.core.drop_gone(&id, self.now);
                             self.cloud.remove(&returning_number(&record));
-                            // The cloud may give the address out anew: its
-                            // cooldown went with the record.
-                            self.cooling.remove(&record.lease.address);
+                            // The cloud may give the address out anew: the
+                            // pool still cools it down (a model cooldown
+                            // entry stays as it was).
                             self.fixed.remove(&record.lease.address);
                         }
                     }

@@ -1266,6 +1266,64 @@ async fn idle_addresses_the_cloud_took_back_are_never_handed_out_again() {
 }
 
 #[tokio::test]
+async fn an_address_the_cloud_took_back_during_its_cooldown_comes_back_cooling() {
+    // Released by its pod and then deleted in the cloud (dropped while
+    // cooling), or deleted while the pod used it (dropped at its DEL):
+    // either way the cloud may give it out again at once, and a refill of
+    // this node must not hand it to another pod before the cooldown of
+    // the pod that used it ends.
+    for dropped_while_cooling in [true, false] {
+        let (backend, clock, pools) =
+            in_memory_with(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), config()).await;
+        pools.warm_up(&key()).await.unwrap();
+        let used = pools.assign(&key(), &owner(1)).await.unwrap();
+        let released_at = clock.now_ms();
+        if dropped_while_cooling {
+            pools.release(&key(), &owner(1)).await.unwrap();
+        }
+        backend.release(&used.id).await.unwrap();
+        pools.sweep_orphans().await.unwrap();
+        if !dropped_while_cooling {
+            pools.release(&key(), &owner(1)).await.unwrap();
+        }
+        clock.advance(Duration::from_secs(10));
+        let mut handed = Vec::new();
+        for n in 2..8 {
+            pools.refill(&key()).await.unwrap();
+            handed.push(pools.assign(&key(), &owner(n)).await.unwrap().address);
+        }
+        let back: Vec<_> = pools
+            .records()
+            .into_iter()
+            .filter(|record| record.lease.address == used.address)
+            .collect();
+        assert_eq!(back.len(), 1, "the cloud gave it back to this node");
+        assert_eq!(
+            back[0].state,
+            AddressState::Cooldown {
+                until_ms: released_at + 30_000
+            },
+            "cooling until the end of its pod's cooldown"
+        );
+        assert!(!handed.contains(&used.address), "{handed:?}");
+        let refused = pools
+            .assign_address(&key(), &owner(9), used.address.addr())
+            .await;
+        assert!(
+            matches!(refused, Err(PoolError::AddressUnavailable { .. })),
+            "{refused:?}"
+        );
+        clock.advance(Duration::from_secs(21));
+        pools.refill(&key()).await.unwrap();
+        let lease = pools
+            .assign_address(&key(), &owner(9), used.address.addr())
+            .await
+            .unwrap();
+        assert_eq!(lease.address, used.address, "cooled down, it serves");
+    }
+}
+
+#[tokio::test]
 async fn a_pods_address_the_cloud_took_back_is_flagged_lost_and_dropped_at_its_del() {
     let backend = Arc::new(MemoryBackend::new("10.0.0.0/24".parse().unwrap()));
     let store = Arc::new(MemoryStore::default());

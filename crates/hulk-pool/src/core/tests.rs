@@ -565,3 +565,61 @@ fn a_fixed_address_request_waits_out_a_strangers_cooldown_but_not_its_own() {
         other => panic!("cooled down: {other:?}"),
     }
 }
+
+#[test]
+fn an_address_leaving_the_pool_during_its_cooldown_comes_back_cooling() {
+    let config = demand_config();
+    let mut core = PoolCore::default();
+    let cooling = record("cooling", 2, AddressState::Cooldown { until_ms: 30_000 });
+    let mut used = record("used", 3, AddressState::Assigned(owner("pod-1")));
+    used.lost = true;
+    let idle = record("idle", 4, AddressState::Idle);
+    for record in [&cooling, &used, &idle] {
+        core.insert(record.clone());
+    }
+    let address = |record: &AddressRecord| record.lease.address.addr();
+    // The cloud took all three back: the cooling one and the idle one
+    // leave at once, the pod's at its DEL (10 s later, cooling 30 s).
+    assert!(core.drop_gone("cooling", 0).is_some());
+    assert!(core.drop_gone("idle", 0).is_some());
+    let release = core.plan_release(&owner("pod-1"), 10_000, 30_000).unwrap();
+    assert!(matches!(release, Release::Drop(_)));
+    core.commit_release(&owner("pod-1"), release, 10_000, 30_000);
+    assert!(core.is_empty());
+
+    let at = |until_ms| AddressState::Cooldown { until_ms };
+    assert_eq!(
+        core.arrival_state(address(&cooling), AddressState::Idle, 20_000),
+        at(30_000)
+    );
+    assert_eq!(
+        core.arrival_state(address(&used), AddressState::Idle, 20_000),
+        at(40_000)
+    );
+    assert_eq!(
+        core.arrival_state(address(&idle), AddressState::Idle, 0),
+        AddressState::Idle,
+        "idle, it was cooled already"
+    );
+    assert_eq!(
+        core.arrival_state(address(&cooling), AddressState::Idle, 30_000),
+        AddressState::Idle,
+        "its cooldown is over"
+    );
+    let fixed = AddressState::Assigned(owner("stateful-0"));
+    assert_eq!(
+        core.arrival_state(address(&used), fixed.clone(), 20_000),
+        fixed,
+        "an allocation for a pod was decided already"
+    );
+    // A pod asking for it by address waits the same.
+    assert_eq!(
+        core.take_address_for(&config, &owner("stateful-0"), address(&used), 20_000),
+        AddressStep::CoolingDown { until_ms: 40_000 }
+    );
+    assert_eq!(
+        core.take_address_for(&config, &owner("stateful-0"), address(&used), 40_000),
+        AddressStep::Allocate
+    );
+    core.end_pending(address(&used));
+}

@@ -316,7 +316,8 @@ impl PoolManager {
         let pool = self.pool(key);
         let mut state = pool.lock();
         let cooldown_ms = millis(pool.config.reuse_cooldown);
-        let Some(release) = state.plan_release(owner, self.clock.now_ms(), cooldown_ms) else {
+        let now = self.clock.now_ms();
+        let Some(release) = state.plan_release(owner, now, cooldown_ms) else {
             return Ok(());
         };
         match &release {
@@ -337,7 +338,7 @@ impl PoolManager {
                 pool.wake_refiller.notify_one();
             }
         }
-        state.commit_release(owner, release);
+        state.commit_release(owner, release, now, cooldown_ms);
         Ok(())
     }
 }
