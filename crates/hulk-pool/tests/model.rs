@@ -476,6 +476,9 @@ struct CoreModel {
     held: HashMap<usize, IpNet>,
     /// When each released address may serve a stranger again.
     cooling: HashMap<IpNet, u64>,
+    /// Addresses the pool holds as a pod's fixed address: released, they
+    /// stay reserved to that pod (its annotation) through their cooldown.
+    fixed: HashSet<IpNet>,
     now: u64,
     /// Allocations made, for new lease ids.
     serial: u64,
@@ -539,8 +542,10 @@ impl CoreModel {
             .into_iter()
             .map(|lease| AddressRecord {
                 key: key(),
+                state: self
+                    .core
+                    .arrival_state(lease.address.addr(), state.clone(), self.now),
                 lease,
-                state: state.clone(),
                 since_ms: self.now,
                 fixed: wanted_address.is_some(),
                 lost: false,
@@ -661,12 +666,35 @@ impl CoreModel {
                     AddressStep::Releasing | AddressStep::Pending => {
                         return Err(TestCaseError::fail("no return or allocation is out"));
                     }
+                    AddressStep::CoolingDown { until_ms } => {
+                        prop_assert!(
+                            !self.fixed.contains(&wanted),
+                            "{} is reserved to the pod asking for it",
+                            wanted
+                        );
+                        prop_assert_eq!(self.cooling.get(&wanted), Some(&until_ms));
+                        prop_assert!(until_ms > self.now, "{} cooled down already", wanted);
+                    }
                     AddressStep::Take(record) => {
                         prop_assert!(record.fixed && !record.lost);
                         prop_assert!(!self.held.values().any(|held| *held == wanted));
+                        // Only a fixed address is reserved to the pod
+                        // asking for it; a pool address another pod
+                        // released is a stranger's until it cooled down.
+                        if let Some(until) = self.cooling.get(&wanted) {
+                            prop_assert!(
+                                *until <= self.now || self.fixed.contains(&wanted),
+                                "{} taken during its cooldown by a stranger",
+                                wanted
+                            );
+                        }
                         if self.put(&record, refused) {
                             self.core.insert(*record);
                             self.held.insert(n, wanted);
+                            // Its pod holds it again: its next release
+                            // starts a new cooldown.
+                            self.cooling.remove(&wanted);
+                            self.fixed.insert(wanted);
                         } else {
                             self.core.untake(&record);
                         }
@@ -692,6 +720,8 @@ impl CoreModel {
                             if let Some(record) = adopted.first() {
                                 prop_assert_eq!(record.lease.address, wanted);
                                 self.held.insert(n, wanted);
+                                self.cooling.remove(&wanted);
+                                self.fixed.insert(wanted);
                             }
                         }
                         self.core.end_pending(wanted.addr());
@@ -709,6 +739,7 @@ impl CoreModel {
                                 prop_assert!(lost.lost);
                                 if !refused {
                                     self.store.remove(&lost.lease.id);
+                                    self.fixed.remove(&lost.lease.address);
                                 }
                                 !refused
                             }
@@ -716,10 +747,10 @@ impl CoreModel {
                         };
                         if stored {
                             let address = self.held.remove(&n).unwrap();
-                            if let Release::CoolDown(_) = release {
-                                self.cooling.insert(address, self.now + cooldown);
-                            }
-                            self.core.commit_release(&who, release);
+                            // Dropped too: should the cloud give it back,
+                            // the pool still cools it down.
+                            self.cooling.insert(address, self.now + cooldown);
+                            self.core.commit_release(&who, release, self.now, cooldown);
                         }
                     }
                 }
@@ -750,6 +781,7 @@ impl CoreModel {
                         self.core.remove(&record.lease.id);
                         let n = returning_number(record);
                         self.cloud.remove(&n);
+                        self.fixed.remove(&record.lease.address);
                     } else {
                         let kept = PoolCore::unreturned(record, self.now);
                         self.put(&kept, false);
@@ -781,11 +813,12 @@ impl CoreModel {
                         prop_assert!(dropped, "{:?} dropped", record.state);
                         if !refused {
                             self.store.remove(&id);
-                            self.core.remove(&id);
+                            self.core.drop_gone(&id, self.now);
                             self.cloud.remove(&returning_number(&record));
-                            // The cloud may give the address out anew: its
-                            // cooldown went with the record.
-                            self.cooling.remove(&record.lease.address);
+                            // The cloud may give the address out anew: the
+                            // pool still cools it down (a model cooldown
+                            // entry stays as it was).
+                            self.fixed.remove(&record.lease.address);
                         }
                     }
                     Some(Gone::Lost(record)) => {

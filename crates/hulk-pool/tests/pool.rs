@@ -1029,6 +1029,32 @@ async fn a_fixed_address_comes_from_the_backend_once_then_from_the_pool() {
 }
 
 #[tokio::test]
+async fn a_fixed_address_another_pod_released_from_the_pool_cools_down_first() {
+    let (backend, clock, pools) =
+        in_memory_with(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), config()).await;
+    pools.warm_up(&key()).await.unwrap();
+    let pooled = pools.assign(&key(), &owner(1)).await.unwrap();
+    pools.release(&key(), &owner(1)).await.unwrap();
+    // A pod whose annotation names that address: Service endpoints may
+    // still point at the pod that released it, so not before its cooldown.
+    let wanted = pooled.address.addr();
+    let refused = pools.assign_address(&key(), &owner(2), wanted).await;
+    assert!(
+        matches!(refused, Err(PoolError::AddressUnavailable { address, .. }) if address == wanted),
+        "{refused:?}"
+    );
+    assert_eq!(pools.stats(&key()).cooldown, 1, "it keeps cooling down");
+    let allocated = backend.allocated();
+    clock.advance(Duration::from_secs(31));
+    let lease = pools
+        .assign_address(&key(), &owner(2), wanted)
+        .await
+        .unwrap();
+    assert_eq!(lease.address, pooled.address);
+    assert_eq!(backend.allocated(), allocated, "the pool's own record");
+}
+
+#[tokio::test]
 async fn two_pods_racing_for_one_fixed_address_get_it_once() {
     let (backend, pools) = slow_pools(Duration::from_millis(200)).await;
     let fixed = address("10.0.0.60");
@@ -1238,6 +1264,64 @@ async fn idle_addresses_the_cloud_took_back_are_never_handed_out_again() {
         ours.is_disjoint(&theirs),
         "{ours:?} shares an address with the other node's {theirs:?}"
     );
+}
+
+#[tokio::test]
+async fn an_address_the_cloud_took_back_during_its_cooldown_comes_back_cooling() {
+    // Released by its pod and then deleted in the cloud (dropped while
+    // cooling), or deleted while the pod used it (dropped at its DEL):
+    // either way the cloud may give it out again at once, and a refill of
+    // this node must not hand it to another pod before the cooldown of
+    // the pod that used it ends.
+    for dropped_while_cooling in [true, false] {
+        let (backend, clock, pools) =
+            in_memory_with(MemoryBackend::new("10.0.0.0/24".parse().unwrap()), config()).await;
+        pools.warm_up(&key()).await.unwrap();
+        let used = pools.assign(&key(), &owner(1)).await.unwrap();
+        let released_at = clock.now_ms();
+        if dropped_while_cooling {
+            pools.release(&key(), &owner(1)).await.unwrap();
+        }
+        backend.release(&used.id).await.unwrap();
+        pools.sweep_orphans().await.unwrap();
+        if !dropped_while_cooling {
+            pools.release(&key(), &owner(1)).await.unwrap();
+        }
+        clock.advance(Duration::from_secs(10));
+        let mut handed = Vec::new();
+        for n in 2..8 {
+            pools.refill(&key()).await.unwrap();
+            handed.push(pools.assign(&key(), &owner(n)).await.unwrap().address);
+        }
+        let back: Vec<_> = pools
+            .records()
+            .into_iter()
+            .filter(|record| record.lease.address == used.address)
+            .collect();
+        assert_eq!(back.len(), 1, "the cloud gave it back to this node");
+        assert_eq!(
+            back[0].state,
+            AddressState::Cooldown {
+                until_ms: released_at + 30_000
+            },
+            "cooling until the end of its pod's cooldown"
+        );
+        assert!(!handed.contains(&used.address), "{handed:?}");
+        let refused = pools
+            .assign_address(&key(), &owner(9), used.address.addr())
+            .await;
+        assert!(
+            matches!(refused, Err(PoolError::AddressUnavailable { .. })),
+            "{refused:?}"
+        );
+        clock.advance(Duration::from_secs(21));
+        pools.refill(&key()).await.unwrap();
+        let lease = pools
+            .assign_address(&key(), &owner(9), used.address.addr())
+            .await
+            .unwrap();
+        assert_eq!(lease.address, used.address, "cooled down, it serves");
+    }
 }
 
 #[tokio::test]

@@ -298,7 +298,7 @@ fn return_surplus(core: &Mutex<PoolCore>, store_refuses: bool) {
 fn release_and_promote(core: &Mutex<PoolCore>, who: &Owner) {
     let mut core = core.lock().unwrap();
     if let Some(release) = core.plan_release(who, 0, 0) {
-        core.commit_release(who, release);
+        core.commit_release(who, release, 0, 0);
     }
     let promoted = core.promote_cooled(0);
     core.undo_promotion(&promoted, 0);

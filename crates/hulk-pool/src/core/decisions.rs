@@ -47,10 +47,19 @@ pub enum AddressStep {
     HoldsOther(Lease),
     /// Pods hold `max_total` addresses.
     Full,
-    /// The pool holds it idle or cooling down: the record as it should be
-    /// stored for the owner (fixed), committed by [`PoolCore::insert`],
-    /// put back by [`PoolCore::untake`] if the store refuses.
+    /// The pool holds it idle, or cooling down as a pod's fixed address
+    /// (reserved to that pod through its cooldown): the record as it
+    /// should be stored for the owner (fixed), committed by
+    /// [`PoolCore::insert`], put back by [`PoolCore::untake`] if the store
+    /// refuses.
     Take(Box<AddressRecord>),
+    /// Another pod released it from the pool (not as a fixed address) and
+    /// it cools down until `until_ms` (Unix milliseconds): Service
+    /// endpoints may still point at that pod, so no pod gets it before.
+    CoolingDown {
+        /// When its cooldown ends (Unix milliseconds).
+        until_ms: u64,
+    },
     /// Another pod holds it.
     HeldBy(Owner),
     /// It is being returned to the backend.
@@ -68,7 +77,9 @@ pub enum AddressStep {
 pub enum Release {
     /// The backend no longer has it (flagged `lost`): dropped from the
     /// pool and the store, never handed out again (another node may hold
-    /// it, and there is nothing to return).
+    /// it, and there is nothing to return). The record is the owner's;
+    /// should the cloud give the address back within the cooldown, it
+    /// comes back cooling down ([`PoolCore::arrival_state`]).
     Drop(AddressRecord),
     /// It cools down before serving again: the record as it should be
     /// stored.
@@ -258,7 +269,9 @@ impl PoolCore {
 
     /// The assignment of exactly `address` to `owner` (a pod's fixed IP):
     /// see [`AddressStep`]. The cooldown protects strangers, not a pod
-    /// asking for its own fixed address back, so a cooling one is taken.
+    /// asking for its own fixed address back, so a cooling fixed one is
+    /// taken; a pool address another pod released waits out its cooldown
+    /// ([`AddressStep::CoolingDown`]), as it would for any ADD.
     pub fn take_address_for(
         &mut self,
         config: &PoolConfig,
@@ -278,9 +291,15 @@ impl PoolCore {
         }
         match self.take_address(owner, address, now_ms) {
             Ok(Some(record)) => AddressStep::Take(Box::new(record)),
-            Ok(None) if self.pending_addresses.insert(address) => AddressStep::Allocate,
-            Ok(None) => AddressStep::Pending,
+            Ok(None) => match self.freed_until(address, now_ms) {
+                // The cloud took it back during its cooldown: a refill
+                // would bring it back cooling, and so does this request.
+                Some(until_ms) => AddressStep::CoolingDown { until_ms },
+                None if self.pending_addresses.insert(address) => AddressStep::Allocate,
+                None => AddressStep::Pending,
+            },
             Err(AddressState::Assigned(holder)) => AddressStep::HeldBy(holder),
+            Err(AddressState::Cooldown { until_ms }) => AddressStep::CoolingDown { until_ms },
             Err(_) => AddressStep::Releasing,
         }
     }
@@ -322,11 +341,20 @@ impl PoolCore {
             .map(Release::CoolDown)
     }
 
-    /// Commits [`PoolCore::plan_release`]'s answer, once stored.
-    pub fn commit_release(&mut self, owner: &Owner, release: Release) {
+    /// Commits [`PoolCore::plan_release`]'s answer (planned at `now_ms`
+    /// with `cooldown_ms`), once stored: a dropped address is remembered
+    /// as cooling down until the cooldown it would have had ends.
+    pub fn commit_release(
+        &mut self,
+        owner: &Owner,
+        release: Release,
+        now_ms: u64,
+        cooldown_ms: u64,
+    ) {
         match release {
             Release::Drop(record) => {
                 self.remove(&record.lease.id);
+                self.remember_freed(&record, now_ms.saturating_add(cooldown_ms), now_ms);
             }
             Release::CoolDown(record) => self.commit_cool_down(owner, record),
         }
@@ -419,6 +447,17 @@ impl PoolCore {
         }
     }
 
+    /// Forgets `id`'s record once [`Gone::Drop`] is stored; a cooling
+    /// address is remembered until its cooldown ends at `now_ms` or later
+    /// (see [`PoolCore::arrival_state`]). Returns the record.
+    pub fn drop_gone(&mut self, id: &str, now_ms: u64) -> Option<AddressRecord> {
+        let record = self.remove(id)?;
+        if let AddressState::Cooldown { until_ms } = record.state {
+            self.remember_freed(&record, until_ms, now_ms);
+        }
+        Some(record)
+    }
+
     /// `id`'s record with its `lost` flag cleared, when it has one: the
     /// backend lists it again, so its "not found" was wrong (a backend's
     /// hiccup) and the address may cool down and serve again.
@@ -450,6 +489,7 @@ impl PoolCore {
         }
         let mut lease = lease.clone();
         lease.owner = None;
+        let state = self.arrival_state(lease.address.addr(), state, now_ms);
         let record = AddressRecord {
             key: key.clone(),
             lease,

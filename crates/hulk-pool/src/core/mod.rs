@@ -232,6 +232,12 @@ pub struct PoolCore {
     draining: bool,
     /// Specific addresses being allocated from the backend for an owner.
     pending_addresses: HashSet<IpAddr>,
+    /// Addresses that left the pool (the cloud took them back) while a
+    /// pod's release still cooled them down: should the cloud give one
+    /// out again, it comes back cooling down until then
+    /// ([`PoolCore::arrival_state`]). In memory only: a restart forgets
+    /// them, as it forgets nothing else the store keeps.
+    freed: HashMap<IpAddr, Freed>,
     /// Allocations that failed in a row (0 after a success).
     failures: u32,
     /// Refills are held back after failures until then (Unix milliseconds).
@@ -254,6 +260,17 @@ pub struct PoolCore {
     /// decided (Unix milliseconds, oldest first): its budget
     /// (`adaptive_calls_per_minute`). Kept only with `target_add_p99`.
     adaptive_calls: VecDeque<u64>,
+}
+
+/// An address that left the pool during its cooldown ([`PoolCore`]'s
+/// `freed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Freed {
+    /// When its cooldown ends (Unix milliseconds).
+    until_ms: u64,
+    /// It was a pod's fixed address: reserved to that pod, which may ask
+    /// for it again at once.
+    fixed: bool,
 }
 
 /// The budget window of `adaptive_calls_per_minute`, in milliseconds.
@@ -317,6 +334,46 @@ impl PoolCore {
                 }
             }
             AddressState::Cooldown { .. } | AddressState::Releasing => {}
+        }
+    }
+
+    /// Remembers that `record`'s address leaves the pool with a cooldown
+    /// running until `until_ms` (nothing when it has ended at `now_ms`),
+    /// and forgets the remembered ones that have cooled down.
+    fn remember_freed(&mut self, record: &AddressRecord, until_ms: u64, now_ms: u64) {
+        self.freed.retain(|_, freed| freed.until_ms > now_ms);
+        if until_ms > now_ms {
+            let freed = Freed {
+                until_ms,
+                fixed: record.fixed,
+            };
+            self.freed.insert(record.lease.address.addr(), freed);
+        }
+    }
+
+    /// Until when `address`, which left the pool, still cools down for
+    /// strangers at `now_ms` (not for the pod whose fixed address it was).
+    fn freed_until(&self, address: IpAddr, now_ms: u64) -> Option<u64> {
+        self.freed
+            .get(&address)
+            .filter(|freed| freed.until_ms > now_ms && !freed.fixed)
+            .map(|freed| freed.until_ms)
+    }
+
+    /// The state an address the backend brings (an allocation's answer,
+    /// an orphan the sweep adopts) joins the pool in at `now_ms`: `state`,
+    /// except that one meant to be idle which left the pool during its
+    /// cooldown (the cloud took it back, and gives it out again) cools
+    /// down until that cooldown ends: the pod that held it may still be a
+    /// Service endpoint.
+    pub fn arrival_state(&self, address: IpAddr, state: AddressState, now_ms: u64) -> AddressState {
+        match self.freed.get(&address) {
+            Some(freed) if state == AddressState::Idle && freed.until_ms > now_ms => {
+                AddressState::Cooldown {
+                    until_ms: freed.until_ms,
+                }
+            }
+            _ => state,
         }
     }
 
@@ -409,11 +466,16 @@ impl PoolCore {
         None
     }
 
-    /// Takes `address` for `owner` when this pool holds it idle or cooling
-    /// down (the cooldown protects strangers, not a pod asking for its own
-    /// fixed address back): the record as it should be stored, committed
-    /// by [`PoolCore::insert`]; [`PoolCore::untake`] puts an idle one back.
-    /// `Ok(None)`: the pool does not hold it. `Err`: it is held otherwise.
+    /// Takes `address` for `owner` when this pool holds it idle, or
+    /// cooling down as a fixed address (the cooldown protects strangers,
+    /// not a pod asking for its own fixed address back; the annotation
+    /// naming it is what makes the pod its own): the record as it should
+    /// be stored, committed by [`PoolCore::insert`]; [`PoolCore::untake`]
+    /// puts an idle one back. `Ok(None)`: the pool does not hold it.
+    /// `Err`: it is held otherwise, or it is a pool address another pod
+    /// released and its cooldown has not ended at `now_ms` (a fixed-address
+    /// request must not hand a stranger's endpoints to this pod any more
+    /// than an ordinary ADD may).
     pub fn take_address(
         &mut self,
         owner: &Owner,
@@ -428,7 +490,8 @@ impl PoolCore {
             return Ok(None);
         };
         match &record.state {
-            AddressState::Idle | AddressState::Cooldown { .. } => {}
+            AddressState::Idle => {}
+            AddressState::Cooldown { until_ms } if record.fixed || *until_ms <= now_ms => {}
             held => return Err(held.clone()),
         }
         let mut taken = record.clone();

@@ -527,3 +527,99 @@ fn pauses_are_capped_and_back_off_doubles_to_its_ceiling() {
     assert_eq!(core.paused_until(10), None);
     assert_eq!(core.failures().1, 0);
 }
+
+#[test]
+fn a_fixed_address_request_waits_out_a_strangers_cooldown_but_not_its_own() {
+    let config = demand_config();
+    let mut core = PoolCore::default();
+    // A pool address another pod released, and a pod's fixed address
+    // released by its pod: both cooling down until 30 s.
+    let pooled = record("pooled", 2, AddressState::Cooldown { until_ms: 30_000 });
+    let mut reserved = record("reserved", 3, AddressState::Cooldown { until_ms: 30_000 });
+    reserved.fixed = true;
+    core.insert(pooled.clone());
+    core.insert(reserved.clone());
+    let who = owner("stateful-0");
+
+    assert_eq!(
+        core.take_address_for(&config, &who, pooled.lease.address.addr(), 29_999),
+        AddressStep::CoolingDown { until_ms: 30_000 },
+        "a stranger's endpoints may still point at it"
+    );
+    assert!(
+        !core.is_pending(pooled.lease.address.addr()),
+        "not allocated either"
+    );
+    match core.take_address_for(&config, &who, reserved.lease.address.addr(), 0) {
+        AddressStep::Take(taken) => {
+            assert_eq!(taken.state, AddressState::Assigned(who.clone()));
+            assert!(taken.fixed);
+        }
+        other => panic!("its pod takes its fixed address back at once: {other:?}"),
+    }
+    // Once cooled down, the pool address serves the fixed request too
+    // (also before a promotion made it idle).
+    let other = owner("stateful-1");
+    match core.take_address_for(&config, &other, pooled.lease.address.addr(), 30_000) {
+        AddressStep::Take(taken) => assert_eq!(taken.state, AddressState::Assigned(other)),
+        other => panic!("cooled down: {other:?}"),
+    }
+}
+
+#[test]
+fn an_address_leaving_the_pool_during_its_cooldown_comes_back_cooling() {
+    let config = demand_config();
+    let mut core = PoolCore::default();
+    let cooling = record("cooling", 2, AddressState::Cooldown { until_ms: 30_000 });
+    let mut used = record("used", 3, AddressState::Assigned(owner("pod-1")));
+    used.lost = true;
+    let idle = record("idle", 4, AddressState::Idle);
+    for record in [&cooling, &used, &idle] {
+        core.insert(record.clone());
+    }
+    let address = |record: &AddressRecord| record.lease.address.addr();
+    // The cloud took all three back: the cooling one and the idle one
+    // leave at once, the pod's at its DEL (10 s later, cooling 30 s).
+    assert!(core.drop_gone("cooling", 0).is_some());
+    assert!(core.drop_gone("idle", 0).is_some());
+    let release = core.plan_release(&owner("pod-1"), 10_000, 30_000).unwrap();
+    assert!(matches!(release, Release::Drop(_)));
+    core.commit_release(&owner("pod-1"), release, 10_000, 30_000);
+    assert!(core.is_empty());
+
+    let at = |until_ms| AddressState::Cooldown { until_ms };
+    assert_eq!(
+        core.arrival_state(address(&cooling), AddressState::Idle, 20_000),
+        at(30_000)
+    );
+    assert_eq!(
+        core.arrival_state(address(&used), AddressState::Idle, 20_000),
+        at(40_000)
+    );
+    assert_eq!(
+        core.arrival_state(address(&idle), AddressState::Idle, 0),
+        AddressState::Idle,
+        "idle, it was cooled already"
+    );
+    assert_eq!(
+        core.arrival_state(address(&cooling), AddressState::Idle, 30_000),
+        AddressState::Idle,
+        "its cooldown is over"
+    );
+    let fixed = AddressState::Assigned(owner("stateful-0"));
+    assert_eq!(
+        core.arrival_state(address(&used), fixed.clone(), 20_000),
+        fixed,
+        "an allocation for a pod was decided already"
+    );
+    // A pod asking for it by address waits the same.
+    assert_eq!(
+        core.take_address_for(&config, &owner("stateful-0"), address(&used), 20_000),
+        AddressStep::CoolingDown { until_ms: 40_000 }
+    );
+    assert_eq!(
+        core.take_address_for(&config, &owner("stateful-0"), address(&used), 40_000),
+        AddressStep::Allocate
+    );
+    core.end_pending(address(&used));
+}

@@ -137,7 +137,8 @@ impl PoolManager {
     /// Hands exactly `address` of `key` to `owner` (a pod's fixed IP): the
     /// pool's own record of it when idle or cooling down, else one backend
     /// allocation of that address, which the ADD waits for. The same owner
-    /// gets it back on a retry. Held by another pod, being released or
+    /// gets it back on a retry. Held by another pod, cooling down after
+    /// another pod released it from the pool, being released or
     /// allocated, or in another pool: [`PoolError::AddressUnavailable`]
     /// (the other pod may be on its way out: retry later).
     pub async fn assign_address(
@@ -180,6 +181,12 @@ impl PoolManager {
                     return Err(unavailable(format!(
                         "held by {}/{}",
                         holder.container_id, holder.ifname
+                    )));
+                }
+                AddressStep::CoolingDown { until_ms } => {
+                    return Err(unavailable(format!(
+                        "another pod released it; it cools down for {} ms more",
+                        until_ms.saturating_sub(now)
                     )));
                 }
                 AddressStep::Releasing => return Err(unavailable("it is being released".into())),
@@ -309,7 +316,8 @@ impl PoolManager {
         let pool = self.pool(key);
         let mut state = pool.lock();
         let cooldown_ms = millis(pool.config.reuse_cooldown);
-        let Some(release) = state.plan_release(owner, self.clock.now_ms(), cooldown_ms) else {
+        let now = self.clock.now_ms();
+        let Some(release) = state.plan_release(owner, now, cooldown_ms) else {
             return Ok(());
         };
         match &release {
@@ -330,7 +338,7 @@ impl PoolManager {
                 pool.wake_refiller.notify_one();
             }
         }
-        state.commit_release(owner, release);
+        state.commit_release(owner, release, now, cooldown_ms);
         Ok(())
     }
 }

@@ -109,7 +109,7 @@ impl PoolManager {
                 .map(|lease| AddressRecord {
                     key: pool.key.clone(),
                     lease: lease.clone(),
-                    state: state.clone(),
+                    state: core.arrival_state(lease.address.addr(), state.clone(), now),
                     since_ms: now,
                     fixed: wanted.is_some(),
                     lost: false,

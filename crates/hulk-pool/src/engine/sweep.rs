@@ -354,7 +354,7 @@ impl PoolManager {
                 Some(Gone::Drop(record)) => {
                     self.store
                         .apply(&[StoreOp::RemoveAddress(lease_id.to_owned())])?;
-                    core.remove(lease_id);
+                    core.drop_gone(lease_id, self.clock.now_ms());
                     let state = if record.state == AddressState::Idle {
                         "idle"
                     } else {
