@@ -641,7 +641,21 @@ async fn reconciliation_removes_stale_pairs_and_adds_missing_ones() {
         .iter()
         .map(|lease| json!({"ip_address": lease.address.addr().to_string()}))
         .collect();
-    drifted.push(json!({"ip_address": "10.69.0.250"}));
+    // Neutron picks addresses at random: the stale one must be none of
+    // the node's.
+    let stale = (240..=254)
+        .map(|last| format!("10.69.0.{last}"))
+        .find(|candidate| {
+            leases
+                .iter()
+                .all(|lease| lease.address.addr().to_string() != *candidate)
+                && node
+                    .fixed_ips
+                    .iter()
+                    .all(|fixed| fixed.ip_address.as_deref() != Some(candidate.as_str()))
+        })
+        .unwrap();
+    drifted.push(json!({"ip_address": stale}));
     drifted.push(json!({"ip_address": "192.168.77.7", "mac_address": "fa:16:3e:77:77:77"}));
     client
         .update_port(&node.id, &json!({"allowed_address_pairs": drifted}), None)
