@@ -8,6 +8,8 @@
 //!   networks, mapping `NeutronError` types to [`hulk_ipam::IpamError`];
 //! - [`NeutronBackend`]: [`hulk_ipam::IpamBackend`] on top, every port
 //!   tagged `hulk-vpc`, `hulk-cluster=…` and `hulk-node=…`;
+//! - [`floating_ips`]: floating IPs, and [`NeutronFloatingIps`], the
+//!   [`hulk_ipam::FloatingIpProvider`] sharing a [`NeutronBackend`]'s client;
 //! - [`ultron`]: the UltrON-style REST contract v1 (`docs/ultron-ipam-v1.md`),
 //!   its client [`ultron::UltronBackend`] and, with the `ultron-server`
 //!   feature, a conformant server over any backend.
@@ -39,11 +41,13 @@
 //! # }
 //! ```
 
+pub mod floating_ips;
 mod http;
 pub mod keystone;
 pub mod neutron;
 mod neutron_backend;
 pub mod ultron;
 
+pub use floating_ips::NeutronFloatingIps;
 pub use http::{HttpClient, HttpSettings};
 pub use neutron_backend::{NeutronBackend, NeutronBackendConfig};
