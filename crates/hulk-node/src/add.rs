@@ -102,6 +102,7 @@ impl<K: Kernel> Node<K> {
             address: None,
             created: None,
             since_ms: now_ms(),
+            floating_ip: None,
         };
         self.attachments.put(record.clone())?;
         let assigned = tokio::select! {
@@ -123,6 +124,10 @@ impl<K: Kernel> Node<K> {
         if let Err(error) = self.attachments.put(record.clone()) {
             self.undo(&record).await;
             return Err(error.into());
+        }
+        if let Err(error) = self.attach_floating_ip(request, &lease, &mut record).await {
+            self.undo(&record).await;
+            return Err(error);
         }
         let spec = match self
             .requested_mac(request)
