@@ -25,7 +25,7 @@ use hulk_agent_api::del_notes::DelNotes;
 use hulk_ipam::PoolKey;
 use hulk_netns::{Datapath, Kernel, NetlinkKernel, Netns, NetnsError};
 use hulk_node::pods::PodDirectory;
-use hulk_node::{Node, NodeError};
+use hulk_node::{FloatingIps, Node, NodeError};
 use hulk_pool::{
     MemoryStore, PoolError, PoolManager, PoolStore, RedbStore, StoreError, SystemClock,
 };
@@ -187,7 +187,7 @@ impl<K: Kernel + 'static> Agent<K> {
             Some(section) => Some(Kubernetes::connect(section, &config, &watches).await?),
             None => None,
         };
-        let backend = backend::from_section(&config.backend)?;
+        let backends = backend::backends_from_section(&config.backend)?;
         let store: Arc<dyn PoolStore> = match &config.state_file {
             Some(path) => {
                 if let Some(directory) = path.parent() {
@@ -201,7 +201,7 @@ impl<K: Kernel + 'static> Agent<K> {
             None => Arc::new(MemoryStore::default()),
         };
         let pools = PoolManager::open(
-            backend,
+            backends.ipam,
             store,
             Arc::new(SystemClock),
             &config.node_name,
@@ -221,6 +221,17 @@ impl<K: Kernel + 'static> Agent<K> {
             default_pool.clone(),
         )
         .with_del_notes(DelNotes::new(&config.pending_del_dir));
+        let node = match backends.floating_ips {
+            Some(provider) => {
+                let (network, policy) = config.backend.floating_ip_setting();
+                node.with_floating_ips(FloatingIps {
+                    provider,
+                    network,
+                    policy,
+                })
+            }
+            None => node,
+        };
         let (node, lease) = match kubernetes {
             Some(kubernetes) => (node.with_pods(kubernetes.pods), Some(kubernetes.lease)),
             None => (node, None),

@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MemoryBackend};
+use hulk_ipam::{FaultPlan, Faulty, FloatingIpProvider, IpamBackend, MemoryBackend};
 use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
 use hulk_openstack::neutron::{NeutronAuth, NeutronClient};
 use hulk_openstack::ultron::UltronBackend;
-use hulk_openstack::{HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig};
+use hulk_openstack::{
+    HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig, NeutronFloatingIps,
+};
 
 use crate::config::BackendSection;
 
@@ -65,7 +67,36 @@ pub(crate) fn http_client(
 /// [`BackendError`] when a secret file cannot be read or a client cannot
 /// be set up.
 pub fn from_section(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, BackendError> {
-    Ok(match section {
+    Ok(backends_from_section(section)?.ipam)
+}
+
+/// What a `[backend]` section gives: addresses, and floating IPs where the
+/// backend has them.
+#[derive(Clone)]
+pub struct Backends {
+    /// Pod addresses.
+    pub ipam: Arc<dyn IpamBackend>,
+    /// Floating IPs (Neutron only), sharing the address backend's client
+    /// and Keystone token.
+    pub floating_ips: Option<Arc<dyn FloatingIpProvider>>,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backends")
+            .field("ipam", &self.ipam.name())
+            .field("floating_ips", &self.floating_ips.is_some())
+            .finish()
+    }
+}
+
+/// [`from_section`], with the floating IP provider of a Neutron backend.
+///
+/// # Errors
+///
+/// As [`from_section`].
+pub fn backends_from_section(section: &BackendSection) -> Result<Backends, BackendError> {
+    let ipam: Arc<dyn IpamBackend> = match section {
         BackendSection::Memory {
             subnet,
             gateway,
@@ -101,6 +132,7 @@ pub fn from_section(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, Ba
             endpoint,
             region,
             ca_file,
+            ..
         } => {
             let credentials = Credentials::ApplicationCredential {
                 id: application_credential_id.clone(),
@@ -119,10 +151,18 @@ pub fn from_section(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, Ba
                 backend: "neutron",
                 source,
             })?;
-            Arc::new(NeutronBackend::new(
+            let neutron = Arc::new(NeutronBackend::new(
                 client,
                 NeutronBackendConfig::new(cluster.clone()),
-            ))
+            ));
+            return Ok(Backends {
+                ipam: neutron.clone(),
+                floating_ips: Some(Arc::new(NeutronFloatingIps::new(neutron))),
+            });
         }
+    };
+    Ok(Backends {
+        ipam,
+        floating_ips: None,
     })
 }

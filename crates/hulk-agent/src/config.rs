@@ -353,7 +353,35 @@ pub enum BackendSection {
         /// A PEM CA bundle to trust besides the system roots.
         #[serde(default)]
         ca_file: Option<PathBuf>,
+        /// The external network (name or id) every pod gets a floating IP
+        /// of, unless its `hulk-vpc.io/floating-ip` annotation says
+        /// `"false"`; without it, only pods whose annotation names a
+        /// network (or says `"true"`, which then is refused) get one.
+        #[serde(default)]
+        floating_network: Option<String>,
+        /// What happens to a pod's floating IP when the pod goes, unless
+        /// its `hulk-vpc.io/floating-ip-policy` annotation says: `release`
+        /// (deleted, the default) or `keep` (disassociated, and associated
+        /// again with the next pod of the same name).
+        #[serde(default)]
+        floating_ip_policy: hulk_ipam::FloatingIpPolicy,
     },
+}
+
+impl BackendSection {
+    /// The node's floating IP setting: the external network every pod gets
+    /// a floating IP of (`None`: only annotated pods) and the default
+    /// policy. Only the Neutron backend has floating IPs.
+    pub fn floating_ip_setting(&self) -> (Option<String>, hulk_ipam::FloatingIpPolicy) {
+        match self {
+            BackendSection::Neutron {
+                floating_network,
+                floating_ip_policy,
+                ..
+            } => (floating_network.clone(), *floating_ip_policy),
+            _ => (None, hulk_ipam::FloatingIpPolicy::default()),
+        }
+    }
 }
 
 /// Why a configuration cannot be used. Each says where the problem is:
@@ -682,6 +710,26 @@ mod tests {
             panic!("not neutron");
         };
         assert_eq!(region, None);
+        assert_eq!(
+            AgentConfig::parse(&neutron)
+                .unwrap()
+                .backend
+                .floating_ip_setting(),
+            (None, hulk_ipam::FloatingIpPolicy::Release)
+        );
+        let floating = neutron.replace(
+            "cluster = \"prod\"",
+            "cluster = \"prod\"\nfloating_network = \"public\"\nfloating_ip_policy = \"keep\"",
+        );
+        assert_eq!(
+            AgentConfig::parse(&floating)
+                .unwrap()
+                .backend
+                .floating_ip_setting(),
+            (Some("public".into()), hulk_ipam::FloatingIpPolicy::Keep)
+        );
+        let wrong = floating.replace("\"keep\"", "\"forever\"");
+        assert!(AgentConfig::parse(&wrong).is_err());
     }
 
     #[test]

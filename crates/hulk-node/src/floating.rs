@@ -9,19 +9,16 @@ use super::*;
 
 impl<K: Kernel> Node<K> {
     /// The floating IP `request`'s pod asks for (external network and
-    /// policy): its annotations over the node's setting. A pod asking on
-    /// a node without a provider is refused.
-    pub(crate) async fn floating_ip_wanted(
+    /// policy): its annotations (`pod`, [`Node::pod_of`]) over the node's
+    /// setting. A pod asking on a node without a provider is refused.
+    pub(crate) fn floating_ip_wanted(
         &self,
         request: &PodRequest,
+        pod: Option<&PodInfo>,
     ) -> Result<Option<(String, FloatingIpPolicy)>, NodeError> {
         let default = match &self.floating_ips {
             Some(floating_ips) => (floating_ips.network.as_deref(), floating_ips.policy),
             None => (None, FloatingIpPolicy::default()),
-        };
-        let pod = match (&self.pods, &request.owner.pod) {
-            (Some(pods), Some(name)) => pods.pod(name).await?,
-            _ => None,
         };
         let wanted = match pod {
             Some(pod) => pod
@@ -45,10 +42,11 @@ impl<K: Kernel> Node<K> {
     pub(crate) async fn attach_floating_ip(
         &self,
         request: &PodRequest,
+        pod: Option<&PodInfo>,
         lease: &Lease,
         record: &mut AttachmentRecord,
     ) -> Result<(), NodeError> {
-        let Some((network, policy)) = self.floating_ip_wanted(request).await? else {
+        let Some((network, policy)) = self.floating_ip_wanted(request, pod)? else {
             return Ok(());
         };
         let Some(floating_ips) = &self.floating_ips else {

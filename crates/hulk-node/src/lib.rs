@@ -95,7 +95,7 @@ use tokio_util::sync::CancellationToken;
 pub use hulk_agent_api::{DEFAULT_CALLER_TIMEOUT, PodAttachment, PodRequest};
 
 use crate::attachments::{AttachmentError, AttachmentRecord, Attachments, Phase};
-use crate::pods::{PodDirectory, PodDirectoryError, PodEvent};
+use crate::pods::{PodDirectory, PodDirectoryError, PodEvent, PodInfo};
 use crate::serial::Serializer;
 
 mod add;
