@@ -128,9 +128,10 @@ pub trait FloatingIpProvider: Send + Sync {
     ///
     /// # Errors
     ///
-    /// [`IpamError::Conflict`] when the pod's kept floating IP is still
-    /// associated with another port (the pod's earlier sandbox, until its
-    /// DEL); [`IpamError::NotFound`] for an unknown network;
+    /// [`IpamError::Conflict`] when the pod asks to keep its floating IP and
+    /// its kept one is still associated with another port (the pod's
+    /// earlier sandbox, until its DEL; a pod under `release` gets another
+    /// one meanwhile); [`IpamError::NotFound`] for an unknown network;
     /// [`IpamError::Exhausted`] / [`IpamError::Quota`] when none is left;
     /// [`IpamError::InvalidRequest`] when the port's subnet cannot reach
     /// the external network (no router); the backend's failures otherwise.
@@ -222,19 +223,22 @@ impl FloatingIpProvider for MemoryFloatingIps {
             .filter(|(floating, _)| floating.pod.as_deref() == Some(request.pod.as_str()));
         let mut kept = None;
         for (floating, node) in mine {
+            let keeps = floating.policy == FloatingIpPolicy::Keep;
             match &floating.port {
                 Some(port) if *port == request.port => return Ok(floating.clone()),
-                Some(port) => {
+                Some(port) if keeps && request.policy == FloatingIpPolicy::Keep => {
                     return Err(IpamError::Conflict(format!(
                         "floating IP {} of pod {} is associated with port {port}",
                         floating.address, request.pod
                     )));
                 }
-                None => kept = Some((floating, node)),
+                None if keeps => kept = Some((floating, node)),
+                _ => {}
             }
         }
         if let Some((floating, node)) = kept {
             floating.port = Some(request.port.clone());
+            floating.policy = request.policy;
             node.clone_from(&request.node);
             return Ok(floating.clone());
         }
@@ -368,6 +372,22 @@ mod tests {
             .await
             .unwrap();
         assert_ne!(other.address, first.address);
+        // A pod that releases its floating IP does not wait for its earlier
+        // sandbox's: it gets another.
+        let next = provider
+            .associate(&request("default/api", "p4", FloatingIpPolicy::Release))
+            .await
+            .unwrap();
+        assert_ne!(next.id, other.id);
+        provider
+            .release(&FloatingIpHold {
+                port: "p4".into(),
+                id: Some(next.id),
+                address: None,
+                policy: FloatingIpPolicy::Release,
+            })
+            .await
+            .unwrap();
         provider
             .release(&FloatingIpHold {
                 port: "p3".into(),

@@ -353,7 +353,16 @@ impl FloatingIpProvider for NeutronFloatingIps {
             // A retried ADD: already associated.
             return to_floating_ip(done);
         }
-        if let Some(busy) = held.iter().find(|floating| floating.port_id.is_some()) {
+        let keeps =
+            |floating: &&NeutronFloatingIp| tagged(floating, "hulk-fip-policy") == Some("keep");
+        // A pod that keeps its floating IP waits for its earlier sandbox to
+        // let it go; one that releases it gets another meanwhile.
+        if let Some(busy) = held
+            .iter()
+            .filter(keeps)
+            .find(|floating| floating.port_id.is_some())
+            .filter(|_| request.policy == FloatingIpPolicy::Keep)
+        {
             return Err(IpamError::Conflict(format!(
                 "floating IP {} of pod {} is still associated with port {} (the pod's earlier \
                  sandbox, until its DEL)",
@@ -366,7 +375,8 @@ impl FloatingIpProvider for NeutronFloatingIps {
         // `release` lost its port and is the sweep's.
         let kept = held
             .iter()
-            .find(|floating| tagged(floating, "hulk-fip-policy") == Some("keep"));
+            .filter(keeps)
+            .find(|floating| floating.port_id.is_none());
         if let Some(kept) = kept {
             let associated = self
                 .client()

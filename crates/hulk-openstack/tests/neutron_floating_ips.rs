@@ -303,7 +303,7 @@ async fn a_kept_floating_ip_comes_back_to_the_same_pod_name() {
     let (proxy, counter) = Counter::start().await;
     let backend = neutron_backend(proxy, &unique("fip-keep"));
     let floating_ips = NeutronFloatingIps::new(backend.clone());
-    let leases = ports(&backend, &vpc, 3).await;
+    let leases = ports(&backend, &vpc, 5).await;
     let first = floating_ips
         .associate(&request(
             &public,
@@ -383,6 +383,27 @@ async fn a_kept_floating_ip_comes_back_to_the_same_pod_name() {
         .await
         .unwrap();
     assert_ne!(other.id, first.id);
+    // A pod under `release` does not wait for its earlier sandbox's.
+    let earlier = floating_ips
+        .associate(&request(
+            &public,
+            &leases[3],
+            "default/api",
+            FloatingIpPolicy::Release,
+        ))
+        .await
+        .unwrap();
+    let next = floating_ips
+        .associate(&request(
+            &public,
+            &leases[4],
+            "default/api",
+            FloatingIpPolicy::Release,
+        ))
+        .await
+        .unwrap();
+    assert_ne!(next.id, earlier.id);
+    assert_eq!(next.port.as_deref(), Some(leases[4].id.as_str()));
     eprintln!(
         "Neutron calls: keep on DEL {}, a kept floating IP back {}",
         keep_calls.len(),
