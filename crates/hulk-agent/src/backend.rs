@@ -166,3 +166,41 @@ pub fn backends_from_section(section: &BackendSection) -> Result<Backends, Backe
         floating_ips: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_neutron_gives_floating_ips() {
+        let secret = std::env::temp_dir().join(format!("hulk-backend-test-{}", std::process::id()));
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let neutron = BackendSection::Neutron {
+            auth_url: "https://keystone.example:5000/v3".into(),
+            application_credential_id: "id".into(),
+            application_credential_secret_file: secret.clone(),
+            cluster: "prod".into(),
+            endpoint: None,
+            region: None,
+            ca_file: None,
+            floating_network: Some("public".into()),
+            floating_ip_policy: hulk_ipam::FloatingIpPolicy::Keep,
+        };
+        let built = backends_from_section(&neutron).unwrap();
+        std::fs::remove_file(&secret).unwrap();
+        assert_eq!(built.ipam.name(), "neutron");
+        assert!(built.floating_ips.is_some());
+        let memory = BackendSection::Memory {
+            subnet: "10.20.0.0/24".parse().unwrap(),
+            gateway: None,
+            gateway_mac: None,
+            latency_ms: 0,
+        };
+        assert!(
+            backends_from_section(&memory)
+                .unwrap()
+                .floating_ips
+                .is_none()
+        );
+    }
+}

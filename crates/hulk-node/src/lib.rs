@@ -24,8 +24,12 @@
 //!   the error's `details`.
 //! - [`pods::PodDirectory`]: where the node learns about pods (the agent
 //!   implements it over the Kubernetes API).
+//! - [`Node::with_floating_ips`]: a floating IP associated at ADD with the
+//!   address of a pod that asks (annotation `hulk-vpc.io/floating-ip`, or
+//!   the node's network), recorded, given up per its policy before the
+//!   address goes back ([`FloatingIps`]).
 //!
-//! One file per operation: `add.rs`, `del.rs`, `check.rs`, `collect.rs`
+//! One file per operation: `add.rs`, `del.rs`, `check.rs`, `floating.rs`, `collect.rs`
 //! (CNI GC, dead pods, gone sandboxes, DEL notes, the collector),
 //! `restore.rs` (inspect, STATUS, restore, reapply).
 //!
