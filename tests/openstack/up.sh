@@ -80,6 +80,9 @@ quota_subnet = -1
 quota_port = -1
 quota_security_group = -1
 quota_security_group_rule = -1
+# Floating IP tests: a router per VPC, a floating IP per pod.
+quota_router = -1
+quota_floatingip = -1
 CONF
 rm -f "$state/neutron/neutron.db"
 "$cache/neutron-venv/bin/python" -W ignore "$here/init_db.py" "sqlite:///$state/neutron/neutron.db"

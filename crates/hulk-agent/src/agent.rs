@@ -27,7 +27,7 @@ use hulk_agent_api::del_notes::DelNotes;
 use hulk_ipam::PoolKey;
 use hulk_netns::{Datapath, Kernel, NetlinkKernel, Netns, NetnsError};
 use hulk_node::pods::PodDirectory;
-use hulk_node::{Node, NodeError};
+use hulk_node::{FloatingIps, Node, NodeError};
 use hulk_pool::{
     Fencing, MemoryStore, PoolError, PoolManager, PoolStore, RedbStore, StoreError, SystemClock,
 };
@@ -208,7 +208,7 @@ impl<K: Kernel + 'static> Agent<K> {
             parent_mac: parent_mac(&kernel, &config).await,
             node_address: config.network.node_address.addr(),
         };
-        let backend = backend::for_node(&config.backend, &node_facts)?;
+        let backends = backend::for_node(&config.backend, &node_facts)?;
         let store: Arc<dyn PoolStore> = match &config.state_file {
             Some(path) => {
                 if let Some(directory) = path.parent() {
@@ -228,7 +228,7 @@ impl<K: Kernel + 'static> Agent<K> {
             heartbeat: Duration::from_secs(config.holder_heartbeat_seconds),
         };
         let pools = PoolManager::open_fenced(
-            backend,
+            backends.ipam,
             store,
             Arc::new(SystemClock),
             &config.node_name,
@@ -255,6 +255,17 @@ impl<K: Kernel + 'static> Agent<K> {
             default_pool.clone(),
         )
         .with_del_notes(DelNotes::new(&config.pending_del_dir));
+        let node = match backends.floating_ips {
+            Some(provider) => {
+                let (network, policy) = config.backend.floating_ip_setting();
+                node.with_floating_ips(FloatingIps {
+                    provider,
+                    network,
+                    policy,
+                })
+            }
+            None => node,
+        };
         let (node, lease) = match kubernetes {
             Some(kubernetes) => (node.with_pods(kubernetes.pods), Some(kubernetes.lease)),
             None => (node, None),

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use std::net::IpAddr;
 
-use hulk_ipam::{FaultPlan, Faulty, IpamBackend, MacAddr, MemoryBackend};
+use hulk_ipam::{FaultPlan, Faulty, FloatingIpProvider, IpamBackend, MacAddr, MemoryBackend};
 use hulk_openstack::keystone::{Credentials, Keystone, KeystoneConfig};
 use hulk_openstack::neutron::{NeutronAuth, NeutronClient};
 use hulk_openstack::ultron::UltronBackend;
-use hulk_openstack::{HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig, NodePort};
+use hulk_openstack::{
+    HttpClient, HttpSettings, NeutronBackend, NeutronBackendConfig, NeutronFloatingIps, NodePort,
+};
 
 use crate::config::{BackendSection, NODE_PORT_AUTO};
 
@@ -80,28 +82,52 @@ pub struct NodeFacts {
 /// [`BackendError`] when a secret file cannot be read or a client cannot
 /// be set up.
 pub fn from_section(section: &BackendSection) -> Result<Arc<dyn IpamBackend>, BackendError> {
-    build(section, None)
+    Ok(build(section, None)?.ipam)
 }
 
-/// The backend `section` names, for the node `node` describes: with
-/// `node_port` set, Neutron's nested mode (`"auto"` finds the node port by
-/// `node`'s parent MAC and address). Otherwise as [`from_section`].
+/// What a `[backend]` section gives: addresses, and floating IPs where the
+/// backend has them.
+#[derive(Clone)]
+pub struct Backends {
+    /// Pod addresses.
+    pub ipam: Arc<dyn IpamBackend>,
+    /// Floating IPs (Neutron only), sharing the address backend's client
+    /// and Keystone token.
+    pub floating_ips: Option<Arc<dyn FloatingIpProvider>>,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backends")
+            .field("ipam", &self.ipam.name())
+            .field("floating_ips", &self.floating_ips.is_some())
+            .finish()
+    }
+}
+
+/// [`from_section`], with the floating IP provider of a Neutron backend
+/// (the controller's: nested mode off).
 ///
 /// # Errors
 ///
 /// As [`from_section`].
-pub fn for_node(
-    section: &BackendSection,
-    node: &NodeFacts,
-) -> Result<Arc<dyn IpamBackend>, BackendError> {
+pub fn backends_from_section(section: &BackendSection) -> Result<Backends, BackendError> {
+    build(section, None)
+}
+
+/// The backends `section` names, for the node `node` describes: with
+/// `node_port` set, Neutron's nested mode (`"auto"` finds the node port by
+/// `node`'s parent MAC and address). Otherwise as [`backends_from_section`].
+///
+/// # Errors
+///
+/// As [`from_section`].
+pub fn for_node(section: &BackendSection, node: &NodeFacts) -> Result<Backends, BackendError> {
     build(section, Some(node))
 }
 
-fn build(
-    section: &BackendSection,
-    node: Option<&NodeFacts>,
-) -> Result<Arc<dyn IpamBackend>, BackendError> {
-    Ok(match section {
+fn build(section: &BackendSection, node: Option<&NodeFacts>) -> Result<Backends, BackendError> {
+    let ipam: Arc<dyn IpamBackend> = match section {
         BackendSection::Memory {
             subnet,
             gateway,
@@ -138,6 +164,7 @@ fn build(
             region,
             ca_file,
             node_port,
+            ..
         } => {
             let credentials = Credentials::ApplicationCredential {
                 id: application_credential_id.clone(),
@@ -165,7 +192,54 @@ fn build(
                 },
                 (Some(id), Some(_)) => NodePort::Id(id.to_owned()),
             };
-            Arc::new(NeutronBackend::new(client, config))
+            let neutron = Arc::new(NeutronBackend::new(client, config));
+            return Ok(Backends {
+                ipam: neutron.clone(),
+                floating_ips: Some(Arc::new(NeutronFloatingIps::new(neutron))),
+            });
         }
+    };
+    Ok(Backends {
+        ipam,
+        floating_ips: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_neutron_gives_floating_ips() {
+        let secret = std::env::temp_dir().join(format!("hulk-backend-test-{}", std::process::id()));
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let neutron = BackendSection::Neutron {
+            auth_url: "https://keystone.example:5000/v3".into(),
+            application_credential_id: "id".into(),
+            application_credential_secret_file: secret.clone(),
+            cluster: "prod".into(),
+            endpoint: None,
+            region: None,
+            ca_file: None,
+            floating_network: Some("public".into()),
+            floating_ip_policy: hulk_ipam::FloatingIpPolicy::Keep,
+            node_port: None,
+        };
+        let built = backends_from_section(&neutron).unwrap();
+        std::fs::remove_file(&secret).unwrap();
+        assert_eq!(built.ipam.name(), "neutron");
+        assert!(built.floating_ips.is_some());
+        let memory = BackendSection::Memory {
+            subnet: "10.20.0.0/24".parse().unwrap(),
+            gateway: None,
+            gateway_mac: None,
+            latency_ms: 0,
+        };
+        assert!(
+            backends_from_section(&memory)
+                .unwrap()
+                .floating_ips
+                .is_none()
+        );
+    }
 }

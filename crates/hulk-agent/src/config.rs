@@ -371,11 +371,39 @@ pub enum BackendSection {
         /// pod ports bound to the node's host (bare metal).
         #[serde(default)]
         node_port: Option<String>,
+        /// The external network (name or id) every pod gets a floating IP
+        /// of, unless its `hulk-vpc.io/floating-ip` annotation says
+        /// `"false"`; without it, only pods whose annotation names a
+        /// network (or says `"true"`, which then is refused) get one.
+        #[serde(default)]
+        floating_network: Option<String>,
+        /// What happens to a pod's floating IP when the pod goes, unless
+        /// its `hulk-vpc.io/floating-ip-policy` annotation says: `release`
+        /// (deleted, the default) or `keep` (disassociated, and associated
+        /// again with the next pod of the same name).
+        #[serde(default)]
+        floating_ip_policy: hulk_ipam::FloatingIpPolicy,
     },
 }
 
 /// The value of `[backend] node_port` that finds the node port by itself.
 pub const NODE_PORT_AUTO: &str = "auto";
+
+impl BackendSection {
+    /// The node's floating IP setting: the external network every pod gets
+    /// a floating IP of (`None`: only annotated pods) and the default
+    /// policy. Only the Neutron backend has floating IPs.
+    pub fn floating_ip_setting(&self) -> (Option<String>, hulk_ipam::FloatingIpPolicy) {
+        match self {
+            BackendSection::Neutron {
+                floating_network,
+                floating_ip_policy,
+                ..
+            } => (floating_network.clone(), *floating_ip_policy),
+            _ => (None, hulk_ipam::FloatingIpPolicy::default()),
+        }
+    }
+}
 
 /// Why a configuration cannot be used. Each says where the problem is:
 /// the file, an environment override, or a value that is well-formed but
@@ -754,6 +782,26 @@ mod tests {
             error.contains("needs [network] kind = \"ipvlan\""),
             "{error}"
         );
+        assert_eq!(
+            AgentConfig::parse(&neutron)
+                .unwrap()
+                .backend
+                .floating_ip_setting(),
+            (None, hulk_ipam::FloatingIpPolicy::Release)
+        );
+        let floating = neutron.replace(
+            "cluster = \"prod\"",
+            "cluster = \"prod\"\nfloating_network = \"public\"\nfloating_ip_policy = \"keep\"",
+        );
+        assert_eq!(
+            AgentConfig::parse(&floating)
+                .unwrap()
+                .backend
+                .floating_ip_setting(),
+            (Some("public".into()), hulk_ipam::FloatingIpPolicy::Keep)
+        );
+        let wrong = floating.replace("\"keep\"", "\"forever\"");
+        assert!(AgentConfig::parse(&wrong).is_err());
     }
 
     #[test]

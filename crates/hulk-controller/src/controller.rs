@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hulk_ipam::{IpamBackend, IpamError, ListScope};
+use hulk_ipam::{FloatingIpProvider, IpamBackend, IpamError, ListScope};
 use hulk_kube::{ClusterNodes, KubeError, LeaderLease, LeaseConfig};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
@@ -71,6 +71,7 @@ pub struct Controller {
     config: ControllerConfig,
     leader: LeaseConfig,
     metrics: ControllerMetrics,
+    floating_ips: Option<Arc<dyn FloatingIpProvider>>,
 }
 
 impl Controller {
@@ -91,7 +92,17 @@ impl Controller {
             config,
             leader,
             metrics: ControllerMetrics::default(),
+            floating_ips: None,
         }
+    }
+
+    /// Also sweeps the cluster's floating IPs after each pass: a released
+    /// node's ports go, and with them the association of their floating
+    /// IPs; those under the `release` policy are deleted
+    /// ([`FloatingIpProvider::sweep`], tag-scoped to this cluster).
+    pub fn with_floating_ips(mut self, provider: Arc<dyn FloatingIpProvider>) -> Self {
+        self.floating_ips = Some(provider);
+        self
     }
 
     /// The controller's metrics (shared handles: register them, read them).
@@ -170,6 +181,21 @@ impl Controller {
                     error = &error as &dyn std::error::Error,
                     "pass failed; the next one tries again"
                 ),
+            }
+            if let Some(provider) = &self.floating_ips {
+                match provider.sweep(&ListScope::Cluster).await {
+                    Ok(swept) => {
+                        for floating in swept {
+                            tracing::info!(
+                                target: "hulk_audit",
+                                floating_ip = %floating.address,
+                                id = %floating.id,
+                                "floating IP whose port is gone deleted"
+                            );
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "floating IP sweep failed"),
+                }
             }
         }
     }

@@ -18,6 +18,8 @@
 //! - [`teardown`]: every allocation of the cluster back to the cloud, for
 //!   the base platform's cluster deletion; refuses while the cluster's API
 //!   lists nodes unless forced; safe to run again.
+//! - [`teardown_floating_ips`]: the same for the cluster's floating IPs
+//!   (kept ones too), through a [`hulk_ipam::FloatingIpProvider`].
 //!
 //! Only what the backend lists for `ListScope::Cluster` is ever released:
 //! the Neutron and UltrON-style backends list by the tags `hulk-vpc` and
@@ -63,4 +65,6 @@ pub use controller::{Controller, LEADER_LEASE, PassError, PassReport};
 pub use metrics::{ControllerMetrics, Outcome, PassLabels, ReleaseLabels};
 pub use plan::{GoneMemory, Missing, MissingNode, NodeView, Plan, Reason, Release, plan};
 pub use release::ReleaseTally;
-pub use teardown::{Force, TeardownError, TeardownReport, teardown};
+pub use teardown::{
+    FloatingIpTeardownReport, Force, TeardownError, TeardownReport, teardown, teardown_floating_ips,
+};

@@ -1,7 +1,7 @@
 //! [`teardown`]: every address of a cluster back to the cloud, for the
 //! base platform's cluster deletion.
 
-use hulk_ipam::{IpamBackend, IpamError, ListScope};
+use hulk_ipam::{FloatingIpProvider, IpamBackend, IpamError, ListScope};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ReleaseSettings;
@@ -46,6 +46,83 @@ pub enum TeardownError {
     /// The backend's list of the cluster's allocations failed.
     #[error("cannot list the cluster's allocations")]
     List(#[source] IpamError),
+    /// The provider's list of the cluster's floating IPs failed.
+    #[error("cannot list the cluster's floating IPs")]
+    ListFloatingIps(#[source] IpamError),
+}
+
+/// What one teardown round of floating IPs did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FloatingIpTeardownReport {
+    /// Floating IPs the provider listed for the cluster at the start.
+    pub listed: usize,
+    /// Deleted.
+    pub deleted: usize,
+    /// Already gone (`NotFound`).
+    pub already_gone: usize,
+    /// Refused or failed; the next round tries them again.
+    pub failed: usize,
+    /// Floating IPs the provider still lists for the cluster at the end.
+    pub remaining: usize,
+}
+
+/// Deletes every floating IP `provider` lists for its cluster (tagged
+/// `hulk-vpc` and `hulk-cluster=<cluster>`: another cluster's are never
+/// touched), kept ones too, then lists again to report what remains. The
+/// same refusal as [`teardown`] while nodes are listed; safe to run again;
+/// `stop` ends the round early. Floating IPs are few (one per pod at
+/// most): they are deleted one after the other, unpaced.
+///
+/// # Errors
+///
+/// [`TeardownError::NodesListed`] before anything is touched;
+/// [`TeardownError::ListFloatingIps`] when either list fails.
+pub async fn teardown_floating_ips(
+    provider: &dyn FloatingIpProvider,
+    nodes_listed: usize,
+    force: Force,
+    stop: &CancellationToken,
+) -> Result<FloatingIpTeardownReport, TeardownError> {
+    if nodes_listed > 0 && force == Force::No {
+        return Err(TeardownError::NodesListed {
+            nodes: nodes_listed,
+        });
+    }
+    let floating_ips = provider
+        .list(&ListScope::Cluster)
+        .await
+        .map_err(TeardownError::ListFloatingIps)?;
+    let mut report = FloatingIpTeardownReport {
+        listed: floating_ips.len(),
+        ..FloatingIpTeardownReport::default()
+    };
+    for floating in floating_ips {
+        if stop.is_cancelled() {
+            break;
+        }
+        match provider.delete(&floating.id).await {
+            Ok(()) => report.deleted += 1,
+            Err(IpamError::NotFound(_)) => report.already_gone += 1,
+            Err(error) => {
+                report.failed += 1;
+                tracing::warn!(floating_ip = %floating.address, id = %floating.id, %error, "cluster teardown: cannot delete a floating IP");
+                continue;
+            }
+        }
+        tracing::info!(
+            target: "hulk_audit",
+            floating_ip = %floating.address,
+            id = %floating.id,
+            pod = floating.pod.as_deref().unwrap_or_default(),
+            "cluster teardown: floating IP deleted"
+        );
+    }
+    report.remaining = provider
+        .list(&ListScope::Cluster)
+        .await
+        .map_err(TeardownError::ListFloatingIps)?
+        .len();
+    Ok(report)
 }
 
 /// Returns every allocation `backend` lists for its cluster
@@ -106,4 +183,60 @@ pub async fn teardown(
         tally,
         remaining,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use hulk_ipam::{FloatingIpPolicy, FloatingIpRequest, MemoryFloatingIps};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn every_floating_ip_of_the_cluster_goes_kept_ones_too() {
+        let provider = MemoryFloatingIps::new("203.0.113.0/28".parse().unwrap());
+        for (pod, policy) in [
+            ("default/a", FloatingIpPolicy::Release),
+            ("default/b", FloatingIpPolicy::Keep),
+        ] {
+            provider
+                .associate(&FloatingIpRequest {
+                    network: "public".into(),
+                    port: format!("port-{pod}"),
+                    fixed_address: "10.0.0.5".parse().unwrap(),
+                    pod: pod.into(),
+                    node: "node-1".into(),
+                    policy,
+                })
+                .await
+                .unwrap();
+        }
+        let stop = CancellationToken::new();
+        let refused = teardown_floating_ips(&provider, 2, Force::No, &stop).await;
+        assert!(
+            matches!(refused, Err(TeardownError::NodesListed { nodes: 2 })),
+            "{refused:?}"
+        );
+        assert_eq!(
+            provider.all().len(),
+            2,
+            "a refused teardown touches nothing"
+        );
+
+        let report = teardown_floating_ips(&provider, 2, Force::Yes, &stop)
+            .await
+            .unwrap();
+        assert_eq!(
+            report,
+            FloatingIpTeardownReport {
+                listed: 2,
+                deleted: 2,
+                ..FloatingIpTeardownReport::default()
+            }
+        );
+        assert!(provider.all().is_empty());
+        let again = teardown_floating_ips(&provider, 0, Force::No, &stop)
+            .await
+            .unwrap();
+        assert_eq!(again, FloatingIpTeardownReport::default());
+    }
 }

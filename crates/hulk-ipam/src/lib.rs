@@ -19,6 +19,7 @@
 //! ```
 
 mod faults;
+mod floating;
 mod mac;
 mod memory;
 
@@ -29,6 +30,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use faults::{Fault, FaultPlan, Faulty, Latency};
+pub use floating::{
+    FloatingIp, FloatingIpHold, FloatingIpPolicy, FloatingIpProvider, FloatingIpRequest,
+    MemoryFloatingIps,
+};
 pub use mac::{MacAddr, ParseMacError};
 pub use memory::MemoryBackend;
 

@@ -102,16 +102,21 @@ impl<K: Kernel> Node<K> {
             address: None,
             created: None,
             since_ms: now_ms(),
+            floating_ip: None,
         };
         self.attachments.put(record.clone())?;
         let assigned = tokio::select! {
-            assigned = self.assign(request) => assigned,
+            assigned = async {
+                let pod = self.pod_of(request).await?;
+                let (key, lease) = self.assign(request, pod.as_ref()).await?;
+                Ok((key, lease, pod))
+            } => assigned,
             () = ticket.cancelled.cancelled() => Err(abandoned("a DEL of it arrived")),
             () = tokio::time::sleep_until(deadline.into()) => {
                 Err(abandoned("the caller's timeout passed before an address was free"))
             }
         };
-        let (key, lease) = match assigned {
+        let (key, lease, pod) = match assigned {
             Ok(assigned) => assigned,
             Err(error) => {
                 self.undo(&record).await;
@@ -123,6 +128,13 @@ impl<K: Kernel> Node<K> {
         if let Err(error) = self.attachments.put(record.clone()) {
             self.undo(&record).await;
             return Err(error.into());
+        }
+        if let Err(error) = self
+            .attach_floating_ip(request, pod.as_ref(), &lease, &mut record)
+            .await
+        {
+            self.undo(&record).await;
+            return Err(error);
         }
         let spec = match self
             .requested_mac(request)
@@ -171,8 +183,12 @@ impl<K: Kernel> Node<K> {
     /// The pool and the address for `request`.
     /// The runtime's requested address (`IP=`, `ips`) and the pod's
     /// annotation must agree when both are given.
-    pub(crate) async fn assign(&self, request: &PodRequest) -> Result<(PoolKey, Lease), NodeError> {
-        let (key, annotated) = self.placement_of(request).await?;
+    pub(crate) async fn assign(
+        &self,
+        request: &PodRequest,
+        pod: Option<&PodInfo>,
+    ) -> Result<(PoolKey, Lease), NodeError> {
+        let (key, annotated) = self.placement_of(request, pod)?;
         let fixed_address = match (request.address, annotated) {
             (Some(asked), Some(annotated)) if asked != annotated => {
                 return Err(NodeError::InvalidRequest(format!(
@@ -310,21 +326,36 @@ impl<K: Kernel> Node<K> {
         }
     }
 
+    /// The pod of an ADD from the directory, read once for the ADD: when
+    /// its annotations may choose the pool, or floating IPs are configured.
+    /// `None` without a directory or a pod name, or when the directory does
+    /// not know the pod.
+    pub(crate) async fn pod_of(&self, request: &PodRequest) -> Result<Option<PodInfo>, NodeError> {
+        if request.pool.is_some() && self.floating_ips.is_none() {
+            return Ok(None);
+        }
+        let (Some(pods), Some(name)) = (&self.pods, &request.owner.pod) else {
+            return Ok(None);
+        };
+        let pod = pods.pod(name).await?;
+        if pod.is_none() {
+            tracing::warn!(pod = %name, "the Kubernetes API does not know the pod; default pool, and the node's floating IP setting");
+        }
+        Ok(pod)
+    }
+
     /// The pool a pod's address comes from (the request's, its
-    /// annotations', or the default) and the fixed address its annotations
-    /// ask for, if any.
-    pub(crate) async fn placement_of(
+    /// annotations' ([`Node::pod_of`]), or the default) and the fixed
+    /// address its annotations ask for, if any.
+    pub(crate) fn placement_of(
         &self,
         request: &PodRequest,
+        pod: Option<&PodInfo>,
     ) -> Result<(PoolKey, Option<IpAddr>), NodeError> {
         if let Some(key) = &request.pool {
             return Ok((key.clone(), None));
         }
-        let (Some(pods), Some(name)) = (&self.pods, &request.owner.pod) else {
-            return Ok((self.default_pool.clone(), None));
-        };
-        let Some(pod) = pods.pod(name).await? else {
-            tracing::warn!(pod = %name, "the Kubernetes API does not know the pod; default pool");
+        let Some(pod) = pod else {
             return Ok((self.default_pool.clone(), None));
         };
         let key = pod

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use hulk_ipam::{AttachmentId, Owner, PoolKey};
+use hulk_ipam::{AttachmentId, FloatingIpHold, Owner, PoolKey};
 use hulk_netns::{Attached, NsId};
 use hulk_pool::{PoolStore, StoreError, StoreOp};
 use ipnet::IpNet;
@@ -59,6 +59,11 @@ pub struct AttachmentRecord {
     pub created: Option<Attached>,
     /// When the record was last written (Unix milliseconds).
     pub since_ms: u64,
+    /// The pod's floating IP: its port and policy as soon as ADD asks for
+    /// one, its id once associated. Absent in records written before
+    /// floating IPs existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floating_ip: Option<FloatingIpHold>,
 }
 
 impl AttachmentRecord {
@@ -218,6 +223,7 @@ mod tests {
             address: Some("10.20.0.5/24".parse().unwrap()),
             created: None,
             since_ms: 7,
+            floating_ip: None,
         }
     }
 
@@ -237,6 +243,31 @@ mod tests {
         assert_eq!(reloaded.all(), [ready]);
         assert_eq!(reloaded.get(&record("a").id()).unwrap().phase, Phase::Ready);
         assert!(reloaded.get(&record("b").id()).is_none());
+    }
+
+    #[test]
+    fn records_without_a_floating_ip_still_read_and_one_survives_a_reload() {
+        let older = r#"{"owner":{"container_id":"a","ifname":"eth0","pod":"default/web-0"},
+            "netns":"/var/run/netns/cni-1","netns_id":null,"phase":"ready","pool":null,
+            "address":"10.20.0.5/24","created":null,"since_ms":7}"#;
+        let read: AttachmentRecord = serde_json::from_str(older).unwrap();
+        assert_eq!(read.floating_ip, None);
+        let written = serde_json::to_string(&read).unwrap();
+        assert!(!written.contains("floating_ip"), "{written}");
+
+        let store: Arc<dyn PoolStore> = Arc::new(MemoryStore::default());
+        let mut held = record("a");
+        held.floating_ip = Some(FloatingIpHold {
+            port: "port-1".into(),
+            id: Some("fip-1".into()),
+            address: Some("203.0.113.9".parse().unwrap()),
+            policy: hulk_ipam::FloatingIpPolicy::Keep,
+        });
+        Attachments::load(store.clone())
+            .unwrap()
+            .put(held.clone())
+            .unwrap();
+        assert_eq!(Attachments::load(store).unwrap().all(), [held]);
     }
 
     #[test]

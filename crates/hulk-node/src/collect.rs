@@ -349,7 +349,8 @@ impl<K: Kernel> Node<K> {
     /// ([`Node::collect_gone_sandboxes`]) and one of the addresses without
     /// a record ([`Node::collect_unproven_addresses`]), a pass of
     /// [`Node::collect_dead_pods`], and every tenth pass an
-    /// orphan sweep of the backend (a list call, kept rare for large
+    /// orphan sweep of the backend and of the node's floating IPs
+    /// ([`Node::sweep_floating_ips`]; list calls, kept rare for large
     /// clusters); every pass while the pools have intents a start could
     /// not settle without the backend
     /// ([`PoolManager::unsettled_intents`]).
@@ -403,6 +404,9 @@ impl<K: Kernel> Node<K> {
                     Ok(sweep) if sweep == OrphanSweep::default() => {}
                     Ok(sweep) => tracing::warn!(?sweep, "the store and the backend disagreed"),
                     Err(error) => tracing::warn!(%error, "orphan sweep failed"),
+                }
+                if let Err(error) = self.sweep_floating_ips().await {
+                    tracing::warn!(%error, "floating IP sweep failed");
                 }
                 self.repin_gateways().await;
             }

@@ -60,7 +60,9 @@ impl<K: Kernel> Node<K> {
     /// recorded (a removed or recycled path means the interface died with
     /// the sandbox), then the address, then the record. A sandbox that
     /// cannot be inspected keeps its address: an address is never
-    /// released while a live interface may hold it.
+    /// released while a live interface may hold it. The pod's floating IP
+    /// is given up (per its policy) before the address goes back, so that
+    /// the pool's next pod does not answer on it.
     pub(crate) async fn teardown(
         &self,
         record: &AttachmentRecord,
@@ -94,6 +96,7 @@ impl<K: Kernel> Node<K> {
         if let Some(foreign) = &detached.foreign_link_kept {
             tracing::warn!(attachment = %record.id(), link = %foreign, "left a link that is not ours in place");
         }
+        self.release_floating_ip(record).await?;
         self.release_everywhere(&record.owner).await?;
         self.attachments.remove(&record.id())?;
         lock(&self.answered).remove(&record.id());

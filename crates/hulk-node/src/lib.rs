@@ -29,8 +29,12 @@
 //!   the error's `details`.
 //! - [`pods::PodDirectory`]: where the node learns about pods (the agent
 //!   implements it over the Kubernetes API).
+//! - [`Node::with_floating_ips`]: a floating IP associated at ADD with the
+//!   address of a pod that asks (annotation `hulk-vpc.io/floating-ip`, or
+//!   the node's network), recorded, given up per its policy before the
+//!   address goes back ([`FloatingIps`]).
 //!
-//! One file per operation: `add.rs`, `del.rs`, `check.rs`, `collect.rs`
+//! One file per operation: `add.rs`, `del.rs`, `check.rs`, `floating.rs`, `collect.rs`
 //! (CNI GC, dead pods, gone sandboxes, DEL notes, the collector),
 //! `restore.rs` (inspect, STATUS, restore, reapply).
 //!
@@ -87,7 +91,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hulk_agent_api::codes;
 use hulk_agent_api::del_notes::DelNotes;
 use hulk_cni::{Attachment, CniError, ErrorCode};
-use hulk_ipam::{AttachmentId, Lease, MacAddr, Owner, PoolKey};
+use hulk_ipam::{
+    AttachmentId, FloatingIpPolicy, FloatingIpProvider, IpamError, Lease, MacAddr, Owner, PoolKey,
+};
 use hulk_netns::{
     Attached, Datapath, DatapathError, Kernel, NodeNetwork, NodeState, NsId, Ownership, PodNetwork,
     RestoreReport,
@@ -98,7 +104,7 @@ use tokio_util::sync::CancellationToken;
 pub use hulk_agent_api::{DEFAULT_CALLER_TIMEOUT, PodAttachment, PodRequest};
 
 use crate::attachments::{AttachmentError, AttachmentRecord, Attachments, Phase};
-use crate::pods::{PodDirectory, PodDirectoryError, PodEvent};
+use crate::pods::{PodDirectory, PodDirectoryError, PodEvent, PodInfo};
 use crate::serial::Serializer;
 
 mod add;
@@ -106,6 +112,7 @@ pub mod attachments;
 mod check;
 mod collect;
 mod del;
+mod floating;
 pub mod pods;
 mod restore;
 mod serial;
@@ -146,6 +153,17 @@ pub enum NodeError {
     /// The attachment record could not be written.
     #[error(transparent)]
     Attachment(#[from] AttachmentError),
+    /// The pod's floating IP could not be associated at ADD, or given up
+    /// (released or disassociated, per its policy) at teardown; a
+    /// teardown keeps the address until it is.
+    #[error("cannot {action} the pod's floating IP")]
+    FloatingIp {
+        /// `associate`, `give up` or `sweep`.
+        action: &'static str,
+        /// The provider's error.
+        #[source]
+        source: IpamError,
+    },
     /// ADD of an attachment that an earlier ADD completed, in the same
     /// sandbox, without a DEL between (the CNI spec requires an error).
     #[error("{0} is already attached (an earlier ADD built it); DEL it before adding it again")]
@@ -215,6 +233,7 @@ impl NodeError {
             // groups; the runtime retries.
             NodeError::Pods(_) => ErrorCode::TryAgainLater,
             NodeError::Attachment(_) => codes::STATE_STORE,
+            NodeError::FloatingIp { source, .. } => codes::of_ipam_error(source),
             NodeError::AlreadyAttached(_) => codes::DATAPATH,
             // Nothing is left of the ADD: a retry starts afresh.
             NodeError::Abandoned { .. } => ErrorCode::TryAgainLater,
@@ -281,6 +300,30 @@ pub struct Node<K> {
     /// may never have been answered).
     answered: Mutex<HashSet<AttachmentId>>,
     del_notes: Option<DelNotes>,
+    floating_ips: Option<FloatingIps>,
+}
+
+/// Where pods' floating IPs come from, and the node's settings for them
+/// ([`Node::with_floating_ips`]).
+#[derive(Clone)]
+pub struct FloatingIps {
+    /// The provider (Neutron's, in the agent).
+    pub provider: Arc<dyn FloatingIpProvider>,
+    /// The external network (name or id) every pod gets a floating IP of,
+    /// unless its annotation says otherwise; `None`: only pods whose
+    /// annotation names a network get one.
+    pub network: Option<String>,
+    /// The policy of pods whose annotation does not choose one.
+    pub policy: FloatingIpPolicy,
+}
+
+impl std::fmt::Debug for FloatingIps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FloatingIps")
+            .field("network", &self.network)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Whether a teardown touches the pod's namespace.
@@ -338,7 +381,16 @@ impl<K: Kernel> Node<K> {
             proven: Mutex::default(),
             answered: Mutex::default(),
             del_notes: None,
+            floating_ips: None,
         }
+    }
+
+    /// Associates floating IPs with pods' addresses from `floating_ips`
+    /// (pods asking with their annotation, or every pod when a network is
+    /// configured); without this, a pod asking for one fails its ADD.
+    pub fn with_floating_ips(mut self, floating_ips: FloatingIps) -> Self {
+        self.floating_ips = Some(floating_ips);
+        self
     }
 
     /// Replays the notes the plugin leaves in `notes` when it tore a pod

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use hulk_ipam::PoolKey;
+use hulk_ipam::{FloatingIpPolicy, PoolKey};
 
 /// The annotation naming a pod's subnet.
 pub const SUBNET_ANNOTATION: &str = "hulk-vpc.io/subnet";
@@ -21,6 +21,14 @@ pub const SECURITY_GROUPS_ANNOTATION: &str = "hulk-vpc.io/security-groups";
 pub const QOS_POLICY_ANNOTATION: &str = "hulk-vpc.io/qos-policy";
 /// The annotation asking for one fixed address of the pod's subnet.
 pub const IP_ADDRESS_ANNOTATION: &str = "hulk-vpc.io/ip-address";
+/// The annotation asking for a floating IP: the external network's name
+/// or id, `true` for the node's configured one, `false` for none even
+/// where the node gives every pod one.
+pub const FLOATING_IP_ANNOTATION: &str = "hulk-vpc.io/floating-ip";
+/// The annotation choosing what happens to the pod's floating IP when its
+/// attachment goes: `release` (deleted) or `keep` (kept for the next pod
+/// of the same name).
+pub const FLOATING_IP_POLICY_ANNOTATION: &str = "hulk-vpc.io/floating-ip-policy";
 
 /// Why a [`PodDirectory`] could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +162,51 @@ impl PodInfo {
         })
     }
 
+    /// The floating IP the annotations ask for, given the node's
+    /// `default` (its configured external network, if any, and policy):
+    /// the network and policy, or `None` for no floating IP. Without the
+    /// annotation, the node's network when it has one. A malformed
+    /// annotation, or `true` on a node without a network, is an error
+    /// naming it.
+    pub fn floating_ip(
+        &self,
+        default: (Option<&str>, FloatingIpPolicy),
+    ) -> Result<Option<(String, FloatingIpPolicy)>, String> {
+        let (default_network, default_policy) = default;
+        let policy = match self.annotations.get(FLOATING_IP_POLICY_ANNOTATION) {
+            Some(value) => value.parse().map_err(|error| {
+                format!(
+                    "pod {}: annotation {FLOATING_IP_POLICY_ANNOTATION}: {error}",
+                    self.name
+                )
+            })?,
+            None => default_policy,
+        };
+        let network = match self
+            .annotations
+            .get(FLOATING_IP_ANNOTATION)
+            .map(|value| value.trim())
+        {
+            None => default_network,
+            Some("false") => None,
+            Some("true") => Some(default_network.ok_or_else(|| {
+                format!(
+                    "pod {}: annotation {FLOATING_IP_ANNOTATION} is \"true\" but the node has no \
+                     floating_network; name the external network",
+                    self.name
+                )
+            })?),
+            Some("") => {
+                return Err(format!(
+                    "pod {}: annotation {FLOATING_IP_ANNOTATION} is empty",
+                    self.name
+                ));
+            }
+            Some(network) => Some(network),
+        };
+        Ok(network.map(|network| (network.to_owned(), policy)))
+    }
+
     /// The pool the annotations ask for: `default`'s fields where they say
     /// nothing, `None` when they say nothing at all. A malformed annotation
     /// is an error naming it.
@@ -253,6 +306,51 @@ mod tests {
 
     fn default_key() -> PoolKey {
         PoolKey::new("vpc", "subnet-a", ["sg-default"], Some("qos-gold".into()))
+    }
+
+    #[test]
+    fn floating_ip_annotations_override_the_nodes_setting() {
+        use FloatingIpPolicy::{Keep, Release};
+        let none = (None, Release);
+        let public = (Some("public"), Release);
+        assert_eq!(pod(&[]).floating_ip(none), Ok(None));
+        assert_eq!(
+            pod(&[]).floating_ip(public),
+            Ok(Some(("public".into(), Release)))
+        );
+        assert_eq!(
+            pod(&[(FLOATING_IP_ANNOTATION, "false")]).floating_ip(public),
+            Ok(None)
+        );
+        assert_eq!(
+            pod(&[(FLOATING_IP_ANNOTATION, "true")]).floating_ip(public),
+            Ok(Some(("public".into(), Release)))
+        );
+        assert_eq!(
+            pod(&[
+                (FLOATING_IP_ANNOTATION, " corp-net "),
+                (FLOATING_IP_POLICY_ANNOTATION, "keep")
+            ])
+            .floating_ip(none),
+            Ok(Some(("corp-net".into(), Keep)))
+        );
+        for (annotations, named) in [
+            (
+                vec![(FLOATING_IP_ANNOTATION, "true")],
+                FLOATING_IP_ANNOTATION,
+            ),
+            (vec![(FLOATING_IP_ANNOTATION, "")], FLOATING_IP_ANNOTATION),
+            (
+                vec![
+                    (FLOATING_IP_ANNOTATION, "public"),
+                    (FLOATING_IP_POLICY_ANNOTATION, "forever"),
+                ],
+                FLOATING_IP_POLICY_ANNOTATION,
+            ),
+        ] {
+            let error = pod(&annotations).floating_ip(none).unwrap_err();
+            assert!(error.contains(named), "{error}");
+        }
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   tagged `hulk-vpc`, `hulk-cluster=…` and `hulk-node=…`; with
 //!   [`NodePort`], nested mode for nodes that are Nova VMs (pod addresses
 //!   allowed on the node's own port);
+//! - [`floating_ips`]: floating IPs, and [`NeutronFloatingIps`], the
+//!   [`hulk_ipam::FloatingIpProvider`] sharing a [`NeutronBackend`]'s client;
 //! - [`ultron`]: the UltrON-style REST contract v1 (`docs/ultron-ipam-v1.md`),
 //!   its client [`ultron::UltronBackend`] and, with the `ultron-server`
 //!   feature, a conformant server over any backend.
@@ -41,11 +43,13 @@
 //! # }
 //! ```
 
+pub mod floating_ips;
 mod http;
 pub mod keystone;
 pub mod neutron;
 mod neutron_backend;
 pub mod ultron;
 
+pub use floating_ips::NeutronFloatingIps;
 pub use http::{HttpClient, HttpSettings};
 pub use neutron_backend::{NeutronBackend, NeutronBackendConfig, NodePort};

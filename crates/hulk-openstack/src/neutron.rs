@@ -246,7 +246,7 @@ impl NeutronClient {
 
     /// Sends one request (path relative to the endpoint, e.g.
     /// `/v2.0/ports`), retrying once with a fresh token after a 401.
-    async fn send(
+    pub(crate) async fn send(
         &self,
         method: Method,
         path: &str,
@@ -292,7 +292,7 @@ impl NeutronClient {
         ))
     }
 
-    async fn call<T: DeserializeOwned>(
+    pub(crate) async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -306,7 +306,7 @@ impl NeutronClient {
 
     /// A call whose answer wraps one resource as `{"<singular>": {...}}`,
     /// as Neutron's are.
-    async fn single<T: DeserializeOwned>(
+    pub(crate) async fn single<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -357,17 +357,27 @@ impl NeutronClient {
         filters: &BTreeMap<String, String>,
         page_size: usize,
     ) -> Result<Vec<Port>, IpamError> {
-        #[derive(Deserialize)]
-        struct Page {
-            ports: Vec<Port>,
-            #[serde(default)]
-            ports_links: Vec<PageLink>,
-        }
+        self.list_paged("ports", filters, page_size, |port: &Port| port.id.clone())
+            .await
+    }
+
+    /// Lists the collection `plural` (`/v2.0/<plural>`, answered as
+    /// `{"<plural>": [...], "<plural>_links": [...]}`) matching `filters`,
+    /// following Neutron's marker pagination `page_size` at a time;
+    /// `id_of` gives the marker of a resource.
+    pub(crate) async fn list_paged<T: DeserializeOwned>(
+        &self,
+        plural: &str,
+        filters: &BTreeMap<String, String>,
+        page_size: usize,
+        id_of: impl Fn(&T) -> String,
+    ) -> Result<Vec<T>, IpamError> {
         #[derive(Deserialize)]
         struct PageLink {
             rel: String,
         }
-        let mut ports = Vec::new();
+        let path = format!("/v2.0/{plural}");
+        let mut listed = Vec::new();
         let mut marker: Option<String> = None;
         loop {
             let mut query: Vec<(String, String)> = filters
@@ -378,15 +388,29 @@ impl NeutronClient {
             if let Some(marker) = &marker {
                 query.push(("marker".into(), marker.clone()));
             }
-            let page: Page = self
-                .call(Method::GET, "/v2.0/ports", &query, None, None)
-                .await?;
-            let has_next = page.ports_links.iter().any(|link| link.rel == "next");
-            let full_page = page.ports.len() >= page_size;
-            marker = page.ports.last().map(|port| port.id.clone());
-            ports.extend(page.ports);
+            let mut page: Value = self.call(Method::GET, &path, &query, None, None).await?;
+            let items: Vec<T> = page
+                .get_mut(plural)
+                .map(Value::take)
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|error| IpamError::Protocol(format!("{path}: {error}")))?
+                .ok_or_else(|| {
+                    IpamError::Protocol(format!("{path}: no {plural:?} in the answer"))
+                })?;
+            let links: Vec<PageLink> = page
+                .get_mut(format!("{plural}_links").as_str())
+                .map(Value::take)
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|error| IpamError::Protocol(format!("{path}: {error}")))?
+                .unwrap_or_default();
+            let has_next = links.iter().any(|link| link.rel == "next");
+            let full_page = items.len() >= page_size;
+            marker = items.last().map(&id_of);
+            listed.extend(items);
             if !(has_next && full_page) || marker.is_none() {
-                return Ok(ports);
+                return Ok(listed);
             }
         }
     }
@@ -419,10 +443,17 @@ impl NeutronClient {
 
     /// Replaces a port's tags through the tags API.
     pub async fn set_port_tags(&self, id: &str, tags: &[String]) -> Result<(), IpamError> {
+        self.set_tags("ports", id, tags).await
+    }
+
+    /// Replaces the tags of resource `id` of collection `plural` (`ports`,
+    /// `floatingips`, ...) through the tags API
+    /// (`PUT /v2.0/<plural>/<id>/tags`).
+    pub async fn set_tags(&self, plural: &str, id: &str, tags: &[String]) -> Result<(), IpamError> {
         let body = json!({ "tags": tags });
         self.send(
             Method::PUT,
-            &format!("/v2.0/ports/{id}/tags"),
+            &format!("/v2.0/{plural}/{id}/tags"),
             &[],
             Some(&body),
             None,

@@ -193,6 +193,11 @@ impl NeutronBackend {
         &self.client
     }
 
+    /// The settings it was built with.
+    pub fn config(&self) -> &NeutronBackendConfig {
+        &self.config
+    }
+
     fn tags(&self, node: &str, extra: &[String]) -> Vec<String> {
         let mut tags = vec![
             MANAGED_TAG.to_owned(),

@@ -1,7 +1,8 @@
 //! The hulk-vpc cluster controller: `run` reconciles the cloud's
 //! allocations of this cluster against its Nodes
 //! ([`hulk_controller::Controller`]) until SIGTERM or Ctrl-C; `teardown`
-//! returns every allocation of the cluster ([`hulk_controller::teardown`])
+//! returns every allocation and floating IP of the cluster
+//! ([`hulk_controller::teardown`], [`hulk_controller::teardown_floating_ips`])
 //! for the base platform's cluster deletion; `check-config` validates the
 //! configuration.
 
@@ -17,6 +18,7 @@ use clap::{Parser, Subcommand};
 use hulk_agent::config::BackendSection;
 use hulk_controller::{
     Controller, ControllerConfig, Force, LEADER_LEASE, TeardownError, TeardownReport, teardown,
+    teardown_floating_ips,
 };
 use hulk_kube::{ClientOptions, ClusterNodes, LeaseConfig};
 use prometheus_client::registry::Registry;
@@ -142,7 +144,9 @@ enum Failure {
     },
     #[error("teardown")]
     Teardown(#[source] TeardownError),
-    #[error("{0} allocation(s) remain after the last round; run the teardown again")]
+    #[error(
+        "{0} allocation(s) or floating IP(s) remain after the last round; run the teardown again"
+    )]
     Remaining(usize),
 }
 
@@ -202,7 +206,8 @@ async fn run(args: Args) -> Result<(), Failure> {
 }
 
 async fn serve(file: File, holder: &str, shutdown: CancellationToken) -> Result<(), Failure> {
-    let backend = hulk_agent::backend::from_section(&file.backend).map_err(Failure::Backend)?;
+    let backends =
+        hulk_agent::backend::backends_from_section(&file.backend).map_err(Failure::Backend)?;
     let client = kube_client(&file).await?;
     // Unique to this process: a restarted replica is a new holder.
     let started = SystemTime::now()
@@ -218,7 +223,10 @@ async fn serve(file: File, holder: &str, shutdown: CancellationToken) -> Result<
     let leader = LeaseConfig::for_leader(file.leader.name.clone(), format!("{holder}_{started:x}"))
         .in_namespace(namespace)
         .with_duration_seconds(file.leader.duration_seconds);
-    let controller = Controller::new(backend, client, file.controller.clone(), leader);
+    let mut controller = Controller::new(backends.ipam, client, file.controller.clone(), leader);
+    if let Some(provider) = backends.floating_ips {
+        controller = controller.with_floating_ips(provider);
+    }
     if let Some(address) = file.metrics_address {
         let mut registry = Registry::default();
         controller.metrics().register(&mut registry);
@@ -248,7 +256,9 @@ async fn tear_down(
     rounds: u32,
     shutdown: CancellationToken,
 ) -> Result<(), Failure> {
-    let backend = hulk_agent::backend::from_section(&file.backend).map_err(Failure::Backend)?;
+    let backends =
+        hulk_agent::backend::backends_from_section(&file.backend).map_err(Failure::Backend)?;
+    let backend = backends.ipam;
     let (nodes_listed, force) = if force {
         // The cluster's API may be gone already: do not ask it.
         (0, Force::Yes)
@@ -263,6 +273,26 @@ async fn tear_down(
     };
     let mut remaining = 0;
     for round in 1..=rounds.max(1) {
+        // Floating IPs first: each one deleted is one fewer to point at a
+        // port about to go.
+        let floating_remaining = match &backends.floating_ips {
+            Some(provider) => {
+                let report =
+                    teardown_floating_ips(provider.as_ref(), nodes_listed, force, &shutdown)
+                        .await
+                        .map_err(Failure::Teardown)?;
+                println!(
+                    "round {round}: floating IPs listed {}, deleted {}, already gone {}, failed {}, remaining {}",
+                    report.listed,
+                    report.deleted,
+                    report.already_gone,
+                    report.failed,
+                    report.remaining
+                );
+                report.remaining
+            }
+            None => 0,
+        };
         let report = teardown(
             backend.as_ref(),
             nodes_listed,
@@ -273,7 +303,7 @@ async fn tear_down(
         .await
         .map_err(Failure::Teardown)?;
         print_round(round, &report);
-        remaining = report.remaining;
+        remaining = report.remaining + floating_remaining;
         if remaining == 0 || shutdown.is_cancelled() {
             break;
         }
