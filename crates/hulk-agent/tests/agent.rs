@@ -40,9 +40,16 @@ impl Drop for Scratch {
     }
 }
 
-/// An agent of node `node-1` with its files in `scratch`, its instance id
-/// in `instance`, reading Kubernetes at `api`.
-fn config(scratch: &Scratch, instance: &Path, api: &str) -> AgentConfig {
+/// An agent of node `node-1` with its sockets and files in `scratch`,
+/// its instance id in `instance`, a state file when `stored` (a cloud
+/// backend), and `sections` (its backend, and Kubernetes or not) after the
+/// common ones.
+fn agent_config(scratch: &Scratch, instance: &Path, stored: bool, sections: &str) -> AgentConfig {
+    let state_file = if stored {
+        format!("state_file = \"{}\"", scratch.path("pool.redb").display())
+    } else {
+        String::new()
+    };
     let path = |file: &str| scratch.path(file).display().to_string();
     AgentConfig::parse(&format!(
         r#"
@@ -51,28 +58,44 @@ fn config(scratch: &Scratch, instance: &Path, api: &str) -> AgentConfig {
         rescue_socket = "{}"
         pending_del_dir = "{}"
         instance_file = "{}"
+        {state_file}
         [network]
         parent = "eth1"
         node_address = "10.20.0.250/24"
         [default_pool]
         network = "vpc"
         subnet = "subnet-a"
-        [backend]
-        type = "memory"
-        subnet = "10.20.0.0/24"
-        [kubernetes]
-        api_server = "{api}"
-        token_file = "{}"
-        ca_file = "{}"
+        {sections}
         "#,
         path("agent.sock"),
         path("rescue.sock"),
         path("pending-dels"),
         instance.display(),
-        path("no-token"),
-        path("no-ca"),
     ))
     .unwrap()
+}
+
+/// An agent of `node-1` on the memory backend, reading Kubernetes at `api`.
+fn config(scratch: &Scratch, instance: &Path, api: &str) -> AgentConfig {
+    let path = |file: &str| scratch.path(file).display().to_string();
+    agent_config(
+        scratch,
+        instance,
+        false,
+        &format!(
+            r#"
+            [backend]
+            type = "memory"
+            subnet = "10.20.0.0/24"
+            [kubernetes]
+            api_server = "{api}"
+            token_file = "{}"
+            ca_file = "{}"
+            "#,
+            path("no-token"),
+            path("no-ca"),
+        ),
+    )
 }
 
 fn kernel() -> FakeKernel {
@@ -145,36 +168,22 @@ async fn one_agent_per_node_name_and_the_same_one_comes_back_at_once() {
 /// An agent of node `node-1` without Kubernetes, its addresses from the
 /// UltrON-style service at `ultron`.
 fn config_without_kubernetes(scratch: &Scratch, ultron: &str) -> AgentConfig {
-    let path = |file: &str| scratch.path(file).display().to_string();
     std::fs::write(scratch.path("token"), "s3cret").unwrap();
-    AgentConfig::parse(&format!(
-        r#"
-        node_name = "node-1"
-        socket = "{}"
-        rescue_socket = "{}"
-        pending_del_dir = "{}"
-        instance_file = "{}"
-        state_file = "{}"
-        [network]
-        parent = "eth1"
-        node_address = "10.20.0.250/24"
-        [default_pool]
-        network = "vpc"
-        subnet = "subnet-a"
-        [backend]
-        type = "ultron"
-        url = "{ultron}"
-        token_file = "{}"
-        cluster = "test"
-        "#,
-        path("agent.sock"),
-        path("rescue.sock"),
-        path("pending-dels"),
-        path("instance-id"),
-        path("pool.redb"),
-        path("token"),
-    ))
-    .unwrap()
+    agent_config(
+        scratch,
+        &scratch.path("instance-id"),
+        true,
+        &format!(
+            r#"
+            [backend]
+            type = "ultron"
+            url = "{ultron}"
+            token_file = "{}"
+            cluster = "test"
+            "#,
+            scratch.path("token").display(),
+        ),
+    )
 }
 
 #[tokio::test]
