@@ -18,6 +18,10 @@
 //! - [`teardown`]: every allocation of the cluster back to the cloud, for
 //!   the base platform's cluster deletion; refuses while the cluster's API
 //!   lists nodes unless forced; safe to run again.
+//! - [`ControllerFile`], [`Daemon`] and [`teardown_rounds`]: the
+//!   `hulk-controller` binary's configuration file, its `run` and its
+//!   `teardown` (rounds until nothing remains), so that the binary only
+//!   parses arguments: `Daemon::from_config(file, holder).await?.run(shutdown)`.
 //!
 //! Only what the backend lists for `ListScope::Cluster` is ever released:
 //! the Neutron and UltrON-style backends list by the tags `hulk-vpc` and
@@ -53,13 +57,18 @@
 
 mod config;
 mod controller;
+mod daemon;
 mod metrics;
 mod plan;
 mod release;
 mod teardown;
 
-pub use config::{ConfigError, ControllerConfig, ReleaseSettings};
+pub use config::{
+    ConfigError, ConfigFileError, ControllerConfig, ControllerFile, KubernetesSection,
+    LeaderSection, ReleaseSettings,
+};
 pub use controller::{Controller, LEADER_LEASE, PassError, PassReport};
+pub use daemon::{Daemon, DaemonError, TeardownOutcome, TeardownRound, teardown_rounds};
 pub use metrics::{ControllerMetrics, Outcome, PassLabels, ReleaseLabels};
 pub use plan::{GoneMemory, Missing, MissingNode, NodeView, Plan, Reason, Release, plan};
 pub use release::ReleaseTally;
