@@ -20,6 +20,10 @@
 //!   lists nodes unless forced; safe to run again.
 //! - [`teardown_floating_ips`]: the same for the cluster's floating IPs
 //!   (kept ones too), through a [`hulk_ipam::FloatingIpProvider`].
+//! - [`ControllerFile`], [`Daemon`] and [`teardown_rounds`]: the
+//!   `hulk-controller` binary's configuration file, its `run` and its
+//!   `teardown` (rounds until nothing remains), so that the binary only
+//!   parses arguments: `Daemon::from_config(file, holder).await?.run(shutdown)`.
 //!
 //! Only what the backend lists for `ListScope::Cluster` is ever released:
 //! the Neutron and UltrON-style backends list by the tags `hulk-vpc` and
@@ -55,13 +59,18 @@
 
 mod config;
 mod controller;
+mod daemon;
 mod metrics;
 mod plan;
 mod release;
 mod teardown;
 
-pub use config::{ConfigError, ControllerConfig, ReleaseSettings};
+pub use config::{
+    ConfigError, ConfigFileError, ControllerConfig, ControllerFile, KubernetesSection,
+    LeaderSection, ReleaseSettings,
+};
 pub use controller::{Controller, LEADER_LEASE, PassError, PassReport};
+pub use daemon::{Daemon, DaemonError, TeardownOutcome, TeardownRound, teardown_rounds};
 pub use metrics::{ControllerMetrics, Outcome, PassLabels, ReleaseLabels};
 pub use plan::{GoneMemory, Missing, MissingNode, NodeView, Plan, Reason, Release, plan};
 pub use release::ReleaseTally;
