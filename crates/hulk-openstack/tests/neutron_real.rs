@@ -512,6 +512,28 @@ async fn vm_port(vpc: &Vpc, name: &str) -> Port {
     serde_json::from_value(created["port"].clone()).unwrap()
 }
 
+/// `backend.allocate(request)`, again after a transient failure (up to
+/// five tries): the test Neutron runs on SQLite, which answers some
+/// concurrent writes with a 500, as an agent's refiller would retry. A
+/// failed try must leave no port and no pair behind (the backend's
+/// rollback), which the callers' pair checks see.
+async fn allocate_through_500s(
+    backend: &NeutronBackend,
+    request: &AllocationRequest,
+) -> Vec<Lease> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match backend.allocate(request).await {
+            Ok(leases) => return leases,
+            Err(IpamError::Transient(message)) if tries < 5 => {
+                eprintln!("try {tries}: {message}; again");
+            }
+            Err(error) => panic!("allocation failed after {tries} tries: {error}"),
+        }
+    }
+}
+
 fn nested_backend(client: NeutronClient, cluster: &str, node_port: NodePort) -> NeutronBackend {
     let mut config = NeutronBackendConfig::new(cluster);
     config.node_port = node_port;
@@ -709,9 +731,12 @@ async fn two_backends_racing_on_one_node_port_both_land_their_pairs() {
     let mut all = [a, b].concat();
     let two = AllocationRequest::new(key(&vpc), "node-x", 2);
     for _ in 0..3 {
-        let (c, d) = tokio::join!(first.allocate(&two), second.allocate(&two));
-        all.extend(c.unwrap());
-        all.extend(d.unwrap());
+        let (c, d) = tokio::join!(
+            allocate_through_500s(&first, &two),
+            allocate_through_500s(&second, &two)
+        );
+        all.extend(c);
+        all.extend(d);
     }
     let calls = proxy.take();
     let conflicts = calls.iter().filter(|call| call.ends_with("-> 412")).count();
