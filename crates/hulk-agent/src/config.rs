@@ -389,6 +389,16 @@ pub enum BackendSection {
 /// The value of `[backend] node_port` that finds the node port by itself.
 pub const NODE_PORT_AUTO: &str = "auto";
 
+/// Whether `text` has a UUID's form (Neutron's ids): 8-4-4-4-12 hex digits.
+fn is_uuid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(group, len)| group.len() == len && group.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 impl BackendSection {
     /// The node's floating IP setting: the external network every pod gets
     /// a floating IP of (`None`: only annotated pods) and the default
@@ -503,8 +513,8 @@ impl AgentConfig {
         if self.pool.assign_timeout_seconds == 0 {
             return Err("[pool] assign_timeout_seconds must be at least 1".into());
         }
-        if self.holder_heartbeat_seconds == 0 {
-            return Err("holder_heartbeat_seconds must be at least 1".into());
+        if !(1..=86_400).contains(&self.holder_heartbeat_seconds) {
+            return Err("holder_heartbeat_seconds must be 1 to 86400 (a day)".into());
         }
         if self.gc_interval_seconds == 0 {
             return Err("gc_interval_seconds must be at least 1".into());
@@ -516,10 +526,10 @@ impl AgentConfig {
             ..
         } = &self.backend
         {
-            if node_port.is_empty() || node_port.chars().any(|c| c.is_whitespace() || c == '/') {
+            if node_port != NODE_PORT_AUTO && !is_uuid(node_port) {
                 return Err(format!(
-                    "[backend] node_port must be \"{NODE_PORT_AUTO}\" or a Neutron port id, \
-                     not {node_port:?}"
+                    "[backend] node_port must be \"{NODE_PORT_AUTO}\" or a Neutron port id \
+                     (a UUID such as 6f1c2a3e-1b2c-4d5e-8f90-1a2b3c4d5e6f), not {node_port:?}"
                 ));
             }
             // Port security passes one MAC per address pair: the node
@@ -532,6 +542,18 @@ impl AgentConfig {
                     self.network.kind
                 ));
             }
+        }
+        if let BackendSection::Neutron {
+            floating_network: Some(network),
+            ..
+        } = &self.backend
+            && network.trim().is_empty()
+        {
+            return Err(
+                "[backend] floating_network must name an external network (name or id), \
+                 or be left out"
+                    .into(),
+            );
         }
         if self.node_name.is_empty() {
             return Err("node_name must not be empty".into());
@@ -709,6 +731,27 @@ mod tests {
     }
 
     #[test]
+    fn the_heartbeat_is_a_second_to_a_day() {
+        assert_eq!(
+            AgentConfig::parse(MINIMAL)
+                .unwrap()
+                .holder_heartbeat_seconds,
+            60
+        );
+        for seconds in [0, 86_401, i64::MAX] {
+            let file = MINIMAL.replace(
+                "node_name = \"node-1\"",
+                &format!("node_name = \"node-1\"\nholder_heartbeat_seconds = {seconds}"),
+            );
+            let error = described(&AgentConfig::parse(&file).unwrap_err());
+            assert!(
+                error.contains("holder_heartbeat_seconds must be 1 to 86400"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
     fn the_readme_example_is_a_valid_configuration() {
         let readme =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
@@ -770,6 +813,11 @@ mod tests {
         for (setting, expected) in [
             ("", "must be \"auto\" or a Neutron port id"),
             ("a port", "must be \"auto\" or a Neutron port id"),
+            ("Auto", "must be \"auto\" or a Neutron port id"),
+            (
+                "6f1c2a3e-1b2c-4d5e-8f90",
+                "must be \"auto\" or a Neutron port id",
+            ),
         ] {
             let nested = format!("{neutron}\nnode_port = \"{setting}\"\n");
             let error = described(&AgentConfig::parse(&nested).unwrap_err());
@@ -802,6 +850,9 @@ mod tests {
         );
         let wrong = floating.replace("\"keep\"", "\"forever\"");
         assert!(AgentConfig::parse(&wrong).is_err());
+        let empty = floating.replace("\"public\"", "\"\"");
+        let error = described(&AgentConfig::parse(&empty).unwrap_err());
+        assert!(error.contains("floating_network must name"), "{error}");
     }
 
     #[test]

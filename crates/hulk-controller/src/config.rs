@@ -213,6 +213,7 @@ impl ControllerFile {
         })?;
         file.controller
             .validate()
+            .and_then(|()| file.leader.validate())
             .map_err(|source| ConfigFileError::Invalid {
                 path: path.to_path_buf(),
                 source,
@@ -247,6 +248,23 @@ pub struct LeaderSection {
     /// Seconds the lease lasts without renewal. Default
     /// [`LeaseConfig::LEADER_DURATION_SECONDS`].
     pub duration_seconds: u32,
+}
+
+impl LeaderSection {
+    /// Refuses a Lease nobody can hold: an empty name, or one that expires
+    /// as it is taken.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.trim().is_empty() {
+            return Err(ConfigError::invalid("leader.name", "must not be empty"));
+        }
+        if self.duration_seconds < 2 {
+            return Err(ConfigError::invalid(
+                "leader.duration_seconds",
+                "must be at least 2 (renewed at a third of it)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for LeaderSection {
@@ -415,6 +433,21 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("nmae"), "{message}");
+    }
+
+    #[test]
+    fn a_leader_lease_nobody_can_hold_is_refused() {
+        for (leader, field) in [
+            ("name = \"\"", "leader.name"),
+            ("duration_seconds = 0", "leader.duration_seconds"),
+        ] {
+            let text = format!("[leader]\n{leader}\n{MINIMAL}");
+            let error = ControllerFile::parse(&text, path()).unwrap_err();
+            let ConfigFileError::Invalid { source, .. } = &error else {
+                panic!("not refused as invalid: {error:?}");
+            };
+            assert_eq!(source.field, field);
+        }
     }
 
     #[test]

@@ -225,6 +225,16 @@ pub struct InstanceMark {
     /// writer's clock (ages of minutes are compared, so clocks kept by NTP
     /// agree well enough).
     pub at_unix: u64,
+    /// How long after `at_unix` the writer, silent, counts as gone
+    /// (seconds; three of its heartbeats). A reader takes the longer of
+    /// this and its own horizon, so that an agent with a short heartbeat
+    /// never takes a slower live agent for a dead one. 0: not said.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub alive_for_secs: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl InstanceMark {
@@ -233,7 +243,15 @@ impl InstanceMark {
         InstanceMark {
             instance: instance.into(),
             at_unix,
+            alive_for_secs: 0,
         }
+    }
+
+    /// The mark, saying its writer counts as alive for `alive_for` after
+    /// writing it (whole seconds).
+    pub fn alive_for(mut self, alive_for: std::time::Duration) -> Self {
+        self.alive_for_secs = alive_for.as_secs();
+        self
     }
 
     /// How old the mark is at `now_unix` (seconds since the Unix epoch);

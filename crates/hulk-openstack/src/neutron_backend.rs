@@ -121,6 +121,9 @@ fn port_description(lead: &str, owner: Option<&Owner>, marked_by: Option<&Instan
     if let Some(mark) = marked_by {
         words.push(("instance", mark.instance.clone()));
         words.push(("at", mark.at_unix.to_string()));
+        if mark.alive_for_secs > 0 {
+            words.push(("alive", mark.alive_for_secs.to_string()));
+        }
     }
     if let Some(owner) = owner {
         for (key, value) in [
@@ -156,7 +159,10 @@ fn described(description: &str, key: &str) -> Option<String> {
 fn marked_by(port: &Port) -> Option<InstanceMark> {
     let instance = described(&port.description, "instance")?;
     let at_unix = described(&port.description, "at")?.parse().ok()?;
-    Some(InstanceMark::new(instance, at_unix))
+    let alive_for = described(&port.description, "alive")
+        .and_then(|seconds| seconds.parse().ok())
+        .unwrap_or(0);
+    Some(InstanceMark::new(instance, at_unix).alive_for(std::time::Duration::from_secs(alive_for)))
 }
 
 fn owner_of(port: &Port) -> Option<Owner> {
@@ -577,7 +583,8 @@ mod tests {
 
     #[test]
     fn instance_marks_survive_the_description_round_trip() {
-        let mark = InstanceMark::new("node-7.example-9f3a", 1_764_000_000);
+        let mark = InstanceMark::new("node-7.example-9f3a", 1_764_000_000)
+            .alive_for(std::time::Duration::from_secs(180));
         let owner = Owner {
             pod_uid: Some("0b3e2f8a-6f1c-4d1e-9a57-3c1f0d9e2b11".into()),
             cni_network: Some("hulk-vpc".into()),

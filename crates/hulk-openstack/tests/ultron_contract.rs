@@ -77,7 +77,8 @@ async fn allocate_list_own_and_release_round_trip() {
         cni_network: Some("hulk-vpc".into()),
         pod_uid: Some("0b3e2f8a-6f1c-4d1e-9a57-3c1f0d9e2b11".into()),
     };
-    let mark = InstanceMark::new("node-1-3f9c0a7d12e4b865", 1_764_590_000);
+    let mark = InstanceMark::new("node-1-3f9c0a7d12e4b865", 1_764_590_000)
+        .alive_for(std::time::Duration::from_secs(180));
     let owned = ultron
         .update_owner(&leases[1].id, Some(owner.clone()), Some(mark.clone()))
         .await

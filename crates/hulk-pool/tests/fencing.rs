@@ -35,10 +35,7 @@ fn config() -> PoolConfig {
 }
 
 fn fencing(instance: &str) -> Fencing {
-    Fencing {
-        instance: instance.into(),
-        heartbeat: Duration::from_secs(60),
-    }
+    Fencing::new(instance)
 }
 
 /// The wall clock every agent of a test reads: tokio's time since the
@@ -132,6 +129,31 @@ async fn a_second_instance_under_a_live_agents_node_name_refuses_and_adopts_noth
     );
     // a keeps serving its addresses.
     assert_eq!(a.assigned_addresses().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_faster_heartbeat_does_not_outwait_a_slow_live_agent() {
+    let backend = Arc::new(MemoryBackend::new("10.30.0.0/24".parse().unwrap()));
+    let _a = serving(&backend).await; // a beats every minute
+    tokio::time::advance(Duration::from_secs(5)).await;
+    // b beats every second: by its own measure, a's 5 s old marks would
+    // be stale; a's marks say a counts as alive for 180 s.
+    let b = PoolManager::open_fenced(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        Arc::new(clock()),
+        NODE,
+        config(),
+        Some(Fencing {
+            instance: "host-b/2".into(),
+            heartbeat: Duration::from_secs(1),
+        }),
+    )
+    .await;
+    assert!(
+        matches!(&b, Err(PoolError::HeldElsewhere(found)) if found.instance == "host-a/1"),
+        "{b:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

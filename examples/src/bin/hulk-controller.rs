@@ -51,8 +51,9 @@ enum Command {
         /// be reached (the cluster is already gone).
         #[arg(long)]
         force: bool,
-        /// Rounds (list, release, list) to run while allocations remain.
-        #[arg(long, default_value_t = 3)]
+        /// Rounds (list, release, list) to run while allocations remain
+        /// (at least 1).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
     },
     /// Validate the configuration and exit.

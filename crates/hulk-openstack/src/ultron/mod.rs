@@ -78,6 +78,14 @@ pub struct WireMark {
     pub instance: String,
     /// When it was written, seconds since the Unix epoch.
     pub at: u64,
+    /// How long after `at` its writer counts as alive, in seconds
+    /// (absent or 0: not said).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub alive_for: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl From<InstanceMark> for WireMark {
@@ -85,13 +93,14 @@ impl From<InstanceMark> for WireMark {
         WireMark {
             instance: mark.instance,
             at: mark.at_unix,
+            alive_for: mark.alive_for_secs,
         }
     }
 }
 
 impl From<WireMark> for InstanceMark {
     fn from(mark: WireMark) -> Self {
-        InstanceMark::new(mark.instance, mark.at)
+        InstanceMark::new(mark.instance, mark.at).alive_for(Duration::from_secs(mark.alive_for))
     }
 }
 

@@ -52,7 +52,12 @@ impl Fencing {
     fn held_elsewhere(&self, lease: &Lease, now_unix: u64) -> Option<Displaced> {
         let mark = lease.marked_by.as_ref()?;
         let age = mark.age(now_unix);
-        (mark.instance != self.instance && age < self.stale_after()).then(|| Displaced {
+        // The writer's horizon when it said one, and never shorter than
+        // ours: a fast-beating agent must not outwait a slow live one.
+        let alive_for = self
+            .stale_after()
+            .max(Duration::from_secs(mark.alive_for_secs));
+        (mark.instance != self.instance && age < alive_for).then(|| Displaced {
             instance: mark.instance.clone(),
             lease: lease.id.clone(),
             address: lease.address.addr().to_string(),
@@ -92,9 +97,10 @@ impl PoolManager {
     /// The mark this manager writes now: its instance and the time, or
     /// `None` without [`Fencing`].
     pub(super) fn instance_mark(&self) -> Option<InstanceMark> {
-        self.fencing
-            .as_ref()
-            .map(|fencing| InstanceMark::new(fencing.instance.clone(), self.now_unix()))
+        self.fencing.as_ref().map(|fencing| {
+            InstanceMark::new(fencing.instance.clone(), self.now_unix())
+                .alive_for(fencing.stale_after())
+        })
     }
 
     /// Whether the backend's mark of an address this manager holds names

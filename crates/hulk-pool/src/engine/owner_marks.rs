@@ -114,6 +114,11 @@ impl PoolManager {
             .as_ref()
             .map_or(Duration::MAX, |fencing| fencing.heartbeat);
         let mut next_beat = tokio::time::Instant::now();
+        // A heartbeat too long to add to a clock reading beats never again.
+        let after_beat = |now: tokio::time::Instant| {
+            now.checked_add(heartbeat)
+                .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+        };
         loop {
             let retry = match self.mark_holders().await {
                 Ok(_) => None,
@@ -123,7 +128,7 @@ impl PoolManager {
                 }
             };
             if self.fencing.is_some() && tokio::time::Instant::now() >= next_beat {
-                next_beat = tokio::time::Instant::now() + heartbeat;
+                next_beat = after_beat(tokio::time::Instant::now());
                 if let Err(error) = self.heartbeat().await {
                     // Three missed in a row let another agent take the
                     // node over: said loudly.
