@@ -392,10 +392,9 @@ impl<K: Kernel + 'static> Agent<K> {
         let displaced = Arc::new(std::sync::Mutex::new(None));
         {
             let (watched, stop, displaced) = (pools.clone(), shutdown.clone(), displaced.clone());
-            let stopped = shutdown.clone();
             background.spawn(async move {
                 tokio::select! {
-                    () = stopped.cancelled() => {}
+                    () = stop.cancelled() => {}
                     found = watched.displaced() => {
                         tracing::error!(%found, "another agent serves this node name: stopping");
                         *displaced

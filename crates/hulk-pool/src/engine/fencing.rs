@@ -162,15 +162,21 @@ impl PoolManager {
         if self.fencing.is_none() {
             return Ok(false);
         }
+        // Each pool judged under its own lock, once: the beacon is any
+        // address with a mark to write.
         let beacon = self
             .all_pools()
             .iter()
-            .flat_map(|pool| pool.lock().lease_ids())
-            .filter(|lease_id| {
-                self.state_of(lease_id)
-                    .as_ref()
-                    .and_then(crate::core::holder_to_mark)
-                    .is_some()
+            .filter_map(|pool| {
+                let core = pool.lock();
+                core.lease_ids()
+                    .into_iter()
+                    .filter(|lease_id| {
+                        core.state_of(lease_id)
+                            .and_then(crate::core::holder_to_mark)
+                            .is_some()
+                    })
+                    .min()
             })
             .min();
         match beacon {
